@@ -1,0 +1,149 @@
+"""The tiny world: what its images are and what its "human" prefers.
+
+Images are 32x32 RGB pictures of one coloured shape on a light-grey background; captions
+are "a {colour} {shape}" (5 colours x 3 shapes = 15 captions).
+
+The judge is the world's human rater. It is a deterministic pixel-space rule:
+  1. read the picture: foreground = pixels far from the (border-median) background;
+     colour = nearest palette colour of the foreground mean; shape from the fill ratio of
+     the foreground in its bounding box (circle pi/4, square 1, triangle 1/2) and from how
+     much wider the bottom of the blob is than its top (triangles point up);
+  2. three per-image scores, on the scales of the real scorers MPCF uses, so the paper's
+     thresholds mean roughly the same thing here:
+       aesthetic (~LAION aesthetic, 1..10): size near 55% of the frame, centred, crisp
+                  (a saturated, solid fill rather than a blurry smear);
+       clip      (~CLIP cosine, 0.15..0.35): soft agreement of colour and shape with caption;
+       vqa       (~P("Yes"), 0..1): p(colour right) * p(shape right);
+  3. the human score = 2 * vqa + 0.5 * (aesthetic - 5): text alignment first, looks second.
+Pick-a-Pic style labels (`human_labels`) compare two images' human scores, call a tie
+when they differ by less than 0.05, and then flip 10% of the decisive labels at random:
+like real raters, some labels disagree with every single scorer, which is what MPCF
+filters out.
+"""
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (214, 48, 44), "green": (46, 160, 67), "blue": (44, 86, 214),
+          "yellow": (232, 196, 28), "purple": (142, 62, 184)}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUND = (232, 232, 232)
+RES = 32
+CAPTIONS = [f"a {c} {s}" for c in COLORS for s in SHAPES]
+WORDS = ["a", *COLORS, *SHAPES]
+
+_PALETTE = np.array(list(COLORS.values()), dtype=np.float64)  # (5, 3)
+_FILL = np.array([np.pi / 4, 0.96, 0.52])   # circle, square, triangle fill of bbox
+_TAPER = np.array([1.0, 1.0, 0.35])         # width of top third / width of bottom third
+
+
+def parse_caption(caption):
+    """'a red circle' -> (color index, shape index); None where a word is unknown."""
+    words = caption.lower().split()
+    c = next((i for i, name in enumerate(COLORS) if name in words), None)
+    s = next((i for i, name in enumerate(SHAPES) if name in words), None)
+    return c, s
+
+
+def draw(color, shape, size, cx, cy, res=RES, supersample=4):
+    """One shape of side/diameter `size` px centred at (cx, cy), anti-aliased."""
+    k = supersample
+    img = Image.new("RGB", (res * k, res * k), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = (cx - size / 2) * k, (cy - size / 2) * k, (cx + size / 2) * k, (cy + size / 2) * k
+    fill = COLORS[color]
+    if shape == "circle":
+        d.ellipse([x0, y0, x1, y1], fill=fill)
+    elif shape == "square":
+        d.rectangle([x0, y0, x1, y1], fill=fill)
+    else:
+        d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    return img.resize((res, res), Image.LANCZOS)
+
+
+def random_drawing(rng, caption=None, res=RES):
+    """A random picture (of `caption` if given). Returns (image, caption)."""
+    caption = caption or CAPTIONS[rng.integers(len(CAPTIONS))]
+    c, s = parse_caption(caption)
+    size = rng.uniform(9, 22)
+    cx, cy = rng.uniform(size / 2 + 1, res - size / 2 - 1, size=2)
+    return draw(list(COLORS)[c], SHAPES[s], size, cx, cy, res), caption
+
+
+def _softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def analyse(img):
+    """Read one image (PIL or uint8 HxWx3). Returns colour probs (5,), shape probs (3,), and
+    the aesthetic sub-terms; an empty picture gets uniform probabilities."""
+    a = np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img, dtype=np.float64)
+    h, w, _ = a.shape
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    bg = np.median(border, axis=0)
+    dist = np.linalg.norm(a - bg, axis=-1)                                   # (H, W)
+    mask = dist > 60
+    out = dict(p_color=np.full(5, 0.2), p_shape=np.full(3, 1 / 3), size=0.0, offset=1.0, crisp=0.0)
+    if mask.sum() < 6:
+        return out
+    fg = a[mask]
+    d2 = ((fg.mean(0)[None] - _PALETTE) ** 2).sum(-1)
+    out["p_color"] = _softmax(-d2 / (2 * 35.0 ** 2))
+    rows, cols = np.where(mask)
+    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    fill = mask.sum() / ((r1 - r0) * (c1 - c0))
+    widths = mask[r0:r1].sum(1).astype(np.float64)
+    third = max(1, len(widths) // 3)
+    taper = widths[:third].mean() / max(widths[-third:].mean(), 1.0)
+    out["p_shape"] = _softmax(-((fill - _FILL) / 0.09) ** 2 - ((taper - _TAPER) / 0.25) ** 2)
+    side = np.sqrt((r1 - r0) * (c1 - c0)) / max(h, w)
+    out["size"] = float(np.exp(-((side - 0.55) / 0.22) ** 2))
+    centre = np.array([(r0 + r1) / 2 / h, (c0 + c1) / 2 / w])
+    out["offset"] = float(np.linalg.norm(centre - 0.5))
+    # crisp: share of the blob that is solid colour (a blurry smear has a wide soft rim)
+    out["crisp"] = float((dist[mask] > 0.75 * np.percentile(dist[mask], 90)).mean())
+    return out
+
+
+def judge_scores(images, captions):
+    """Per-image scores of the world, each a float array (N,): aesthetic, clip, vqa,
+    match (1.0 where colour and shape both read as the caption's), human (the rater's
+    clean preference score, higher is better)."""
+    keys = ("aesthetic", "clip", "vqa", "match", "human")
+    out = {k: np.zeros(len(images)) for k in keys}
+    for i, (img, cap) in enumerate(zip(images, captions, strict=True)):
+        f = analyse(img)
+        c, s = parse_caption(cap)
+        pc = f["p_color"][c] if c is not None else 0.0
+        ps = f["p_shape"][s] if s is not None else 0.0
+        aes = 3.0 + 2.0 * f["size"] + 2.0 * np.exp(-(f["offset"] / 0.2) ** 2) + 2.0 * f["crisp"]
+        out["aesthetic"][i] = aes
+        out["clip"][i] = 0.15 + 0.1 * (pc + ps)
+        out["vqa"][i] = pc * ps
+        out["match"][i] = float(c is not None and s is not None
+                                and f["p_color"].argmax() == c and f["p_shape"].argmax() == s)
+        out["human"][i] = 2.0 * pc * ps + 0.5 * (aes - 5.0)
+    return out
+
+
+def human_labels(human_0, human_1, rng, tie=0.05, flip=0.1):
+    """Pick-a-Pic labels (label_0, label_1) from two arrays of human scores: 0.5/0.5 on ties,
+    then a random 10% of the decisive labels flipped (rater noise)."""
+    diff = np.asarray(human_0) - np.asarray(human_1)
+    label_0 = (diff > 0).astype(np.float64)
+    flips = rng.random(len(diff)) < flip
+    label_0 = np.where(flips, 1.0 - label_0, label_0)
+    label_0 = np.where(np.abs(diff) < tie, 0.5, label_0)
+    return label_0, 1.0 - label_0
+
+
+def to_jpeg(img, quality=95):
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def from_jpeg(data):
+    return Image.open(io.BytesIO(data)).convert("RGB")
