@@ -85,9 +85,10 @@ def analyse(img):
     bg = np.median(border, axis=0)
     dist = np.linalg.norm(a - bg, axis=-1)                                   # (H, W)
     mask = dist > 60
-    out = dict(p_color=np.full(5, 0.2), p_shape=np.full(3, 1 / 3), size=0.0, offset=1.0, crisp=0.0)
+    out = dict(found=False, p_color=np.full(5, 0.2), p_shape=np.full(3, 1 / 3), size=0.0, offset=1.0, crisp=0.0)
     if mask.sum() < 6:
         return out
+    out["found"] = True
     fg = a[mask]
     d2 = ((fg.mean(0)[None] - _PALETTE) ** 2).sum(-1)
     out["p_color"] = _softmax(-d2 / (2 * 35.0 ** 2))
@@ -122,7 +123,7 @@ def judge_scores(images, captions):
         out["aesthetic"][i] = aes
         out["clip"][i] = 0.15 + 0.1 * (pc + ps)
         out["vqa"][i] = pc * ps
-        out["match"][i] = float(c is not None and s is not None
+        out["match"][i] = float(f["found"] and c is not None and s is not None
                                 and f["p_color"].argmax() == c and f["p_shape"].argmax() == s)
         out["human"][i] = 2.0 * pc * ps + 0.5 * (aes - 5.0)
     return out
