@@ -719,6 +719,243 @@ def test_lrm_on_mpcf_pairs_agrees_with_the_judge_at_least_as_often(tmp_path):
     assert acc["mpcf"] >= acc["unfiltered"] - 0.03
 
 
+# ============================================================================ lpo.py: Latent Preference Optimization
+def run_lpo(*argv):
+    return lpo.main(lpo.get_config(list(argv)))
+
+
+def schedule(steps, spacing="leading"):
+    from diffusers import DDIMScheduler
+    s = DDIMScheduler.from_pretrained("tiny/sd15", subfolder="scheduler", timestep_spacing=spacing)
+    s.set_timesteps(steps)
+    return s
+
+
+@pytest.fixture(scope="module")
+def fresh_lrm(tmp_path_factory):
+    """An untrained LRM on each tiny base: enough for the code paths (not for learning)."""
+    from lrm import LatentRewardModel
+    out = {}
+    for name, base in (("sd", "tiny/sd15"), ("xl", "tiny/sdxl")):
+        torch.manual_seed(0)
+        out[name] = str(tmp_path_factory.mktemp(f"lrm-{name}"))
+        LatentRewardModel.from_base(base).save_pretrained(out[name])
+    return out
+
+
+# ---- lpo.py: math
+@pytest.mark.parametrize("steps,spacing", [(20, "leading"), (10, "leading"), (50, "trailing")])
+def test_ddim_step_matches_diffusers(steps, spacing):
+    """ddim_step's Gaussian + the same noise == DDIMScheduler.step(eta=1) at every step."""
+    s = schedule(steps, spacing)
+    ts = s.timesteps.tolist()
+    g = torch.Generator().manual_seed(0)
+    for i, t in enumerate(ts):
+        x, eps, noise = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        ref = s.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
+        mean, std = lpo.ddim_step(eps, x, torch.full((3,), t), torch.full((3,), t_prev), s.alphas_cumprod, 1.0)
+        torch.testing.assert_close(mean + std * noise, ref, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(std.flatten(), s._get_variance(t, t_prev).sqrt().float())
+
+
+def test_sigma_and_thresholds_reproduce_spec():
+    s = schedule(20)
+    ts = s.timesteps
+    ts_prev = torch.cat([ts[1:], torch.tensor([-1])])
+    sig = lpo.ddim_sigma(ts, ts_prev, s.alphas_cumprod, 1.0).flatten()
+    assert ts[0] == 951 and ts[-1] == 1
+    # SPEC 3: sigma 0.6444 (t=951), 0.6241, 0.6029, ..., 0.1673 (t=101), 0.0406 (t=51), 0.0206 (t=1)
+    for t, want in ((951, 0.6444), (901, 0.6241), (851, 0.6029), (101, 0.1673), (51, 0.0406), (1, 0.0206)):
+        assert abs(sig[ts.tolist().index(t)].item() - want) < 1e-4, t
+    th = lpo.pair_thresholds(sig, 0.35, 0.5)
+    assert abs(th[0] - 0.5) < 1e-9 and abs(th[-1] - 0.35) < 1e-9 and (th.diff() < 0).all()
+    assert abs(2 * math.atanh(th[0]) - 1.0986) < 1e-3 and abs(2 * math.atanh(th[-1]) - 0.7310) < 1e-3
+    for steps in (10, 50):  # any schedule: endpoints at th_max / th_min, linear in sigma in between
+        s = schedule(steps)
+        tp = torch.cat([s.timesteps[1:], torch.tensor([-1])])
+        sig = lpo.ddim_sigma(s.timesteps, tp, s.alphas_cumprod, 1.0).flatten().double()
+        th = lpo.pair_thresholds(sig, 0.45, 0.6)
+        assert len(th) == steps and abs(th.max() - 0.6) < 1e-9 and abs(th.min() - 0.45) < 1e-9
+        torch.testing.assert_close(th, 0.45 + (sig - sig.min()) / (sig.max() - sig.min()) * 0.15)
+
+
+def test_step_logprob_matches_torch_normal():
+    g = torch.Generator().manual_seed(1)
+    x, mean = torch.randn(5, 4, 8, 8, generator=g), torch.randn(5, 4, 8, 8, generator=g)
+    std = torch.rand(5, 1, 1, 1, generator=g) + 0.05
+    want = torch.distributions.Normal(mean, std).log_prob(x).mean((1, 2, 3))
+    torch.testing.assert_close(lpo.step_logprob(x, mean, std), want)
+    assert lpo.step_logprob(x.half(), mean.half(), std).dtype == torch.float32
+
+
+def test_select_pairs_by_hand():
+    scores = torch.tensor([[0.0, 2.0, 0.5, -1.0],    # gap 3.0
+                           [0.1, 0.2, 0.3, 0.0],     # gap 0.3
+                           [1.0, 1.0, 1.0, 1.0]])    # gap 0
+    win, lose, ok = lpo.select_pairs(scores, 0.5)    # logit gap 2 atanh(0.5) = 1.0986
+    assert win.tolist()[:2] == [1, 2] and lose.tolist()[:2] == [3, 3] and ok.tolist() == [True, False, False]
+    _, _, ok = lpo.select_pairs(scores, torch.tensor(0.1))  # 2 atanh(0.1) = 0.2007
+    assert ok.tolist() == [True, True, False]
+
+
+def test_lpo_loss_by_hand_with_clamp():
+    lw = torch.tensor([0.05, 0.30, 0.00], requires_grad=True)   # policy log-probs, winners
+    ll = torch.tensor([0.00, 0.00, -0.50], requires_grad=True)  # losers
+    rw, rl = torch.zeros(3), torch.zeros(3)                       # reference
+    loss, st = lpo.lpo_loss(lw, ll, rw, rl, beta=10.0, clip_eps=0.1)
+    # log r clamped to [log 0.9, log 1.1] = [-0.10536, 0.09531]
+    m = [10 * 0.05, 10 * math.log(1.1), 10 * (0 - math.log(0.9))]
+    want = sum(math.log1p(math.exp(-v)) for v in m) / 3
+    assert abs(loss.item() - want) < 1e-6
+    loss.backward()
+    # pair 0 inside the band: dL/dlw = -beta sigmoid(-m) / 3; pair 1's winner and pair 2's loser are clamped
+    assert abs(lw.grad[0].item() + 10 / (1 + math.exp(m[0])) / 3) < 1e-6
+    assert lw.grad[1].item() == 0.0 and ll.grad[2].item() == 0.0
+    assert ll.grad[1].item() != 0.0 and lw.grad[2].item() != 0.0
+    assert st["acc"] == 1.0 and abs(st["clipfrac"] - 2 / 6) < 1e-6
+
+
+def test_apply_update_clips_for_real_and_stops_on_nan():
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.SGD([p], lr=1.0)
+    p.grad = torch.tensor([30.0, 40.0, 0.0, 0.0])   # norm 50
+    norm = lpo.apply_update([p], opt, torch.tensor(1.0), 1, 1.0)
+    assert abs(norm - 50.0) < 1e-4 and abs(p.detach().norm().item() - 1.0) < 1e-5  # the step was clipped to 1
+    before = p.detach().clone()
+    p.grad = torch.ones(4)
+    with pytest.raises(SystemExit, match="non-finite"):
+        lpo.apply_update([p], opt, torch.tensor(float("nan")), 1, 1.0)
+    assert torch.equal(p.detach(), before)
+
+
+# ---- lpo.py: models and data
+def test_sdxl_encoding_uses_zero_uncond_and_real_time_ids():
+    cfg = lpo.get_config(["--model", "tiny-xl"])
+    pipe, encode, sch = lpo.load_policy(cfg, torch.device("cpu"), torch.float32)
+    assert pipe.vae is None and sch.latent == 8
+    kw = encode(["a red circle", "a blue square"])
+    ctx, add = kw["encoder_hidden_states"], kw["added_cond_kwargs"]
+    assert ctx.shape[0] == 4 and ctx[:2].abs().sum() == 0 and ctx[2:].abs().sum() > 0
+    assert add["text_embeds"][:2].abs().sum() == 0 and add["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 4
+    cfg = lpo.get_config(["--model", "tiny"])
+    _, encode, _ = lpo.load_policy(cfg, torch.device("cpu"), torch.float32)
+    kw = encode(["a red circle"])  # SD1.5: the uncond is the encoding of "" (not zeros)
+    assert kw["encoder_hidden_states"][0].abs().sum() > 0 and "added_cond_kwargs" not in kw
+
+
+def test_bad_inputs_fail_with_one_clear_line(tmp_path, fresh_lrm):
+    def err(*argv):
+        with pytest.raises(SystemExit) as e:
+            run_lpo("--out", str(tmp_path / "o"), *argv)
+        msg = str(e.value)
+        assert msg.startswith("lpo.py: error:") and "\n" not in msg, msg
+        return msg
+    assert "no LRM" in err("--lrm", str(tmp_path / "missing"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert "no prompts" in err("--lrm", fresh_lrm["sd"], "--prompts", str(empty))
+    from datasets import Dataset
+    os.makedirs(tmp_path / "nocap")
+    Dataset.from_dict({"text": ["a red circle"]}).to_parquet(str(tmp_path / "nocap" / "train.parquet"))
+    assert "caption" in err("--lrm", fresh_lrm["sd"], "--prompts", str(tmp_path / "nocap"))
+    # an LRM built on another latent space (the quick world's VAE has another scaling factor)
+    other = tmp_path / "other_lrm"
+    os.makedirs(other)
+    c = json.load(open(os.path.join(fresh_lrm["sd"], "lrm_config.json")))
+    c["latent_space"] = [4, 0.18215, None]
+    json.dump(c, open(other / "lrm_config.json", "w"))
+    assert "latent space" in err("--lrm", str(other))
+
+
+# ---- lpo.py: the loop
+SMALL = ["--max-rounds", "1", "--sample-batch", "4", "--num-prompts", "8", "--train-batch", "32", "--eval-samples", "0"]
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_equals_uninterrupted_and_lora_loads(tmp_path, fresh_lrm):
+    """Bitwise on CPU: 2 rounds in one go == 1 round, stop, --resume, 1 more round."""
+    common = ["--model", "tiny", "--lrm", fresh_lrm["sd"], "--sample-batch", "4", "--num-prompts", "8",
+              "--train-batch", "16", "--th-min", "0", "--th-max", "0", "--eval-samples", "0", "--ckpt-every", "1"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    ra = run_lpo(*common, "--out", a, "--max-rounds", "2")
+    run_lpo(*common, "--out", b, "--max-rounds", "1")
+    rb = run_lpo(*common, "--out", b, "--max-rounds", "2", "--resume")
+    ca, cb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False) for d in (a, b))
+    assert ra["step"] == rb["step"] == ca["step"] > 1 and cb["next_round"] == 2
+    assert torch.equal(ca["lora"], cb["lora"])
+    assert [r["loss"] for r in read_log(a) if "round" in r] == [r["loss"] for r in read_log(b) if "round" in r]
+    # the saved LoRA (diffusers format) loads into the tiny pipeline and changes its output
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained("tiny/sd15")
+    pipe.set_progress_bar_config(disable=True)
+    gen = lambda: pipe(["a red circle"] * 2, num_inference_steps=5, output_type="np",  # noqa: E731
+                       generator=torch.Generator().manual_seed(0)).images
+    before = gen()
+    pipe.load_lora_weights(b)
+    after = gen()
+    assert np.abs(after - before).max() > 1e-3
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, fresh_lrm):
+    common = ["--model", "tiny", "--lrm", fresh_lrm["sd"], "--out", str(tmp_path / "n"), *SMALL[2:], "--steps", "5",
+              "--th-min", "0", "--th-max", "0", "--ckpt-every", "1"]
+    run_lpo(*common, "--max-rounds", "1")
+    good = torch.load(tmp_path / "n" / "ckpt.pt", weights_only=False)
+    with pytest.raises(SystemExit, match="non-finite"):
+        run_lpo(*common, "--max-rounds", "2", "--resume", "--beta", "nan")
+    after = torch.load(tmp_path / "n" / "ckpt.pt", weights_only=False)
+    assert after["next_round"] == good["next_round"] == 1 and torch.equal(after["lora"], good["lora"])
+
+
+def test_sdxl_one_iteration(tmp_path, fresh_lrm):
+    out = str(tmp_path / "xl")
+    r = run_lpo("--model", "tiny-xl", "--lrm", fresh_lrm["xl"], "--out", out, *SMALL, "--th-min", "0", "--th-max", "0",
+                "--save-merged")
+    rows = read_log(out)
+    assert r["step"] >= 1 and rows[0]["tuples"] > 0 and np.isfinite(rows[0]["loss"])
+    assert os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert os.path.exists(os.path.join(out, "unet", "config.json"))  # merged U-Net
+
+
+def torchrun(out, lrm, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "lpo.py",
+           "--model", "tiny", "--lrm", lrm, "--out", out, *SMALL, *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return read_log(out)
+
+
+def test_two_processes_end_with_identical_lora(tmp_path, fresh_lrm):
+    rows = torchrun(str(tmp_path / "ddp"), fresh_lrm["sd"], "--th-min", "0", "--th-max", "0.05")
+    fp = rows[-1]["final"]["lora_fingerprint"]
+    assert rows[0]["tuples"] > 0 and rows[-1]["final"]["step"] >= 1
+    assert len(fp) == 2 and fp[0] == fp[1]   # identical LoRA weights on both ranks
+    # no pair clears the threshold: no training, no hang, a clean end
+    rows = torchrun(str(tmp_path / "none"), fresh_lrm["sd"], "--th-min", "0.999999", "--th-max", "0.999999")
+    assert rows[0]["tuples"] == 0 and rows[-1]["final"]["step"] == 0
+
+
+# ---- lpo.py: it learns (tiny world)
+def test_lpo_raises_judge_win_rate_and_negated_reward_does_not(tmp_path):
+    """The README's main command: LPO with the shipped tiny LRM beats the base on held-out seeds; the
+    same run with the LRM's scores negated does not (the signal flows through the LRM)."""
+    lrm = os.environ.get("LPO_TEST_LRM", "tiny/lrm")
+    r = run_lpo("--model", "tiny", "--lrm", lrm, "--out", str(tmp_path / "lpo"), "--eval-samples", "200")
+    c = run_lpo("--model", "tiny", "--lrm", lrm, "--out", str(tmp_path / "ctl"), "--eval-samples", "200", "--negate-reward")
+    print(f"\nLPO win-rate {r['win_rate']:.3f} [{r['win_low']:.3f}, {r['win_high']:.3f}], "
+          f"negated control {c['win_rate']:.3f} [{c['win_low']:.3f}, {c['win_high']:.3f}]")
+    assert r["win_rate"] >= 0.6 and r["win_low"] > 0.5
+    assert c["win_rate"] < 0.5
+    rows = [x for x in read_log(str(tmp_path / "lpo")) if "round" in x]
+    assert all(0 < x["kept_frac"] < 1 for x in rows) and rows[-1]["step"] > 0
+
+
 # ============================================================================ sample.py and eval.py
 N_PROMPTS, SEEDS = 3, 2   # 6 paired images: enough to exercise every path, cheap to sample
 
