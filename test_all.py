@@ -859,7 +859,7 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, fresh_lrm):
     os.makedirs(tmp_path / "nocap")
     Dataset.from_dict({"text": ["a red circle"]}).to_parquet(str(tmp_path / "nocap" / "train.parquet"))
     assert "caption" in err("--lrm", fresh_lrm["sd"], "--prompts", str(tmp_path / "nocap"))
-    # an LRM built on another latent space (the quick world's VAE has another scaling factor)
+    # an LRM built on another latent space (SD's VAE scaling, not the tiny VAE's)
     other = tmp_path / "other_lrm"
     os.makedirs(other)
     c = json.load(open(os.path.join(fresh_lrm["sd"], "lrm_config.json")))
@@ -880,7 +880,7 @@ def read_log(out):
 def test_resume_equals_uninterrupted_and_lora_loads(tmp_path, fresh_lrm):
     """Bitwise on CPU: 2 rounds in one go == 1 round, stop, --resume, 1 more round."""
     common = ["--model", "tiny", "--lrm", fresh_lrm["sd"], "--sample-batch", "4", "--num-prompts", "8",
-              "--train-batch", "16", "--th-min", "0", "--th-max", "0", "--eval-samples", "0", "--ckpt-every", "1"]
+              "--train-batch", "16", "--th-min", "0", "--th-max", "0", "--eval-samples", "0", "--ckpt-every", "1", "--steps", "10"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     ra = run_lpo(*common, "--out", a, "--max-rounds", "2")
     run_lpo(*common, "--out", b, "--max-rounds", "1")
@@ -922,13 +922,27 @@ def test_sdxl_one_iteration(tmp_path, fresh_lrm):
     assert os.path.exists(os.path.join(out, "unet", "config.json"))  # merged U-Net
 
 
+def spawn(cmd):
+    """A CPU subprocess in its own process group (so that a hang can be killed whole), one thread."""
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def finish(p, timeout=240):
+    """Wait for a spawned lpo.py; return its log rows."""
+    try:
+        _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)
+        p.communicate()
+        raise AssertionError(f"timed out: {p.args}")
+    assert p.returncode == 0, err[-3000:]
+    return read_log(p.args[p.args.index("--out") + 1])
+
+
 def torchrun(out, lrm, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "lpo.py",
-           "--model", "tiny", "--lrm", lrm, "--out", out, *SMALL, *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return read_log(out)
+    return finish(spawn([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "lpo.py",
+                         "--model", "tiny", "--lrm", lrm, "--out", out, *SMALL, "--steps", "10", *extra]), timeout=120)
 
 
 def test_two_processes_end_with_identical_lora(tmp_path, fresh_lrm):
@@ -943,13 +957,22 @@ def test_two_processes_end_with_identical_lora(tmp_path, fresh_lrm):
 
 # ---- lpo.py: it learns (tiny world)
 def test_lpo_raises_judge_win_rate_and_negated_reward_does_not(tmp_path):
-    """The README's main command: LPO with the shipped tiny LRM beats the base on held-out seeds; the
-    same run with the LRM's scores negated does not (the signal flows through the LRM)."""
-    lrm = os.environ.get("LPO_TEST_LRM", "tiny/lrm")
-    r = run_lpo("--model", "tiny", "--lrm", lrm, "--out", str(tmp_path / "lpo"), "--eval-samples", "200")
-    c = run_lpo("--model", "tiny", "--lrm", lrm, "--out", str(tmp_path / "ctl"), "--eval-samples", "200", "--negate-reward")
-    print(f"\nLPO win-rate {r['win_rate']:.3f} [{r['win_low']:.3f}, {r['win_high']:.3f}], "
-          f"negated control {c['win_rate']:.3f} [{c['win_low']:.3f}, {c['win_high']:.3f}]")
+    """The README's main command, shortened to 5 rounds: LPO with the shipped tiny LRM beats the base on
+    held-out seeds; the same run with the LRM's scores negated does not (the signal flows through the LRM).
+    The two runs go in parallel, one thread each."""
+    short = ["--model", "tiny", "--num-prompts", "160", "--eval-samples", "150"]
+    runs = {name: spawn([sys.executable, "lpo.py", *short, "--out", str(tmp_path / name), *extra])
+            for name, extra in (("lpo", []), ("ctl", ["--negate-reward"]))}
+    try:
+        res = {name: finish(p)[-1]["final"] for name, p in runs.items()}
+    finally:  # never leave a run behind
+        for p in runs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+    r, c = res["lpo"], res["ctl"]
+    print(f"\nLPO win-rate {r['win_rate']:.3f} [{r['win_low']:.3f}, {r['win_high']:.3f}], caption match "
+          f"{r['match_base']:.3f} -> {r['match_tuned']:.3f}; negated control {c['win_rate']:.3f} "
+          f"[{c['win_low']:.3f}, {c['win_high']:.3f}]")
     assert r["win_rate"] >= 0.6 and r["win_low"] > 0.5
     assert c["win_rate"] < 0.5
     rows = [x for x in read_log(str(tmp_path / "lpo")) if "round" in x]
