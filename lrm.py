@@ -21,7 +21,7 @@ Choices and deviations:
   uses zeros. Ties (0.5/0.5) train; accuracy counts decisive pairs only.
 - deviation (tiny world only): lr 1e-3, weight decay 0.01, 200 steps x 16 pairs, one CPU thread.
 """
-import io, json, os, time, warnings
+import argparse, io, json, os, time, warnings
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -73,7 +73,6 @@ PRESETS = {"sd15": {}, "sdxl": dict(steps=8000, batch_size=32, warmup=1000, grad
 PRESETS["tiny-xl"] = PRESETS["tiny"]
 
 def get_config(argv=None):
-    import argparse
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in fields(Config):   # the CLI is the dataclass: --name value, booleans as true/false
         p.add_argument(f"--{f.name}", type=(lambda s: s.lower() in ("1", "true", "yes")) if f.type is bool else f.type)
@@ -149,13 +148,12 @@ def down_mid_features(unet, x, t, ctx, added):
     emb = emb + aug if aug is not None else emb
     emb = unet.time_embed_act(emb) if unet.time_embed_act is not None else emb
     ctx = unet.process_encoder_hidden_states(encoder_hidden_states=ctx, added_cond_kwargs=added)
+    xattn = lambda block: dict(encoder_hidden_states=ctx) if getattr(block, "has_cross_attention", False) else {}
     h, feats = unet.conv_in(x), []
     for block in unet.down_blocks:
-        kw = dict(encoder_hidden_states=ctx) if getattr(block, "has_cross_attention", False) else {}
-        h, res = block(hidden_states=h, temb=emb, **kw)
+        h, res = block(hidden_states=h, temb=emb, **xattn(block))
         feats.append(res[len(block.resnets) - 1].mean((2, 3)))   # last output before the downsampler, (B, C_i)
-    kw = dict(encoder_hidden_states=ctx) if getattr(unet.mid_block, "has_cross_attention", False) else {}
-    return feats + [unet.mid_block(h, emb, **kw).mean((2, 3))]   # + (B, C_mid)
+    return feats + [unet.mid_block(h, emb, **xattn(unet.mid_block)).mean((2, 3))]   # + (B, C_mid)
 
 class LatentRewardModel(torch.nn.Module):
     def __init__(self, unet, text_encoders, tokenizers, config):
@@ -217,9 +215,8 @@ class LatentRewardModel(torch.nn.Module):
         unet = UNet2DConditionModel.from_pretrained(lrm_dir, subfolder="unet")
         lrm = cls(unet, *load_text_encoders(lrm_dir, config["text_encoders"]), config)
         heads = torch.load(os.path.join(lrm_dir, "state_dict.pt"), map_location="cpu", weights_only=True)
-        for k in ("visual_projection", "text_projection"):
-            if getattr(lrm, k) is not None:
-                getattr(lrm, k).load_state_dict(heads[k])
+        for k in heads.keys() - {"logit_scale"}:   # the heads save_pretrained wrote: this model's non-None ones
+            getattr(lrm, k).load_state_dict(heads[k])
         lrm.logit_scale.data.fill_(float(heads["logit_scale"]))
         return lrm
 
@@ -298,6 +295,11 @@ def encode_images(vae, px, eps):
     d = vae.encode(px.to(vae.device, vae.dtype)).latent_dist
     return (d.mean + d.std * eps.to(d.mean)) * vae.config.scaling_factor
 
+def pair_latents(vae, batch, dev):
+    """A collated batch of Pairs -> clean latents and the noise to add, both (2b, C, h, w), pairs adjacent."""
+    eps = batch["eps"].flatten(0, 1).to(dev)                                  # (2b, VAE|noise, C, h, w)
+    return encode_images(vae, batch["px"].flatten(0, 1), eps[:, 0]).to(dev), eps[:, 1]
+
 @torch.no_grad()
 def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pairs=0):
     """{t: accuracy} on the decisive pairs of a split (from load_pairs), both images noised to t
@@ -311,17 +313,16 @@ def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pa
     was_training, amp = lrm.training, torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda")
     lrm.eval()
     for i in range(rank * batch_size, len(rows), world * batch_size):
-        items = [data[(0, r)] for r in rows[i:i + batch_size]]
-        eps = torch.stack([it["eps"] for it in items]).flatten(0, 1).to(dev)                    # (2b, 2, C, h, w)
-        lat = encode_images(vae, torch.cat([it["px"] for it in items]), eps[:, 0]).to(dev)      # (2b, C, h, w)
-        text = lrm.encode_text([it["caption"] for it in items for _ in range(2)])
-        win0 = torch.stack([it["label"][0] > it["label"][1] for it in items])                   # (b,)
+        batch = torch.utils.data.default_collate([data[(0, r)] for r in rows[i:i + batch_size]])
+        lat, noise = pair_latents(vae, batch, dev)                                             # (2b, C, h, w)
+        text = lrm.encode_text([c for c in batch["caption"] for _ in range(2)])
+        win0 = batch["label"][:, 0] > batch["label"][:, 1]                                      # (b,)
         for j, t in enumerate(timesteps):
             tt = torch.full((len(lat),), t, dtype=torch.long, device=dev)
             with amp:
-                s = lrm.score(sched.add_noise(lat, eps[:, 1], tt), tt, text=text).cpu()        # (2b,)
+                s = lrm.score(sched.add_noise(lat, noise, tt), tt, text=text).cpu()            # (2b,)
             hits[j] += ((s[0::2] > s[1::2]) == win0).sum()
-        hits[-1] += len(items)
+        hits[-1] += len(win0)
     lrm.train(was_training)
     if world > 1:
         dist.all_reduce(hits := hits.to(dev))
@@ -398,15 +399,12 @@ def main(cfg):
                                          sampler=steps_sampler(len(train), cfg.batch_size, rank, world, cfg.seed, step, cfg.steps))
     amp = torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda")   # paper: bf16
     ts = [int(t) for t in cfg.eval_timesteps.split(",")]
-
     evaluate = lambda pairs: pair_accuracy(lrm, pairs, ts, vae, max_pairs=cfg.eval_max_pairs, seed=cfg.seed)
-
     pbar, t0, step0 = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="lrm"), time.time(), step
     for batch in loader:
-        eps = batch["eps"].flatten(0, 1).to(dev)                          # (2b, VAE|noise, C, h, w), pairs adjacent
-        lat = encode_images(vae, batch["px"].flatten(0, 1), eps[:, 0])   # (2b, C, h, w), frozen VAE
+        lat, noise = pair_latents(vae, batch, dev)                        # (2b, C, h, w), frozen VAE
         t = batch["t"].to(dev).repeat_interleave(2)                       # (2b,): one t for both images of a pair
-        x_t = noise_sched.add_noise(lat, eps[:, 1], t)                    # independent noise per image
+        x_t = noise_sched.add_noise(lat, noise, t)                        # independent noise per image
         with amp:
             s = lrm.score(x_t, t, prompts=[c for c in batch["caption"] for _ in range(2)]).view(-1, 2)   # (b, 2)
         s, lab, w = gather(s), gather(batch["label"].to(dev)), gather(batch["weight"].to(dev))   # (G, 2), (G, 2), (G,)
