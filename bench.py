@@ -19,6 +19,7 @@ bf16 on one GPU, downloads nothing, and times the project's own code (median of 
     python bench.py --model sdxl --compile   # opt-in torch.compile of the repeated blocks
     python bench.py --model sdxl --lrm_dtype fp32 --grad_ckpt off --attn classic   # what each setting buys
     python bench.py --tiny                   # the tiny world on a CPU in seconds; its times mean nothing
+    python bench.py --model sd15 --device cpu --resolution 128 --warmup 0 --repeats 1 --iter_batches 2,2  # CPU smoke run
 Writes {out}/bench.json (table, GPU, versions, settings) and {out}/bench.jsonl (a row a phase).
 
 Deviations: random weights; the tokenizers are the tiny world's, padded to the real 77 tokens. The
@@ -66,6 +67,7 @@ class Config:
     compile: bool = False      # torch.compile each repeated transformer block (regional compilation)
     dpo: bool = True           # phase 4 (SDXL: a second, fp32 U-Net with its optimizer state)
     iter_batches: str = ""     # "S,T": sample / train batch of phase 5 ("" = lpo.py's per-GPU preset)
+    resolution: int = 0        # px, 0 = lpo.py's preset (512 / 1024); smaller: a full-size smoke run on a CPU
     seed: int = 0
 
 
@@ -96,7 +98,8 @@ def get_config(argv=None):
             (cfg.device.startswith("cuda") and not torch.cuda.is_available(),
              f"--device {cfg.device}: no CUDA GPU here; full-size networks need one (--tiny runs on a CPU)"),
             (min(cfg.K - 1, cfg.batch, cfg.repeats, cfg.warmup + 1) < 1, "need --K >= 2, --batch, --repeats >= 1"),
-            (len(ib) != 2 or not all(x.isdigit() and int(x) > 0 for x in ib), "--iter_batches: S,T, two integers > 0"))
+            (len(ib) != 2 or not all(x.isdigit() and int(x) > 0 for x in ib), "--iter_batches: S,T, two integers > 0"),
+            (cfg.resolution % 64 or cfg.resolution < 0, f"--resolution {cfg.resolution}: a multiple of 64 (0: the preset)"))
         if bad]
     if errors:
         p.error(errors[0])   # one line, before anything heavy is loaded
@@ -171,6 +174,7 @@ def load_lpo_models(name, cfg, dev):
     encoders, and the frozen LRM (its own U-Net and text encoders) in half precision; its schedule."""
     m = full_size(name, dev) if name in UNETS else tiny_world(name)
     m.lpo = lpo.Config(**{**asdict(lpo.Config()), **lpo.PRESETS[name], "k": cfg.K})   # lpo.py's own preset
+    m.lpo.resolution = cfg.resolution or m.lpo.resolution
     if cfg.iter_batches:
         m.lpo.sample_batch, m.lpo.train_batch = map(int, cfg.iter_batches.split(","))
     m.lpo.grad_ckpt = m.lpo.grad_ckpt if cfg.grad_ckpt == "auto" else cfg.grad_ckpt == "on"
@@ -179,7 +183,7 @@ def load_lpo_models(name, cfg, dev):
     m.amp = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     encoders = [e.to(dev, m.dtype).requires_grad_(False) for e in m.encoders]
     m.lrm = LatentRewardModel(copy.deepcopy(m.unet), copy.deepcopy(encoders), m.tokenizers, dict(resolution=m.res, g=7.5))
-    m.lrm.requires_grad_(False).eval().to(dev, m.lrm_dtype)
+    m.lrm.for_scoring().to(dev, m.lrm_dtype)                     # as lpo.py: no up blocks, half precision
     m.lora = add_lora(m.unet.to(dev, m.dtype), m.lpo)            # lpo.py's LoRA: to_q/k/v/out.0, fp32 weights
     m.opt = torch.optim.AdamW(m.lora, lr=m.lpo.lr, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)  # as lpo.main
     # the DDIM schedule as lpo.load_policy builds it: 20 steps, t_prev = -1 at the end, thresholds from sigma_t

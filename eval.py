@@ -162,7 +162,7 @@ def load_scorer(name, cfg, device, dtype):
         from diffusers import AutoencoderKL
         from lrm import LatentRewardModel
         lrm = load_or_die(name, cfg.lrm, lambda: LatentRewardModel.from_pretrained(cfg.lrm, base=cfg.base))
-        lrm = lrm.to(device, dtype).eval()
+        lrm = lrm.for_scoring().to(device, dtype)
         vae = AutoencoderKL.from_pretrained(cfg.base, subfolder="vae").to(device).eval()   # fp32: SDXL's overflows in fp16
 
         def score_lrm(ims, ps):

@@ -355,7 +355,7 @@ def main(cfg):
     except ValueError as e:
         raise SystemExit(f"lpo.py: error: {e}") from None
     gpu = device.type == "cuda"  # GPU: frozen weights bf16 + autocast (paper), LRM fp16; CPU: fp32
-    lrm.requires_grad_(False).eval().to(device, torch.float16 if gpu else torch.float32)  # frozen, half on GPU
+    lrm.for_scoring().to(device, torch.float16 if gpu else torch.float32)  # frozen, no up blocks, half on GPU
     pipe, encode, sch = load_policy(cfg, device, torch.bfloat16 if gpu else torch.float32)
     unet, B, params = pipe.unet, cfg.sample_batch, add_lora(pipe.unet, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)  # paper, constant lr

@@ -193,6 +193,30 @@ def test_real_sd15_and_sdxl_widths_on_meta_device(unet_kw, latent, width, proj):
     assert sum(f.shape[1] for f in feats) == width == lrm.config["feature_width"]
     assert tuple(lrm.visual_projection.weight.shape) == (proj, width)
     assert (lrm.text_projection is None) == xl
+    # for_scoring() keeps what down_mid_features runs and frees the rest: over half of each real U-Net
+    n = lambda: sum(p.numel() for p in unet.parameters())   # noqa: E731
+    before = n()
+    lrm.for_scoring()
+    with torch.device("meta"):
+        again = L.down_mid_features(unet, x, torch.tensor([1]), ctx, added)
+    assert [f.shape for f in again] == [f.shape for f in feats] and n() < 0.52 * before
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
+def test_for_scoring_same_scores_less_memory_not_savable(model, tmp_path):
+    lrm = L.LatentRewardModel.from_pretrained({"tiny": "tiny/lrm", "tiny-xl": "tiny/lrm-xl"}[model]).eval()
+    x, t = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 251, 751, 951])
+    up = sum(p.numel() for m in (lrm.unet.up_blocks, lrm.unet.conv_norm_out, lrm.unet.conv_out) for p in m.parameters())
+    total = sum(p.numel() for p in lrm.parameters())
+    with torch.no_grad():
+        want = lrm.score(x, t, PROMPTS + PROMPTS[:1])
+        got = lrm.for_scoring().score(x, t, PROMPTS + PROMPTS[:1])
+    torch.testing.assert_close(got, want)   # the same ops (fp32 reassociation aside)
+    assert sum(p.numel() for p in lrm.parameters()) == total - up and up > 0
+    assert not any(p.requires_grad for p in lrm.parameters()) and not lrm.training
+    with pytest.raises(ValueError, match="for_scoring"):
+        lrm.save_pretrained(str(tmp_path))
+    assert not os.listdir(tmp_path)   # refused before writing anything
 
 
 # ----------------------------------------------------------------------------- math against hand values
@@ -1278,8 +1302,6 @@ def test_resume_generates_only_missing_images(round_trip, tmp):
 CPU = torch.device("cpu")
 
 
-
-
 @pytest.fixture(scope="module")
 def tiny():
     """Both tiny worlds with what the phases need (K = 2 children), and a batch of 2 prompts."""
@@ -1369,6 +1391,28 @@ def test_schedule_conditioning_and_pixel_reward_match_oracles(tiny, name):
     assert set(secs) == {"sample", "score"} and min(secs.values()) > 0
 
 
+def test_classic_attention_setting_changes_kernels_not_results(tiny):
+    """--attn classic puts matmul + softmax attention in every U-Net, VAE and image-tower layer; the
+    outputs equal SDPA's, so the bench's settings trade speed, never what is computed."""
+    import copy
+    m, b, px = tiny["tiny-xl"]
+    g = torch.Generator().manual_seed(3)
+    x, t, img = torch.randn(4, 4, 8, 8, generator=g), torch.tensor([951, 451, 451, 1]), torch.rand(2, 3, 32, 32, generator=g)
+    cond = bench.cfg_condition(m, b.prompts)                                          # 4 rows: [uncond; cond]
+    run = lambda unet, vae, vit: (unet(x, t, **cond).sample, vae.decode(x).sample,   # noqa: E731
+                                  vit(pixel_values=img).image_embeds)
+    with torch.no_grad():
+        want = run(m.unet, px.vae, px.vit)
+        mods = [copy.deepcopy(mod) for mod in (m.unet, px.vae, px.vit)]
+        bench.speedups(bench.get_config(["--tiny", "--attn", "classic"]), *mods)
+        got = run(*mods)
+    assert {type(p).__name__ for mod in mods[:2] for p in mod.attn_processors.values()} == {"AttnProcessor"}
+    assert {type(p).__name__ for p in m.unet.attn_processors.values()} == {"AttnProcessor2_0"}   # SDPA: the default
+    assert mods[2].config._attn_implementation == "eager" and px.vit.config._attn_implementation == "sdpa"
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-5)
+
+
 def test_predict_x0_and_dpo_loss_hand_values():
     sched = bench.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
     x, e = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
@@ -1392,7 +1436,7 @@ def test_lpo_update_trains_the_lora_toward_the_winner_and_control(tiny):
     m, b, _ = tiny["tiny"]
     p = lpo.PRESETS["tiny"]   # the bench measures lpo.py's own settings, read from lpo.py
     assert (m.lpo.sample_batch, m.lpo.train_batch, m.lpo.lr, len(m.lora)) == \
-        (p["sample_batch"], p["train_batch"], p["lr"], 2 * sum(k.endswith("to_q.weight") for k in m.lrm.unet.state_dict()) * 4)
+        (p["sample_batch"], p["train_batch"], p["lr"], 2 * 4 * sum(n.endswith(".to_q") for n, _ in m.unet.named_modules()))
     base = {k: v.clone() for k, v in m.unet.state_dict().items() if "lora" not in k}
     lora0 = [p.detach().clone() for p in m.lora]
 
@@ -1457,7 +1501,7 @@ def test_timed_reports_the_median_after_warmup():
 def test_bad_input_fails_in_one_line(monkeypatch, capsys):
     for argv, words in ((["--model", "sd21"], "--model"), (["--K", "1"], "--K"), (["--lrm_dtype", "fp8"], "fp8"),
                         (["--grad_ckpt", "maybe"], "--grad_ckpt"), (["--attn", "flash"], "--attn"),
-                        (["--iter_batches", "4"], "--iter_batches")):
+                        (["--iter_batches", "4"], "--iter_batches"), (["--resolution", "100"], "--resolution")):
         with pytest.raises(SystemExit) as e:
             bench.get_config(argv + ["--device", "cpu"])
         err = capsys.readouterr().err.strip().splitlines()
