@@ -8,7 +8,8 @@ arXiv 2502.01051: the LRM and its Visual Feature Enhancement (VFE), trained on P
     torchrun --nproc_per_node=8 lrm.py --model sdxl --data /data/pickapic_v1  # local parquet / arrow
 --out gets the final LRM (unet/, text_encoder*/, tokenizer*/, state_dict.pt, lrm_config.json), best/
 (best validation accuracy at t=1), train_state.pt (resume) and metrics.jsonl. From other code:
-    lrm = LatentRewardModel.from_pretrained("runs/lrm-sd15", base="sd15")  # refuses another VAE
+    lrm = LatentRewardModel.from_pretrained("runs/lrm-sd15", base="sd15")  # refuses another VAE; also
+                                                    # reads the official release's folders (casiatao/LRM)
     s = lrm.score(latents, t, text=lrm.encode_text(prompts))  # latents x scaling_factor -> (B,)
 Choices and deviations:
 - The U-Net keeps its (frozen) up blocks so unet/ stays a stock diffusers folder; they never run.
@@ -119,11 +120,23 @@ def resolve_model(name):
         raise ValueError(f"model {name!r}: no local folder {os.path.abspath(local)}, and hub id {path!r} failed "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:150]})") from None
 
-def load_text_encoders(path, classes):
-    """{"text_encoder": "CLIPTextModel", ...} -> encoders and their tokenizers from a folder or hub id."""
-    encs = [getattr(transformers, c).from_pretrained(path, subfolder=n) for n, c in classes.items()]
-    return encs, [transformers.AutoTokenizer.from_pretrained(path, subfolder=n.replace("text_encoder", "tokenizer"))
-                  for n in classes]
+def load_text_encoders(path, classes, fallback=None):
+    """{"text_encoder": "CLIPTextModel", ...} -> encoders and their tokenizers from a folder or hub id;
+    a subfolder that path lacks comes from fallback (the official LRM saves no tokenizers, and no
+    text encoders when they were frozen)."""
+    at = lambda sub: path if fallback is None or os.path.isdir(os.path.join(path, sub)) else fallback  # noqa: E731
+    encs = [getattr(transformers, c).from_pretrained(at(n), subfolder=n) for n, c in classes.items()]
+    toks = [n.replace("text_encoder", "tokenizer") for n in classes]
+    return encs, [transformers.AutoTokenizer.from_pretrained(at(t), subfolder=t) for t in toks]
+
+def base_config(base, unet_config, g=7.5, resolution=None):
+    """lrm_config.json's fields that come from the base pipeline: text encoders, resolution, latent space."""
+    path = resolve_model(base)
+    index, vae = DiffusionPipeline.load_config(path), AutoencoderKL.load_config(path, subfolder="vae")
+    classes = {n: index[n][1] for n in ("text_encoder", "text_encoder_2") if (index.get(n) or [None])[0]}
+    return dict(base=MODELS.get(base, base), g=g, text_encoders=classes,
+                resolution=resolution or unet_config["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1),
+                latent_space=[vae["latent_channels"], vae["scaling_factor"], vae.get("shift_factor")])
 
 def encode_prompt(text_encoders, tokenizers, prompts, resolution):
     """SD1.5: last hidden state, pooled EOS state. SDXL: concat of both penultimate states, pooled =
@@ -183,13 +196,9 @@ class LatentRewardModel(torch.nn.Module):
     @classmethod
     def from_base(cls, model_id_or_path, g=7.5, resolution=None, text_projection_init=None):
         path = resolve_model(model_id_or_path)
-        index, vae = DiffusionPipeline.load_config(path), AutoencoderKL.load_config(path, subfolder="vae")
-        classes = {n: index[n][1] for n in ("text_encoder", "text_encoder_2") if (index.get(n) or [None])[0]}
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-        config = dict(base=MODELS.get(model_id_or_path, model_id_or_path), g=g, text_encoders=classes,
-                      resolution=resolution or unet.config.sample_size * 2 ** (len(vae["block_out_channels"]) - 1),
-                      latent_space=[vae["latent_channels"], vae["scaling_factor"], vae.get("shift_factor")])
-        lrm = cls(unet, *load_text_encoders(path, classes), config)
+        config = base_config(model_id_or_path, unet.config, g, resolution)
+        lrm = cls(unet, *load_text_encoders(path, config["text_encoders"]), config)
         if text_projection_init and lrm.text_projection is not None:
             src = transformers.CLIPTextModelWithProjection.from_pretrained(text_projection_init)
             lrm.text_projection.weight.data.copy_(src.text_projection.weight)
@@ -211,11 +220,16 @@ class LatentRewardModel(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, lrm_dir, base=None, force=False):
-        """A saved LRM. With `base`, refuse an LRM trained in another latent space unless force."""
-        if not os.path.exists(os.path.join(lrm_dir, "lrm_config.json")):
-            raise ValueError(f"{lrm_dir}: no lrm_config.json, not an LRM folder saved by lrm.py")
-        config = json.load(open(os.path.join(lrm_dir, "lrm_config.json")))
-        if base is not None:
+        """An LRM folder of lrm.py, or of the official release (unet/, text_encoder*/ if trained,
+        state_dict.pt; no config or tokenizers: those come from `base`, g = 7.5 as in its code).
+        With `base`, refuse an LRM of another latent space unless force."""
+        official = not os.path.exists(os.path.join(lrm_dir, "lrm_config.json"))
+        if official and (base is None or not os.path.exists(os.path.join(lrm_dir, "state_dict.pt"))):
+            raise ValueError(f"{lrm_dir}: not an LRM folder (no lrm_config.json; the official layout, unet/ and "
+                             "state_dict.pt, also needs base=)")
+        config = base_config(base, UNet2DConditionModel.load_config(lrm_dir, subfolder="unet")) if official else \
+            json.load(open(os.path.join(lrm_dir, "lrm_config.json")))
+        if base is not None:   # (an official LRM's latent space is taken to be its base's: nothing to check)
             vae = AutoencoderKL.load_config(resolve_model(base), subfolder="vae")
             theirs = [vae["latent_channels"], vae["scaling_factor"], vae.get("shift_factor")]
             if theirs != config["latent_space"] and not force:
@@ -223,9 +237,13 @@ class LatentRewardModel(torch.nn.Module):
                                  f"scaling, shift = {config['latent_space']}) but base {base!r} has {theirs}: an LRM does"
                                  " not transfer across VAEs (the paper's SD1.5 LRM fails on SDXL). force=True loads it anyway.")
         unet = UNet2DConditionModel.from_pretrained(lrm_dir, subfolder="unet")
-        lrm = cls(unet, *load_text_encoders(lrm_dir, config["text_encoders"]), config)
+        fallback = resolve_model(config["base"]) if official else None
+        lrm = cls(unet, *load_text_encoders(lrm_dir, config["text_encoders"], fallback), config)
         heads = torch.load(os.path.join(lrm_dir, "state_dict.pt"), map_location="cpu", weights_only=True)
-        for k in heads.keys() - {"logit_scale"}:   # the heads save_pretrained wrote: this model's non-None ones
+        want = {k: getattr(lrm, k).weight.shape for k in ("visual_projection", "text_projection") if getattr(lrm, k) is not None}
+        if want != {k: v["weight"].shape for k, v in heads.items() if k != "logit_scale"}:
+            raise ValueError(f"{lrm_dir}: its state_dict.pt heads do not fit an LRM over {config['base']} (another model family?)")
+        for k in want:
             getattr(lrm, k).load_state_dict(heads[k])
         lrm.logit_scale.data.fill_(float(heads["logit_scale"]))
         return lrm

@@ -271,6 +271,36 @@ def test_save_load_round_trip_and_latent_space_refusal(tmp_path):
     assert L.LatentRewardModel.from_pretrained(str(tmp_path / "tiny"), base=str(other), force=True) is not None
 
 
+@pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
+def test_official_release_layout_loads_with_its_base(model, tmp_path):
+    """The official LRM folder (Kwai-Kolors/LPO's save(): unet/, text_encoder*/ only when trained,
+    state_dict.pt = the heads' state dicts + logit_scale as a tensor; no config, no tokenizers) scores
+    like the same weights in our layout; a text encoder it lacks (frozen in training) is the base's."""
+    src = {"tiny": "tiny/lrm", "tiny-xl": "tiny/lrm-xl"}[model]
+    ours, off = L.LatentRewardModel.from_pretrained(src).eval(), tmp_path / "official"
+    encs = list(ours.config["text_encoders"])
+    for sub in ["unet"] + encs:
+        shutil.copytree(os.path.join(src, sub), off / sub)
+    heads = torch.load(os.path.join(src, "state_dict.pt"), weights_only=True)
+    torch.save({**heads, "logit_scale": torch.tensor(heads["logit_scale"])}, off / "state_dict.pt")
+    with pytest.raises(ValueError, match="needs base="):
+        L.LatentRewardModel.from_pretrained(str(off))
+    with pytest.raises(ValueError, match="heads do not fit"):   # an SD1.5 LRM over SDXL, or the reverse
+        L.LatentRewardModel.from_pretrained(str(off), base={"tiny": "tiny-xl", "tiny-xl": "tiny"}[model])
+    x, t = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 501, 951])
+    got = L.LatentRewardModel.from_pretrained(str(off), base=model).eval()
+    assert got.config["base"] == L.MODELS[model] and got.g == 7.5 and got.resolution == ours.resolution == 32
+    with torch.no_grad():
+        torch.testing.assert_close(got.score(x, t, PROMPTS), ours.score(x, t, PROMPTS))
+    shutil.rmtree(off / encs[-1])                                   # as if that encoder had been frozen
+    got = L.LatentRewardModel.from_pretrained(str(off), base=model)
+    base = getattr(__import__("transformers"), ours.config["text_encoders"][encs[-1]]).from_pretrained(
+        L.resolve_model(model), subfolder=encs[-1])
+    for a, b, c in zip(got.text_encoders[-1].parameters(), base.parameters(), ours.text_encoders[-1].parameters()):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(b, c) for b, c in zip(base.parameters(), ours.text_encoders[-1].parameters()))
+
+
 def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="no local folder .*nowhere"):
         L.resolve_model("/nowhere/model")
