@@ -43,7 +43,7 @@ from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjec
 
 import lpo
 from lpo import add_lora, apply_update, cfg_eps, ddim_sigma, lpo_loss, pair_logprobs, pair_thresholds, sample_tuples
-from lrm import LatentRewardModel, encode_prompt
+from lrm_model import LatentRewardModel, encode_prompt
 from tiny.world import CAPTIONS
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

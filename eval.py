@@ -160,7 +160,7 @@ def load_scorer(name, cfg, device, dtype):
         return lambda ims, ps: {name: np_(aesthetic_score(clip_embed(model, processor, ims)[0], mlp))}
     if name == "lrm":
         from diffusers import AutoencoderKL
-        from lrm import LatentRewardModel
+        from lrm_model import LatentRewardModel
         lrm = load_or_die(name, cfg.lrm, lambda: LatentRewardModel.from_pretrained(cfg.lrm, base=cfg.base))
         lrm = lrm.for_scoring().to(device, dtype)
         vae = AutoencoderKL.from_pretrained(cfg.base, subfolder="vae").to(device).eval()   # fp32: SDXL's overflows in fp16

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lrm import LatentRewardModel, encode_prompt
+from lrm_model import LatentRewardModel, encode_prompt
 
 
 # ----------------------------------------------------------------------------- config

@@ -25,6 +25,7 @@ import bench  # noqa: E402
 import eval as ev  # noqa: E402
 import lpo  # noqa: E402
 import lrm as L  # noqa: E402
+import lrm_model as M  # noqa: E402
 import mpcf  # noqa: E402
 import sample  # noqa: E402
 from mpcf import STRATEGIES, get_config, main, mpcf_keep, pair_gaps  # noqa: E402
@@ -137,7 +138,7 @@ def _run_args(out, *extra):
 @pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
 def test_score_runs_down_and_mid_only_and_matches_stock_unet(model):
     torch.manual_seed(0)
-    lrm = L.LatentRewardModel.from_base(model)
+    lrm = M.LatentRewardModel.from_base(model)
     unet = lrm.unet
     calls = []
     hooks = [m.register_forward_hook(lambda *a, n=n: calls.append(n))
@@ -150,15 +151,15 @@ def test_score_runs_down_and_mid_only_and_matches_stock_unet(model):
         h.remove()
     # width: sum of the pooled channels, derived from the config
     widths = [c for c in unet.config.block_out_channels] + [unet.config.block_out_channels[-1]]
-    assert lrm.visual_projection.in_features == sum(widths) == sum(L.feature_widths(unet.config))
+    assert lrm.visual_projection.in_features == sum(widths) == sum(M.feature_widths(unet.config))
     # oracle: the stock UNet2DConditionModel.forward, observed through hooks on its own blocks
-    text = L.encode_prompt(list(lrm.text_encoders), lrm.tokenizers, PROMPTS, lrm.resolution)
+    text = M.encode_prompt(list(lrm.text_encoders), lrm.tokenizers, PROMPTS, lrm.resolution)
     seen = []
     hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o[1][len(m.resnets) - 1])) for b in unet.down_blocks]
     hooks.append(unet.mid_block.register_forward_hook(lambda m, i, o: seen.append(o)))
     with torch.no_grad():
         unet(x, t, text["encoder_hidden_states"], added_cond_kwargs=text["added_cond_kwargs"])
-        ours = L.down_mid_features(unet, x, t, text["encoder_hidden_states"], text["added_cond_kwargs"])
+        ours = M.down_mid_features(unet, x, t, text["encoder_hidden_states"], text["added_cond_kwargs"])
     for h in hooks:
         h.remove()
     assert [f.shape[1] for f in ours] == widths
@@ -186,10 +187,10 @@ def test_real_sd15_and_sdxl_widths_on_meta_device(unet_kw, latent, width, proj):
         if xl:
             encs.append(CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, projection_dim=1280,
                                                                    num_hidden_layers=1, num_attention_heads=20)))
-        lrm = L.LatentRewardModel(unet, encs, [None] * len(encs), dict(base="x", g=7.5, resolution=8 * latent))
+        lrm = M.LatentRewardModel(unet, encs, [None] * len(encs), dict(base="x", g=7.5, resolution=8 * latent))
         x, ctx = torch.randn(1, 4, latent, latent), torch.randn(1, 77, 2048 if xl else 768)
         added = dict(text_embeds=torch.randn(1, 1280), time_ids=torch.randn(1, 6)) if xl else None
-        feats = L.down_mid_features(unet, x, torch.tensor([1]), ctx, added)
+        feats = M.down_mid_features(unet, x, torch.tensor([1]), ctx, added)
     assert sum(f.shape[1] for f in feats) == width == lrm.config["feature_width"]
     assert tuple(lrm.visual_projection.weight.shape) == (proj, width)
     assert (lrm.text_projection is None) == xl
@@ -198,13 +199,13 @@ def test_real_sd15_and_sdxl_widths_on_meta_device(unet_kw, latent, width, proj):
     before = n()
     lrm.for_scoring()
     with torch.device("meta"):
-        again = L.down_mid_features(unet, x, torch.tensor([1]), ctx, added)
+        again = M.down_mid_features(unet, x, torch.tensor([1]), ctx, added)
     assert [f.shape for f in again] == [f.shape for f in feats] and n() < 0.52 * before
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
 def test_for_scoring_same_scores_less_memory_not_savable(model, tmp_path):
-    lrm = L.LatentRewardModel.from_pretrained({"tiny": "tiny/lrm", "tiny-xl": "tiny/lrm-xl"}[model]).eval()
+    lrm = M.LatentRewardModel.from_pretrained({"tiny": "tiny/lrm", "tiny-xl": "tiny/lrm-xl"}[model]).eval()
     x, t = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 251, 751, 951])
     up = sum(p.numel() for m in (lrm.unet.up_blocks, lrm.unet.conv_norm_out, lrm.unet.conv_out) for p in m.parameters())
     total = sum(p.numel() for p in lrm.parameters())
@@ -222,9 +223,9 @@ def test_for_scoring_same_scores_less_memory_not_savable(model, tmp_path):
 # ----------------------------------------------------------------------------- math against hand values
 def test_vfe_hand_values():
     c, u = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0])
-    assert torch.allclose(L.vfe(c, u, 7.5), torch.tensor([8.5, -14.0]))
-    assert torch.allclose(L.vfe(c, u, 1.0), c)          # g = 1 disables VFE
-    assert torch.allclose(L.vfe(c, u, 0.0), u)
+    assert torch.allclose(M.vfe(c, u, 7.5), torch.tensor([8.5, -14.0]))
+    assert torch.allclose(M.vfe(c, u, 1.0), c)          # g = 1 disables VFE
+    assert torch.allclose(M.vfe(c, u, 0.0), u)
 
 
 def test_pair_loss_hand_values_ties_and_weights():
@@ -249,17 +250,17 @@ def test_pair_loss_hand_values_ties_and_weights():
 def test_save_load_round_trip_and_latent_space_refusal(tmp_path):
     for model in ("tiny", "tiny-xl"):
         torch.manual_seed(1)
-        lrm = L.LatentRewardModel.from_base(model)
+        lrm = M.LatentRewardModel.from_base(model)
         with torch.no_grad():
             lrm.logit_scale.fill_(3.0)
             for p in lrm.unet.down_blocks.parameters():
                 p.add_(0.01 * torch.randn_like(p))
         x = torch.randn(3, 4, 8, 8)
         lrm.save_pretrained(tmp_path / model)
-        back = L.LatentRewardModel.from_pretrained(str(tmp_path / model), base=model)
+        back = M.LatentRewardModel.from_pretrained(str(tmp_path / model), base=model)
         with torch.no_grad():
             torch.testing.assert_close(back.score(x, 251, PROMPTS), lrm.score(x, 251, PROMPTS))
-        assert back.config["base"] == L.MODELS[model] and back.g == 7.5
+        assert back.config["base"] == M.MODELS[model] and back.g == 7.5
     # a base with another latent space (here: another VAE scaling factor) is refused unless forced
     other = tmp_path / "other_base"
     shutil.copytree(os.path.join(ROOT, "tiny/sd15"), other)
@@ -267,8 +268,8 @@ def test_save_load_round_trip_and_latent_space_refusal(tmp_path):
     vae_cfg["scaling_factor"] = 0.13025
     json.dump(vae_cfg, open(other / "vae/config.json", "w"))
     with pytest.raises(ValueError, match="latent space"):
-        L.LatentRewardModel.from_pretrained(str(tmp_path / "tiny"), base=str(other))
-    assert L.LatentRewardModel.from_pretrained(str(tmp_path / "tiny"), base=str(other), force=True) is not None
+        M.LatentRewardModel.from_pretrained(str(tmp_path / "tiny"), base=str(other))
+    assert M.LatentRewardModel.from_pretrained(str(tmp_path / "tiny"), base=str(other), force=True) is not None
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
@@ -277,25 +278,25 @@ def test_official_release_layout_loads_with_its_base(model, tmp_path):
     state_dict.pt = the heads' state dicts + logit_scale as a tensor; no config, no tokenizers) scores
     like the same weights in our layout; a text encoder it lacks (frozen in training) is the base's."""
     src = {"tiny": "tiny/lrm", "tiny-xl": "tiny/lrm-xl"}[model]
-    ours, off = L.LatentRewardModel.from_pretrained(src).eval(), tmp_path / "official"
+    ours, off = M.LatentRewardModel.from_pretrained(src).eval(), tmp_path / "official"
     encs = list(ours.config["text_encoders"])
     for sub in ["unet"] + encs:
         shutil.copytree(os.path.join(src, sub), off / sub)
     heads = torch.load(os.path.join(src, "state_dict.pt"), weights_only=True)
     torch.save({**heads, "logit_scale": torch.tensor(heads["logit_scale"])}, off / "state_dict.pt")
     with pytest.raises(ValueError, match="needs base="):
-        L.LatentRewardModel.from_pretrained(str(off))
+        M.LatentRewardModel.from_pretrained(str(off))
     with pytest.raises(ValueError, match="heads do not fit"):   # an SD1.5 LRM over SDXL, or the reverse
-        L.LatentRewardModel.from_pretrained(str(off), base={"tiny": "tiny-xl", "tiny-xl": "tiny"}[model])
+        M.LatentRewardModel.from_pretrained(str(off), base={"tiny": "tiny-xl", "tiny-xl": "tiny"}[model])
     x, t = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 501, 951])
-    got = L.LatentRewardModel.from_pretrained(str(off), base=model).eval()
-    assert got.config["base"] == L.MODELS[model] and got.g == 7.5 and got.resolution == ours.resolution == 32
+    got = M.LatentRewardModel.from_pretrained(str(off), base=model).eval()
+    assert got.config["base"] == M.MODELS[model] and got.g == 7.5 and got.resolution == ours.resolution == 32
     with torch.no_grad():
         torch.testing.assert_close(got.score(x, t, PROMPTS), ours.score(x, t, PROMPTS))
     shutil.rmtree(off / encs[-1])                                   # as if that encoder had been frozen
-    got = L.LatentRewardModel.from_pretrained(str(off), base=model)
+    got = M.LatentRewardModel.from_pretrained(str(off), base=model)
     base = getattr(__import__("transformers"), ours.config["text_encoders"][encs[-1]]).from_pretrained(
-        L.resolve_model(model), subfolder=encs[-1])
+        M.resolve_model(model), subfolder=encs[-1])
     for a, b, c in zip(got.text_encoders[-1].parameters(), base.parameters(), ours.text_encoders[-1].parameters()):
         assert torch.equal(a, b)
     assert not all(torch.equal(b, c) for b, c in zip(base.parameters(), ours.text_encoders[-1].parameters()))
@@ -303,7 +304,7 @@ def test_official_release_layout_loads_with_its_base(model, tmp_path):
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="no local folder .*nowhere"):
-        L.resolve_model("/nowhere/model")
+        M.resolve_model("/nowhere/model")
     import datasets
     ds = datasets.load_dataset(os.path.join(ROOT, "tiny/pickapic"), split="train").select(range(16))
     os.makedirs(tmp_path / "nolabel"), os.makedirs(tmp_path / "broken")
@@ -364,7 +365,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert a["step"] == b["step"] == 4
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    fresh = L.LatentRewardModel.from_base("tiny").state_dict()
+    fresh = M.LatentRewardModel.from_base("tiny").state_dict()
     assert not torch.equal(a["model"]["visual_projection.weight"], fresh["visual_projection.weight"])  # it trained
 
 
@@ -376,7 +377,7 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
                     "lrm.py", *_run_args(tmp_path / "two", *common)], cwd=ROOT, env=env, check=True, capture_output=True)
     L.main(L.get_config(_run_args(tmp_path / "one", *common)))   # in this process (one thread)
     two, one = _state(tmp_path / "two"), _state(tmp_path / "one")
-    init = L.LatentRewardModel.from_base("tiny").state_dict()
+    init = M.LatentRewardModel.from_base("tiny").state_dict()
     # Adam turns float noise in near-zero gradients (e.g. CLIP's k_proj bias) into updates up to ~lr,
     # so compare each tensor within a fraction of lr and the total difference against the total update
     diff = sum((two["model"][k] - v).abs().sum().item() for k, v in one["model"].items())
@@ -397,7 +398,7 @@ def test_noise_awareness_in_the_tiny_world(tmp_path):
                                  "--batch_size", 16, "--steps", 120, "--warmup", 10, "--eval_every", 1000,
                                  "--eval_timesteps", "1,251,501,751,951"))
     L.transformers.utils.logging.disable_progress_bar()
-    untrained = L.LatentRewardModel.from_base(cfg.base)
+    untrained = M.LatentRewardModel.from_base(cfg.base)
     ts = [int(t) for t in cfg.eval_timesteps.split(",")]
     pairs = [L.load_pairs(cfg.data, s) for s in ("validation_unique", "test_unique")]
     n = [sum(a != b for a, b in zip(p["label_0"], p["label_1"])) for p in pairs]
@@ -759,13 +760,13 @@ def test_lrm_on_mpcf_pairs_agrees_with_the_judge_at_least_as_often(tmp_path):
         lat0, lat1 = ((vae.encode(oracle_pixels(ims, [0.5] * 3, [0.5] * 3)).latent_dist.mean  # [-1, 1] pixels
                        * vae.config.scaling_factor) for ims in (im0, im1))                   # (N, 4, 8, 8)
     torch.manual_seed(0)  # lrm.main seeds 0 before from_base: the control is both runs' starting point
-    acc = {"untrained": judge_agreement(L.LatentRewardModel.from_base("tiny").eval(), lat0, lat1, caps, win0)}
+    acc = {"untrained": judge_agreement(M.LatentRewardModel.from_base("tiny").eval(), lat0, lat1, caps, win0)}
     for name, extra in (("mpcf", ["--keep", str(tmp_path / "mpcf" / "keep.json")]), ("unfiltered", [])):
         out = str(tmp_path / name)
         L.main(L.get_config(["--model", "tiny", "--out", out, "--workers", "0", "--steps", "30", "--batch_size", "32", "--warmup", "10",
                              "--eval_every", "100000", "--save_every", "100000", "--eval_timesteps", "1",
                              "--eval_max_pairs", "4", *extra]))
-        acc[name] = judge_agreement(L.LatentRewardModel.from_pretrained(out).eval(), lat0, lat1, caps, win0)
+        acc[name] = judge_agreement(M.LatentRewardModel.from_pretrained(out).eval(), lat0, lat1, caps, win0)
     print(f"\nMPCF strategy 2 kept {counts['win_lose_kept']}/{counts['win_lose']} win-lose + {counts['ties_kept']}/"
           f"{counts['ties']} ties; LRM (30 steps x 32 pairs) agreement with the clean judge on {len(caps)} held-out "
           "pairs at t=1: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
@@ -788,7 +789,7 @@ def schedule(steps, spacing="leading"):
 @pytest.fixture(scope="module")
 def fresh_lrm(tmp_path_factory):
     """An untrained LRM on each tiny base: enough for the code paths (not for learning)."""
-    from lrm import LatentRewardModel
+    from lrm_model import LatentRewardModel
     out = {}
     for name, base in (("sd", "tiny/sd15"), ("xl", "tiny/sdxl")):
         torch.manual_seed(0)
@@ -1064,7 +1065,7 @@ def lora_dir(tmp):
 
 @pytest.fixture(scope="module")
 def lrm_dir(tmp):
-    from lrm import LatentRewardModel
+    from lrm_model import LatentRewardModel
     torch.manual_seed(0)
     out = str(tmp / "lrm")
     LatentRewardModel.from_base("tiny").save_pretrained(out)
@@ -1223,7 +1224,7 @@ def test_round_trip_pairs_images_and_reports_every_scorer(round_trip, lrm_dir):
     imgs = [Image.open(os.path.join(tuned, r["file_name"])) for r in rows]
     np.testing.assert_allclose([x["judge:human/tuned"] for x in scores], judge_scores(imgs, [r["prompt"] for r in rows])["human"])
     # the LRM column: the clean latent (diffusers' own VAE preprocessing) scored at t = 1
-    from lrm import LatentRewardModel
+    from lrm_model import LatentRewardModel
     lrm = LatentRewardModel.from_pretrained(lrm_dir, base="tiny/sd15").eval()
     with torch.no_grad():
         lat = pipe.vae.encode(pipe.image_processor.preprocess(imgs)).latent_dist.mean * pipe.vae.config.scaling_factor
@@ -1349,7 +1350,7 @@ def test_full_size_networks_are_the_published_architectures():
     tower with projection, OpenCLIP ViT-H/14 image tower with projection), built on the meta device."""
     from diffusers import AutoencoderKL
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-    from lrm import LatentRewardModel
+    from lrm_model import LatentRewardModel
     n = lambda mod: sum(p.numel() for p in mod.parameters())
     meta = torch.device("meta")
     sd, xl = bench.full_size("sd15", meta), bench.full_size("sdxl", meta)
