@@ -45,6 +45,7 @@ class Config:
     lrm: str = ""                 # LRM folder written by lrm.py ("" = the preset's)
     prompts: str = "yuvalkirstain/pickapic_v1"  # HF dataset (hub id / folder) with a `caption` column, or .txt
     num_prompts: int = 4000       # paper: 4,000 Pick-a-Pic v1 train prompts, 5 epochs
+    unique_prompts: bool = True   # distinct captions (Pick-a-Pic rows repeat them); tiny: rows (15 captions)
     epochs: int = 5
     out: str = ""                 # "" = runs/lpo-{model}
     resolution: int = 512
@@ -74,7 +75,7 @@ class Config:
 
 TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny")  # wherever we run from
 TINY = dict(prompts=os.path.join(TINY_DIR, "pickapic"), resolution=32, th_min=0.1, th_max=0.2, lora_rank=8, lr=1e-3,
-            sample_batch=32, train_batch=64, num_prompts=320, epochs=1, eval_samples=300, ckpt_every=10)
+            sample_batch=32, train_batch=64, num_prompts=320, unique_prompts=False, epochs=1, eval_samples=300, ckpt_every=10)
 PRESETS = {
     "sd15": dict(base="stable-diffusion-v1-5/stable-diffusion-v1-5", lrm="runs/lrm-sd15"),
     "sdxl": dict(base="stabilityai/stable-diffusion-xl-base-1.0", lrm="runs/lrm-sdxl", resolution=1024, th_min=0.45,
@@ -153,13 +154,14 @@ def lpo_loss(logp_w, logp_l, ref_w, ref_l, beta, clip_eps):
 
 
 # ----------------------------------------------------------------------------- models and data
-def load_prompts(source, split, n):
-    """First n captions of a .txt (one a line) or of a HF dataset (hub id / folder) with a `caption` column."""
+def load_prompts(source, split, n, unique=True):
+    """First n (distinct) captions of a .txt (one a line) or a HF dataset (hub id / folder) with `caption`."""
+    keep = lambda c, seen=set(): c and not (unique and (c in seen or seen.add(c)))  # noqa: E731  non-empty, new
     try:  # streaming: only the rows read are fetched (Pick-a-Pic v1 with its images is ~100s of GB)
         from datasets import load_dataset
         rows = [{"caption": c} for c in open(source)] if source.endswith(".txt") else \
             load_dataset(source, split=split, streaming=True)
-        caps = list(itertools.islice(filter(None, (str(row["caption"]).strip() for row in rows)), n))  # non-empty
+        caps = list(itertools.islice(filter(keep, (str(row["caption"]).strip() for row in rows)), n))
     except KeyError:
         raise SystemExit(f"lpo.py: error: prompt source {source} ({split}) has no `caption` column") from None
     except (OSError, ValueError) as e:  # no such file, dataset or split
@@ -170,7 +172,7 @@ def load_prompts(source, split, n):
 
 def load_policy(cfg, device, dtype):
     """The base pipeline minus its VAE, a prompt encoder for CFG, the DDIM schedule and thresholds.
-    With lrm.encode_prompt, the only place SD1.5 (one text encoder) and SDXL (two, zero uncond) differ."""
+    With lrm_model.encode_prompt, the only place SD1.5 (one text encoder) and SDXL (two, zero uncond) differ."""
     from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline
     skip = {k: None for k in ("vae", "safety_checker", "feature_extractor", "image_encoder")
             if k in DiffusionPipeline.load_config(cfg.base)}
@@ -302,7 +304,7 @@ def apply_update(params, opt, loss, world, max_norm=1.0):
         raise SystemExit("lpo.py: error: non-finite loss or gradient; the last good checkpoint is intact "
                          "(lower --lr or --beta, or --resume from it)")
     for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
-        p.grad = g.view_as(p).clone()
+        p.grad.copy_(g.view_as(p))
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # deviation: a list, really clipped (official: no-op)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -329,7 +331,7 @@ def evaluate(cfg, pipe, unet):
     from tiny.world import judge_scores
     pipe = DiffusionPipeline.from_pretrained(cfg.base, **{k: v for k, v in pipe.components.items() if k != "vae"})
     pipe.to(unet.device).set_progress_bar_config(disable=True)  # the same modules, plus the VAE
-    caps = load_prompts(cfg.prompts, "validation_unique", cfg.eval_samples)
+    caps = load_prompts(cfg.prompts, "validation_unique", cfg.eval_samples, unique=False)
     caps, judged = [caps[i % len(caps)] for i in range(cfg.eval_samples)], {}
     for name in ("base", "tuned"):
         (unet.enable_adapters if name == "tuned" else unet.disable_adapters)()
@@ -349,7 +351,7 @@ def main(cfg):
     master = rank == 0
     if not os.path.isdir(cfg.lrm):  # bad input: one clear line each, before any heavy loading
         raise SystemExit(f"lpo.py: error: no LRM at {cfg.lrm} (train one: python lrm.py --model {cfg.model}, or --lrm DIR)")
-    prompts = load_prompts(cfg.prompts, "train", cfg.num_prompts)
+    prompts = load_prompts(cfg.prompts, "train", cfg.num_prompts, cfg.unique_prompts)
     try:  # reads lrm_config.json first: refuses an LRM of another latent space before loading weights
         lrm = LatentRewardModel.from_pretrained(cfg.lrm, base=cfg.base)
     except ValueError as e:
@@ -411,8 +413,7 @@ def main(cfg):
                    lrm_mean=ssum / sn, lrm_std=math.sqrt(max(ssq / sn - (ssum / sn) ** 2, 0.0)), lr=cfg.lr, **tmean,
                    **{f"sec_{k}": round(v, 3) for k, v in secs.items()}, peak_mem_mb=round(peak_mem_mb(), 1))
         if master:
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+            print(json.dumps(row), file=log, flush=True)
             bar.set_postfix(loss=tmean["loss"], acc=tmean["acc"], kept=f"{n / groups:.2f}")
         if step // cfg.ckpt_every > saved // cfg.ckpt_every or r == per_epoch - 1 or rnd == total - 1:
             if master:
@@ -434,8 +435,7 @@ def main(cfg):
         print("judge win-rate tuned vs base: {win_rate:.3f} [95% CI {win_low:.3f}, {win_high:.3f}] over {n} held-out "
               "samples; caption match {match_base:.3f} -> {match_tuned:.3f}".format(**result), flush=True)
     if master and cfg.save_merged:  # a plain diffusers U-Net folder with the LoRA folded in
-        unet.fuse_lora()
-        unet.unload_lora()
+        unet.fuse_lora(), unet.unload_lora()
         unet.save_pretrained(os.path.join(cfg.out, "unet"))
     if master:
         log.write(json.dumps(dict(final=result)) + "\n")

@@ -97,13 +97,17 @@ def get_config(cls=Config, presets=PRESETS, argv=None, doc=__doc__):
 
 
 def findable(path):
-    """A local path, or a hub repo ("owner/name[/sub/folder]") that the hub or the local cache has."""
+    """A local path, or a hub repo ("owner/name[/sub/folder]", model or dataset: the prompts are one)
+    that the hub or the local cache has."""
     if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") < 1:
         return os.path.exists(path)
-    try:   # a few small JSON files; works offline from the cache
-        return bool(huggingface_hub.snapshot_download("/".join(path.split("/")[:2]), allow_patterns=["*.json"]))
-    except Exception:
-        return False
+    for kind in ("model", "dataset"):
+        try:   # a few small JSON files; works offline from the cache
+            return bool(huggingface_hub.snapshot_download("/".join(path.split("/")[:2]), repo_type=kind,
+                                                          allow_patterns=["*.json"]))
+        except Exception:
+            pass
+    return False
 
 
 def check_config(cfg, prog="sample.py", paths=("base", "lora", "unet", "vae", "prompts")):

@@ -1157,6 +1157,28 @@ def test_prompt_sources_give_unique_prompts_in_order(tmp):
     assert sample.load_prompts("tiny/pickapic", "test_unique", 3) == list(dict.fromkeys(caps))[:3]
 
 
+
+def test_lpo_prompts_are_distinct_captions_except_in_the_tiny_preset(tmp):
+    (tmp / "p.txt").write_text("a red circle\n\na blue square\na red circle\na green square\n")
+    assert lpo.load_prompts(str(tmp / "p.txt"), "train", 2) == ["a red circle", "a blue square"]
+    assert lpo.load_prompts(str(tmp / "p.txt"), "train", 3, unique=False) == ["a red circle", "a blue square", "a red circle"]
+    assert lpo.get_config(["--model", "sd15"]).unique_prompts and not lpo.get_config(["--model", "tiny"]).unique_prompts
+    from datasets import load_dataset   # the tiny world has 15 captions: its preset reads rows
+    assert lpo.load_prompts("tiny/pickapic", "train", 320, unique=False) == load_dataset("tiny/pickapic", split="train")["caption"][:320]
+    assert len(lpo.load_prompts("tiny/pickapic", "train", 320)) == 15
+
+
+def test_hub_check_knows_dataset_repos(monkeypatch):
+    """The default --prompts is a hub *dataset* (yuvalkirstain/pickapic_v1): asked as a model repo it
+    is not found, which used to stop sample.py / eval.py before anything ran."""
+    def fake_download(repo, repo_type="model", **kw):   # a hub holding that one dataset and nothing else
+        if (repo, repo_type) != ("yuvalkirstain/pickapic_v1", "dataset"):
+            raise FileNotFoundError(f"{repo_type} {repo}")
+        return "/cache/pickapic_v1"
+    monkeypatch.setattr(sample.huggingface_hub, "snapshot_download", fake_download)
+    assert sample.findable("yuvalkirstain/pickapic_v1") and not sample.findable("nobody/nothing")
+
+
 # ----------------------------------------------------------------------------- scorers
 def test_clip_scorers_match_transformers_forward(tiny_clip):
     from transformers import CLIPModel, CLIPProcessor
