@@ -81,6 +81,12 @@ def encode_prompt(text_encoders, tokenizers, prompts, resolution):
         added = dict(text_embeds=pooled, time_ids=ids.to(pooled.dtype).expand(len(prompts), 6))
     return {"encoder_hidden_states": torch.cat(states, -1), "added_cond_kwargs": added, "pooled": pooled}
 
+def take_rows(tree, idx):
+    """Rows idx of every tensor in a (nested) dict of batch tensors; None stays None."""
+    if isinstance(tree, dict):
+        return {k: take_rows(v, idx) for k, v in tree.items()}
+    return None if tree is None else tree[idx.to(tree.device)]
+
 def down_mid_features(unet, x, t, ctx, added):
     """Pooled features of a stock UNet2DConditionModel in its forward() order, stopping at the mid
     block: time (+ SDXL text_time) embedding, conv_in, down blocks, mid block. Up blocks never run."""
@@ -176,9 +182,12 @@ class LatentRewardModel(torch.nn.Module):
         return lrm
 
     def encode_text(self, prompts):
-        """Everything score() needs about the prompts (and "" for VFE): computed once, cacheable."""
-        enc = lambda p: encode_prompt(list(self.text_encoders), self.tokenizers, p, self.resolution)
-        return {"cond": enc(list(prompts)), "uncond": enc([""]) if self.g != 1 else None}
+        """Everything score() needs about the prompts (and "" for VFE): computed once, cacheable. Each
+        distinct prompt is encoded once (callers repeat them: 2 images a pair, K children a parent)."""
+        enc = lambda p: encode_prompt(list(self.text_encoders), self.tokenizers, p, self.resolution)  # noqa: E731
+        pos = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+        inv = torch.tensor([pos[p] for p in prompts])                          # (B,) row of each prompt
+        return {"cond": take_rows(enc(list(pos)), inv), "uncond": enc([""]) if self.g != 1 else None}
 
     def score(self, latents, timesteps, prompts=None, text=None):
         """latents (B, C, h, w) already times the VAE scaling factor, timesteps int or (B,) -> (B,)."""

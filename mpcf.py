@@ -221,7 +221,7 @@ def pair_labels(ds):
 
 def decode(x):
     try:
-        return (x if isinstance(x, Image.Image) else Image.open(io.BytesIO(x))).convert("RGB")
+        return (x if isinstance(x, Image.Image) else Image.open(io.BytesIO(x["bytes"] if isinstance(x, dict) else x))).convert("RGB")
     except (OSError, ValueError, TypeError):  # a broken row must not stop a day-long run: count it
         return None
 
@@ -256,6 +256,7 @@ def read_parts(out, repair=False):
     for p in parts if repair else []:
         with open(p, "rb+") as f:
             f.truncate(f.read().rfind(b"\n") + 1)
+    parts = [p for p in parts if os.path.getsize(p)]  # killed before its header reached the disk
     df = pd.concat([pd.read_csv(p) for p in parts]) if parts else pd.DataFrame(columns=HEADER.strip().split(","))
     return df.drop_duplicates("index", keep="last").set_index("index")
 
@@ -287,8 +288,7 @@ def score(cfg, ds, rank, world, device):
                     gaps[sel, c] = pair_gaps(sc[:len(sel)], sc[len(sel):], l0[idx][sel], l1[idx][sel]).numpy()
             f.writelines(f"{i},{int(not is_tie[i])},{a!r},{c!r},{v!r},{'ok' if o else 'unreadable'}\n"
                          for i, (a, c, v), o in zip(idx, gaps.tolist(), ok))
-            f.flush()
-            os.fsync(f.fileno())  # a killed run loses at most the batch in flight
+            f.flush(), os.fsync(f.fileno())  # a killed run loses at most the batch in flight
             bad += int((~ok).sum())
     log_jsonl(cfg.out, step="score", rank=rank, pairs=len(todo), unreadable=bad, seconds=round(time.time() - t0, 1))
     barrier()

@@ -204,6 +204,21 @@ def test_real_sd15_and_sdxl_widths_on_meta_device(unet_kw, latent, width, proj):
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
+def test_encode_text_encodes_each_distinct_prompt_once(model):
+    lrm = M.LatentRewardModel.from_pretrained({"tiny": "tiny/lrm", "tiny-xl": "tiny/lrm-xl"}[model]).eval()
+    prompts = ["a red circle", "a blue square", "a red circle", "a red circle", "a green triangle", "a blue square"]
+    seen = []
+    hooks = [e.register_forward_hook(lambda m, i, o: seen.append(len(i[0]))) for e in lrm.text_encoders]
+    with torch.no_grad():
+        got = lrm.encode_text(prompts)
+        for h in hooks:
+            h.remove()
+        want = M.encode_prompt(list(lrm.text_encoders), lrm.tokenizers, prompts, lrm.resolution)   # one row each
+    assert seen == [3] * len(lrm.text_encoders) + [1] * len(lrm.text_encoders)   # 3 distinct, then "" for VFE
+    torch.testing.assert_close(got["cond"], want)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
 def test_for_scoring_same_scores_less_memory_not_savable(model, tmp_path):
     lrm = M.LatentRewardModel.from_pretrained({"tiny": "tiny/lrm", "tiny-xl": "tiny/lrm-xl"}[model]).eval()
     x, t = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 251, 751, 951])
@@ -546,6 +561,8 @@ def test_score_filter_round_trip_and_resume(world_pairs, tmp_path, monkeypatch):
     ok = df["status"] == "ok"
     np.testing.assert_allclose(df.loc[ok, list(mpcf.GAP_COLS)].to_numpy(), want[ok.to_numpy()], rtol=0, atol=1e-12)
     assert df["status"][3] == "unreadable" and df["status"][5] == "no_label"
+    jpg = ds[0]["jpg_0"]   # datasets' Image(decode=False) rows are {"bytes": ...}: the same picture
+    assert mpcf.decode(jpg).size == (32, 32) and np.array_equal(np.array(mpcf.decode({"bytes": jpg, "path": None})), np.array(mpcf.decode(jpg)))
     tie = np.array(ds["label_0"]) == np.array(ds["label_1"])
     assert (df["different_flag"][ok] == (~tie[ok]).astype(int)).all()
     # filter read back from the files equals the rule applied by hand to the oracle gaps
@@ -579,6 +596,7 @@ def test_score_filter_round_trip_and_resume(world_pairs, tmp_path, monkeypatch):
         f.write("60,1,0.12")  # killed mid-write
     with pytest.raises(SystemExit, match="--resume"):
         main(get_config(base + ["--out", out]))
+    open(os.path.join(out, "gaps.part1.csv"), "w").close()   # a rank killed before its header reached the disk
     calls.clear()
     main(get_config(base + ["--out", out, "--resume"]))
     usable = np.array(ds["has_label"]) & np.array(ds["are_different"])
