@@ -421,8 +421,11 @@ def main(cfg):
     env = dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {platform.machine()}",
                date=time.strftime("%Y-%m-%d"), torch=torch.__version__, diffusers=diffusers.__version__,
                transformers=transformers.__version__, cuda=torch.version.cuda, settings=asdict(cfg))
-    old = json.load(open(path)).get("results", {}) if cfg.resume and os.path.exists(path) else {}
-    results = {k: v for k, v in old.items() if k in cfg.model.split(",")}
+    old = json.load(open(path)) if cfg.resume and os.path.exists(path) else {}
+    same = lambda e: (e["device"], {k: v for k, v in e["settings"].items() if k not in ("model", "resume")})  # noqa: E731
+    if old and same(old["environment"]) != same(env):   # one table, one GPU and one set of settings
+        sys.exit(f"bench.py: error: --resume: {path} was measured on another device or with other settings; use another --out")
+    results = {k: v for k, v in old.get("results", {}).items() if k in cfg.model.split(",")}
     with open(os.path.join(cfg.out, "bench.jsonl"), "a") as f:
         log = lambda row: (f.write(json.dumps(dict(time=time.time(), device=env["device"], **row)) + "\n"), f.flush())
         for name in cfg.model.split(","):

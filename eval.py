@@ -79,13 +79,14 @@ def die(msg):
 # ----------------------------------------------------------------------------- math
 def win_rate(scores_tuned, scores_base, n_boot=10_000, seed=0, groups=None):
     """Win-rate of tuned over base: mean over pairs of 1 (tuned higher), 0.5 (tie), 0 (lower),
-    with a percentile-bootstrap 95% interval; `groups` (e.g. prompt ids) resamples whole groups.
-    (N,), (N,) -> (rate, low, high)"""
+    with a percentile-bootstrap 95% interval; `groups` (e.g. prompt ids) resamples whole groups
+    (one group only: the pairs themselves). (N,), (N,) -> (rate, low, high)"""
     t, b = np.asarray(scores_tuned, np.float64), np.asarray(scores_base, np.float64)
-    if t.shape != b.shape or t.ndim != 1 or len(t) == 0:
-        raise ValueError(f"win_rate: need two equal-length non-empty 1-D arrays, got {t.shape} and {b.shape}")
+    if t.shape != b.shape or t.ndim != 1 or len(t) == 0 or not np.isfinite(t + b).all():
+        raise ValueError(f"win_rate: need two equal-length non-empty 1-D finite arrays, got {t.shape} and {b.shape}")
     w = (t > b) + 0.5 * (t == b)                                            # (N,) in {0, 0.5, 1}
-    _, g = np.unique(np.arange(len(w)) if groups is None else np.asarray(groups), return_inverse=True)
+    one = groups is None or len(set(groups)) < 2
+    _, g = np.unique(np.arange(len(w)) if one else np.asarray(groups), return_inverse=True)
     sums, counts = np.bincount(g, weights=w), np.bincount(g)                # (G,) per-group totals
     pick = np.random.default_rng(seed).integers(len(sums), size=(n_boot, len(sums)))   # (n_boot, G)
     boot = sums[pick].sum(1) / counts[pick].sum(1)                          # (n_boot,) resampled rates
@@ -247,10 +248,14 @@ def summarise(rows, cfg):
     groups = [r["prompt"] for r in rows]
     out = {}
     for m in metrics:
-        b, t = np.array([r[m + "/base"] for r in rows]), np.array([r[m + "/tuned"] for r in rows])
-        rate, low, high = win_rate(t, b, n_boot=cfg.n_boot, seed=cfg.seed, groups=groups)
-        out[m] = dict(base=float(b.mean()), tuned=float(t.mean()), diff=float((t - b).mean()),
-                      win_rate=rate, ci_low=low, ci_high=high, ties=float((t == b).mean()), n=len(rows))
+        b, t = np.array([r[m + "/base"] for r in rows], float), np.array([r[m + "/tuned"] for r in rows], float)
+        ok = np.isfinite(b) & np.isfinite(t)   # a NaN score (e.g. an fp16 overflow) is left out and counted
+        if not ok.any():
+            continue
+        b, t, gr = b[ok], t[ok], [g for g, o in zip(groups, ok) if o]
+        rate, low, high = win_rate(t, b, n_boot=cfg.n_boot, seed=cfg.seed, groups=gr)
+        out[m] = dict(base=float(b.mean()), tuned=float(t.mean()), diff=float((t - b).mean()), win_rate=rate,
+                      ci_low=low, ci_high=high, ties=float((t == b).mean()), n=int(ok.sum()), nonfinite=int((~ok).sum()))
     return out
 
 

@@ -167,8 +167,8 @@ def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pa
             tt = torch.full((len(lat),), t, dtype=torch.long, device=dev)
             with amp:
                 s = lrm.score(sched.add_noise(lat, noise, tt), tt, text=text).cpu()            # (2b,)
-            hits[j] += ((s[0::2] > s[1::2]) == win0).sum()
-        hits[-1] += len(win0)
+            hits[j] += (((s[0::2] > s[1::2]) == win0) & ~batch["bad"]).sum()   # an undecodable pair: no vote
+        hits[-1] += (~batch["bad"]).sum()
     lrm.train(was_training)
     if world > 1:
         dist.all_reduce(hits := hits.to(dev))

@@ -147,7 +147,7 @@ class LatentRewardModel(torch.nn.Module):
             enc.save_pretrained(os.path.join(out_dir, name))
             tok.save_pretrained(os.path.join(out_dir, name.replace("text_encoder", "tokenizer")))
         heads = {k: getattr(self, k).state_dict() for k in ("visual_projection", "text_projection") if getattr(self, k) is not None}
-        torch.save({**heads, "logit_scale": self.logit_scale.item()}, os.path.join(out_dir, "state_dict.pt"))
+        torch.save({**heads, "logit_scale": self.logit_scale.detach().cpu()}, os.path.join(out_dir, "state_dict.pt"))
         with open(os.path.join(out_dir, "lrm_config.json"), "w") as f:
             json.dump({**self.config, "g": self.g}, f, indent=2)
 

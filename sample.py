@@ -19,14 +19,7 @@ side by side, caption under each pair). eval.py scores them. Choices:
 - Ranks take every world-th missing image; PNGs are written atomically, so --resume generates
   only the missing ones (and refuses a folder sampled with other settings).
 """
-import argparse
-import glob
-import inspect
-import json
-import os
-import re
-import sys
-import time
+import argparse, glob, inspect, json, os, re, sys, time  # noqa: E401
 from dataclasses import asdict, dataclass, fields
 
 import huggingface_hub
@@ -97,8 +90,7 @@ def get_config(cls=Config, presets=PRESETS, argv=None, doc=__doc__):
 
 
 def findable(path):
-    """A local path, or a hub repo ("owner/name[/sub/folder]", model or dataset: the prompts are one)
-    that the hub or the local cache has."""
+    """A local path, or a hub model or dataset repo ("owner/name[/sub/folder]") that the hub or its cache has."""
     if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") < 1:
         return os.path.exists(path)
     for kind in ("model", "dataset"):
@@ -260,6 +252,7 @@ def sample_folder(pipe, jobs, folder, info, cfg, rank, world):
     old = json.load(open(info_file)) if cfg.resume and os.path.exists(info_file) else info
     if old != info:   # every rank checks: no rank-0-only exit
         raise SystemExit(f"sample.py: --resume: {folder} was sampled with {old}, not {info}")
+    barrier()   # every rank has read sampling.json before rank 0 rewrites it
     if rank == 0:
         for path in [] if cfg.resume else glob.glob(os.path.join(folder, "[0-9]*_[0-9]*.png")):
             os.remove(path)   # a fresh run: no stale image of an earlier run survives in the folder

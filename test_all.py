@@ -344,6 +344,11 @@ def test_bad_inputs(tmp_path):
     assert item["bad"] and item["weight"] == 0 and item["px"].shape == (2, 3, 32, 32)
     good = L.Pairs(broken, 32, (4, 8, 8), [1, 51], 0)[(0, 5)]
     assert not good["bad"] and good["weight"] > 0
+    # ... and casts no vote in pair_accuracy: flipping the bad pairs' labels changes nothing
+    lrm = M.LatentRewardModel.from_pretrained("tiny/lrm")
+    flip = lambda w: broken.map(lambda ex, i: {"label_0": float(w) if i < 4 else ex["label_0"],   # noqa: E731
+                                               "label_1": float(1 - w) if i < 4 else ex["label_1"]}, with_indices=True)
+    assert L.pair_accuracy(lrm, flip(1), [1, 501]) == L.pair_accuracy(lrm, flip(0), [1, 501])
     # 4 of 16 pairs bad (> 1%): the run stops with a clear message
     for split in ("train", "validation_unique", "test_unique"):
         broken.to_parquet(str(tmp_path / "broken" / f"{split}-0.parquet"))
@@ -1162,6 +1167,17 @@ def test_win_rate_interval_matches_normal_approximation():
     r1, l1, h1 = ev.win_rate(by_prompt * 1.0, base, seed=1)
     r2, l2, h2 = ev.win_rate(by_prompt * 1.0, base, seed=1, groups=groups)
     assert r1 == r2 and (h2 - l2) > 2.5 * (h1 - l1) and l2 <= r2 <= h2
+    # one prompt, many seeds: the seeds are the only resampling unit left (not a zero-width interval)
+    assert ev.win_rate(tuned, base, seed=1, groups=[7] * n) == (rate, low, high)
+
+
+def test_non_finite_scores_are_refused_or_left_out_and_counted():
+    from types import SimpleNamespace
+    with pytest.raises(ValueError, match="finite"):
+        ev.win_rate([1.0, float("nan")], [0.0, 0.0])        # NaN > x is False: it would count as a loss
+    rows = [{"prompt": p, "s/base": 0.0, "s/tuned": t} for p, t in [("a", 1.0), ("b", float("nan")), ("c", -1.0), ("d", 2.0)]]
+    got = ev.summarise(rows, SimpleNamespace(n_boot=200, seed=0))["s"]
+    assert (got["n"], got["nonfinite"], got["win_rate"], got["tuned"]) == (3, 1, 2 / 3, pytest.approx(2 / 3))
 
 
 def test_prompt_sources_give_unique_prompts_in_order(tmp):
@@ -1606,5 +1622,7 @@ def test_tiny_run_writes_table_json_log_and_resumes(tmp_path, capsys, monkeypatc
     assert len(rows) == 8 and {r["phase"] for r in rows} >= {"lpo_step", "pixel_step", "dpo_update"}
     # --resume measures nothing already in bench.json
     monkeypatch.setattr(bench, "bench_model", lambda *a: pytest.fail("re-measured a model"))
-    again = bench.main(bench.get_config(argv + ["--resume"]))
+    again = bench.main(bench.get_config(argv + ["--iter_batches", "2,3", "--resume"]))
     assert again == res
+    with pytest.raises(SystemExit, match="other settings"):   # never one table of two configurations
+        bench.main(bench.get_config(argv + ["--iter_batches", "2,3", "--attn", "classic", "--resume"]))
