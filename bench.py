@@ -346,7 +346,8 @@ ROWS = [("1 LPO step, K=4 [s]", "lpo_step_s"), ("    denoise: CFG U-Net + DDIM [
         ("4 Diffusion-DPO step, full U-Net [s]", "dpo_update_s"), ("  ratio DPO step / LPO update", "ratio_dpo"),
         ("  peak memory of the DPO step [GB]", "dpo_update_peak_gb"),
         ("5 LPO iteration peak memory [GB]", "lpo_iteration_peak_gb"),
-        ("    at sample batch x K / train batch", "iteration_batches"), ("    one iteration [s]", "lpo_iteration_s")]
+        ("    reserved by the allocator [GB]", "lpo_iteration_reserved_gb"),
+        ("    at sample batch x K / train batch", "iteration_batches"), ("    one sampling pass + one update [s]", "lpo_iteration_s")]
 
 
 def table(results, env):
@@ -373,7 +374,8 @@ def bench_model(name, cfg, dev, log):
     bar = tqdm(total=8 if cfg.dpo else 7, desc=name, disable=not sys.stderr.isatty())
 
     def measure(key, fn, warmup=cfg.warmup, repeats=cfg.repeats, per=1):
-        secs, r[key + "_peak_gb"], split = timed(fn, dev, warmup, repeats)
+        secs, r[key + "_peak_gb"], split = timed(fn, dev, warmup, repeats)   # peak allocated by tensors
+        r[key + "_reserved_gb"] = torch.cuda.max_memory_reserved(dev) / 1e9 if dev.type == "cuda" else None  # + cache
         r[key + "_s"] = secs / per
         r.update({f"{key}_{k}_s": v / per for k, v in split.items()})
         log(dict(model=name, phase=key, **{k: v for k, v in r.items() if k.startswith(key)}))
