@@ -1,79 +1,286 @@
 """Score a tuned model against its base: mean score of each model and win-rate of tuned over base.
 
-SPEC.md section 4. Base and tuned images are paired (same prompt, seed, DDIM steps and CFG: see
-sample.py); every image is scored by every scorer, then per scorer: the mean of each model, and
-the win-rate of tuned over base (win 1, tie 0.5, averaged over all pairs) with a bootstrap 95%
-confidence interval. Writes {out}/eval.json, eval.md (the table), scores.jsonl (every image's
-scores) and eval_grid.png (base | tuned with the first scorer's values), and prints the table.
+Base and tuned images are paired (same prompt, seed, DDIM steps and CFG: sample.py makes them);
+every image is scored by every scorer, then per scorer: the mean of each model, and the win-rate
+of tuned over base (win 1, tie 0.5, averaged over all pairs) with a bootstrap 95% confidence
+interval, as the paper's evaluation (arXiv 2502.01051v3, Sec. 5: DDIM 20 steps, CFG 5.0, Pick-a-Pic
+v1 validation_unique prompts). Writes OUT/eval.json, eval.md (the table), scores.jsonl (every
+image's scores) and eval_grid.png (base | tuned with the first scorer's values), prints the table.
 
-    python eval.py --model tiny --lora runs/lpo-tiny          # CPU, ~1 min: the tiny world's judge + LRM
-    python eval.py --model sd15 --lora runs/lpo-sd15          # Pick-a-Pic v1 validation_unique, 500 prompts
-    torchrun --nproc_per_node=8 eval.py --model sdxl --unet casiatao/LPO/lpo_sdxl_merge/unet   # paper's LPO-XL
-    python eval.py --model sd15 --base-dir runs/samples/x/base --tuned-dir runs/samples/x/tuned   # score folders
-    python eval.py --model sd15 --lora runs/lpo-sd15 --prompts parti.tsv --split train --out runs/eval/parti
+    python eval.py --model tiny --lora runs/lpo-tiny    # CPU, ~1 min: the tiny world's judge + LRM
+    python eval.py --model sd15 --lora runs/lpo-sd15    # Pick-a-Pic v1 validation_unique (500)
+    torchrun --nproc_per_node=8 eval.py --model sdxl --unet casiatao/LPO/lpo_sdxl_merge/unet
+    python eval.py --model sd15 --base_dir runs/samples/x/base --tuned_dir runs/samples/x/tuned
+    python eval.py --model sd15 --lora runs/lpo-sd15 --prompts parti.tsv --split train \\
+        --out runs/eval/parti
 
-Sampling options are sample.py's (they are passed to it); --resume reuses the images on disk.
+With --lora or --unet, eval.py samples both models into OUT/base and OUT/tuned first (sample.py's
+sampling, the same options; --resume reuses the images on disk); with --base_dir and --tuned_dir
+it scores those folders (OUT defaults to eval/ beside them). A rerun into a folder that holds a
+run is refused without --resume.
 Scorers (--scorers, comma-separated; each must load, or the run stops naming the path it tried):
   pickscore  exp(logit_scale) * cos of PickScore_v1 (CLIP-H, with the CLIP-H processor), ~18-23
-  clip       cosine of CLIP-H/14 laion2B image and text embeddings (~0.2-0.4)
-  aesthetic  LAION improved aesthetic predictor: MLP on the L2-normalised CLIP-L/14 image embedding
+  clip       cosine of CLIP-H/14 laion2B image and text embeddings (~0.2-0.4), as MPCF's G_C
+  aesthetic  LAION aesthetic predictor on the CLIP-L/14 image embedding, as MPCF's G_A
   lrm        the Latent Reward Model at the final latent (see below)
   judge      the tiny world's rater (tiny/world.py): human (its preference), match, aesthetic, ...
---extra-scorers (hpsv2 = HPSv2.1 x 100, imagereward) are used where their packages and weights are
-present and otherwise skipped with a one-line notice.
+--extra_scorers (hpsv2 = HPSv2.1 x 100, imagereward) are used where their packages and weights
+are present and otherwise skipped with a one-line notice.
 
 Choices:
 - The LRM scores the *clean* latent of the saved image at t = 1 (the last grid step; no noise is
-  added): the PNG is VAE-encoded (posterior mean, fp32, the base's own VAE) times scaling_factor.
-  Encoding the PNG rather than keeping the sampler's latent lets any image folder be scored.
+  added): the PNG is VAE-encoded (posterior mean, fp32, the base's own VAE, one image at a time)
+  times scaling_factor. Encoding the PNG rather than keeping the sampler's latent lets any image
+  folder be scored.
 - Win-rate CI: percentile bootstrap resampling *prompts* (all seeds of a prompt together), so
   several seeds per prompt (tiny world) do not pretend to be independent prompts. With one seed
   per prompt this is the ordinary per-image bootstrap.
 - Ties are exact equality of the two scores (identical images, or a discrete score like `match`).
 """
+import argparse
+import datetime
+import inspect
 import json
 import os
-from dataclasses import dataclass
+import re
+import shutil
+import signal
+import sys
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from sample import (PRESETS as SAMPLE_PRESETS, ROOT, Config, barrier, check_config, default_out, folder_grid,
-                    gather_objects, get_config, log_jsonl, read_folder, sample_pair, save_png, setup_distributed,
-                    torch_dtype, write_jsonl)
+from mpcf import aesthetic_score, clip_score, load_aesthetic_head
+from sample import check_sampling_inputs, make_grid, sample_models
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 # ----------------------------------------------------------------------------- config
 @dataclass
-class EvalConfig(Config):
-    base_dir: str = ""           # score these folders (sample.py layout) instead of sampling
-    tuned_dir: str = ""
-    scorers: str = "pickscore,clip,aesthetic,lrm"
-    extra_scorers: str = "hpsv2,imagereward"     # optional: skipped with a notice where missing
-    pickscore: str = "yuvalkirstain/PickScore_v1"
-    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"   # as PickScore's authors
-    clip: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"                 # model and processor
-    aesthetic_clip: str = "openai/clip-vit-large-patch14"
-    # from github.com/christophschuhmann/improved-aesthetic-predictor (a file, or hub "owner/repo/file")
-    aesthetic_mlp: str = "weights/sac+logos+ava1-l14-linearMSE.pth"
-    lrm: str = ""                # LRM folder (lrm.py output); default runs/lrm-{model}
-    n_boot: int = 10_000         # bootstrap resamples for the win-rate interval
-    eval_batch_size: int = 32
+class Config:
+    model: str = "sd15"  # preset: sd15 | sdxl | tiny | tiny-xl, or a pipeline folder / hub id
+    base: str = ""  # base pipeline, folder or hub id ("" = the preset's); its VAE feeds the LRM
+    lora: str = ""  # tuned = base + this LoRA (lpo.py's output folder): sampled here
+    unet: str = ""  # ... or a merged U-Net: folder, or hub "owner/repo/sub/folder"
+    vae: str = ""  # sampling VAE for both models instead of the base's (SDXL: the fp16-fix VAE)
+    base_dir: str = ""  # score these folders (sample.py layout) instead of sampling
+    tuned_dir: str = ""  # ... the tuned model's folder
+    prompts: str = ""  # dataset (hub id / folder) or a .txt / .json / .tsv / .csv / .parquet file
+    split: str = "validation_unique"  # split of a --prompts dataset
+    prompt: str = ""  # one prompt instead of a prompt set
+    num_prompts: int = 0  # first N unique prompts; 0 = all
+    seeds_per_prompt: int = 1  # images per prompt (the tiny world's 15 captions need several)
+    seed: int = 0  # image i uses seed + i; also the bootstrap's seed
+    num_inference_steps: int = 20  # DDIM steps (paper: 20)
+    guidance_scale: float = 5.0  # classifier-free guidance, the same for both models (paper: 5.0)
+    eta: float = 0.0  # DDIM eta; 0 = deterministic
+    resolution: int = 0  # image side in pixels; 0 = the pipeline's (U-Net size x VAE factor)
+    batch_size: int = 8  # images per sampling forward pass per rank
+    dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32
+    scorers: str = "pickscore,clip,aesthetic,lrm"  # comma-separated: the table's rows
+    extra_scorers: str = "hpsv2,imagereward"  # optional: skipped with a notice where missing
+    pickscore: str = "yuvalkirstain/PickScore_v1"  # PickScore model
+    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # as PickScore's authors
+    clip: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # CLIP score model and processor
+    aesthetic_clip: str = "openai/clip-vit-large-patch14"  # aesthetic: CLIP ViT-L/14
+    aesthetic_mlp: str = "trl-lib/ddpo-aesthetic-predictor"  # aesthetic: LAION head (as mpcf.py)
+    lrm: str = ""  # LRM folder (lrm.py's output)
+    n_boot: int = 10_000  # bootstrap resamples for the win-rate interval
+    eval_batch_size: int = 32  # images per scorer call per rank
+    out: str = ""  # run folder; "" = sample.py's (runs/samples/{name}), or eval/ beside the dirs
+    grid_rows: int = 8  # pairs in eval_grid.png (the first seed of the first prompts)
+    grid_cell: int = 256  # pixels per image in eval_grid.png
+    resume: bool = False  # continue: keep the images on disk, sample only the missing ones
+    threads: int = 0  # CPU threads for torch; 0 = torch's default
+    dist_timeout: int = 180  # minutes a rank may wait at a barrier (torchrun)
 
 
-TINY = dict(scorers="judge,lrm", extra_scorers="")
-PRESETS = {"sd15": dict(SAMPLE_PRESETS["sd15"], lrm="runs/lrm-sd15"),
-           "sdxl": dict(SAMPLE_PRESETS["sdxl"], lrm="runs/lrm-sdxl"),
-           "tiny": dict(SAMPLE_PRESETS["tiny"], **TINY, lrm=os.path.join(ROOT, "tiny/lrm")),
-           "tiny-xl": dict(SAMPLE_PRESETS["tiny-xl"], **TINY, lrm=os.path.join(ROOT, "tiny/lrm-xl"))}
+PICKAPIC = "yuvalkirstain/pickapic_v1"
+# held-out seeds (LPO trains on low ones); one thread: the tiny networks are too small to split
+TINY = dict(prompts=os.path.join(ROOT, "tiny/pickapic"), batch_size=50, seeds_per_prompt=10,
+            seed=1_000_000, grid_rows=15, grid_cell=128, threads=1, scorers="judge,lrm",
+            extra_scorers="")
+PRESETS = {
+    "sd15": dict(base="stable-diffusion-v1-5/stable-diffusion-v1-5", prompts=PICKAPIC,
+                 lrm="runs/lrm-sd15"),
+    # the SDXL VAE overflows in fp16: the fp16-fix VAE
+    "sdxl": dict(base="stabilityai/stable-diffusion-xl-base-1.0", prompts=PICKAPIC, batch_size=4,
+                 vae="madebyollin/sdxl-vae-fp16-fix", lrm="runs/lrm-sdxl"),
+    "tiny": dict(TINY, base=os.path.join(ROOT, "tiny/sd15"), lrm=os.path.join(ROOT, "tiny/lrm")),
+    "tiny-xl": dict(TINY, base=os.path.join(ROOT, "tiny/sdxl"),
+                    lrm=os.path.join(ROOT, "tiny/lrm-xl")),
+}
 KNOWN = ("pickscore", "clip", "aesthetic", "lrm", "judge", "hpsv2", "imagereward")
 
 
-def die(msg):
-    raise SystemExit(f"eval.py: {msg}")
+def get_config(argv=None):
+    argv = snake_case_options(sys.argv[1:] if argv is None else argv)
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--model", default=Config.model)
+    model = peek.parse_known_args(argv)[0].model
+    preset = PRESETS.get(model)
+    if preset is None:  # a pipeline folder or hub id: the preset of its family
+        family = "sdxl" if "xl" in model.lower() else "sd15"
+        preset = dict(PRESETS[family], base=model)
+    defaults = {**asdict(Config()), **preset, "model": model}
+    parser = build_parser(Config, defaults, __doc__)
+    cfg = Config(**vars(parser.parse_args(argv)))
+    if bool(cfg.base_dir) != bool(cfg.tuned_dir):
+        fail("give both --base_dir and --tuned_dir, or neither")
+    if not cfg.base_dir and not (cfg.lora or cfg.unet):
+        fail("nothing to compare: give --lora or --unet (sampled here), or --base_dir and "
+             "--tuned_dir")
+    if cfg.lora and cfg.unet:
+        fail("give --lora or --unet, not both")
+    names = [name for name in f"{cfg.scorers},{cfg.extra_scorers}".split(",") if name]
+    unknown = sorted(set(names) - set(KNOWN))
+    if unknown or not names:
+        fail(f"--scorers: unknown {unknown or 'none given'}; known: {', '.join(KNOWN)}")
+    for name in ("num_inference_steps", "seeds_per_prompt", "batch_size", "n_boot",
+                 "eval_batch_size", "dist_timeout"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("num_prompts", "threads", "resolution", "eta"):
+        if getattr(cfg, name) < 0:
+            fail(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.dtype not in DTYPES:
+        fail(f"--dtype {cfg.dtype}: expected auto, fp16, bf16 or fp32")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- boilerplate
+# The same lines in every stage file (test_all.py checks they stay identical): the CLI made from
+# the Config dataclass, torchrun setup, one-line errors, the run-folder guard, atomic writes, and
+# the kill points that the resume tests use.
+PROG = os.path.basename(__file__)
+
+
+def fail(message):
+    """Bad input or a refused state: one line, `<script>: error: ...`, exit status 1."""
+    raise SystemExit(f"{PROG}: error: {message}")
+
+
+def snake_case_options(argv):
+    """--lora-rank 8, --lora-rank=8 and --no-grad-ckpt read as --lora_rank and --no-grad_ckpt."""
+    fixed = []
+    for arg in argv:
+        if arg.startswith("--"):
+            name, sep, value = arg[2:].partition("=")
+            prefix = "no-" if name.startswith("no-") else ""
+            arg = "--" + prefix + name[len(prefix):].replace("-", "_") + sep + value
+        fixed.append(arg)
+    return fixed
+
+
+def build_parser(config_class, defaults, doc):
+    """One option per Config field; its trailing comment is the --help line, with the default."""
+    helps = {}
+    for line in inspect.getsource(config_class).splitlines():
+        match = re.match(r"\s+(\w+): [^#]*#\s*(.*)", line)
+        if match:
+            helps[match[1]] = match[2]
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field in fields(config_class):
+        default = defaults[field.name]
+        help_line = f"{helps.get(field.name, '')} (default: {default!r})"
+        if isinstance(default, bool):
+            action = argparse.BooleanOptionalAction
+            parser.add_argument(f"--{field.name}", default=default, action=action, help=help_line)
+        else:
+            kind = type(default)
+            parser.add_argument(f"--{field.name}", default=default, type=kind, help=help_line)
+    return parser
+
+
+def setup_distributed(timeout_minutes):
+    """torchrun sets RANK and LOCAL_RANK; a plain `python` run is rank 0 of 1."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if "RANK" in os.environ and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        # explicit: NCCL's default (10 min) is shorter than a rank-0 save of an SDXL checkpoint
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def prepare_run_folder(out, resume):
+    """Refuse to write over a run unless resuming; create the folder; drop killed writes' *.tmp."""
+    if not resume and os.path.isdir(out) and os.listdir(out):
+        fail(f"{out} already holds a run: continue it with --resume, or pass another --out")
+    if dist.is_initialized():
+        dist.barrier()  # every rank has looked before rank 0 writes anything
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
+    try:
+        os.makedirs(out, exist_ok=True)
+        for name in os.listdir(out):
+            if name.endswith(".tmp"):
+                leftover = os.path.join(out, name)
+                if os.path.isdir(leftover):
+                    shutil.rmtree(leftover)
+                else:
+                    os.remove(leftover)
+        with open(os.path.join(out, ".write-test.tmp"), "w"):
+            pass
+        os.remove(os.path.join(out, ".write-test.tmp"))
+    except OSError as error:
+        fail(f"cannot write to {out} ({error.strerror}): pass another --out")
+
+
+def kill_point(name):
+    """Test hook: SIGKILL this process where LPO_KILL_AT names this point (the resume tests)."""
+    if os.environ.get("LPO_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to path.tmp, then rename: a file that exists at path is always complete."""
+    torch.save(obj, path + ".tmp")
+    kill_point("mid " + os.path.basename(path))
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path):
+    """torch.load, or one line naming the file and the way out when it is damaged."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        fail(f"{path} is damaged ({type(error).__name__}): delete it to restart the run, "
+             "or pass another --out")
+
+
+def log_jsonl(path, row):
+    with open(path, "a") as log_file:
+        log_file.write(json.dumps(row) + "\n")
+
+
+def truncate_log(path, last, key="step"):
+    """On resume: keep the log rows up to the checkpoint, row[key] <= last (the rest run again)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as log_file:
+        for line in log_file:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if row.get(key, 0) <= last and "final" not in row:
+                kept.append(row)
+    with open(path + ".tmp", "w") as log_file:
+        log_file.writelines(json.dumps(row) + "\n" for row in kept)
+    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------- math
@@ -81,243 +288,403 @@ def win_rate(scores_tuned, scores_base, n_boot=10_000, seed=0, groups=None):
     """Win-rate of tuned over base: mean over pairs of 1 (tuned higher), 0.5 (tie), 0 (lower),
     with a percentile-bootstrap 95% interval; `groups` (e.g. prompt ids) resamples whole groups
     (one group only: the pairs themselves). (N,), (N,) -> (rate, low, high)"""
-    t, b = np.asarray(scores_tuned, np.float64), np.asarray(scores_base, np.float64)
-    if t.shape != b.shape or t.ndim != 1 or len(t) == 0 or not np.isfinite(t + b).all():
-        raise ValueError(f"win_rate: need two equal-length non-empty 1-D finite arrays, got {t.shape} and {b.shape}")
-    w = (t > b) + 0.5 * (t == b)                                            # (N,) in {0, 0.5, 1}
-    one = groups is None or len(set(groups)) < 2
-    _, g = np.unique(np.arange(len(w)) if one else np.asarray(groups), return_inverse=True)
-    sums, counts = np.bincount(g, weights=w), np.bincount(g)                # (G,) per-group totals
-    pick = np.random.default_rng(seed).integers(len(sums), size=(n_boot, len(sums)))   # (n_boot, G)
-    boot = sums[pick].sum(1) / counts[pick].sum(1)                          # (n_boot,) resampled rates
-    low, high = np.percentile(boot, [2.5, 97.5])
-    return float(w.mean()), float(low), float(high)
-
-
-def clip_score(img_emb, txt_emb, logit_scale=None):
-    """cos(image, text) per row; PickScore multiplies by exp(logit_scale) (Kirstain et al. 2023).
-    (B, D), (B, D) -> (B,)"""
-    cos = F.cosine_similarity(img_emb.float(), txt_emb.float(), dim=-1)
-    return cos if logit_scale is None else logit_scale.float().exp() * cos
-
-
-def aesthetic_score(img_emb, mlp):
-    """LAION aesthetic predictor: linear MLP (no activations) on the L2-normalised CLIP-L/14 image
-    embedding. (B, 768) -> (B,)"""
-    return mlp(F.normalize(img_emb.float(), dim=-1)).squeeze(-1)
+    tuned = np.asarray(scores_tuned, np.float64)
+    base = np.asarray(scores_base, np.float64)
+    same_shape = tuned.shape == base.shape and tuned.ndim == 1 and len(tuned) > 0
+    if not same_shape or not np.isfinite(tuned + base).all():
+        raise ValueError(f"win_rate: need two equal-length non-empty 1-D finite arrays, got "
+                         f"{tuned.shape} and {base.shape}")
+    wins = (tuned > base) + 0.5 * (tuned == base)  # (N,) in {0, 0.5, 1}
+    if groups is None or len(set(groups)) < 2:
+        groups = np.arange(len(wins))
+    group_of = np.unique(np.asarray(groups), return_inverse=True)[1]  # (N,) in 0..G-1
+    sums = np.bincount(group_of, weights=wins)  # (G,) per-group totals
+    counts = np.bincount(group_of)  # (G,)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(len(sums), size=(n_boot, len(sums)))  # (n_boot, G)
+    rates = sums[picks].sum(1) / counts[picks].sum(1)  # (n_boot,) resampled win-rates
+    low, high = np.percentile(rates, [2.5, 97.5])
+    return float(wins.mean()), float(low), float(high)
 
 
 # ----------------------------------------------------------------------------- scorers
-def load_or_die(name, path, load):
+DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def torch_dtype(name, device):
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def to_numpy(tensor):
+    return tensor.detach().float().cpu().numpy()
+
+
+def load_or_fail(name, path, load, *args):
+    """load(*args), or one line naming the scorer and the path it tried."""
     try:
-        return load()
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
-        die(f"scorer {name}: cannot load weights from {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        return load(*args)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as error:
+        message = (str(error).strip().splitlines() or [""])[0][:200]
+        fail(f"scorer {name}: cannot load weights from {path!r} ({type(error).__name__}: "
+             f"{message})")
 
 
 def load_clip(path, processor_path, device, dtype):
     from transformers import CLIPModel, CLIPProcessor
-    return CLIPModel.from_pretrained(path, dtype=dtype).to(device).eval(), CLIPProcessor.from_pretrained(processor_path)
+    model = CLIPModel.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, CLIPProcessor.from_pretrained(processor_path)
 
 
 def clip_embed(model, processor, images, prompts=None):
     """Projected CLIP image (and text) embeddings. (B, D) each; text None without prompts."""
-    dev = model.device
-    px = processor(images=images, return_tensors="pt")["pixel_values"].to(dev, model.dtype)
-    img = model.visual_projection(model.vision_model(pixel_values=px).pooler_output)           # (B, D)
+    device = model.device
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    vision = model.vision_model(pixel_values=pixels.to(device, model.dtype))
+    image_embeds = model.visual_projection(vision.pooler_output)  # (B, D)
     if prompts is None:
-        return img, None
-    tok = processor(text=prompts, padding=True, truncation=True, return_tensors="pt").to(dev)
-    txt = model.text_projection(model.text_model(input_ids=tok["input_ids"],
-                                                 attention_mask=tok["attention_mask"]).pooler_output)  # (B, D)
-    return img, txt
+        return image_embeds, None
+    tokens = processor(text=prompts, padding=True, truncation=True, return_tensors="pt")
+    tokens = tokens.to(device)
+    text = model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    return image_embeds, model.text_projection(text.pooler_output)  # (B, D) each
 
 
-def load_aesthetic_mlp(path):
-    """The .pth state dict of nn.Sequential Linear/Dropout layers (keys layers.0 ... layers.7)."""
-    if not os.path.exists(path) and path.count("/") >= 2:   # hub "owner/repo/file"
-        from huggingface_hub import hf_hub_download
-        path = hf_hub_download("/".join(path.split("/")[:2]), "/".join(path.split("/")[2:]))
-    sd = {k.removeprefix("layers."): v for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
-    lin = [torch.nn.Linear(*sd[f"{i}.weight"].T.shape) for i in (0, 2, 4, 6, 7)]   # 768-1024-128-64-16-1
-    mlp = torch.nn.Sequential(lin[0], torch.nn.Dropout(0.2), lin[1], torch.nn.Dropout(0.2), lin[2],
-                              torch.nn.Dropout(0.1), lin[3], lin[4])
-    mlp.load_state_dict(sd)
-    return mlp.eval()
+def clip_scorer(name, cfg, device, dtype):
+    """pickscore (exp(logit_scale) * cos) or clip (cos): fn(images, prompts) -> {name: (B,)}"""
+    path = cfg.pickscore if name == "pickscore" else cfg.clip
+    processor_path = cfg.pickscore_processor if name == "pickscore" else cfg.clip
+    model, processor = load_or_fail(name, path, load_clip, path, processor_path, device, dtype)
+    logit_scale = model.logit_scale if name == "pickscore" else None
+
+    def score(images, prompts):
+        image_embeds, text_embeds = clip_embed(model, processor, images, prompts)
+        return {name: to_numpy(clip_score(image_embeds, text_embeds, logit_scale))}
+    return score
+
+
+def aesthetic_scorer(cfg, device, dtype):
+    path = cfg.aesthetic_clip
+    model, processor = load_or_fail("aesthetic", path, load_clip, path, path, device, dtype)
+    head = load_or_fail("aesthetic", cfg.aesthetic_mlp, load_aesthetic_head, cfg.aesthetic_mlp)
+    head = head.to(device)
+
+    def score(images, prompts):
+        image_embeds = clip_embed(model, processor, images)[0]
+        return {"aesthetic": to_numpy(aesthetic_score(image_embeds, head))}
+    return score
+
+
+def lrm_scorer(cfg, device, dtype):
+    """The LRM on the clean latent of each PNG at t = 1 (the last step of the DDIM grid)."""
+    from diffusers import AutoencoderKL
+    from lrm_model import LatentRewardModel, resolve_model
+    lrm = load_or_fail("lrm", cfg.lrm, LatentRewardModel.from_pretrained, cfg.lrm, cfg.base)
+    lrm = lrm.for_scoring().to(device, dtype)
+    # fp32: SDXL's VAE overflows in fp16; one image at a time: an fp32 1024 px encode is GBs
+    vae = AutoencoderKL.from_pretrained(resolve_model(cfg.base), subfolder="vae")
+    vae = vae.to(device).eval()
+    vae.enable_slicing()
+    size = (lrm.resolution, lrm.resolution)
+
+    def score(images, prompts):
+        arrays = [np.array(image.convert("RGB").resize(size)) for image in images]
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+        pixels = pixels.float().to(device) / 127.5 - 1.0  # in [-1, 1]
+        latents = vae.encode(pixels).latent_dist.mean  # (B, C, h, w)
+        latents = latents * vae.config.scaling_factor
+        return {"lrm": to_numpy(lrm.score(latents, 1, prompts=prompts))}
+    return score
+
+
+def judge_scorer(images, prompts):
+    """The tiny world's rater: "human" first (the world's preference), then its sub-scores."""
+    from tiny.world import judge_scores
+    scores = judge_scores(images, prompts)
+    return {f"judge:{key}": scores[key] for key in ("human", "match", "aesthetic", "clip", "vqa")}
+
+
+def hpsv2_scorer():
+    """HPSv2.1, x 100 as the paper reports it (27.86)."""
+    import hpsv2
+
+    def score(images, prompts):
+        values = [hpsv2.score([image], prompt, hps_version="v2.1") for image, prompt in
+                  zip(images, prompts)]
+        return {"hpsv2.1": 100 * np.array([float(np.ravel(v)[0]) for v in values])}
+    score([Image.new("RGB", (64, 64))], ["probe"])  # the package fetches its weights on first use
+    return score
+
+
+def imagereward_scorer(device):
+    import ImageReward
+    model = ImageReward.load("ImageReward-v1.0", device=str(device))
+
+    def score(images, prompts):
+        values = [model.score(prompt, [image]) for image, prompt in zip(images, prompts)]
+        return {"imagereward": np.array([float(np.ravel(v)[0]) for v in values])}
+    return score
 
 
 def load_scorer(name, cfg, device, dtype):
-    """name -> fn(images: list[PIL], prompts: list[str]) -> {metric: np.ndarray (B,)}"""
-    np_ = lambda x: x.detach().float().cpu().numpy()
+    """name -> fn(images: list of PIL, prompts: list of str) -> {metric: np.ndarray (B,)}"""
     if name in ("pickscore", "clip"):
-        path, proc = (cfg.pickscore, cfg.pickscore_processor) if name == "pickscore" else (cfg.clip, cfg.clip)
-        model, processor = load_or_die(name, path, lambda: load_clip(path, proc, device, dtype))
-        scale = model.logit_scale if name == "pickscore" else None
-        return lambda ims, ps: {name: np_(clip_score(*clip_embed(model, processor, ims, ps), scale))}
+        return clip_scorer(name, cfg, device, dtype)
     if name == "aesthetic":
-        model, processor = load_or_die(name, cfg.aesthetic_clip,
-                                       lambda: load_clip(cfg.aesthetic_clip, cfg.aesthetic_clip, device, dtype))
-        mlp = load_or_die(name, cfg.aesthetic_mlp, lambda: load_aesthetic_mlp(cfg.aesthetic_mlp)).to(device)
-        return lambda ims, ps: {name: np_(aesthetic_score(clip_embed(model, processor, ims)[0], mlp))}
+        return aesthetic_scorer(cfg, device, dtype)
     if name == "lrm":
-        from diffusers import AutoencoderKL
-        from lrm_model import LatentRewardModel
-        lrm = load_or_die(name, cfg.lrm, lambda: LatentRewardModel.from_pretrained(cfg.lrm, base=cfg.base))
-        lrm = lrm.for_scoring().to(device, dtype)
-        vae = AutoencoderKL.from_pretrained(cfg.base, subfolder="vae").to(device).eval()   # fp32: SDXL's overflows in fp16
-
-        def score_lrm(ims, ps):
-            px = torch.stack([torch.from_numpy(np.array(im.convert("RGB").resize((lrm.resolution,) * 2)))
-                              for im in ims]).permute(0, 3, 1, 2).float() / 127.5 - 1.0        # (B, 3, H, W) in [-1, 1]
-            lat = torch.cat([vae.encode(c.to(device)).latent_dist.mean for c in px.split(4)])   # (B, C, h, w);
-            lat = lat * vae.config.scaling_factor   # chunks of 4: an fp32 1024-px encoder pass is memory-hungry
-            return {name: np_(lrm.score(lat, 1, prompts=ps))}   # t = 1: the last step of the DDIM grid
-        return score_lrm
+        return lrm_scorer(cfg, device, dtype)
     if name == "judge":
-        from tiny.world import judge_scores
-        def judge(ims, ps):
-            s = judge_scores(ims, ps)   # "human" first: the world's preference, then its sub-scores
-            return {f"judge:{k}": s[k] for k in ("human", "match", "aesthetic", "clip", "vqa")}
-        return judge
-    if name == "hpsv2":   # HPSv2.1 is reported x 100 in the paper (27.86)
-        import hpsv2
-        hps = lambda ims, ps: {"hpsv2.1": 100 * np.array([float(np.ravel(hpsv2.score([im], p, hps_version="v2.1"))[0])
-                                                          for im, p in zip(ims, ps)])}
-        hps([Image.new("RGB", (64, 64))], ["probe"])   # the package fetches its weights on first use
-        return hps
+        return judge_scorer
+    if name == "hpsv2":
+        return hpsv2_scorer()
     if name == "imagereward":
-        import ImageReward
-        model = ImageReward.load("ImageReward-v1.0", device=str(device))
-        return lambda ims, ps: {name: np.array([float(np.ravel(model.score(p, [im]))[0]) for im, p in zip(ims, ps)])}
-    die(f"unknown scorer {name!r}: expected one of {', '.join(KNOWN)}")
+        return imagereward_scorer(device)
+    fail(f"unknown scorer {name!r}: expected one of {', '.join(KNOWN)}")
 
 
 def load_scorers(cfg, device, dtype, rank):
-    scorers = {n: load_scorer(n, cfg, device, dtype) for n in cfg.scorers.split(",") if n}
-    for n in (n for n in cfg.extra_scorers.split(",") if n):
+    names = [name for name in cfg.scorers.split(",") if name]
+    scorers = {name: load_scorer(name, cfg, device, dtype) for name in names}
+    for name in [name for name in cfg.extra_scorers.split(",") if name]:
         try:
-            scorers[n] = load_scorer(n, cfg, device, dtype)
-        except Exception as e:   # optional: a missing package or download only costs its row
+            scorers[name] = load_scorer(name, cfg, device, dtype)
+        except Exception as error:  # optional: a missing package or download only costs its row
+            message = (str(error).strip().splitlines() or [""])[0][:150]
             if rank == 0:
-                print(f"eval.py: skipping {n}: {type(e).__name__}: {str(e).splitlines()[0][:150]}", flush=True)
+                print(f"{PROG}: skipping {name}: {type(error).__name__}: {message}", flush=True)
     return scorers
 
 
-# ----------------------------------------------------------------------------- pairing, scoring, report
+# ----------------------------------------------------------------------------- input checks
+def lrm_error(cfg):
+    """Why --lrm cannot score --base's images (read from configs only), or None."""
+    from diffusers import DiffusionPipeline
+    from lrm_model import resolve_model
+    if not os.path.isdir(cfg.lrm):
+        return (f"--lrm {cfg.lrm}: no such folder: train one with lrm.py, or leave lrm out of "
+                "--scorers")
+    config_path = os.path.join(cfg.lrm, "lrm_config.json")
+    if not os.path.exists(config_path):
+        return None  # the official layout: LatentRewardModel.from_pretrained checks it
+    with open(config_path) as file:
+        lrm_config = json.load(file)
+    try:
+        index = DiffusionPipeline.load_config(resolve_model(cfg.base))
+    except (OSError, ValueError) as error:
+        return f"--base {cfg.base}: cannot read its model_index.json ({type(error).__name__})"
+    encoders = {}
+    for name in ("text_encoder", "text_encoder_2"):
+        if (index.get(name) or [None])[0]:
+            encoders[name] = index[name][1]
+    if encoders != lrm_config["text_encoders"]:
+        return (f"--lrm {cfg.lrm} belongs to {lrm_config['base']} (text encoders "
+                f"{sorted(lrm_config['text_encoders'].values())}) but --base {cfg.base} has "
+                f"{sorted(encoders.values())}: an LRM scores its own model family only")
+    return None
+
+
+def read_folder(folder):
+    """metadata.jsonl rows and sampling.json of a sample.py folder."""
+    with open(os.path.join(folder, "metadata.jsonl")) as file:
+        rows = [json.loads(line) for line in file if line.strip()]
+    settings_path = os.path.join(folder, "sampling.json")
+    if not os.path.exists(settings_path):
+        return rows, {}
+    with open(settings_path) as file:
+        return rows, json.load(file)
+
+
+PAIRED_SETTINGS = ("scheduler", "num_inference_steps", "guidance_scale", "eta", "resolution")
+
+
 def check_paired(base_dir, tuned_dir):
-    """The two folders' (index, prompt, seed) lists and sampler settings must agree: refuse, never truncate."""
-    (rows_b, info_b), (rows_t, info_t) = read_folder(base_dir), read_folder(tuned_dir)
-    key = lambda r: (r["index"], r["prompt"], r["seed"])
-    if len(rows_b) != len(rows_t):
-        die(f"mismatched image sets: {base_dir} has {len(rows_b)} images, {tuned_dir} has {len(rows_t)}")
-    for rb, rt in zip(rows_b, rows_t):
-        if key(rb) != key(rt):
-            die(f"mismatched image sets: {base_dir} has {key(rb)} where {tuned_dir} has {key(rt)}")
-    for k in ("scheduler", "steps", "guidance", "eta", "resolution"):
-        if info_b.get(k) != info_t.get(k):
-            die(f"base and tuned were sampled differently: {k} = {info_b.get(k)} vs {info_t.get(k)}")
-    for d, rows in ((base_dir, rows_b), (tuned_dir, rows_t)):
-        missing = [r["file_name"] for r in rows if not os.path.exists(os.path.join(d, r["file_name"]))]
+    """The two folders' (index, prompt, seed) lists and sampler settings must agree: refuse,
+    never truncate. -> (rows, the tuned folder's settings)"""
+    for folder in (base_dir, tuned_dir):
+        if not os.path.exists(os.path.join(folder, "metadata.jsonl")):
+            fail(f"{folder}: no metadata.jsonl (expected a sample.py folder)")
+    rows_base, settings_base = read_folder(base_dir)
+    rows_tuned, settings_tuned = read_folder(tuned_dir)
+    if len(rows_base) != len(rows_tuned):
+        fail(f"mismatched image sets: {base_dir} has {len(rows_base)} images, {tuned_dir} has "
+             f"{len(rows_tuned)}")
+    for row_base, row_tuned in zip(rows_base, rows_tuned):
+        key_base = (row_base["index"], row_base["prompt"], row_base["seed"])
+        key_tuned = (row_tuned["index"], row_tuned["prompt"], row_tuned["seed"])
+        if key_base != key_tuned:
+            fail(f"mismatched image sets: {base_dir} has {key_base} where {tuned_dir} has "
+                 f"{key_tuned}")
+    for key in PAIRED_SETTINGS:
+        if settings_base.get(key) != settings_tuned.get(key):
+            fail(f"base and tuned were sampled differently: {key} = {settings_base.get(key)} vs "
+                 f"{settings_tuned.get(key)}")
+    for folder in (base_dir, tuned_dir):
+        missing = [r["file_name"] for r in rows_base
+                   if not os.path.exists(os.path.join(folder, r["file_name"]))]
         if missing:
-            die(f"{d}: {len(missing)} images listed in metadata.jsonl are missing, e.g. {missing[0]}")
-    return rows_b, info_t
+            fail(f"{folder}: {len(missing)} images listed in metadata.jsonl are missing, e.g. "
+                 f"{missing[0]}")
+    return rows_base, settings_tuned
+
+
+# ----------------------------------------------------------------------------- scoring, report
+def barrier():
+    """Every rank calls it, in the same order."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather_objects(obj):
+    """Every rank's obj, in rank order (a collective: call it on every rank)."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 @torch.no_grad()
 def score_pairs(rows, folders, scorers, cfg, rank, world):
     """Every image of both folders under every scorer; each rank scores every world-th pair.
     -> one dict per pair, sorted by index: {index, prompt, seed, "{metric}/{base|tuned}": score}"""
-    mine, local = rows[rank::world], []
-    for b in tqdm(range(0, len(mine), cfg.eval_batch_size), disable=rank != 0, desc="score"):
-        batch = mine[b:b + cfg.eval_batch_size]
-        prompts = [r["prompt"] for r in batch]
-        recs = [dict(index=r["index"], prompt=r["prompt"], seed=r["seed"]) for r in batch]
-        for side, d in folders.items():
-            images = [Image.open(os.path.join(d, r["file_name"])).convert("RGB") for r in batch]
-            for fn in scorers.values():
-                for metric, vals in fn(images, prompts).items():
-                    for rec, v in zip(recs, vals):
-                        rec[f"{metric}/{side}"] = float(v)
-        local += recs
-    return sorted((r for part in gather_objects(local) for r in part), key=lambda r: r["index"])
+    mine = rows[rank::world]
+    scored = []
+    batches = range(0, len(mine), cfg.eval_batch_size)
+    for first in tqdm(batches, disable=rank != 0, desc="score"):
+        batch = mine[first:first + cfg.eval_batch_size]
+        prompts = [row["prompt"] for row in batch]
+        records = [dict(index=r["index"], prompt=r["prompt"], seed=r["seed"]) for r in batch]
+        for side, folder in folders.items():
+            paths = [os.path.join(folder, row["file_name"]) for row in batch]
+            images = [Image.open(path).convert("RGB") for path in paths]
+            for scorer in scorers.values():
+                for metric, values in scorer(images, prompts).items():
+                    for record, value in zip(records, values):
+                        record[f"{metric}/{side}"] = float(value)
+        scored += records
+    everyone = [record for part in gather_objects(scored) for record in part]
+    return sorted(everyone, key=lambda record: record["index"])
 
 
 def summarise(rows, cfg):
-    """Per metric: mean of each model, tuned - base, win-rate [95% CI], n."""
-    metrics = [k[:-len("/base")] for k in rows[0] if k.endswith("/base")]
-    groups = [r["prompt"] for r in rows]
-    out = {}
-    for m in metrics:
-        b, t = np.array([r[m + "/base"] for r in rows], float), np.array([r[m + "/tuned"] for r in rows], float)
-        ok = np.isfinite(b) & np.isfinite(t)   # a NaN score (e.g. an fp16 overflow) is left out and counted
-        if not ok.any():
+    """Per metric: mean of each model, tuned - base, win-rate [95% CI], ties, n."""
+    metrics = [key[:-len("/base")] for key in rows[0] if key.endswith("/base")]
+    summary = {}
+    for metric in metrics:
+        base = np.array([row[metric + "/base"] for row in rows], float)  # (N,)
+        tuned = np.array([row[metric + "/tuned"] for row in rows], float)  # (N,)
+        # a NaN score (e.g. an fp16 overflow) is left out and counted
+        finite = np.isfinite(base) & np.isfinite(tuned)
+        if not finite.any():
             continue
-        b, t, gr = b[ok], t[ok], [g for g, o in zip(groups, ok) if o]
-        rate, low, high = win_rate(t, b, n_boot=cfg.n_boot, seed=cfg.seed, groups=gr)
-        out[m] = dict(base=float(b.mean()), tuned=float(t.mean()), diff=float((t - b).mean()), win_rate=rate,
-                      ci_low=low, ci_high=high, ties=float((t == b).mean()), n=int(ok.sum()), nonfinite=int((~ok).sum()))
-    return out
+        base = base[finite]
+        tuned = tuned[finite]
+        groups = [row["prompt"] for row, ok in zip(rows, finite) if ok]
+        rate, low, high = win_rate(tuned, base, n_boot=cfg.n_boot, seed=cfg.seed, groups=groups)
+        summary[metric] = dict(base=float(base.mean()), tuned=float(tuned.mean()),
+                               diff=float((tuned - base).mean()), win_rate=rate, ci_low=low,
+                               ci_high=high, ties=float((tuned == base).mean()),
+                               n=int(finite.sum()), nonfinite=int((~finite).sum()))
+    return summary
 
 
 def markdown(summary, header):
-    lines = [header, "", "| scorer | base | tuned | tuned - base | win-rate tuned > base [95% CI] | ties | n |",
+    lines = [header, "",
+             "| scorer | base | tuned | tuned - base | win-rate tuned > base [95% CI] | ties | n |",
              "|---|---|---|---|---|---|---|"]
-    for m, s in summary.items():
-        lines.append(f"| {m} | {s['base']:.4f} | {s['tuned']:.4f} | {s['diff']:+.4f} | "
-                     f"{s['win_rate']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] | {s['ties']:.2f} | {s['n']} |")
+    for metric, s in summary.items():
+        interval = f"{s['win_rate']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
+        lines.append(f"| {metric} | {s['base']:.4f} | {s['tuned']:.4f} | {s['diff']:+.4f} | "
+                     f"{interval} | {s['ties']:.2f} | {s['n']} |")
     return "\n".join(lines) + "\n"
+
+
+def write_text(path, text):
+    """Write path.tmp, then rename: a file that exists at path is always complete."""
+    with open(path + ".tmp", "w") as file:
+        file.write(text)
+    kill_point("mid " + os.path.basename(path))
+    os.replace(path + ".tmp", path)
+
+
+def score_grid(scored, folders, cfg, metric):
+    """eval_grid.png: the first seed of the first prompts, each image with its `metric` score."""
+    first_of_prompt = {}
+    for row in scored:
+        first_of_prompt.setdefault(row["prompt"], row)
+    picks = list(first_of_prompt.values())[:cfg.grid_rows]
+    file_names = {row["index"]: row["file_name"] for row in read_folder(folders["base"])[0]}
+    picked_files = [file_names[row["index"]] for row in picks]
+    columns = {}
+    notes = {}
+    for side, folder in folders.items():
+        label = f"{side}: {metric}"
+        columns[label] = [Image.open(os.path.join(folder, name)) for name in picked_files]
+        notes[label] = ["%.2f" % row[f"{metric}/{side}"] for row in picks]
+    return make_grid(columns, [row["prompt"] for row in picks], cfg.grid_cell, notes)
+
+
+def write_report(cfg, scored, settings, folders):
+    """eval.json, eval.md, scores.jsonl, eval_grid.png and the log row; prints the table."""
+    summary = summarise(scored, cfg)
+    num_prompts = len({row["prompt"] for row in scored})
+    tuned_name = settings.get("tuned") or folders["tuned"]
+    base_name = settings.get("base") or folders["base"]
+    header = (f"**{tuned_name}** vs base **{base_name}**: {len(scored)} image pairs "
+              f"({num_prompts} prompts), {settings.get('scheduler')} "
+              f"{settings.get('num_inference_steps')} steps, CFG {settings.get('guidance_scale')}, "
+              f"eta {settings.get('eta')}, {settings.get('resolution')} px")
+    table = markdown(summary, header)
+    report = dict(settings=settings, base_dir=folders["base"], tuned_dir=folders["tuned"],
+                  n=len(scored), n_prompts=num_prompts, scores=summary)
+    write_text(os.path.join(cfg.out, "eval.json"), json.dumps(report, indent=2))
+    write_text(os.path.join(cfg.out, "eval.md"), table)
+    lines = "".join(json.dumps(row) + "\n" for row in scored)
+    write_text(os.path.join(cfg.out, "scores.jsonl"), lines)
+    grid = score_grid(scored, folders, cfg, next(iter(summary)))
+    grid.save(os.path.join(cfg.out, "eval_grid.png.tmp"), format="PNG")
+    os.replace(os.path.join(cfg.out, "eval_grid.png.tmp"), os.path.join(cfg.out, "eval_grid.png"))
+    log_jsonl(os.path.join(cfg.out, "log.jsonl"), dict(event="eval", n=len(scored), scores=summary))
+    print("\n" + table, flush=True)
 
 
 # ----------------------------------------------------------------------------- main
 def main(cfg):
-    scoring_only = ("base",) if "lrm" in cfg.scorers.split(",") else ()   # the LRM needs the base's VAE
-    check_config(cfg, "eval.py", scoring_only if cfg.base_dir else ("base", "lora", "unet", "vae", "prompts"))
-    if bool(cfg.base_dir) != bool(cfg.tuned_dir):
-        die("give both --base-dir and --tuned-dir, or neither")
-    for d in (cfg.base_dir, cfg.tuned_dir):
-        if d and not os.path.exists(os.path.join(d, "metadata.jsonl")):
-            die(f"{d}: no metadata.jsonl (expected a sample.py folder)")
-    if not cfg.base_dir and not (cfg.lora or cfg.unet):
-        die("nothing to compare: give --lora or --unet (sampled here), or --base-dir and --tuned-dir")
-    names = [n for n in (cfg.scorers + "," + cfg.extra_scorers).split(",") if n]
-    if not names or set(names) - set(KNOWN):
-        die(f"--scorers: unknown {sorted(set(names) - set(KNOWN)) or 'none given'}; known: {', '.join(KNOWN)}")
-    # default: beside the images (runs/samples/{name}/eval.json next to base/ and tuned/)
-    cfg.out = cfg.out or (os.path.dirname(os.path.abspath(cfg.tuned_dir)) if cfg.tuned_dir else default_out(cfg))
-    rank, world, device = setup_distributed()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    # every input checked before anything heavy is loaded or sampled
+    if "lrm" in cfg.scorers.split(","):
+        error = lrm_error(cfg)
+        if error:
+            fail(error)
+    if cfg.base_dir:
+        rows, settings = check_paired(cfg.base_dir, cfg.tuned_dir)
+        tuned_parent = os.path.dirname(os.path.abspath(cfg.tuned_dir))
+        cfg.out = cfg.out or os.path.join(tuned_parent, "eval")
+    else:
+        try:
+            prompts = check_sampling_inputs(cfg)
+        except ValueError as error:
+            fail(error)
+    rank, world, device = setup_distributed(cfg.dist_timeout)
+    prepare_run_folder(cfg.out, cfg.resume)
     dtype = torch_dtype(cfg.dtype, device)
-    scorers = load_scorers(cfg, device, dtype, rank)      # before sampling: a missing scorer fails fast
-    base_dir, tuned_dir = (cfg.base_dir, cfg.tuned_dir) if cfg.base_dir else sample_pair(cfg, rank, world, device)
-    rows, info = check_paired(base_dir, tuned_dir)
-
-    scored = score_pairs(rows, {"base": base_dir, "tuned": tuned_dir}, scorers, cfg, rank, world)
-
+    # before sampling: a scorer that cannot load fails fast
+    scorers = load_scorers(cfg, device, dtype, rank)
+    folders = {"base": cfg.base_dir, "tuned": cfg.tuned_dir}
+    if not cfg.base_dir:
+        base_dir, tuned_dir = sample_models(cfg, prompts, rank, world, device)
+        folders = {"base": base_dir, "tuned": tuned_dir}
+        rows, settings = check_paired(base_dir, tuned_dir)
+    scored = score_pairs(rows, folders, scorers, cfg, rank, world)
     if rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
-        summary = summarise(scored, cfg)
-        n_prompts = len({r["prompt"] for r in scored})
-        header = (f"**{info.get('tuned') or tuned_dir}** vs base **{info.get('base') or base_dir}**: {len(scored)} "
-                  f"image pairs ({n_prompts} prompts), {info.get('scheduler')} {info.get('steps')} steps, "
-                  f"CFG {info.get('guidance')}, eta {info.get('eta')}, {info.get('resolution')} px")
-        table = markdown(summary, header)
-        with open(os.path.join(cfg.out, "eval.json.tmp"), "w") as f:
-            json.dump(dict(settings=info, base_dir=base_dir, tuned_dir=tuned_dir, n=len(scored),
-                           n_prompts=n_prompts, scores=summary), f, indent=2)
-        os.replace(os.path.join(cfg.out, "eval.json.tmp"), os.path.join(cfg.out, "eval.json"))
-        with open(os.path.join(cfg.out, "eval.md"), "w") as f:
-            f.write(table)
-        write_jsonl(os.path.join(cfg.out, "scores.jsonl"), scored)
-        first = next(iter(summary))   # grid notes: the first scorer's value on every image
-        sides = {"base": base_dir, "tuned": tuned_dir}
-        cols = {f"{s}: {first}": d for s, d in sides.items()}
-        notes = {f"{s}: {first}": {r["index"]: "%.2f" % r[f"{first}/{s}"] for r in scored} for s in sides}
-        save_png(folder_grid(cols, cfg, notes), os.path.join(cfg.out, "eval_grid.png"))
-        log_jsonl(os.path.join(cfg.out, "log.jsonl"), dict(event="eval", n=len(scored), scores=summary))
-        print("\n" + table, flush=True)
+        write_report(cfg, scored, settings, folders)
     barrier()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(get_config(EvalConfig, PRESETS, doc=__doc__))
+    main(get_config())

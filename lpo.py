@@ -1,32 +1,76 @@
-"""LPO: step-level Latent Preference Optimization of SD1.5 / SDXL with the LRM as the step reward.
+"""LPO: step-level Latent Preference Optimization of SD1.5 / SDXL, with the LRM as the step reward.
 
 Paper: Zhang et al., "Diffusion Model as a Noise-Aware Latent Reward Model for Step-Level Preference
-Optimization" (arXiv 2502.01051), LPO; numbers from SPEC.md section 3. A round: each rank samples its
-prompts with DDIM (eta 1, CFG 5), branching every step into K children that the frozen LRM scores in
-the noisy latent space; (x_t, winner, loser) is kept when the score gap clears a noise-dependent
-threshold, and the trajectory goes on from a random child. The ranks pool their tuples and train a
-LoRA with a step-level DPO loss on clipped likelihood ratios (reference: the same U-Net, adapters off).
+Optimization", arXiv 2502.01051v3, Sec. "Latent Preference Optimization". One round of training:
+  1. sample: each rank runs DDIM (eta 1, guidance 5.0, 20 steps) on its prompts, branching every
+     step into K = 4 children of one parent; the frozen LRM scores the children in the noisy latent
+     space; (x_t, winner, loser) is kept when the score gap clears a noise-dependent threshold, and
+     the trajectory goes on from a uniformly random child (not the best);
+  2. pool: the ranks gather their pairs (their counts differ), shuffle them with one shared
+     permutation and take equal shares;
+  3. train: a LoRA with the step-level DPO loss on clipped likelihood ratios (beta 500, clip 0.1;
+     the reference is the same U-Net with its adapters off: no second copy in memory);
+then rank 0 logs the round and, at checkpoint rounds, writes the LoRA and then the checkpoint.
 
-    python lpo.py --model tiny                        # CPU, minutes: tiny world, prints the judge win-rate
-    python lpo.py --model tiny --negate-reward        # control: the LRM's scores negated
-    torchrun --nproc_per_node=2 lpo.py --model tiny   # CPU, 2 processes (gloo); --resume continues a run
-    torchrun --nproc_per_node=4 lpo.py --model sd15   # paper SD1.5 (LRM: `python lrm.py --model sd15`)
-    torchrun --nproc_per_node=4 lpo.py --model sdxl   # paper SDXL  (LRM: `python lrm.py --model sdxl`)
+    python lpo.py --model tiny                        # CPU, minutes: tiny world, judge win-rate
+    python lpo.py --model tiny --negate_reward        # control: the LRM's scores negated
+    torchrun --nproc_per_node=2 lpo.py --model tiny   # CPU, 2 processes (gloo)
+    torchrun --nproc_per_node=4 lpo.py --model sd15   # paper SD1.5 (LRM: lrm.py --model sd15)
+    torchrun --nproc_per_node=4 lpo.py --model sdxl   # paper SDXL (LRM: lrm.py --model sdxl)
+    python lpo.py --model sd15 --resume               # continue a killed run, bitwise
     pipe.load_lora_weights("runs/lpo-sd15")           # use the result (diffusers LoRA format)
 
-Deviations from the official code (Kwai-Kolors/LPO), each marked `# deviation:` at its line:
-  1. the LRM scores children at their own noise level t_prev (official: the parent's t; --lrm-t parent);
+Paper settings (arXiv 2502.01051v3 and its official code, Kwai-Kolors/LPO):
+4,000 Pick-a-Pic v1 train prompts sampled uniformly, 5 epochs, 4 GPUs; LoRA on to_q, to_k, to_v,
+to_out.0 with alpha = rank, rank 4 / lr 5e-5 (SD1.5), rank 64 / lr 1e-5 (SDXL); AdamW (0.9, 0.999),
+weight decay 1e-4, grad clip 1.0; thresholds [0.35, 0.5] (SD1.5) / [0.45, 0.6] (SDXL); sampling
+batch 5 / 4 prompts and train batch 10 / 4 tuples per GPU; gradient checkpointing for SDXL.
+
+Why no DistributedDataParallel wrapper: every rank trains on an equal share of the pooled pairs, so
+all ranks run the same number of micro-batches, and apply_update averages the LoRA gradients by
+hand with one all_reduce per update. DDP's hooks would fire in the reference pass too (the same
+U-Net with its adapters off, under no_grad), and the frozen weights would read as unused parameters.
+
+Resume: a checkpoint (ckpt.pt) is written last, after the LoRA it covers, so one that exists means
+its LoRA is on disk; --resume restores LoRA, optimizer, step and round (which seeds all randomness)
+and gives bitwise the weights of an unbroken run on the same hardware. It refuses a changed setting
+that changes what the run means (model, LRM, rank, world size, batches, prompts, seed, sampler,
+thresholds, loss) and applies a changed lr, max_rounds, epochs or ckpt_every.
+
+Log (log.jsonl, one row per round, summed over all ranks): round, epoch, step (optimizer updates so
+far), tuples (pairs kept), kept_frac (tuples / step groups, one group = the K children of a step),
+valid_per_bucket (kept pairs with t in [0, 250), [250, 500), [500, 750), [750, 1000)), lrm_mean /
+lrm_std (the LRM's scores of all children), lrm_gap (mean best-minus-worst score of a group); mean
+over every trained pair of the round: loss, acc (implicit accuracy log r_w > log r_l), clipfrac
+(share of the ratios outside the clip band); grad_norm (mean pre-clip norm of the round's updates),
+lr, sec_sample / sec_score / sec_train, peak_mem_mb. A resumed run adds {"resume": {next_round,
+changed settings}, "step"}; a last row {"final": {step, out, lora_fingerprint, judge figures}}.
+
+Deviations from the official code, each marked `# deviation:` at its line:
+  1. the LRM scores children at their own noise level t_prev (official: the parent's t;
+     --lrm_t parent reproduces it);
   2. thresholds come from the sigma_t of the schedule actually run (official: a 20-step table);
   3. gradient clipping clips (official: a no-op on an already consumed iterator);
   4. the ratio clamp is taken on log r (same function; no inf * 0 = NaN in the backward);
   5. checkpoints are taken at round ends (a round's tuples are never saved);
-  6. `tiny` presets: thresholds 0.1 -> 0.2, LoRA rank 8, lr 1e-3, 32 prompts a round (a tiny LRM's
-     scores spread less: TINY_WORLD_NOTES.md). On CPU everything runs in fp32.
+  6. `tiny` presets: thresholds 0.1 -> 0.2, LoRA rank 8, lr 1e-3, 32 prompts a round, rows in
+     order (a tiny LRM's scores spread less than a real one's). On CPU everything runs in fp32.
 """
-import argparse, itertools, json, math, os, resource, time  # noqa: E401
+import argparse
+import datetime
+import inspect
+import itertools
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import signal
+import sys
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -34,412 +78,1035 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lrm_model import LatentRewardModel, encode_prompt
+from lrm_model import LatentRewardModel, encode_prompt, take_rows
 
 
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    model: str = "tiny"           # preset: sd15 | sdxl | tiny | tiny-xl, or a pipeline folder / hub id
-    base: str = ""                # base pipeline ("" = the preset's)
-    lrm: str = ""                 # LRM folder written by lrm.py ("" = the preset's)
-    prompts: str = "yuvalkirstain/pickapic_v1"  # HF dataset (hub id / folder) with a `caption` column, or .txt
-    num_prompts: int = 4000       # paper: 4,000 Pick-a-Pic v1 train prompts, 5 epochs
-    unique_prompts: bool = True   # distinct captions (Pick-a-Pic rows repeat them); tiny: rows (15 captions)
-    epochs: int = 5
-    out: str = ""                 # "" = runs/lpo-{model}
-    resolution: int = 512
-    steps: int = 20               # paper: DDIM 20 steps, eta 1, CFG 5.0, K = 4 children a step
-    eta: float = 1.0
-    cfg: float = 5.0
-    k: int = 4
-    th_min: float = 0.35          # softmax-gap thresholds (paper: SD1.5 [0.35, 0.5], SDXL [0.45, 0.6])
-    th_max: float = 0.5
-    lrm_t: str = "child"          # noise level the LRM is told: child (t_prev) | parent (official)
-    negate_reward: bool = False   # control: a reward pointing the wrong way must not help
-    beta: float = 500.0           # paper: beta 500 (SPO: 10), ratio clip 0.1
-    clip_eps: float = 0.1
-    lora_rank: int = 4            # paper: rank 4, lr 5e-5 (SD1.5); 64, 1e-5 (SDXL); alpha = rank
-    lr: float = 5e-5
-    sample_batch: int = 5         # prompts per rank per round (paper: 5 SD1.5, 4 SDXL)
-    train_batch: int = 10         # tuples per rank per forward (paper: 10 SD1.5, 4 SDXL)
-    grad_accum: int = 1           # forwards per optimizer update
-    max_rounds: int = 0           # stop after this many rounds (0: all epochs)
-    grad_ckpt: bool = False       # gradient checkpointing (paper: on for SDXL)
-    seed: int = 0
-    ckpt_every: int = 50          # updates between checkpoints (taken at the next round end)
-    resume: bool = False
-    save_merged: bool = False     # also write the U-Net with the LoRA merged in ({out}/unet)
-    eval_samples: int = 0         # > 0: judge win-rate vs base on held-out seeds (tiny world only)
+    model: str = "tiny"  # preset sd15 | sdxl | tiny | tiny-xl, or a pipeline folder / hub id
+    base: str = ""  # base pipeline ("" = the preset's)
+    lrm: str = ""  # LRM folder written by lrm.py ("" = the preset's)
+    out: str = ""  # run folder ("" = runs/lpo-<model>)
+    resume: bool = False  # continue the run in --out from its ckpt.pt
+    seed: int = 0  # seeds prompts, LoRA init, sampling noise and pair shuffles
+    threads: int = 0  # CPU intra-op threads (0 = torch's default; tiny presets: 1)
+    dist_timeout: int = 180  # minutes for init_process_group (NCCL's default 10 is too short)
+    prompts: str = "yuvalkirstain/pickapic_v1"  # dataset with `caption`; .txt/.json/.csv/.parquet
+    num_prompts: int = 4000  # paper: 4,000 Pick-a-Pic v1 train prompts
+    unique_prompts: bool = True  # a seeded uniform sample of distinct captions; off: rows in order
+    epochs: int = 5  # passes over the prompts (paper: 5)
+    max_rounds: int = 0  # stop after this many rounds (0: all epochs)
+    resolution: int = 0  # px (0 = the pipeline's own: U-Net sample_size x VAE factor)
+    num_inference_steps: int = 20  # DDIM steps (paper: 20)
+    guidance_scale: float = 5.0  # classifier-free guidance (paper: 5.0)
+    eta: float = 1.0  # DDIM eta (paper: 1, stochastic)
+    num_children: int = 4  # K children a step (paper: 4)
+    th_min: float = 0.35  # softmax-gap threshold at the least noise (paper: SD1.5 0.35, SDXL 0.45)
+    th_max: float = 0.5  # softmax-gap threshold at the most noise (paper: SD1.5 0.5, SDXL 0.6)
+    lrm_t: str = "child"  # noise level the LRM is told: child (t_prev) | parent (official)
+    negate_reward: bool = False  # control: a reward pointing the wrong way must not help
+    beta: float = 500.0  # DPO beta (paper: 500; SPO: 10)
+    clip_eps: float = 0.1  # likelihood-ratio clip (paper: 0.1)
+    lora_rank: int = 4  # LoRA rank, alpha = rank (paper: 4 SD1.5, 64 SDXL)
+    lr: float = 5e-5  # AdamW lr, constant (paper: 5e-5 SD1.5, 1e-5 SDXL)
+    sample_batch_size: int = 5  # prompts per rank per round (paper: 5 SD1.5, 4 SDXL)
+    train_batch_size: int = 10  # tuples per rank per forward (paper: 10 SD1.5, 4 SDXL)
+    grad_accum: int = 1  # forwards per optimizer update
+    grad_ckpt: bool = False  # gradient checkpointing of the policy U-Net (paper: on for SDXL)
+    ckpt_every: int = 50  # updates between checkpoints (taken at the next round end)
+    save_merged: bool = False  # also write the U-Net with the LoRA merged in fp32 ({out}/unet)
+    eval_samples: int = 0  # > 0: judge win-rate vs base on held-out seeds (tiny world only)
 
 
-TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny")  # wherever we run from
-TINY = dict(prompts=os.path.join(TINY_DIR, "pickapic"), resolution=32, th_min=0.1, th_max=0.2, lora_rank=8, lr=1e-3,
-            sample_batch=32, train_batch=64, num_prompts=320, unique_prompts=False, epochs=1, eval_samples=300, ckpt_every=10)
+# fields a --resume may change (they are applied and logged); any other change is refused
+MAY_CHANGE = ("out", "resume", "threads", "dist_timeout", "epochs", "max_rounds", "lr",
+              "grad_ckpt", "ckpt_every", "save_merged", "eval_samples")
+TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny")
+# deviation: tiny thresholds, rank, lr and batches (a tiny LRM's scores spread less)
+TINY = dict(prompts=os.path.join(TINY_DIR, "pickapic"), th_min=0.1, th_max=0.2, lora_rank=8,
+            lr=1e-3, sample_batch_size=32, train_batch_size=64, num_prompts=320,
+            unique_prompts=False, epochs=1, eval_samples=300, ckpt_every=10, threads=1)
 PRESETS = {
     "sd15": dict(base="stable-diffusion-v1-5/stable-diffusion-v1-5", lrm="runs/lrm-sd15"),
-    "sdxl": dict(base="stabilityai/stable-diffusion-xl-base-1.0", lrm="runs/lrm-sdxl", resolution=1024, th_min=0.45,
-                 th_max=0.6, lora_rank=64, lr=1e-5, sample_batch=4, train_batch=4, grad_ckpt=True),
+    "sdxl": dict(base="stabilityai/stable-diffusion-xl-base-1.0", lrm="runs/lrm-sdxl",
+                 th_min=0.45, th_max=0.6, lora_rank=64, lr=1e-5, sample_batch_size=4,
+                 train_batch_size=4, grad_ckpt=True),
     "tiny": dict(TINY, base=os.path.join(TINY_DIR, "sd15"), lrm=os.path.join(TINY_DIR, "lrm")),
-    "tiny-xl": dict(TINY, base=os.path.join(TINY_DIR, "sdxl"), lrm=os.path.join(TINY_DIR, "lrm-xl"), grad_ckpt=True),
+    "tiny-xl": dict(TINY, base=os.path.join(TINY_DIR, "sdxl"),
+                    lrm=os.path.join(TINY_DIR, "lrm-xl"), grad_ckpt=True),
 }
 
+
+def preset_of(model):
+    """The preset of a name; any other model takes the SD1.5 or SDXL one, with itself as base."""
+    if model in PRESETS:
+        return PRESETS[model]
+    family = "sdxl" if "xl" in model.lower() else "sd15"
+    return dict(PRESETS[family], base=model)
+
+
 def get_config(argv=None):
-    """CLI generated from Config; defaults from the --model preset (other names: the SD1.5 or SDXL one)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--model", default="tiny")
-    model = pre.parse_known_args(argv)[0].model
-    defaults = {**asdict(Config()), **(PRESETS.get(model) or PRESETS["sdxl" if "xl" in model.lower() else "sd15"]),
-                "model": model, **({} if model in PRESETS else {"base": model})}
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Config):
-        d = defaults[f.name]
-        kw = dict(action=argparse.BooleanOptionalAction) if isinstance(d, bool) else dict(type=type(d))
-        p.add_argument("--" + f.name.replace("_", "-"), default=d, **kw)
-    cfg = Config(**vars(p.parse_args(argv)))
-    if cfg.lrm_t not in ("child", "parent") or cfg.k < 2 or not 0 <= cfg.th_min <= cfg.th_max < 1:
-        p.error("need --lrm-t child|parent, --k >= 2, 0 <= --th-min <= --th-max < 1")
+    """CLI generated from Config, defaults from the --model preset; bad values: one line."""
+    argv = snake_case_options(sys.argv[1:] if argv is None else argv)
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--model", default=Config.model)
+    model = peek.parse_known_args(argv)[0].model
+    defaults = {**asdict(Config()), **preset_of(model), "model": model}
+    parser = build_parser(Config, defaults, __doc__)
+    cfg = Config(**vars(parser.parse_args(argv)))
+    if cfg.lrm_t not in ("child", "parent"):
+        fail(f"--lrm_t {cfg.lrm_t}: choose child or parent")
+    if not 0 <= cfg.th_min <= cfg.th_max < 1:
+        fail(f"--th_min {cfg.th_min} / --th_max {cfg.th_max}: need 0 <= th_min <= th_max < 1")
+    positive = ["num_children", "num_inference_steps", "num_prompts", "epochs", "lora_rank",
+                "sample_batch_size", "train_batch_size", "grad_accum", "ckpt_every"]
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            fail(f"--{name} {getattr(cfg, name)}: need a positive number")
+    if cfg.num_children < 2:
+        fail(f"--num_children {cfg.num_children}: a pair needs at least 2 children")
+    if not cfg.lr > 0:
+        fail(f"--lr {cfg.lr}: need a positive learning rate")
+    for name in ("resolution", "threads", "max_rounds", "eval_samples"):
+        if getattr(cfg, name) < 0:
+            fail(f"--{name} {getattr(cfg, name)}: need 0 or more")
     cfg.out = cfg.out or os.path.join("runs", "lpo-" + os.path.basename(model.rstrip("/")))
     return cfg
 
 
+# ----------------------------------------------------------------------------- boilerplate
+# The same lines in every stage file (test_all.py checks they stay identical): the CLI made from
+# the Config dataclass, torchrun setup, one-line errors, the run-folder guard, atomic writes, and
+# the kill points that the resume tests use.
+PROG = os.path.basename(__file__)
+
+
+def fail(message):
+    """Bad input or a refused state: one line, `<script>: error: ...`, exit status 1."""
+    raise SystemExit(f"{PROG}: error: {message}")
+
+
+def snake_case_options(argv):
+    """--lora-rank 8, --lora-rank=8 and --no-grad-ckpt read as --lora_rank and --no-grad_ckpt."""
+    fixed = []
+    for arg in argv:
+        if arg.startswith("--"):
+            name, sep, value = arg[2:].partition("=")
+            prefix = "no-" if name.startswith("no-") else ""
+            arg = "--" + prefix + name[len(prefix):].replace("-", "_") + sep + value
+        fixed.append(arg)
+    return fixed
+
+
+def build_parser(config_class, defaults, doc):
+    """One option per Config field; its trailing comment is the --help line, with the default."""
+    helps = {}
+    for line in inspect.getsource(config_class).splitlines():
+        match = re.match(r"\s+(\w+): [^#]*#\s*(.*)", line)
+        if match:
+            helps[match[1]] = match[2]
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field in fields(config_class):
+        default = defaults[field.name]
+        help_line = f"{helps.get(field.name, '')} (default: {default!r})"
+        if isinstance(default, bool):
+            action = argparse.BooleanOptionalAction
+            parser.add_argument(f"--{field.name}", default=default, action=action, help=help_line)
+        else:
+            kind = type(default)
+            parser.add_argument(f"--{field.name}", default=default, type=kind, help=help_line)
+    return parser
+
+
+def setup_distributed(timeout_minutes):
+    """torchrun sets RANK and LOCAL_RANK; a plain `python` run is rank 0 of 1."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if "RANK" in os.environ and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        # explicit: NCCL's default (10 min) is shorter than a rank-0 save of an SDXL checkpoint
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def prepare_run_folder(out, resume):
+    """Refuse to write over a run unless resuming; create the folder; drop killed writes' *.tmp."""
+    if not resume and os.path.isdir(out) and os.listdir(out):
+        fail(f"{out} already holds a run: continue it with --resume, or pass another --out")
+    if dist.is_initialized():
+        dist.barrier()  # every rank has looked before rank 0 writes anything
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
+    try:
+        os.makedirs(out, exist_ok=True)
+        for name in os.listdir(out):
+            if name.endswith(".tmp"):
+                leftover = os.path.join(out, name)
+                if os.path.isdir(leftover):
+                    shutil.rmtree(leftover)
+                else:
+                    os.remove(leftover)
+        with open(os.path.join(out, ".write-test.tmp"), "w"):
+            pass
+        os.remove(os.path.join(out, ".write-test.tmp"))
+    except OSError as error:
+        fail(f"cannot write to {out} ({error.strerror}): pass another --out")
+
+
+def kill_point(name):
+    """Test hook: SIGKILL this process where LPO_KILL_AT names this point (the resume tests)."""
+    if os.environ.get("LPO_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to path.tmp, then rename: a file that exists at path is always complete."""
+    torch.save(obj, path + ".tmp")
+    kill_point("mid " + os.path.basename(path))
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path):
+    """torch.load, or one line naming the file and the way out when it is damaged."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        fail(f"{path} is damaged ({type(error).__name__}): delete it to restart the run, "
+             "or pass another --out")
+
+
+def log_jsonl(path, row):
+    with open(path, "a") as log_file:
+        log_file.write(json.dumps(row) + "\n")
+
+
+def truncate_log(path, last, key="step"):
+    """On resume: keep the log rows up to the checkpoint, row[key] <= last (the rest run again)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as log_file:
+        for line in log_file:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if row.get(key, 0) <= last and "final" not in row:
+                kept.append(row)
+    with open(path + ".tmp", "w") as log_file:
+        log_file.writelines(json.dumps(row) + "\n" for row in kept)
+    os.replace(path + ".tmp", path)
+
+
 # ----------------------------------------------------------------------------- math
-# Notation (diffusers DDIMScheduler): a_t = alphas_cumprod[t] (alpha-bar), eps = noise prediction,
-# x0 = predicted clean latent, sigma_t = std of the stochastic DDIM step; t_prev < 0 = end of the
-# chain, where a = alphas_cumprod[0] (set_alpha_to_one=False, as in the SD1.5 and SDXL configs).
-def _alpha_bar(acp, t):  # (B,) fp32
-    return acp[torch.as_tensor(t, device=acp.device).reshape(-1).clamp(min=0)].float()
+# Notation (diffusers DDIMScheduler; DDIM = Song et al. 2021): a_t = alphas_cumprod[t] (alpha-bar),
+# eps = noise prediction, x0 = predicted clean latent, sigma_t = std of the stochastic DDIM step;
+# t_prev < 0 is the end of the chain, where a = alphas_cumprod[0] (set_alpha_to_one=False, as in the
+# SD1.5 and SDXL scheduler configs).
+def alpha_bar(alphas_cumprod, t):
+    """a_t of a timestep or of a tensor of them; t < 0 reads a_0. (B,) fp32"""
+    t = torch.as_tensor(t, device=alphas_cumprod.device).reshape(-1)
+    return alphas_cumprod[t.clamp(min=0)].float()
+
 
 def ddim_sigma(t, t_prev, alphas_cumprod, eta):
-    """DDIM (Song et al. 2021) Eq. (16): sigma_t(eta) = eta sqrt((1-a_prev)/(1-a_t)) sqrt(1-a_t/a_prev). (B,)"""
-    a_t, a_prev = _alpha_bar(alphas_cumprod, t), _alpha_bar(alphas_cumprod, t_prev)
+    """DDIM Eq. (16): sigma_t = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev). (B,)"""
+    a_t = alpha_bar(alphas_cumprod, t)
+    a_prev = alpha_bar(alphas_cumprod, t_prev)
     return eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
 
+
 def ddim_step(eps, x_t, t, t_prev, alphas_cumprod, eta):
-    """DDIM Eq. (12) as a Gaussian: x_{t_prev} ~ N(mean, std^2); any step count and spacing. fp32."""
-    eps, x_t, shape = eps.float(), x_t.float(), (-1,) + (1,) * (x_t.ndim - 1)
-    a_t, a_prev, std = (v.to(x_t.device).view(shape) for v in (  # (B, 1, 1, 1) each
-        _alpha_bar(alphas_cumprod, t), _alpha_bar(alphas_cumprod, t_prev), ddim_sigma(t, t_prev, alphas_cumprod, eta)))
-    x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()                           # predicted x_0, (B, C, H, W)
-    return a_prev.sqrt() * x0 + (1 - a_prev - std ** 2).sqrt() * eps, std     # mean (B, C, H, W), std
+    """DDIM Eq. (12) as a Gaussian, x_{t_prev} ~ N(mean, std^2), for any step count. fp32"""
+    eps = eps.float()
+    x_t = x_t.float()
+    shape = (-1,) + (1,) * (x_t.ndim - 1)
+    a_t = alpha_bar(alphas_cumprod, t).to(x_t.device).view(shape)  # (B, 1, 1, 1)
+    a_prev = alpha_bar(alphas_cumprod, t_prev).to(x_t.device).view(shape)  # (B, 1, 1, 1)
+    std = ddim_sigma(t, t_prev, alphas_cumprod, eta).to(x_t.device).view(shape)  # (B, 1, 1, 1)
+    x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # (B, C, H, W)
+    direction = (1 - a_prev - std**2).sqrt() * eps  # "direction pointing to x_t", (B, C, H, W)
+    return a_prev.sqrt() * x0 + direction, std
+
 
 def step_logprob(x_prev, mean, std):
-    """log N(x_prev; mean, std^2), mean (not sum) over C x H x W (SPEC 3: beta's scale depends on it). (B,)"""
-    x_prev, mean, std = x_prev.float(), mean.float(), torch.as_tensor(std, dtype=torch.float32, device=mean.device)
-    lp = -(x_prev - mean) ** 2 / (2 * std ** 2) - std.log() - 0.5 * math.log(2 * math.pi)
-    return lp.flatten(1).mean(1)
+    """log N(x_prev; mean, std^2), mean (not sum) over C x H x W as in the official code (beta's
+    scale depends on it). (B,) fp32"""
+    x_prev = x_prev.float()
+    mean = mean.float()
+    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+    density = -((x_prev - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
+    return density.flatten(1).mean(1)
 
-def pair_thresholds(stds, th_min, th_max):
-    """LPO dynamic threshold: th_t = th_min + (sigma_t - sigma_min) / (sigma_max - sigma_min) (th_max - th_min)."""
-    s = torch.as_tensor(stds, dtype=torch.float64).reshape(-1)
+
+def pair_thresholds(sigmas, th_min, th_max):
+    """LPO's dynamic threshold (Sec. "Latent Preference Optimization"):
+    th_t = th_min + (sigma_t - sigma_min) / (sigma_max - sigma_min) (th_max - th_min). (T,) fp64"""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)
     # deviation: sigma_t of the schedule actually run (official: a hard-coded 20-step table)
-    return th_min + (s - s.min()) / (s.max() - s.min()).clamp(min=1e-12) * (th_max - th_min)
+    spread = (sigmas.max() - sigmas.min()).clamp(min=1e-12)
+    return th_min + (sigmas - sigmas.min()) / spread * (th_max - th_min)
+
 
 def select_pairs(scores, threshold):
     """Winner = best, loser = worst of the K children (B, K); valid where softmax([s_w, s_l]) has
-    p_w - p_l = tanh((s_w - s_l) / 2) > th, i.e. s_w - s_l > 2 atanh(th)."""
-    (best, win), (worst, lose) = scores.max(1), scores.min(1)                 # (B,) each
-    return win, lose, best - worst > 2 * torch.atanh(torch.as_tensor(threshold, dtype=scores.dtype, device=scores.device))
+    p_w - p_l = tanh((s_w - s_l) / 2) > th, i.e. s_w - s_l > 2 atanh(th). (B,) x 3"""
+    best, win = scores.max(1)
+    worst, lose = scores.min(1)
+    threshold = torch.as_tensor(threshold, dtype=scores.dtype, device=scores.device)
+    return win, lose, best - worst > 2 * torch.atanh(threshold)
+
 
 def lpo_loss(logp_w, logp_l, ref_w, ref_l, beta, clip_eps):
-    """Step DPO (SPO; DPO Eq. (7)) with LPO's ratio clip: r = clamp(exp(logp - ref), 1 - eps, 1 + eps),
-    L = -log sigmoid(beta (log r_w - log r_l)); a clamped ratio passes no gradient."""
-    d_w, d_l = logp_w - ref_w, logp_l - ref_l                                 # unclipped log r, (B,)
-    lo, hi = math.log1p(-clip_eps), math.log1p(clip_eps)
-    # deviation: clamp log r (not r = exp(.)): same values, and exp overflow can't make 0 * inf = NaN
-    loss = -F.logsigmoid(beta * (d_w.clamp(lo, hi) - d_l.clamp(lo, hi))).mean()
-    d = torch.cat([d_w, d_l]).detach()
-    return loss, dict(loss=loss.item(), acc=(d_w > d_l).float().mean().item(),  # implicit accuracy
-                      clipfrac=((d < lo) | (d > hi)).float().mean().item())
+    """Step DPO (SPO; DPO Eq. (7)) with LPO's ratio clip: r = clamp(exp(logp - ref), 1 - eps,
+    1 + eps), L = -log sigmoid(beta (log r_w - log r_l)); a clamped ratio passes no gradient."""
+    log_ratio_w = logp_w - ref_w  # (B,)
+    log_ratio_l = logp_l - ref_l  # (B,)
+    low = math.log1p(-clip_eps)
+    high = math.log1p(clip_eps)
+    # deviation: clamp log r (not r = exp(.)): same values, and no exp overflow making 0 * inf = NaN
+    margin = log_ratio_w.clamp(low, high) - log_ratio_l.clamp(low, high)
+    loss = -F.logsigmoid(beta * margin).mean()
+    ratios = torch.cat([log_ratio_w, log_ratio_l]).detach()  # (2B,)
+    accuracy = (log_ratio_w > log_ratio_l).float().mean().item()  # implicit accuracy
+    clipped = ((ratios < low) | (ratios > high)).float().mean().item()
+    return loss, dict(loss=loss.item(), acc=accuracy, clipfrac=clipped)
+
+
+@dataclass
+class Schedule:
+    """The DDIM schedule of a run and its pair thresholds (SD, 20 steps: t = 951, 901, ..., 1)."""
+    timesteps: torch.Tensor  # (T,) long, descending
+    prev_timesteps: torch.Tensor  # (T,) long: the next one, -1 = the end of the chain
+    alphas_cumprod: torch.Tensor  # (1000,) fp32, on the device
+    sigmas: torch.Tensor  # (T,) the eta = 1 DDIM std of each step
+    thresholds: torch.Tensor  # (T,) softmax-gap threshold th_t of each step
+    latent_size: int = 0  # latent side for the run's resolution (0: the U-Net's sample_size)
+
+
+def make_schedule(scheduler_config, num_inference_steps, th_min, th_max, device, latent_size=0):
+    """The schedule the sampler runs: `leading` spacing, steps_offset 1 (the SD configs)."""
+    from diffusers import DDIMScheduler
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(num_inference_steps)
+    timesteps = scheduler.timesteps.long()
+    prev_timesteps = torch.cat([timesteps[1:], torch.tensor([-1])])
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    # eta = 1 whatever --eta is: the paper's thresholds follow the stochastic sampler's sigma_t
+    sigmas = ddim_sigma(timesteps, prev_timesteps, alphas_cumprod, 1.0).cpu()
+    thresholds = pair_thresholds(sigmas, th_min, th_max)
+    return Schedule(timesteps, prev_timesteps, alphas_cumprod, sigmas, thresholds, latent_size)
 
 
 # ----------------------------------------------------------------------------- models and data
-def load_prompts(source, split, n, unique=True):
-    """First n (distinct) captions of a .txt (one a line) or a HF dataset (hub id / folder) with `caption`."""
-    keep = lambda c, seen=set(): c and not (unique and (c in seen or seen.add(c)))  # noqa: E731  non-empty, new
-    try:  # streaming: only the rows read are fetched (Pick-a-Pic v1 with its images is ~100s of GB)
-        from datasets import load_dataset
-        rows = [{"caption": c} for c in open(source)] if source.endswith(".txt") else \
-            load_dataset(source, split=split, streaming=True)
-        caps = list(itertools.islice(filter(keep, (str(row["caption"]).strip() for row in rows)), n))
+PROMPT_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+
+
+def read_captions(source, split):
+    """Every non-empty caption of a .txt file (one a line), a .parquet / .json / .csv file with a
+    `caption` column (the official 4k_training_prompts.json: a list of {"caption", "trainset_idx"})
+    or a dataset (hub id or folder, split `split`), streamed: only the rows read are fetched."""
+    from datasets import load_dataset
+    extension = os.path.splitext(source)[1].lower()
+    if extension == ".txt":
+        with open(source) as text_file:
+            captions = [line.strip() for line in text_file]
+    elif extension in PROMPT_FILE_BUILDERS:
+        rows = load_dataset(PROMPT_FILE_BUILDERS[extension], data_files=source, split="train")
+        captions = (str(row["caption"] or "").strip() for row in rows)
+    else:
+        rows = load_dataset(source, split=split, streaming=True)
+        # the caption column alone: Pick-a-Pic v1 with its images is hundreds of GB
+        if rows.column_names and "caption" in rows.column_names:
+            rows = rows.select_columns(["caption"])
+        captions = (str(row["caption"] or "").strip() for row in rows)
+    return (caption for caption in captions if caption)
+
+
+def first_distinct(captions, n):
+    """The first n distinct captions, reading no further than needed."""
+    chosen = {}  # a dict keeps the order of first appearance
+    for caption in captions:
+        if len(chosen) == n:
+            break
+        chosen[caption] = None
+    return list(chosen)
+
+
+def load_prompts(source, split, n, unique=True, seed=None):
+    """n captions of `source`: the first n rows (unique=False, the tiny preset), the first n
+    distinct captions (seed None), or a seeded uniform sample of n distinct captions, kept in the
+    order of the data (what the official 4,000 training prompts are: reads every caption)."""
+    try:
+        captions = read_captions(source, split)
+        if not unique:
+            chosen = list(itertools.islice(captions, n))
+        elif seed is None:
+            chosen = first_distinct(captions, n)
+        else:
+            distinct = list(dict.fromkeys(captions))
+            size = min(n, len(distinct))
+            picks = np.random.default_rng(seed).choice(len(distinct), size=size, replace=False)
+            chosen = [distinct[i] for i in np.sort(picks)]
     except KeyError:
-        raise SystemExit(f"lpo.py: error: prompt source {source} ({split}) has no `caption` column") from None
-    except (OSError, ValueError) as e:  # no such file, dataset or split
-        raise SystemExit(f"lpo.py: error: cannot read prompts from {source} ({split}): {str(e).splitlines()[0]}") from None
-    if not caps:
-        raise SystemExit(f"lpo.py: error: no prompts in {source} ({split})")
-    return caps
+        fail(f"prompt source {source} ({split}) has no `caption` column: pass --prompts with one")
+    except (OSError, ValueError) as error:  # no such file, dataset or split
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        fail(f"cannot read prompts from {source} ({split}): {first_line}")
+    if not chosen:
+        fail(f"no prompts in {source} ({split}): pass --prompts with non-empty captions")
+    return chosen
 
-def load_policy(cfg, device, dtype):
-    """The base pipeline minus its VAE, a prompt encoder for CFG, the DDIM schedule and thresholds.
-    With lrm_model.encode_prompt, the only place SD1.5 (one text encoder) and SDXL (two, zero uncond) differ."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline
-    skip = {k: None for k in ("vae", "safety_checker", "feature_extractor", "image_encoder")
-            if k in DiffusionPipeline.load_config(cfg.base)}
-    pipe = DiffusionPipeline.from_pretrained(cfg.base, **skip).to(device)  # the VAE: only to evaluate
-    if dtype != torch.float32:  # frozen weights in bf16 on GPU; the LoRA weights stay fp32
+
+def base_geometry(cfg):
+    """(resolution, latent side) of the run from the base's configs, before any weight is read:
+    --resolution 0 is the pipeline's own (U-Net sample_size x VAE factor); other sizes must be
+    multiples of the VAE factor x the U-Net's downsampling, or the latent could not be sampled."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    try:
+        vae = AutoencoderKL.load_config(cfg.base, subfolder="vae")
+        unet = UNet2DConditionModel.load_config(cfg.base, subfolder="unet")
+    except (OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        fail(f"cannot read the base pipeline {cfg.base} ({reason}): pass --base (or --model) "
+             "naming a diffusers pipeline folder or hub id with unet/ and vae/")
+    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    multiple = vae_factor * 2 ** (len(unet["down_block_types"]) - 1)
+    resolution = cfg.resolution or unet["sample_size"] * vae_factor
+    if resolution % multiple:
+        fail(f"--resolution {resolution}: {cfg.base} needs a positive multiple of {multiple} "
+             f"(VAE factor {vae_factor} x U-Net downsampling); 0 takes its own size")
+    return resolution, resolution // vae_factor
+
+
+def lrm_hint(cfg):
+    """A command that trains the LRM this run needs."""
+    if cfg.model in PRESETS:
+        return f"python lrm.py --model {cfg.model}"
+    return f"python lrm.py --model {cfg.base} --data <folder of Pick-a-Pic-style pairs>"
+
+
+def load_lrm(cfg, device, dtype):
+    """The frozen LRM without its up blocks; refuses one of another latent space or with
+    non-finite weights (saved by a diverged training run: it would keep no pair)."""
+    try:  # reads lrm_config.json first: refuses another latent space before loading weights
+        lrm = LatentRewardModel.from_pretrained(cfg.lrm, base=cfg.base)
+    except ValueError as error:
+        fail(str(error).splitlines()[0])
+    broken = [name for name, value in lrm.state_dict().items()
+              if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        fail(f"the LRM in {cfg.lrm} has non-finite weights ({len(broken)} tensors, e.g. "
+             f"{broken[0]}): its training diverged; train it again ({lrm_hint(cfg)})")
+    return lrm.for_scoring().to(device, dtype)
+
+
+def load_pipeline(cfg, device, dtype):
+    """The base pipeline without its VAE (only the evaluation decodes); frozen weights in dtype."""
+    from diffusers import DiffusionPipeline
+    components = DiffusionPipeline.load_config(cfg.base)
+    optional = ("vae", "safety_checker", "feature_extractor", "image_encoder")
+    skipped = {name: None for name in optional if name in components}
+    pipe = DiffusionPipeline.from_pretrained(cfg.base, **skipped).to(device)
+    if dtype != torch.float32:  # frozen weights in bf16 on a GPU; the LoRA weights stay fp32
         pipe.to(dtype=dtype)
-    if pipe.scheduler.config.prediction_type != "epsilon" or pipe.scheduler.config.get("set_alpha_to_one"):
-        raise SystemExit("lpo.py: error: need an epsilon-prediction base with set_alpha_to_one=False (SD1.5, SDXL)")
-    encs = [e.requires_grad_(False) for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e]
-    toks = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t]
-    zero_uncond = pipe.config.get("force_zeros_for_empty_prompt", False)  # SDXL base: the CFG uncond is zeros
-    null = encode_prompt(encs, toks, [""], cfg.resolution)
-    def both(u, c):  # [uncond; cond] along the batch, for tensors and dicts of tensors
-        return {k: both(u[k], c[k]) for k in c} if isinstance(c, dict) else torch.cat([u.expand_as(c), c])
-    @torch.no_grad()
-    def encode(prompts):
-        """U-Net kwargs for the CFG batch [uncond; cond] (2B)."""
-        c, u = encode_prompt(encs, toks, prompts, cfg.resolution), null
-        if zero_uncond:  # zeros, but real size conditions (time_ids), as in the SDXL pipeline
-            add = c["added_cond_kwargs"]
-            u = dict(encoder_hidden_states=c["encoder_hidden_states"] * 0,
-                     added_cond_kwargs=add and dict(add, text_embeds=add["text_embeds"] * 0))
-        return {k: both(u[k], c[k]) for k in ("encoder_hidden_states", "added_cond_kwargs") if c[k] is not None}
-    sched = DDIMScheduler.from_config(pipe.scheduler.config)
-    sched.set_timesteps(cfg.steps)
-    ts = sched.timesteps.long()                                               # SD, 20 steps: 951, 901, ..., 1
-    ts_prev = torch.cat([ts[1:], torch.tensor([-1])])                         # -1: the end of the chain
-    acp = sched.alphas_cumprod.to(device)
-    ths = pair_thresholds(ddim_sigma(ts, ts_prev, acp, 1.0).cpu(), cfg.th_min, cfg.th_max)  # eta=1 sigma_t (SPEC 3)
-    latent = cfg.resolution // 2 ** (len(AutoencoderKL.load_config(cfg.base, subfolder="vae")["block_out_channels"]) - 1)
-    return pipe, encode, SimpleNamespace(acp=acp, ts=ts, ts_prev=ts_prev, ths=ths, latent=latent)
+    scheduler = pipe.scheduler.config
+    if scheduler.prediction_type != "epsilon" or scheduler.get("set_alpha_to_one"):
+        fail(f"{cfg.base}: need an epsilon-prediction base with set_alpha_to_one=False "
+             "(SD1.5, SDXL)")
+    for encoder in text_encoders(pipe):
+        encoder.requires_grad_(False)
+    return pipe
 
-def add_lora(unet, cfg):
-    """LoRA on the attention projections (paper: to_q, to_k, to_v, to_out.0; alpha = rank)."""
+
+def text_encoders(pipe):
+    """SD1.5: [CLIP-L]; SDXL: [CLIP-L, OpenCLIP bigG]."""
+    encoders = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+    return [encoder for encoder in encoders if encoder is not None]
+
+
+def uncond_then_cond(uncond, cond):
+    """[uncond; cond] along the batch, for tensors and (nested) dicts of tensors."""
+    if isinstance(cond, dict):
+        return {key: uncond_then_cond(uncond[key], cond[key]) for key in cond}
+    return torch.cat([uncond.expand_as(cond), cond])
+
+
+@torch.no_grad()
+def encode_for_cfg(pipe, prompts, resolution):
+    """U-Net kwargs of the CFG batch [uncond; cond] (2B): encoder_hidden_states, and on SDXL
+    added_cond_kwargs. With lrm_model.encode_prompt, the one place where SD1.5 (one text encoder,
+    uncond = the empty prompt) and SDXL (two; uncond = zeros, as its pipeline does) differ."""
+    tokenizers = [pipe.tokenizer, getattr(pipe, "tokenizer_2", None)]
+    tokenizers = [tokenizer for tokenizer in tokenizers if tokenizer is not None]
+    cond = encode_prompt(text_encoders(pipe), tokenizers, prompts, resolution)
+    uncond = encode_prompt(text_encoders(pipe), tokenizers, [""], resolution)
+    if pipe.config.get("force_zeros_for_empty_prompt", False):
+        # zeros, but the real size conditions (time_ids), as in the SDXL pipeline
+        added = cond["added_cond_kwargs"]
+        if added:
+            added = dict(added, text_embeds=added["text_embeds"] * 0)
+        uncond = dict(encoder_hidden_states=cond["encoder_hidden_states"] * 0,
+                      added_cond_kwargs=added)
+    names = ("encoder_hidden_states", "added_cond_kwargs")
+    return {name: uncond_then_cond(uncond[name], cond[name]) for name in names if cond[name]
+            is not None}
+
+
+def guided_eps(unet, x, t, cond, guidance_scale):
+    """Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + w (eps_c - eps_u).
+    (B, C, h, w) fp32"""
+    t = torch.as_tensor(t, device=x.device).reshape(-1).expand(len(x))  # (B,)
+    eps = unet(torch.cat([x, x]), torch.cat([t, t]), **cond).sample.float()  # (2B, C, h, w)
+    eps_uncond, eps_cond = eps.chunk(2)  # (B, C, h, w) each
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def add_lora(unet, lora_rank, seed, grad_ckpt):
+    """LoRA on the attention projections (paper: to_q, to_k, to_v, to_out.0; alpha = rank);
+    returns the trainable parameters, in fp32 even where the frozen weights are bf16."""
     from peft import LoraConfig
-    torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
-    unet.requires_grad_(False).add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights=
-                                                      "gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:  # trainable weights in fp32 even where the frozen ones are bf16
-        p.data = p.data.float()
-    if cfg.grad_ckpt:
+    torch.manual_seed(seed)  # the same LoRA init on every rank
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    lora = LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                      target_modules=targets)
+    unet.requires_grad_(False)
+    unet.add_adapter(lora)
+    params = [param for param in unet.parameters() if param.requires_grad]
+    for param in params:
+        param.data = param.data.float()
+    if grad_ckpt:
         unet.enable_gradient_checkpointing()
     return params
 
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def write_safetensors(tensors, path):
+    """What diffusers writes, through open(): safetensors' save_file makes the file mode 0600."""
+    from safetensors.torch import save
+    with open(path, "wb") as weight_file:
+        weight_file.write(save(tensors, metadata={"format": "pt"}))
+
+
 def save_lora(pipe, unet, out):
-    """diffusers LoRA format, so that `pipe.load_lora_weights(out)` works; each file moved in atomically."""
+    """The LoRA in diffusers format (`pipe.load_lora_weights(out)` reads it), moved in whole."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    type(pipe).save_lora_weights(out, unet_lora_layers=layers, weight_name="lora.tmp")
-    os.replace(os.path.join(out, "lora.tmp"), os.path.join(out, "pytorch_lora_weights.safetensors"))
+    kill_point("before lora")
+    type(pipe).save_lora_weights(out, unet_lora_layers=layers, weight_name=LORA_FILE + ".tmp",
+                                 save_function=write_safetensors)
+    kill_point("mid " + LORA_FILE)
+    os.replace(os.path.join(out, LORA_FILE + ".tmp"), os.path.join(out, LORA_FILE))
+    kill_point("after lora")
 
-def cfg_eps(unet, x, t, cond, scale):
-    """Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + w (eps_c - eps_u)."""
-    t = torch.as_tensor(t, device=x.device).reshape(-1).expand(len(x))
-    e_u, e_c = unet(torch.cat([x, x]), torch.cat([t, t]), **cond).sample.float().chunk(2)  # (B, C, h, w) each
-    return e_u + scale * (e_c - e_u)
+
+def lora_delta(layer, adapter="default"):
+    """LoRA's weight update (alpha / r) B A (Hu et al. 2021, Eq. (3)), in fp32. (out, in)"""
+    up = layer.lora_B[adapter].weight.float()  # (out, r)
+    down = layer.lora_A[adapter].weight.float()  # (r, in)
+    return layer.scaling[adapter] * (up @ down)
+
+
+def merged_unet(base, unet):
+    """The base U-Net read again in fp32 with every LoRA delta added in fp32: fused into the bf16
+    training copy, a small delta would mostly round away (a bf16 weight keeps 8 bits)."""
+    from diffusers import UNet2DConditionModel
+    merged = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32)
+    targets = dict(merged.named_modules())
+    for name, layer in unet.named_modules():
+        if hasattr(layer, "lora_A"):
+            targets[name].weight.data += lora_delta(layer).cpu()
+    return merged
+
+
+def save_merged_unet(base, unet, out):
+    """{out}/unet, a plain diffusers U-Net folder, replaced whole."""
+    folder = os.path.join(out, "unet")
+    merged_unet(base, unet).save_pretrained(folder + ".tmp")
+    kill_point("mid unet")
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.replace(folder + ".tmp", folder)
+
+
+# ----------------------------------------------------------------------------- one round
+TUPLE_KEYS = ("x_t", "x_w", "x_l", "t", "t_prev", "prompt_ids")
+
 
 @torch.no_grad()
-def sample_tuples(unet, lrm, encode, prompts, idx, sch, cfg, gen, secs, amp):
-    """LPO sampling (SPEC 3): DDIM eta 1 + CFG; every step K children of one parent, scored by the LRM; keep
-    (x_t, x_w, x_l, t, t_prev, prompt index) where the pair clears th_t; go on from a random child (not the best)."""
-    B, K, C, h, dev = len(prompts), cfg.k, unet.config.in_channels, sch.latent, sch.acp.device
-    cond, text = encode(prompts), lrm.encode_text([p for p in prompts for _ in range(K)])  # LRM: its own tokenizer
-    x, rows = torch.randn(B, C, h, h, generator=gen, device=dev), torch.arange(B, device=dev)  # (B, C, h, w)
-    keep, scores = {k: [] for k in ("x_t", "x_w", "x_l", "t", "t_prev", "p")}, []
-    for t, tp, th in zip(sch.ts.tolist(), sch.ts_prev.tolist(), sch.ths.tolist()):
-        with timed(secs, "sample"), amp():
-            mean, std = ddim_step(cfg_eps(unet, x, t, cond, cfg.cfg), x, t, tp, sch.acp, cfg.eta)
-            kids = mean[:, None] + std[:, None] * torch.randn(B, K, C, h, h, generator=gen, device=dev)  # (B, K, C, h, w)
-        with timed(secs, "score"):  # all B x K children, cond + uncond (VFE), in one LRM call
+def sample_tuples(unet, lrm, cond, lrm_text, prompt_ids, schedule, cfg, generator, seconds,
+                  autocast):
+    """Step 1: DDIM (eta 1) + CFG from noise; every step K children of one parent, scored by the
+    LRM; keep (x_t, x_w, x_l, t, t_prev, prompt id) where the pair clears th_t; go on from a
+    uniformly random child. Returns the kept tuples and the LRM's scores of all children."""
+    count = len(prompt_ids)  # B prompts
+    children = cfg.num_children  # K
+    device = schedule.alphas_cumprod.device
+    channels = unet.config.in_channels
+    size = schedule.latent_size or unet.config.sample_size
+    # the LRM's text for B x K children: each prompt K times
+    repeat = torch.arange(count).repeat_interleave(children)
+    lrm_text = dict(lrm_text, cond=take_rows(lrm_text["cond"], repeat))
+    x = torch.randn(count, channels, size, size, generator=generator, device=device)  # (B, C, h, w)
+    rows = torch.arange(count, device=device)
+    kept = {key: [] for key in TUPLE_KEYS}
+    scores = []
+    steps = zip(schedule.timesteps.tolist(), schedule.prev_timesteps.tolist(),
+                schedule.thresholds.tolist())
+    for t, t_prev, threshold in steps:
+        with timed(seconds, "sample"), autocast:
+            eps = guided_eps(unet, x, t, cond, cfg.guidance_scale)  # (B, C, h, w)
+            mean, std = ddim_step(eps, x, t, t_prev, schedule.alphas_cumprod, cfg.eta)
+            shape = (count, children, channels, size, size)
+            noise = torch.randn(*shape, generator=generator, device=device)  # (B, K, C, h, w)
+            kids = mean[:, None] + std[:, None] * noise  # (B, K, C, h, w)
+        with timed(seconds, "score"):  # the B x K children, cond + uncond (VFE), one LRM call
             # deviation: the children sit at noise level t_prev; the official code tells the LRM t
-            t_lrm = torch.full((B * K,), max(tp, 0) if cfg.lrm_t == "child" else t, device=dev)
-            s = lrm.score(kids.flatten(0, 1), t_lrm, text=text).float().view(B, K)  # (B, K)
-            s = -s if cfg.negate_reward else s
-            win, lose, ok = select_pairs(s, th)
-        scores.append(s.flatten())
-        for k, v in (("x_t", x), ("x_w", kids[rows, win]), ("x_l", kids[rows, lose]), ("p", idx.to(dev)),
-                     ("t", torch.full((B,), t, device=dev)), ("t_prev", torch.full((B,), tp, device=dev))):
-            keep[k].append(v[ok])
-        x = kids[rows, torch.randint(K, (B,), generator=gen, device=dev)]   # (B, C, h, w)
-    return {k: torch.cat(v) for k, v in keep.items()}, torch.cat(scores)
+            t_lrm = max(t_prev, 0) if cfg.lrm_t == "child" else t
+            t_lrm = torch.full((count * children,), t_lrm, device=device)  # (B K,)
+            lrm_scores = lrm.score(kids.flatten(0, 1), t_lrm, text=lrm_text).float()  # (B K,)
+            lrm_scores = lrm_scores.view(count, children)  # (B, K)
+            reward = -lrm_scores if cfg.negate_reward else lrm_scores
+            win, lose, ok = select_pairs(reward, threshold)  # (B,) each
+        scores.append(lrm_scores.flatten())
+        found = dict(x_t=x, x_w=kids[rows, win], x_l=kids[rows, lose],
+                     t=torch.full((count,), t, device=device),
+                     t_prev=torch.full((count,), t_prev, device=device),
+                     prompt_ids=prompt_ids.to(device))
+        for key in TUPLE_KEYS:
+            kept[key].append(found[key][ok])
+        # the trajectory goes on from a uniformly random child, not from the best one
+        pick = torch.randint(children, (count,), generator=generator, device=device)  # (B,)
+        x = kids[rows, pick]  # (B, C, h, w)
+    return {key: torch.cat(value) for key, value in kept.items()}, torch.cat(scores)
 
-def pair_logprobs(unet, mb, cond, sch, cfg, amp):
-    """log p of winner and loser (fp32) under the policy, then under the reference = the same U-Net
-    with its adapters off (no second copy in memory); both with the CFG-combined eps (SPEC 3)."""
-    args = (mb["x_t"], mb["t"], mb["t_prev"], sch.acp, cfg.eta)
-    with amp():
-        mean, std = ddim_step(cfg_eps(unet, mb["x_t"], mb["t"], cond, cfg.cfg), *args)
-        with torch.no_grad():
-            unet.disable_adapters()
-            ref, _ = ddim_step(cfg_eps(unet, mb["x_t"], mb["t"], cond, cfg.cfg), *args)
-            unet.enable_adapters()
-    return [step_logprob(mb[k], m, std) for m in (mean, ref) for k in ("x_w", "x_l")]  # (B,) x 4
-
-
-# ----------------------------------------------------------------------------- distributed, logging, evaluation
-def setup_dist():
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    local = int(os.environ["LOCAL_RANK"])  # LOCAL_RANK, not rank % device_count: multi-node safe
-    if cuda:  # (on CPU, torchrun already sets OMP_NUM_THREADS=1 per process)
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
 
 def all_gather_cat(x, world):
-    """Concatenate the (N_r, ...) tensors of all ranks; counts first, as they differ (padded to the max)."""
+    """Concatenate the (N_r, ...) tensors of all ranks; the counts first, as they differ."""
     if world == 1:
         return x
     counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
     dist.all_gather(counts, torch.tensor([len(x)], device=x.device))
-    counts = [int(c) for c in counts]
-    if max(counts) == 0:  # nobody has anything: every rank returns here, together
+    counts = [int(count) for count in counts]
+    longest = max(counts)
+    if longest == 0:  # nobody has anything: every rank returns here, together
         return x
-    out = [x.new_empty(max(counts), *x.shape[1:]) for _ in range(world)]
-    dist.all_gather(out, torch.cat([x, x.new_zeros(max(counts) - len(x), *x.shape[1:])]))
-    return torch.cat([o[:c] for o, c in zip(out, counts)])
+    padded = torch.cat([x, x.new_zeros(longest - len(x), *x.shape[1:])])
+    gathered = [x.new_empty(longest, *x.shape[1:]) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([part[:count] for part, count in zip(gathered, counts)])
 
-def apply_update(params, opt, loss, world, max_norm=1.0):
-    """Average gradients over ranks, stop on a non-finite loss/grad, clip (paper: 1.0), step."""
-    flat = torch.cat([p.grad.flatten() for p in params] + [loss.detach().float().reshape(1)])
+
+def pool_tuples(tuples, world, rank, seed, round_index):
+    """Step 2: every rank's pairs, shuffled by one permutation from a shared seed, then equal
+    shares, so that every rank runs the same number of micro-batches (and collectives)."""
+    pooled = {key: all_gather_cat(value, world) for key, value in tuples.items()}
+    count = len(pooled["t"])
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + round_index)
+    order = torch.randperm(count, generator=generator)
+    share = count // world
+    mine = order[rank * share:(rank + 1) * share]
+    return {key: value[mine.to(value.device)] for key, value in pooled.items()}, count
+
+
+def pair_logprobs(unet, minibatch, cond, schedule, cfg, autocast):
+    """log p of winner and loser (fp32) under the policy, then under the reference = the same
+    U-Net with its adapters off; both with the CFG-combined eps. [logp_w, logp_l, ref_w, ref_l]"""
+    step = (minibatch["x_t"], minibatch["t"], minibatch["t_prev"], schedule.alphas_cumprod, cfg.eta)
+    with autocast:
+        eps = guided_eps(unet, minibatch["x_t"], minibatch["t"], cond, cfg.guidance_scale)
+        mean, std = ddim_step(eps, *step)
+        with torch.no_grad():
+            unet.disable_adapters()
+            eps_ref = guided_eps(unet, minibatch["x_t"], minibatch["t"], cond, cfg.guidance_scale)
+            mean_ref, _ = ddim_step(eps_ref, *step)
+            unet.enable_adapters()
+    logp_w = step_logprob(minibatch["x_w"], mean, std)  # (B,)
+    logp_l = step_logprob(minibatch["x_l"], mean, std)  # (B,)
+    ref_w = step_logprob(minibatch["x_w"], mean_ref, std)  # (B,)
+    ref_l = step_logprob(minibatch["x_l"], mean_ref, std)  # (B,)
+    return [logp_w, logp_l, ref_w, ref_l]
+
+
+class NonFiniteUpdate(SystemExit):
+    """A non-finite loss, gradient or weight, found before anything of it is saved."""
+
+
+def apply_update(params, optimizer, loss, world, max_norm=1.0):
+    """Average the gradients over ranks (one all_reduce), stop on a non-finite loss, gradient or
+    weight, clip (paper: 1.0), step. Returns the pre-clip gradient norm."""
+    flat = torch.cat([param.grad.flatten() for param in params] + [loss.detach().float()[None]])
     if world > 1:
-        dist.all_reduce(flat)  # every rank, same order; all ranks then see the same verdict below
+        dist.all_reduce(flat)  # every rank, same order: all ranks then reach the same verdict
     flat /= world
-    if not torch.isfinite(flat).all():  # before the step: the last checkpoint stays the last good one
-        raise SystemExit("lpo.py: error: non-finite loss or gradient; the last good checkpoint is intact "
-                         "(lower --lr or --beta, or --resume from it)")
-    for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
-        p.grad.copy_(g.view_as(p))
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # deviation: a list, really clipped (official: no-op)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    if not torch.isfinite(flat).all():  # before the step: the last checkpoint stays good
+        raise NonFiniteUpdate(f"{PROG}: error: non-finite loss or gradient")
+    for param, grad in zip(params, flat[:-1].split([param.numel() for param in params])):
+        param.grad.copy_(grad.view_as(param))
+    # deviation: a list, really clipped (official: a no-op on an already consumed iterator)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # a finite gradient can still take a weight to inf (a huge --lr): stop before it is saved
+    if not all(torch.isfinite(param).all() for param in params):
+        raise NonFiniteUpdate(f"{PROG}: error: non-finite LoRA weights after an update")
     return norm.item()
 
+
+def train_on_pairs(unet, pipe, params, optimizer, mine, prompts, schedule, cfg, world,
+                   autocast):
+    """Step 3: the step DPO loss on this rank's share, train_batch_size tuples a forward,
+    grad_accum forwards an update. Returns this rank's sums over its pairs for the log."""
+    sums = dict(pairs=0.0, loss=0.0, acc=0.0, clipfrac=0.0, grad_norm=0.0, updates=0)
+    starts = range(0, len(mine["t"]), cfg.train_batch_size)
+    for index, start in enumerate(starts):
+        minibatch = {key: value[start:start + cfg.train_batch_size] for key, value in mine.items()}
+        captions = [prompts[i] for i in minibatch["prompt_ids"].tolist()]
+        cond = encode_for_cfg(pipe, captions, cfg.resolution)
+        logprobs = pair_logprobs(unet, minibatch, cond, schedule, cfg, autocast)
+        loss, stats = lpo_loss(*logprobs, cfg.beta, cfg.clip_eps)
+        (loss / cfg.grad_accum).backward()
+        pairs = len(minibatch["t"])
+        sums["pairs"] += pairs
+        for key in ("loss", "acc", "clipfrac"):
+            sums[key] += stats[key] * pairs
+        if (index + 1) % cfg.grad_accum == 0 or index == len(starts) - 1:
+            sums["grad_norm"] += apply_update(params, optimizer, loss, world)
+            sums["updates"] += 1
+    return sums
+
+
+# ----------------------------------------------------------------------------- logging, checkpoints
 @contextmanager
-def timed(acc, key):
-    t0 = time.perf_counter()
+def timed(seconds, key):
+    """Add the wall time of the block to seconds[key]."""
+    start = time.perf_counter()
     yield
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
+    seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
 
-def peak_mem_mb():  # GPU: peak allocated; CPU: peak RSS of this process
-    cuda = torch.cuda.is_available()
-    return torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def peak_mem_mb():
+    """GPU: peak allocated; CPU: peak resident memory of this process."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def round_row(tuples, scores, count, sums, seconds, schedule, cfg, world):
+    """The logged numbers of a round, summed over all ranks with one all_reduce (module doc)."""
+    bucket_of_tuple = (tuples["t"] * 4 // 1000).clamp(0, 3)  # t: [0, 250) ... [750, 1000)
+    buckets = torch.bincount(bucket_of_tuple, minlength=4)  # (4,)
+    scores = scores.double()  # fp64 sums: no cancellation in the variance
+    groups = scores.view(len(schedule.timesteps), -1, cfg.num_children)  # (T, B, K)
+    best = groups.max(-1).values  # (T, B)
+    worst = groups.min(-1).values  # (T, B)
+    gaps = best - worst  # (T, B)
+    train = [sums[key] for key in ("pairs", "loss", "acc", "clipfrac")]
+    totals = [len(scores), scores.sum().item(), scores.square().sum().item(), gaps.numel(),
+              gaps.sum().item(), *train]
+    totals = torch.cat([buckets.double().cpu(), torch.tensor(totals, dtype=torch.float64)])
+    totals = totals.to(scores.device)
+    if world > 1:
+        dist.all_reduce(totals)
+    totals = totals.tolist()
+    n_scores, score_sum, score_squares, n_groups, gap_sum, pairs = totals[4:10]
+    score_mean = score_sum / n_scores
+    variance = max(score_squares / n_scores - score_mean**2, 0.0)
+    row = dict(tuples=count, kept_frac=count / n_groups, valid_per_bucket=totals[:4],
+               lrm_mean=score_mean, lrm_std=math.sqrt(variance), lrm_gap=gap_sum / n_groups)
+    for key, total in zip(("loss", "acc", "clipfrac"), totals[10:]):
+        row[key] = total / pairs if pairs else None
+    row["grad_norm"] = sums["grad_norm"] / sums["updates"] if sums["updates"] else None
+    for key, value in seconds.items():
+        row[f"sec_{key}"] = round(value, 3)
+    return row
+
+
+def warn(message):
+    print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+
+
+def needed_gaps(cfg):
+    """The LRM score gaps s_w - s_l = 2 atanh(th) that th_min and th_max ask for."""
+    return 2 * math.atanh(cfg.th_min), 2 * math.atanh(cfg.th_max)
+
+
+KEPT_WARN_ROUNDS = 3  # rounds that the kept fraction is first judged on
+KEPT_WARN_FRACTION = 0.2
+
+
+def warn_if_stuck(history, cfg, warned):
+    """Warn once each, with the figures: few pairs kept over the first rounds (too few updates to
+    move the model), or every likelihood ratio outside the clip band two rounds running (the
+    loss then passes no gradient: the policy has left the reference behind)."""
+    if "kept" not in warned and len(history) == KEPT_WARN_ROUNDS:
+        kept = float(np.mean([row["kept_frac"] for row in history]))
+        gap = float(np.mean([row["lrm_gap"] for row in history]))
+        if kept < KEPT_WARN_FRACTION:
+            warned.add("kept")
+            low, high = needed_gaps(cfg)
+            warn(f"only {kept:.1%} of the step groups kept a pair in the first {len(history)} "
+                 f"rounds: the LRM's best-minus-worst score gap averages {gap:.3f}, while "
+                 f"--th_min {cfg.th_min} / --th_max {cfg.th_max} need gaps of {low:.3f} to "
+                 f"{high:.3f}, so few updates will happen; train a stronger LRM (more steps, on "
+                 "MPCF-kept pairs) or lower the thresholds")
+    clipped = [row["clipfrac"] for row in history[-2:] if row["clipfrac"] is not None]
+    if "clip" not in warned and len(clipped) == 2 and min(clipped) >= 0.99:
+        warned.add("clip")
+        warn(f"every likelihood ratio left the clip band [{1 - cfg.clip_eps:g}, "
+             f"{1 + cfg.clip_eps:g}] in two rounds running (clipfrac {clipped[0]:.3f}, "
+             f"{clipped[1]:.3f}): the policy has moved so far from the reference that the loss "
+             f"passes no gradient; --lr {cfg.lr:g} is likely too high")
+
+
+def no_update_message(history, cfg):
+    """Why a run ended without a single update, with the figures of its rounds."""
+    low, high = needed_gaps(cfg)
+    if not history:
+        return f"no update in this run (step 0): see {cfg.out}/log.jsonl"
+    kept = sum(row["tuples"] for row in history)
+    gap = float(np.mean([row["lrm_gap"] for row in history]))
+    spread = float(np.mean([row["lrm_std"] for row in history]))
+    return (f"no update in {len(history)} rounds: {kept} pairs kept (too few to share among "
+            f"the ranks, or none) because the LRM's best-minus-worst score gap averaged "
+            f"{gap:.3g} (score std {spread:.3g}) while --th_min {cfg.th_min} / --th_max "
+            f"{cfg.th_max} need {low:.3f} to {high:.3f}: use a stronger LRM ({lrm_hint(cfg)}) or "
+            "lower thresholds, with another --out")
+
+
+def stop_advice(cfg, what, round_index):
+    """The one-line error of a non-finite round, with a way on that works."""
+    path = os.path.join(cfg.out, "ckpt.pt")
+    if os.path.exists(path):
+        return (f"{what} in round {round_index}; {path} is intact: --resume with a lower --lr, "
+                "or pass another --out")
+    return (f"{what} in round {round_index}, before any checkpoint: run again with a lower --lr "
+            "(or --beta) and --resume (it starts over), or another --out")
+
+
+def resume_checkpoint(cfg, world):
+    """The checkpoint to continue (None: none yet); refuses every changed setting that would
+    change what the run means, all in one line."""
+    path = os.path.join(cfg.out, "ckpt.pt")
+    if not cfg.resume or not os.path.exists(path):
+        return None
+    checkpoint = load_checkpoint(path)
+    saved = dict(checkpoint["config"], world_size=checkpoint.get("world_size"))
+    current = dict(asdict(cfg), world_size=world)
+    changed = [f"{name} {saved.get(name)!r} -> {value!r}" for name, value in current.items()
+               if name not in MAY_CHANGE and saved.get(name) != value]
+    if changed:
+        fail(f"--resume of {cfg.out} with other settings than its checkpoint's ("
+             f"{'; '.join(changed)}): resume with the saved ones, or pass another --out")
+    return checkpoint
+
+
+def restore(checkpoint, params, optimizer, cfg):
+    """LoRA and optimizer state from a checkpoint; the settings a resume may change take effect
+    (the optimizer's saved state would bring the old lr back). -> (step, next round, changes)"""
+    vector = checkpoint["lora"].to(params[0].device)
+    torch.nn.utils.vector_to_parameters(vector, params)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr
+    saved = checkpoint["config"]
+    changes = {name: [saved.get(name), getattr(cfg, name)] for name in MAY_CHANGE
+               if name not in ("out", "resume") and saved.get(name) != getattr(cfg, name)}
+    return checkpoint["step"], checkpoint["next_round"], changes
+
+
+def save_checkpoint(cfg, pipe, params, optimizer, step, next_round, world):
+    """The LoRA first, the checkpoint last: a ckpt.pt that exists means its LoRA is on disk."""
+    save_lora(pipe, pipe.unet, cfg.out)
+    kill_point("before ckpt")
+    lora = torch.nn.utils.parameters_to_vector(params).cpu()
+    # next_round is the whole RNG state: every round reseeds from (seed, rank, round)
+    state = dict(lora=lora, optimizer=optimizer.state_dict(), step=step, next_round=next_round,
+                 world_size=world, config=asdict(cfg))
+    atomic_torch_save(state, os.path.join(cfg.out, "ckpt.pt"))
+    kill_point("after ckpt")
+
+
+def count_rounds(num_prompts, cfg, world):
+    """(rounds per epoch, rounds of this run, rounds the prompts give)."""
+    rounds_per_epoch = math.ceil(num_prompts / (cfg.sample_batch_size * world))
+    available = cfg.epochs * rounds_per_epoch
+    total = min(cfg.max_rounds, available) if cfg.max_rounds > 0 else available
+    return rounds_per_epoch, total, available
+
+
+def round_prompt_ids(num_prompts, cfg, world, rank, epoch, position):
+    """This rank's prompts in a round: a per-epoch shuffle shared by all ranks, wrapped around to
+    fill the last round of an epoch. (B,)"""
+    shuffle = torch.Generator().manual_seed(cfg.seed + epoch)
+    order = torch.randperm(num_prompts, generator=shuffle)
+    first = (position * world + rank) * cfg.sample_batch_size
+    return order[(torch.arange(cfg.sample_batch_size) + first) % num_prompts]
+
+
+@torch.no_grad()
+def generate(pipe, captions, cfg):
+    """Images of the captions, caption i on the held-out seed 10^6 + i, 100 a call."""
+    images = []
+    for start in range(0, len(captions), 100):
+        chunk = captions[start:start + 100]
+        seeds = range(10**6 + start, 10**6 + start + len(chunk))
+        generators = [torch.Generator(pipe.device).manual_seed(seed) for seed in seeds]
+        output = pipe(chunk, num_inference_steps=cfg.num_inference_steps, eta=cfg.eta,
+                      guidance_scale=cfg.guidance_scale, generator=generators,
+                      height=cfg.resolution, width=cfg.resolution)
+        images += output.images
+    return images
+
 
 @torch.no_grad()
 def evaluate(cfg, pipe, unet):
-    """Judge win-rate of tuned vs base on held-out prompts and seeds: the same seeds, sampler, steps
-    and CFG for both (the official script mixed CFGs), every image scored (SPEC 4)."""
+    """Tiny world only: the judge's win-rate of tuned over base, the same seeds, sampler, steps
+    and guidance for both (the official script mixed guidance scales), every image judged."""
     from diffusers import DiffusionPipeline
-    from eval import win_rate
-    from tiny.world import judge_scores
-    pipe = DiffusionPipeline.from_pretrained(cfg.base, **{k: v for k, v in pipe.components.items() if k != "vae"})
-    pipe.to(unet.device).set_progress_bar_config(disable=True)  # the same modules, plus the VAE
-    caps = load_prompts(cfg.prompts, "validation_unique", cfg.eval_samples, unique=False)
-    caps, judged = [caps[i % len(caps)] for i in range(cfg.eval_samples)], {}
-    for name in ("base", "tuned"):
-        (unet.enable_adapters if name == "tuned" else unet.disable_adapters)()
-        gens = [torch.Generator(unet.device).manual_seed(10 ** 6 + i) for i in range(len(caps))]  # held-out seeds
-        images = [im for i in range(0, len(caps), 100) for im in pipe(
-            caps[i:i + 100], num_inference_steps=cfg.steps, guidance_scale=cfg.cfg, eta=cfg.eta, generator=gens[i:i + 100],
-            height=cfg.resolution, width=cfg.resolution).images]
-        judged[name] = judge_scores(images, caps)
-    rate, lo, hi = win_rate(judged["tuned"]["human"], judged["base"]["human"])
-    return dict(win_rate=rate, win_low=lo, win_high=hi, n=len(caps), match_base=float(judged["base"]["match"].mean()),
-                match_tuned=float(judged["tuned"]["match"].mean()))
+    from tiny.world import judge_win_rate
+    parts = {name: part for name, part in pipe.components.items() if name != "vae"}
+    pipe = DiffusionPipeline.from_pretrained(cfg.base, **parts)  # the same modules, plus the VAE
+    pipe.to(unet.device)
+    pipe.set_progress_bar_config(disable=True)
+    captions = load_prompts(cfg.prompts, "validation_unique", cfg.eval_samples, unique=False)
+    captions = [captions[i % len(captions)] for i in range(cfg.eval_samples)]
+    unet.disable_adapters()
+    images_base = generate(pipe, captions, cfg)
+    unet.enable_adapters()
+    images_tuned = generate(pipe, captions, cfg)
+    return judge_win_rate(images_tuned, images_base, captions)
 
 
 # ----------------------------------------------------------------------------- main
 def main(cfg):
-    rank, world, device = setup_dist()
+    rank, world, device = setup_distributed(cfg.dist_timeout)
     master = rank == 0
-    if not os.path.isdir(cfg.lrm):  # bad input: one clear line each, before any heavy loading
-        raise SystemExit(f"lpo.py: error: no LRM at {cfg.lrm} (train one: python lrm.py --model {cfg.model}, or --lrm DIR)")
-    prompts = load_prompts(cfg.prompts, "train", cfg.num_prompts, cfg.unique_prompts)
-    try:  # reads lrm_config.json first: refuses an LRM of another latent space before loading weights
-        lrm = LatentRewardModel.from_pretrained(cfg.lrm, base=cfg.base)
-    except ValueError as e:
-        raise SystemExit(f"lpo.py: error: {e}") from None
-    gpu = device.type == "cuda"  # GPU: frozen weights bf16 + autocast (paper), LRM fp16; CPU: fp32
-    lrm.for_scoring().to(device, torch.float16 if gpu else torch.float32)  # frozen, no up blocks, half on GPU
-    pipe, encode, sch = load_policy(cfg, device, torch.bfloat16 if gpu else torch.float32)
-    unet, B, params = pipe.unet, cfg.sample_batch, add_lora(pipe.unet, cfg)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)  # paper, constant lr
-    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu)  # noqa: E731
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    # bad input: one line each, before anything is written or any weight is read
+    cfg.resolution, latent_size = base_geometry(cfg)
+    if not os.path.isdir(cfg.lrm):
+        fail(f"no LRM at {cfg.lrm}: train one ({lrm_hint(cfg)}) and pass its --out as --lrm")
+    prepare_run_folder(cfg.out, cfg.resume)
+    checkpoint = resume_checkpoint(cfg, world)
+    prompts = load_prompts(cfg.prompts, "train", cfg.num_prompts, cfg.unique_prompts, cfg.seed)
 
-    per_epoch = math.ceil(len(prompts) / (B * world))  # rounds per epoch
-    total = cfg.epochs * per_epoch if cfg.max_rounds <= 0 else min(cfg.max_rounds, cfg.epochs * per_epoch)
-    ckpt, step, start = os.path.join(cfg.out, "ckpt.pt"), 0, 0
-    if cfg.resume and os.path.exists(ckpt):
-        ck = torch.load(ckpt, map_location="cpu", weights_only=False)
-        torch.nn.utils.vector_to_parameters(ck["lora"].to(device), params)
-        opt.load_state_dict(ck["opt"])
-        step, start = ck["step"], ck["next_round"]
-    os.makedirs(cfg.out, exist_ok=True)
-    log = open(os.path.join(cfg.out, "log.jsonl"), "a") if master else None
-    bar, saved = tqdm(range(start, total), initial=start, total=total, disable=not master, desc="lpo"), step
-    for rnd in bar:
-        (epoch, r), secs = divmod(rnd, per_epoch), {}  # secs: wall time per phase
-        # this rank's prompts: a per-epoch shuffle shared by all ranks, wrapped to fill the last round;
-        # every round reseeds from (seed, rank, round), so the round counter is the whole RNG state
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        idx = order[(torch.arange(B) + (r * world + rank) * B) % len(prompts)]
-        gen = torch.Generator(device).manual_seed((cfg.seed * world + rank) * 1_000_003 + rnd)
-        keep, sc = sample_tuples(unet, lrm, encode, [prompts[i] for i in idx], idx, sch, cfg, gen, secs, amp)
-        bucket = torch.bincount((keep["t"] * 4 // 1000).clamp(0, 3), minlength=4).double()  # t: [0, 250) ... [750, 1000)
-        sc = sc.double()  # fp64 sums: no cancellation in the variance
-        agg = torch.cat([bucket, sc.new_tensor([B * len(sch.ts), len(sc), sc.sum(), sc.square().sum()])])
-        if world > 1:
-            dist.all_reduce(agg)
+    # models: GPU: frozen weights bf16 + autocast (paper), LRM fp16; CPU: everything fp32
+    gpu = device.type == "cuda"
+    lrm = load_lrm(cfg, device, torch.float16 if gpu else torch.float32)
+    pipe = load_pipeline(cfg, device, torch.bfloat16 if gpu else torch.float32)
+    unet = pipe.unet
+    schedule = make_schedule(pipe.scheduler.config, cfg.num_inference_steps, cfg.th_min,
+                             cfg.th_max, device, latent_size)
+    params = add_lora(unet, cfg.lora_rank, cfg.seed, cfg.grad_ckpt)
+    # paper: AdamW (0.9, 0.999), weight decay 1e-4, eps 1e-8, constant lr
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4,
+                                  eps=1e-8)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu)
 
-        # pool the tuples of all ranks: counts, gather, one permutation from a shared seed, equal slices
-        pooled = {k: all_gather_cat(v, world) for k, v in keep.items()}  # "p" indexes the shared prompt list
-        n = len(pooled["t"])
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + rnd))
-        per = n // world  # the same number of tuples, hence of collectives, on every rank
-        mine = {k: v[perm[rank * per:(rank + 1) * per].to(device)] for k, v in pooled.items()}
+    step = 0
+    start = 0
+    log_path = os.path.join(cfg.out, "log.jsonl")
+    if checkpoint:
+        step, start, changes = restore(checkpoint, params, optimizer, cfg)
+        if master and changes:
+            print(f"{PROG}: resuming at round {start} with {changes}", flush=True)
+    if master:  # rows past the checkpoint are run again (all of them when there is none)
+        truncate_log(log_path, start - 1 if checkpoint else -1, key="round")
+    if master and checkpoint:
+        log_jsonl(log_path, dict(resume=dict(next_round=start, changed=changes), step=step))
+    rounds_per_epoch, total, available = count_rounds(len(prompts), cfg, world)
+    if master and cfg.max_rounds > available:
+        warn(f"--max_rounds {cfg.max_rounds} but {len(prompts)} prompts x {cfg.epochs} epochs, "
+             f"{cfg.sample_batch_size} prompts a rank x {world} ranks a round, give "
+             f"{available} rounds: running {available} (more --epochs or --num_prompts give more)")
 
-        tstats, chunks = [], range(0, per, cfg.train_batch)
-        with timed(secs, "train"):
-            for j, c0 in enumerate(chunks):
-                mb = {k: v[c0:c0 + cfg.train_batch] for k, v in mine.items()}
-                logps = pair_logprobs(unet, mb, encode([prompts[i] for i in mb["p"].tolist()]), sch, cfg, amp)
-                loss, st = lpo_loss(*logps, cfg.beta, cfg.clip_eps)
-                (loss / cfg.grad_accum).backward()
-                if (j + 1) % cfg.grad_accum == 0 or j == len(chunks) - 1:
-                    st["grad_norm"], step = apply_update(params, opt, loss, world), step + 1
-                    tstats.append(st)
+    history = []  # this run's log rows
+    warned = set()
+    bar = tqdm(range(start, total), initial=start, total=total, disable=not master, desc="lpo")
+    for round_index in bar:
+        epoch, position = divmod(round_index, rounds_per_epoch)
+        seconds = {}  # wall time per phase
 
-        # log on rank 0; checkpoint atomically (rank 0 writes, every rank waits)
-        groups, ssum, ssq, sn = agg[4:].tolist()
-        tmean = {k: float(np.mean([s[k] for s in tstats])) if tstats else None for k in ("loss", "acc", "clipfrac", "grad_norm")}
-        row = dict(round=rnd, epoch=epoch, step=step, tuples=n, kept_frac=n / groups, valid_per_bucket=agg[:4].tolist(),
-                   lrm_mean=ssum / sn, lrm_std=math.sqrt(max(ssq / sn - (ssum / sn) ** 2, 0.0)), lr=cfg.lr, **tmean,
-                   **{f"sec_{k}": round(v, 3) for k, v in secs.items()}, peak_mem_mb=round(peak_mem_mb(), 1))
+        # 1. sample K-child trajectories of this rank's prompts; keep the pairs that clear th_t
+        prompt_ids = round_prompt_ids(len(prompts), cfg, world, rank, epoch, position)
+        captions = [prompts[i] for i in prompt_ids.tolist()]
+        cond = encode_for_cfg(pipe, captions, cfg.resolution)
+        lrm_text = lrm.encode_text(captions)  # the LRM's own tokenizer(s)
+        generator = torch.Generator(device)
+        generator.manual_seed((cfg.seed * world + rank) * 1_000_003 + round_index)
+        tuples, scores = sample_tuples(unet, lrm, cond, lrm_text, prompt_ids, schedule, cfg,
+                                       generator, seconds, autocast)
+
+        # 2. pool the pairs of all ranks: one shared shuffle, an equal share each
+        mine, count = pool_tuples(tuples, world, rank, cfg.seed, round_index)
+
+        # 3. train the LoRA on this rank's share
+        try:
+            with timed(seconds, "train"):
+                sums = train_on_pairs(unet, pipe, params, optimizer, mine, prompts, schedule,
+                                      cfg, world, autocast)
+        except NonFiniteUpdate as error:
+            fail(stop_advice(cfg, str(error).split("error: ")[-1], round_index))
+        step += sums["updates"]
+
+        # log on rank 0; checkpoint at round ends: rank 0 writes, every rank waits
+        row = dict(round=round_index, epoch=epoch, step=step)
+        row.update(round_row(tuples, scores, count, sums, seconds, schedule, cfg, world))
+        row.update(lr=optimizer.param_groups[0]["lr"], peak_mem_mb=round(peak_mem_mb(), 1))
+        if not math.isfinite(row["lrm_mean"]):
+            fail(stop_advice(cfg, "non-finite LRM scores (diverged samples)", round_index))
+        history.append(row)
         if master:
-            print(json.dumps(row), file=log, flush=True)
-            bar.set_postfix(loss=tmean["loss"], acc=tmean["acc"], kept=f"{n / groups:.2f}")
-        if step // cfg.ckpt_every > saved // cfg.ckpt_every or r == per_epoch - 1 or rnd == total - 1:
+            log_jsonl(log_path, row)
+            bar.set_postfix(loss=row["loss"], acc=row["acc"], kept=f"{row['kept_frac']:.2f}")
+            warn_if_stuck(history, cfg, warned)
+        # deviation: checkpoints at round ends only (a round's tuples are never saved)
+        crossed = step // cfg.ckpt_every > (step - sums["updates"]) // cfg.ckpt_every
+        if crossed or position == rounds_per_epoch - 1 or round_index == total - 1:
             if master:
-                torch.save(dict(lora=torch.nn.utils.parameters_to_vector(params).cpu(), opt=opt.state_dict(), step=step,
-                                next_round=rnd + 1, config=asdict(cfg)), ckpt + ".tmp")  # next_round: the RNG state too
-                os.replace(ckpt + ".tmp", ckpt)
-                save_lora(pipe, unet, cfg.out)
-            saved = step
+                save_checkpoint(cfg, pipe, params, optimizer, step, round_index + 1, world)
             if world > 1:
-                dist.barrier()  # nobody reads a checkpoint that is still being written
+                dist.barrier()  # nobody goes on while a checkpoint is being written
+        kill_point(f"round {round_index}")
     bar.close()
 
-    v = torch.nn.utils.parameters_to_vector(params).double()
-    fingerprint = all_gather_cat(torch.stack([v.sum(), v.square().sum()])[None], world)  # (world, 2): equal rows
+    if master and start >= total:
+        # a finished run resumed: its final files derive again from its checkpoint, so they agree
+        save_lora(pipe, unet, cfg.out)
+    vector = torch.nn.utils.parameters_to_vector(params).double()
+    fingerprint = torch.stack([vector.sum(), vector.square().sum()])[None]  # (1, 2)
+    fingerprint = all_gather_cat(fingerprint, world)  # (world, 2): equal rows
     result = dict(step=step, out=cfg.out, lora_fingerprint=fingerprint.tolist())
+    if step == 0:
+        if master:
+            log_jsonl(log_path, dict(final=result))
+        fail(no_update_message(history, cfg))
     if master and cfg.eval_samples > 0:  # rank 0 only, no collectives inside
-        with amp():
+        with autocast:
             result.update(evaluate(cfg, pipe, unet))
-        print("judge win-rate tuned vs base: {win_rate:.3f} [95% CI {win_low:.3f}, {win_high:.3f}] over {n} held-out "
-              "samples; caption match {match_base:.3f} -> {match_tuned:.3f}".format(**result), flush=True)
-    if master and cfg.save_merged:  # a plain diffusers U-Net folder with the LoRA folded in
-        unet.fuse_lora(), unet.unload_lora()
-        unet.save_pretrained(os.path.join(cfg.out, "unet"))
+        print("judge win-rate tuned vs base: {win_rate:.3f} [95% CI {win_low:.3f}, "
+              "{win_high:.3f}] over {n} held-out samples; caption match {match_base:.3f} -> "
+              "{match_tuned:.3f}".format(**result), flush=True)
+    if master and cfg.save_merged:
+        save_merged_unet(cfg.base, unet, cfg.out)
     if master:
-        log.write(json.dumps(dict(final=result)) + "\n")
-        log.close()
+        log_jsonl(log_path, dict(final=result))
+        print(f"{PROG}: {step} updates; LoRA in {cfg.out} ({LORA_FILE}), log in {log_path}",
+              flush=True)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

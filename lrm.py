@@ -1,309 +1,927 @@
-"""Training of the Latent Reward Model (LRM, in lrm_model.py) on Pick-a-Pic pairs (SPEC.md section 1).
+"""Training of the Latent Reward Model (LRM, in lrm_model.py) on Pick-a-Pic preference pairs.
 
-Paper: "Diffusion Model as a Noise-Aware Latent Reward Model for Step-Level Preference Optimization",
-arXiv 2502.01051: Bradley-Terry on noisy latents of both images of a pair at one shared t.
-    python lrm.py --model tiny                     # CPU, ~1 min on 2 cores -> runs/lrm-tiny
-    torchrun --nproc_per_node=2 lrm.py --model tiny --resume true   # CPU (gloo), continues a run
-    torchrun --nproc_per_node=8 lrm.py --model sd15 --keep kept.json         # rows kept by mpcf.py
-    torchrun --nproc_per_node=8 lrm.py --model sdxl --data /data/pickapic_v1  # local parquet / arrow
---out gets the final LRM (unet/, text_encoder*/, tokenizer*/, state_dict.pt, lrm_config.json), best/
-(best validation accuracy at t=1), train_state.pt (resume) and metrics.jsonl; load it with
-LatentRewardModel.from_pretrained (lrm_model.py). Choices and deviations:
-- deviation: all_gather gathers per-image *scores*, not features: the Bradley-Terry loss couples
-  only the two images of a pair, so it is the same loss and gradient for less traffic.
-- Each pair's randomness (t, VAE sample, noise) comes from (seed, epoch, row): on 1 process or 8,
-  fresh or resumed, a pair sees the same noise (what lets the tests compare those runs).
-- deviation: no weight decay on 1-D parameters (biases, norms, logit_scale), as in CLIP training.
-- Ties (0.5/0.5) train; accuracy counts decisive pairs only.
-- deviation (tiny world only): lr 1e-3, weight decay 0.01, 200 steps x 16 pairs, one CPU thread.
+Paper: Zhang et al., "Diffusion Model as a Noise-Aware Latent Reward Model for Step-Level
+Preference Optimization", arXiv 2502.01051v3, Sec. "Latent Reward Model" and its training details:
+a Bradley-Terry loss on the LRM's scores of both images of a pair, noised to one shared t.
+    python lrm.py --model tiny                  # CPU: ~4 min of one core -> runs/lrm-tiny
+    torchrun --nproc_per_node=2 lrm.py --model tiny --resume        # CPU (gloo): continue a run
+    torchrun --nproc_per_node=8 lrm.py --model sd15 --keep runs/mpcf-sd15/keep.json
+    torchrun --nproc_per_node=8 lrm.py --model sdxl --keep runs/mpcf-sd15/keep.json
+    torchrun --nproc_per_node=8 lrm.py --model ./my-sd15 --data /data/pickapic_v1  # paper settings
+--out gets the final LRM (unet/, text_encoder*/, tokenizer*/, state_dict.pt, lrm_config.json;
+load it with LatentRewardModel.from_pretrained), best/ (the best validation accuracy at the first
+--eval_timesteps), train_state.pt (the checkpoint) and metrics.jsonl (one row per step, one per
+validation, a "final" row with the accuracy table).
+
+--data layouts read: a hub id (Pick-a-Pic v1: yuvalkirstain/pickapic_v1); a save_to_disk folder
+(dataset_dict.json); a folder of parquet files named by split (train.parquet, train-*.parquet,
+train/*.parquet or data/train-*.parquet, the same for validation_unique and test_unique); any other
+folder that datasets.load_dataset reads with those split names. Columns: caption, jpg_0, jpg_1
+(JPEG bytes), label_0, label_1, num_example_per_prompt, has_label, are_different. --keep: mpcf.py's
+keep.json (a JSON list of train-row indices) or a parquet / CSV file with an `index` column.
+
+Training: AdamW, bf16 autocast on CUDA, a global batch of --train_batch_size pairs split over the
+ranks and, within a rank, into micro-batches of --micro_batch_size pairs (gradient accumulation;
+0 = auto: the whole share on CPU, on CUDA the most that fits the GPU by the estimate
+ACTIVATION_GB_PER_PAIR below; the choice is printed). Each pair draws one t from the 20-step DDIM
+grid {1, 51, ..., 951} for both its images, with independent noise per image; its loss weight is
+1 / num_example_per_prompt, normalised over the global batch.
+
+Resume: a checkpoint that exists means everything it covers (best/, the final LRM) is on disk;
+--resume continues bit for bit and refuses other settings (model, data, batch, seed...) in one
+line; --lr, --max_train_steps, --warmup, --eval_every and --save_every may change and take effect.
+Rerunning into a used --out without --resume is refused. A non-finite loss or gradient stops the
+run before the optimizer step, keeping the last checkpoint.
+
+Choices and deviations:
+1. deviation: all_gather gathers per-image *scores*, not features: the Bradley-Terry loss couples
+   only the two images of a pair, so it is the same loss and gradient for less traffic.
+2. Each pair's randomness (t, VAE sample, noise) comes from (seed, epoch, row): on 1 process or 8,
+   fresh or resumed, a pair sees the same noise (what lets the tests compare those runs).
+3. deviation: no weight decay on 1-D parameters (biases, norms, logit_scale), as in CLIP training.
+4. The learning rate follows the official LRM config (DeepSpeed WarmupDecayLR, whose default
+   warm-up is logarithmic): lr_s = lr * ln(s + 1) / ln(W) for s < W = max(warmup, 2), then
+   lr * (T - s) / (T - W), at optimizer step s = 0, 1, ... (step 0 only fills Adam's moments).
+5. Ties (0.5/0.5) train. Accuracy is reported two ways: on decisive pairs only, and as the
+   official evaluation counts it (every pair, a tie scoring 0.5), the definition of the paper's
+   65.5-69.3%.
+6. A pair with an undecodable image gets weight 0; more than 1% of them stops the run, decided on
+   the totals at each epoch's end (the whole data) and at the last step.
+7. deviation (tiny world only): lr 1e-3, weight decay 0.01, 400 steps x 32 pairs of MPCF's kept
+   rows (tiny/pickapic/mpcf_keep.json, made by `python mpcf.py --model tiny`), one CPU thread.
 """
-import argparse, io, json, os, time, warnings
+import argparse
+import datetime
+import inspect
+import io
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import transformers
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from tqdm import tqdm
 
-from lrm_model import ROOT, LatentRewardModel, resolve_model
+from lrm_model import MODELS, ROOT, LatentRewardModel, resolve_model
 
-COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "num_example_per_prompt", "has_label", "are_different")
+COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "num_example_per_prompt",
+           "has_label", "are_different")
+NUMERIC_COLUMNS = ("label_0", "label_1", "num_example_per_prompt")
+# Auto micro-batch (CUDA): activation memory of one pair at 512 x 512 px in bf16, without gradient
+# checkpointing: 4 U-Net down+mid passes (2 images x VFE's 2 prompts) of ~0.65 GB each (SD1.5
+# architecture; an estimate, scaled by pixel area; gradient checkpointing taken to cut it to 1/4).
+ACTIVATION_GB_PER_PAIR = 2.6
+# The settings a resumed run may change (and that then take effect); any other is refused.
+RESUMABLE = ("lr", "max_train_steps", "warmup", "eval_every", "save_every")
+# Settings that change how a run is executed, not what it computes.
+MECHANICS = ("out", "resume", "micro_batch_size", "vae_batch_size", "workers", "threads",
+             "dist_timeout")
 
 
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    model: str = "tiny"          # sd15 | sdxl | tiny | tiny-xl: the preset and the base
-    base: str = ""               # base pipeline (hub id or folder) instead of --model's
-    data: str = "yuvalkirstain/pickapic_v1"  # Pick-a-Pic schema: hub id, parquet or save_to_disk folder
-    keep: str = ""               # mpcf.py output: JSON list of row indices, or parquet/CSV with `index`
-    out: str = ""                # default runs/lrm-{model}
-    steps: int = 4000            # paper: 4,000 steps at global batch 128 (SD1.5), 8,000 at 32 (SDXL)
-    batch_size: int = 128        # global pairs per step
-    lr: float = 1e-5             # paper: AdamW lr 1e-5, weight decay 0.3, grad clip 1.0, bf16
-    weight_decay: float = 0.3
-    warmup: int = 500            # paper: 500 (SD1.5) / 1000 (SDXL) steps, then linear decay to 0
-    grad_clip: float = 1.0
-    g: float = 7.5               # VFE scale, paper: 7.5 (1 disables VFE)
-    eval_timesteps: str = "1,251,501,751,951"
-    eval_every: int = 500
-    eval_max_pairs: int = 0      # 0 = the whole split
-    save_every: int = 500
-    text_projection_init: str = ""  # SD1.5 official init: openai/clip-vit-large-patch14's projection
-    grad_ckpt: bool = False
-    workers: int = 4
-    threads: int = 0             # CPU intra-op threads, 0 = torch's default
-    seed: int = 0
-    resume: bool = False
+    model: str = "tiny"  # sd15 | sdxl | tiny | tiny-xl (preset and base), or a pipeline folder / id
+    base: str = ""  # base pipeline (hub id or folder) instead of --model's; then --data too
+    data: str = "yuvalkirstain/pickapic_v1"  # preference pairs: hub id or folder (see above)
+    keep: str = ""  # rows kept by mpcf.py: JSON list of train rows, or parquet / CSV `index`
+    out: str = ""  # run folder, default runs/lrm-{model}
+    resume: bool = False  # continue the run in --out from its train_state.pt
+    max_train_steps: int = 4000  # optimizer steps; paper: 4,000 (SD1.5), 8,000 (SDXL)
+    train_batch_size: int = 128  # global pairs per step; paper: 128 (SD1.5), 32 (SDXL)
+    micro_batch_size: int = 0  # pairs per rank per forward pass; 0 = auto (see above)
+    lr: float = 1e-5  # peak AdamW learning rate; paper: 1e-5
+    weight_decay: float = 0.3  # AdamW weight decay of matrices; paper: 0.3
+    warmup: int = 500  # log warm-up steps, then linear decay to 0; paper: 500 / 1000 (SDXL)
+    grad_clip: float = 1.0  # max global gradient norm; paper: 1.0
+    vfe_scale: float = 7.5  # VFE's g on the mid feature; paper: 7.5 (1 disables VFE)
+    resolution: int = 0  # image side in px; 0 = the base's (U-Net sample_size x VAE factor)
+    eval_timesteps: str = "1,251,501,751,951"  # validation t's; the first one picks best/
+    eval_every: int = 500  # steps between validations (each followed by a checkpoint)
+    eval_max_pairs: int = 0  # validation pairs used, 0 = the whole split
+    save_every: int = 500  # steps between checkpoints (train_state.pt)
+    vae_batch_size: int = 8  # images per VAE encode call (bounds its memory: ~2.4 GB each, SDXL)
+    text_projection_init: str = ""  # SD1.5 official init: openai/clip-vit-large-patch14
+    grad_ckpt: bool = False  # gradient checkpointing in the U-Net
+    workers: int = 4  # DataLoader processes decoding the JPEGs
+    threads: int = 0  # CPU intra-op threads, 0 = torch's default
+    dist_timeout: int = 180  # minutes a collective may wait (rank 0 writing SDXL checkpoints)
+    seed: int = 0  # initial heads and every pair's noise
 
-PRESETS = {"sd15": {}, "sdxl": dict(steps=8000, batch_size=32, warmup=1000, grad_ckpt=True),
-           # tiny world (1,600 pairs, 1M-param U-Net): SD's lr 1e-5 would barely move it in 200 steps;
-           # one thread, as two only spend the tiny ops' time synchronising
-           "tiny": dict(data="tiny/pickapic", steps=200, batch_size=16, lr=1e-3, weight_decay=0.01, warmup=20,
-                        eval_every=100, save_every=100, workers=0, threads=1)}
+
+PRESETS = {
+    "sd15": {},
+    "sdxl": dict(max_train_steps=8000, train_batch_size=32, warmup=1000, grad_ckpt=True,
+                 vae_batch_size=2),
+    # tiny world (1,600 pairs, 1M-parameter U-Net): the recipe of the shipped tiny/lrm; SD's lr
+    # 1e-5 would barely move it in 400 steps; one thread, as two only spend the tiny ops'
+    # time synchronising
+    "tiny": dict(data="tiny/pickapic", keep="tiny/pickapic/mpcf_keep.json", max_train_steps=400,
+                 train_batch_size=32, lr=1e-3, weight_decay=0.01, warmup=20, eval_every=100,
+                 save_every=100, workers=0, threads=1),
+}
 PRESETS["tiny-xl"] = PRESETS["tiny"]
 
+
+# ----------------------------------------------------------------------------- boilerplate
+# The same lines in every stage file (test_all.py checks they stay identical): the CLI made from
+# the Config dataclass, torchrun setup, one-line errors, the run-folder guard, atomic writes, and
+# the kill points that the resume tests use.
+PROG = os.path.basename(__file__)
+
+
+def fail(message):
+    """Bad input or a refused state: one line, `<script>: error: ...`, exit status 1."""
+    raise SystemExit(f"{PROG}: error: {message}")
+
+
+def snake_case_options(argv):
+    """--lora-rank 8, --lora-rank=8 and --no-grad-ckpt read as --lora_rank and --no-grad_ckpt."""
+    fixed = []
+    for arg in argv:
+        if arg.startswith("--"):
+            name, sep, value = arg[2:].partition("=")
+            prefix = "no-" if name.startswith("no-") else ""
+            arg = "--" + prefix + name[len(prefix):].replace("-", "_") + sep + value
+        fixed.append(arg)
+    return fixed
+
+
+def build_parser(config_class, defaults, doc):
+    """One option per Config field; its trailing comment is the --help line, with the default."""
+    helps = {}
+    for line in inspect.getsource(config_class).splitlines():
+        match = re.match(r"\s+(\w+): [^#]*#\s*(.*)", line)
+        if match:
+            helps[match[1]] = match[2]
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field in fields(config_class):
+        default = defaults[field.name]
+        help_line = f"{helps.get(field.name, '')} (default: {default!r})"
+        if isinstance(default, bool):
+            action = argparse.BooleanOptionalAction
+            parser.add_argument(f"--{field.name}", default=default, action=action, help=help_line)
+        else:
+            kind = type(default)
+            parser.add_argument(f"--{field.name}", default=default, type=kind, help=help_line)
+    return parser
+
+
+def setup_distributed(timeout_minutes):
+    """torchrun sets RANK and LOCAL_RANK; a plain `python` run is rank 0 of 1."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if "RANK" in os.environ and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        # explicit: NCCL's default (10 min) is shorter than a rank-0 save of an SDXL checkpoint
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def prepare_run_folder(out, resume):
+    """Refuse to write over a run unless resuming; create the folder; drop killed writes' *.tmp."""
+    if not resume and os.path.isdir(out) and os.listdir(out):
+        fail(f"{out} already holds a run: continue it with --resume, or pass another --out")
+    if dist.is_initialized():
+        dist.barrier()  # every rank has looked before rank 0 writes anything
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
+    try:
+        os.makedirs(out, exist_ok=True)
+        for name in os.listdir(out):
+            if name.endswith(".tmp"):
+                leftover = os.path.join(out, name)
+                if os.path.isdir(leftover):
+                    shutil.rmtree(leftover)
+                else:
+                    os.remove(leftover)
+        with open(os.path.join(out, ".write-test.tmp"), "w"):
+            pass
+        os.remove(os.path.join(out, ".write-test.tmp"))
+    except OSError as error:
+        fail(f"cannot write to {out} ({error.strerror}): pass another --out")
+
+
+def kill_point(name):
+    """Test hook: SIGKILL this process where LPO_KILL_AT names this point (the resume tests)."""
+    if os.environ.get("LPO_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to path.tmp, then rename: a file that exists at path is always complete."""
+    torch.save(obj, path + ".tmp")
+    kill_point("mid " + os.path.basename(path))
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path):
+    """torch.load, or one line naming the file and the way out when it is damaged."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        fail(f"{path} is damaged ({type(error).__name__}): delete it to restart the run, "
+             "or pass another --out")
+
+
+def log_jsonl(path, row):
+    with open(path, "a") as log_file:
+        log_file.write(json.dumps(row) + "\n")
+
+
+def truncate_log(path, last, key="step"):
+    """On resume: keep the log rows up to the checkpoint, row[key] <= last (the rest run again)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as log_file:
+        for line in log_file:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if row.get(key, 0) <= last and "final" not in row:
+                kept.append(row)
+    with open(path + ".tmp", "w") as log_file:
+        log_file.writelines(json.dumps(row) + "\n" for row in kept)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------- config parsing
+def option_given(argv, name):
+    return any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in argv)
+
+
 def get_config(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in fields(Config):   # the CLI is the dataclass: --name value, booleans as true/false
-        p.add_argument(f"--{f.name}", type=(lambda s: s.lower() in ("1", "true", "yes")) if f.type is bool else f.type)
-    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    model = args.get("model", Config.model)
-    if model not in PRESETS and "base" not in args:
-        p.error(f"--model {model!r}: expected one of {list(PRESETS)} (or give --base PATH_OR_HUB_ID)")
-    cfg = Config(**{**PRESETS.get(model, {}), **args})
-    cfg.out = cfg.out or f"runs/lrm-{model}"
+    argv = snake_case_options(sys.argv[1:] if argv is None else argv)
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--model", default=Config.model)
+    model = peek.parse_known_args(argv)[0].model
+    defaults = {**asdict(Config()), **PRESETS.get(model, {})}
+    parser = build_parser(Config, defaults, __doc__)
+    cfg = Config(**vars(parser.parse_args(argv)))
+    in_repository = os.path.join(ROOT, cfg.model)
+    local = os.path.isdir(in_repository) or os.path.isdir(cfg.model)
+    if cfg.model not in PRESETS and not local and cfg.model.count("/") != 1:
+        fail(f"--model {cfg.model!r}: expected one of {list(PRESETS)}, a pipeline folder, or a hub "
+             "id like owner/name")
+    own_base = cfg.base in ("", cfg.model, MODELS.get(cfg.model))
+    if not own_base and cfg.data.startswith("tiny/") and not option_given(argv, "data"):
+        fail(f"--base {cfg.base}: pass --data too (the {cfg.model} preset's pairs were drawn "
+             "for its own base)")
+    other_data = cfg.data != PRESETS.get(cfg.model, {}).get("data", Config.data)
+    if other_data and not option_given(argv, "keep"):
+        cfg.keep = ""  # the preset's kept rows index the preset's own data
+    checks = [
+        (cfg.max_train_steps < 1, "--max_train_steps must be at least 1"),
+        (cfg.train_batch_size < 1, "--train_batch_size must be at least 1"),
+        (cfg.micro_batch_size < 0, "--micro_batch_size must be 0 (auto) or more"),
+        (not cfg.lr > 0, "--lr must be positive"),
+        (cfg.warmup < 0, "--warmup must be 0 or more"),
+        (cfg.eval_every < 1 or cfg.save_every < 1, "--eval_every and --save_every: at least 1"),
+        (cfg.resolution < 0, "--resolution must be 0 (the base's) or a positive size"),
+        (cfg.vae_batch_size < 1, "--vae_batch_size must be at least 1"),
+        (cfg.threads < 0, "--threads must be 0 (torch's default) or more"),
+    ]
+    for broken, message in checks:
+        if broken:
+            fail(message)
+    try:
+        timesteps = [int(t) for t in cfg.eval_timesteps.split(",")]
+    except ValueError:
+        fail(f"--eval_timesteps {cfg.eval_timesteps!r}: comma-separated integers, e.g. 1,501,951")
+    if not all(0 <= t < 1000 for t in timesteps):
+        fail(f"--eval_timesteps {cfg.eval_timesteps!r}: each t in 0..999")
+    cfg.out = cfg.out or f"runs/lrm-{os.path.basename(cfg.model.rstrip('/'))}"
     return cfg
 
 
 # ----------------------------------------------------------------------------- math
-def pair_loss(s0, s1, label_0, label_1, weight):
-    """Bradley-Terry NLL of [S0, S1] with soft labels (ties 0.5/0.5), weights normalised over the
-    batch given (pass the *global* batch): sum(w / sum(w) * nll).  All (B,) -> scalar."""
-    logp = torch.log_softmax(torch.stack([s0, s1], -1).float(), -1)    # (B, 2)
-    nll = -(label_0 * logp[:, 0] + label_1 * logp[:, 1])                # (B,)
-    return (weight / weight.sum().clamp_min(1e-12) * nll).sum()
+def pair_loss(s0, s1, label_0, label_1, weight, total_weight=None):
+    """Bradley-Terry NLL of [S0, S1] with soft labels (ties 0.5/0.5): sum(w / W * nll), W the
+    weight of the *global* batch (default: weight.sum()). All (B,) -> scalar."""
+    logp = torch.log_softmax(torch.stack([s0, s1], -1).float(), -1)  # (B, 2)
+    nll = -(label_0 * logp[:, 0] + label_1 * logp[:, 1])  # (B,)
+    total = weight.sum() if total_weight is None else total_weight
+    return (weight / total.clamp_min(1e-12) * nll).sum()
+
+
+def learning_rate(step, cfg):
+    """DeepSpeed WarmupDecayLR (the official LRM config) with its default log warm-up, at
+    optimizer step `step` (0-based): peak * ln(step + 1) / ln(W), then linear decay to 0 at T."""
+    warmup = max(cfg.warmup, 2)  # as DeepSpeed
+    if step < warmup:
+        return cfg.lr * math.log(step + 1) / math.log(warmup)
+    remaining = (cfg.max_train_steps - step) / max(1, cfg.max_train_steps - warmup)
+    return cfg.lr * max(0.0, remaining)
+
+
+def pair_credit(s0, s1, label_0, label_1):
+    """The official evaluation's score of each pair: label of the image scored higher (1 or 0
+    on a decisive pair, 0.5 on a tie; 0 when the scores are equal). All (B,) -> (B,)."""
+    return (s0 > s1).float() * label_0 + (s0 < s1).float() * label_1
 
 
 # ----------------------------------------------------------------------------- data
-def load_pairs(data, split, keep=""):
-    """A Pick-a-Pic-schema split (hub id, parquet folder or save_to_disk folder), restricted to
-    mpcf.py's kept rows, without unlabelled pairs or identical images. Images stay JPEG bytes."""
+def split_files(folder, split):
+    """Parquet files of a split named by file: train.parquet, train-*.parquet, train/*.parquet..."""
+    import glob
+    patterns = [f"{split}.parquet", f"{split}-*.parquet", f"{split}/*.parquet",
+                f"data/{split}.parquet", f"data/{split}-*.parquet"]
+    for pattern in patterns:
+        files = sorted(glob.glob(os.path.join(folder, pattern)))
+        if files:
+            return files
+    return []
+
+
+def open_split(data, split):
+    """One split of --data (the layouts in the docstring) as a datasets.Dataset."""
     import datasets
+    datasets.disable_progress_bars()
     local = os.path.join(ROOT, data) if data.startswith("tiny/") else data
-    ds = datasets.load_from_disk(local)[split] if os.path.exists(os.path.join(local, "dataset_dict.json")) \
-        else datasets.load_dataset(local if os.path.isdir(local) else data, split=split)
-    missing = [c for c in COLUMNS if c not in ds.column_names]
+    try:
+        if os.path.exists(os.path.join(local, "dataset_dict.json")):
+            return datasets.load_from_disk(local)[split]
+        if os.path.isdir(local) and split_files(local, split):
+            files = split_files(local, split)
+            return datasets.load_dataset("parquet", data_files=files, split="train")
+        return datasets.load_dataset(local if os.path.isdir(local) else data, split=split)
+    except Exception as error:
+        first_line = (str(error) or "?").splitlines()[0][:150]
+        reason = f"{type(error).__name__}: {first_line}"
+        raise ValueError(f"dataset {data!r} has no readable split {split!r} ({reason})") from None
+
+
+def read_keep(keep, n_rows):
+    """mpcf.py's kept rows: a JSON list of row indices, or a parquet / CSV table with `index`."""
+    import pandas as pd
+    path = os.path.join(ROOT, keep) if keep.startswith("tiny/") else keep
+    try:
+        if path.endswith(".json"):
+            with open(path) as keep_file:
+                rows = json.load(keep_file)
+        elif path.endswith(".parquet"):
+            rows = pd.read_parquet(path)["index"].tolist()
+        else:
+            rows = pd.read_csv(path)["index"].tolist()
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"--keep {keep}: not a list of row indices ({error!r})") from None
+    if not isinstance(rows, list) or not all(isinstance(row, int) for row in rows):
+        raise ValueError(f"--keep {keep}: expected a list of integer row indices")
+    outside = [row for row in rows if not 0 <= row < n_rows]
+    if outside:
+        raise ValueError(f"--keep {keep}: row {outside[0]} is outside the train split's "
+                         f"{n_rows} rows (a keep file of another dataset?)")
+    return sorted(rows)
+
+
+def load_pairs(data, split, keep=""):
+    """A Pick-a-Pic-schema split, restricted to mpcf.py's kept rows, without unlabelled pairs or
+    identical images. Images stay JPEG bytes."""
+    pairs = open_split(data, split)
+    missing = [c for c in COLUMNS if c not in pairs.column_names]
     if missing:
-        raise ValueError(f"dataset {data!r} split {split!r} has no column {missing[0]!r} (it has {ds.column_names})")
-    if keep:   # row indices into the split as published
-        import pandas as pd
-        rows = json.load(open(keep)) if keep.endswith(".json") else \
-            (pd.read_parquet(keep) if keep.endswith(".parquet") else pd.read_csv(keep))["index"].tolist()
-        ds = ds.select(sorted(int(i) for i in rows))
-    return ds.select([i for i, (h, d) in enumerate(zip(ds["has_label"], ds["are_different"])) if h and d])
+        raise ValueError(f"dataset {data!r} split {split!r} has no column {missing[0]!r} "
+                         f"(it has {pairs.column_names})")
+    for column in NUMERIC_COLUMNS:
+        kind = getattr(pairs.features[column], "dtype", "")
+        if not kind.startswith(("float", "int", "bool")):
+            raise ValueError(f"dataset {data!r} split {split!r}: column {column!r} holds "
+                             f"{kind or pairs.features[column]}, not numbers")
+    if keep:  # row indices into the split as published
+        pairs = pairs.select(read_keep(keep, len(pairs)))
+    flags = zip(pairs["has_label"], pairs["are_different"])
+    usable = [i for i, (labelled, different) in enumerate(flags) if labelled and different]
+    return pairs.select(usable)
+
+
+def decode_pair(example, resolution):
+    """Both images of a row -> uint8 (2, H, W, 3); raises on an undecodable image."""
+    images = []
+    for image in (example["jpg_0"], example["jpg_1"]):
+        if not isinstance(image, Image.Image):
+            raw = image["bytes"] if isinstance(image, dict) else image
+            image = Image.open(io.BytesIO(raw))
+        image = image.convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+        images.append(np.array(image))
+    return torch.from_numpy(np.stack(images))
+
 
 class Pairs(torch.utils.data.Dataset):
-    """(epoch, row) -> both images in [-1, 1] and the pair's own randomness, from a generator seeded
-    by (seed, epoch, row). An undecodable image gives a blank pair of weight 0 (shapes must match)."""
-    def __init__(self, ds, res, latent_shape, grid, seed):
-        self.ds, self.res, self.shape, self.grid, self.seed = ds, res, latent_shape, grid, seed
+    """(epoch, row) -> both images in [-1, 1] and the pair's own randomness, from a generator
+    seeded by (seed, epoch, row). An undecodable image gives a blank pair of weight 0 (shapes
+    must match)."""
+
+    def __init__(self, pairs, resolution, latent_shape, timestep_grid, seed):
+        self.pairs = pairs
+        self.resolution = resolution
+        self.latent_shape = latent_shape
+        self.timestep_grid = timestep_grid
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.pairs)
 
     def __getitem__(self, key):
-        (epoch, row), bad = key, False
-        ex, gen = self.ds[row], torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + row)
+        epoch, row = key
+        example = self.pairs[row]
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + row)
+        bad = False
         try:
-            ims = [x if isinstance(x, Image.Image) else Image.open(io.BytesIO(x["bytes"] if isinstance(x, dict) else x))
-                   for x in (ex["jpg_0"], ex["jpg_1"])]
-            px = torch.from_numpy(np.stack([np.array(im.convert("RGB").resize((self.res,) * 2, Image.BICUBIC)) for im in ims]))
+            pixels = decode_pair(example, self.resolution)  # (2, H, W, 3)
         except Exception:
-            px, bad = torch.zeros(2, self.res, self.res, 3, dtype=torch.uint8), True
-        return dict(px=px.permute(0, 3, 1, 2).float() / 127.5 - 1, caption=ex["caption"], bad=bad,  # (2, 3, H, W)
-                    label=torch.tensor([ex["label_0"], ex["label_1"]], dtype=torch.float32),
-                    weight=torch.tensor(0.0 if bad else 1.0 / max(ex["num_example_per_prompt"], 1)),  # paper: 1/n
-                    t=self.grid[torch.randint(len(self.grid), (), generator=gen)],      # one t for both images
-                    eps=torch.randn(2, 2, *self.shape, generator=gen))                 # (image, VAE|noise, C, h, w)
+            pixels = torch.zeros(2, self.resolution, self.resolution, 3, dtype=torch.uint8)
+            bad = True
+        pick = torch.randint(len(self.timestep_grid), (), generator=generator)
+        labels = [example["label_0"], example["label_1"]]
+        # paper: each pair weighs 1 / (pairs of its prompt)
+        weight = 0.0 if bad else 1.0 / max(example["num_example_per_prompt"], 1)
+        return dict(
+            px=pixels.permute(0, 3, 1, 2).float() / 127.5 - 1,  # (2, 3, H, W)
+            caption=example["caption"],
+            bad=bad,
+            label=torch.tensor(labels, dtype=torch.float32),  # (2,)
+            weight=torch.tensor(weight),
+            t=self.timestep_grid[pick],  # one t for both images
+            # (image, VAE sample | added noise, C, h, w)
+            eps=torch.randn(2, 2, *self.latent_shape, generator=generator),
+        )
 
-def steps_sampler(n, global_bs, rank, world, seed, start, steps):
-    """Global batch k = rows perm_e[k*G:(k+1)*G] of epoch e's shuffle, each rank its contiguous share."""
-    per_epoch, b = n // global_bs, global_bs // world
+
+def steps_sampler(n, global_batch, rank, world, seed, start, steps):
+    """Global batch k = rows perm_e[k*G:(k+1)*G] of epoch e's shuffle, each rank its contiguous
+    share."""
+    per_epoch = n // global_batch
+    share = global_batch // world
     for step in range(start, steps):
         epoch, k = divmod(step, per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        yield from ((epoch, int(r)) for r in perm[k * global_bs + rank * b:k * global_bs + (rank + 1) * b])
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        first = k * global_batch + rank * share
+        for row in order[first:first + share]:
+            yield epoch, int(row)
+
 
 @torch.no_grad()
-def encode_images(vae, px, eps):
-    """latent_dist.sample() with the given noise, times vae.config.scaling_factor (not 0.18215)."""
-    d = vae.encode(px.to(vae.device, vae.dtype)).latent_dist
-    return (d.mean + d.std * eps.to(d.mean)) * vae.config.scaling_factor
+def encode_images(vae, pixels, noise, vae_batch_size=8):
+    """latent_dist.sample() with the given noise, times vae.config.scaling_factor (not 0.18215),
+    vae_batch_size images per VAE call: the VAE's memory does not grow with the batch."""
+    latents = []
+    for start in range(0, len(pixels), vae_batch_size):
+        chunk = pixels[start:start + vae_batch_size].to(vae.device, vae.dtype)  # (c, 3, H, W)
+        posterior = vae.encode(chunk).latent_dist
+        chunk_noise = noise[start:start + vae_batch_size].to(posterior.mean)
+        latents.append(posterior.mean + posterior.std * chunk_noise)  # (c, C, h, w)
+    return torch.cat(latents) * vae.config.scaling_factor
 
-def pair_latents(vae, batch, dev):
-    """A collated batch of Pairs -> clean latents and the noise to add, both (2b, C, h, w), pairs adjacent."""
-    eps = batch["eps"].flatten(0, 1).to(dev)                                  # (2b, VAE|noise, C, h, w)
-    return encode_images(vae, batch["px"].flatten(0, 1), eps[:, 0]).to(dev), eps[:, 1]
+
+def pair_latents(vae, batch, device, vae_batch_size=8):
+    """A collated batch of Pairs -> clean latents and the noise to add, both (2b, C, h, w), pairs
+    adjacent."""
+    eps = batch["eps"].flatten(0, 1).to(device)  # (2b, VAE|noise, C, h, w)
+    pixels = batch["px"].flatten(0, 1)  # (2b, 3, H, W)
+    latents = encode_images(vae, pixels, eps[:, 0], vae_batch_size).to(device)
+    return latents, eps[:, 1]
+
+
+def latent_shape(vae, resolution):
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return (vae.config.latent_channels, resolution // factor, resolution // factor)
+
 
 @torch.no_grad()
-def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pairs=0):
-    """{t: accuracy} on the decisive pairs of a split (from load_pairs), both images noised to t
-    with fixed per-pair noise. Sharded over ranks when torch.distributed is initialised."""
+def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pairs=0,
+                  vae_batch_size=8):
+    """Accuracy at each t on a split (from load_pairs), both images noised to t with fixed
+    per-pair noise, two ways: {"decisive": {t: on decisive pairs}, "ties_half": {t: official, a
+    tie scoring 0.5}}. Sharded over ranks when torch.distributed is initialised."""
     base = resolve_model(lrm.config["base"])
-    vae, sched = vae or AutoencoderKL.from_pretrained(base, subfolder="vae"), DDPMScheduler.from_pretrained(base, subfolder="scheduler")
-    dev, (rank, world) = lrm.logit_scale.device, (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    rows = [i for i, (a, b) in enumerate(zip(pairs["label_0"], pairs["label_1"])) if a != b][:max_pairs or None]
-    f = lrm.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-    data, hits = Pairs(pairs, lrm.resolution, (vae.config.latent_channels, f, f), [0], seed), torch.zeros(len(timesteps) + 1)
-    was_training, amp = lrm.training, torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda")
+    vae = vae or AutoencoderKL.from_pretrained(base, subfolder="vae")
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    device = lrm.logit_scale.device
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rows = list(range(len(pairs)))[:max_pairs or None]
+    data = Pairs(pairs, lrm.resolution, latent_shape(vae, lrm.resolution), [0], seed)
+    # per t: correct decisive pairs, official credit; then decisive pairs, all pairs
+    totals = torch.zeros(2 * len(timesteps) + 2, dtype=torch.float64)
+    was_training = lrm.training
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     lrm.eval()
-    for i in range(rank * batch_size, len(rows), world * batch_size):
-        batch = torch.utils.data.default_collate([data[(0, r)] for r in rows[i:i + batch_size]])
-        lat, noise = pair_latents(vae, batch, dev)                                             # (2b, C, h, w)
-        text = lrm.encode_text([c for c in batch["caption"] for _ in range(2)])
-        win0 = batch["label"][:, 0] > batch["label"][:, 1]                                      # (b,)
+    for start in range(rank * batch_size, len(rows), world * batch_size):
+        items = [data[(0, row)] for row in rows[start:start + batch_size]]
+        batch = torch.utils.data.default_collate(items)
+        latents, noise = pair_latents(vae, batch, device, vae_batch_size)  # (2b, C, h, w)
+        text = lrm.encode_text([caption for caption in batch["caption"] for _ in range(2)])
+        label_0 = batch["label"][:, 0]  # (b,)
+        label_1 = batch["label"][:, 1]
+        good = ~batch["bad"]  # an undecodable pair casts no vote
+        decisive = (label_0 != label_1) & good
         for j, t in enumerate(timesteps):
-            tt = torch.full((len(lat),), t, dtype=torch.long, device=dev)
-            with amp:
-                s = lrm.score(sched.add_noise(lat, noise, tt), tt, text=text).cpu()            # (2b,)
-            hits[j] += (((s[0::2] > s[1::2]) == win0) & ~batch["bad"]).sum()   # an undecodable pair: no vote
-        hits[-1] += (~batch["bad"]).sum()
+            t_batch = torch.full((len(latents),), t, dtype=torch.long, device=device)
+            noisy = noise_scheduler.add_noise(latents, noise, t_batch)
+            with autocast:
+                scores = lrm.score(noisy, t_batch, text=text).float().cpu()  # (2b,)
+            s0 = scores[0::2]
+            s1 = scores[1::2]
+            totals[2 * j] += (((s0 > s1) == (label_0 > label_1)) & decisive).sum()
+            totals[2 * j + 1] += (pair_credit(s0, s1, label_0, label_1) * good).sum()
+        totals[-2] += decisive.sum()
+        totals[-1] += good.sum()
     lrm.train(was_training)
     if world > 1:
-        dist.all_reduce(hits := hits.to(dev))
-    return {t: (hits[j] / hits[-1].clamp_min(1)).item() for j, t in enumerate(timesteps)}
+        totals = totals.to(device)
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+    n_decisive = totals[-2].clamp_min(1).item()
+    n_all = totals[-1].clamp_min(1).item()
+    decisive_acc = {}
+    official_acc = {}
+    for j, t in enumerate(timesteps):
+        decisive_acc[t] = totals[2 * j].item() / n_decisive
+        official_acc[t] = totals[2 * j + 1].item() / n_all
+    return {"decisive": decisive_acc, "ties_half": official_acc}
 
 
-# ----------------------------------------------------------------------------- distributed + logging
-warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
+# ----------------------------------------------------------------------------- distributed
+warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprec")
 
-def setup_distributed():
-    cuda, local = torch.cuda.is_available(), int(os.environ.get("LOCAL_RANK", 0))
-    dev = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if "RANK" in os.environ:
-        if cuda:
-            torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return (dist.get_rank(), dist.get_world_size(), dev) if dist.is_initialized() else (0, 1, dev)
 
 def gather(x):
-    """Autograd-aware all_gather: the loss sees the global batch, gradients flow back to each rank."""
-    return torch.cat(torch.distributed.nn.functional.all_gather(x)) if dist.is_initialized() else x
+    """Autograd-aware all_gather: the loss sees the global batch, gradients flow back to each
+    rank."""
+    if not dist.is_initialized():
+        return x
+    return torch.cat(torch.distributed.nn.functional.all_gather(x))
+
 
 def average_gradients(params, world):
     """Each rank computed the same global loss, and all_gather's backward sums over ranks, so each
     holds world x its share of the gradient: the mean over ranks is the full-batch gradient."""
     grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])   # one collective, not one per tensor
+    flat = torch.cat([g.flatten() for g in grads])  # one collective, not one per tensor
     dist.all_reduce(flat)
-    for g, new in zip(grads, flat.div_(world).split([g.numel() for g in grads])):
-        g.copy_(new.view_as(g))
+    flat.div_(world)
+    for grad, new in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(new.view_as(grad))
 
-def log_jsonl(path, rec):
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+
+def agree_all_finite(loss, grad_norm, device):
+    """True on every rank when the loss and gradient are finite on every rank."""
+    broken = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    flag = torch.tensor(float(broken), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0
+
+
+# ----------------------------------------------------------------------------- training step
+def train_step(lrm, vae, noise_scheduler, batch, micro_batch_size, device, vae_batch_size=8):
+    """Forward and backward of one global batch, micro_batch_size pairs per rank per pass
+    (gradient accumulation); each pass's loss is normalised by the weight of the *whole* global
+    batch, so the summed gradients are the full batch's. -> loss (float), and the gathered
+    scores (G, 2), labels (G, 2), weights (G,) in the order of the micro-batches."""
+    total_weight = gather(batch["weight"].to(device)).sum()
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    loss = 0.0
+    seen = {"scores": [], "labels": [], "weights": []}
+    for start in range(0, len(batch["t"]), micro_batch_size):
+        part = slice(start, start + micro_batch_size)
+        micro = {key: value[part] for key, value in batch.items()}
+        latents, noise = pair_latents(vae, micro, device, vae_batch_size)  # (2m, C, h, w)
+        t = micro["t"].to(device).repeat_interleave(2)  # (2m,): one t for both images of a pair
+        noisy = noise_scheduler.add_noise(latents, noise, t)  # independent noise per image
+        prompts = [caption for caption in micro["caption"] for _ in range(2)]
+        with autocast:
+            scores = lrm.score(noisy, t, prompts=prompts).view(-1, 2)  # (m, 2)
+        scores = gather(scores)  # (world * m, 2)
+        labels = gather(micro["label"].to(device))  # (world * m, 2)
+        weights = gather(micro["weight"].to(device))  # (world * m,)
+        part_loss = pair_loss(scores[:, 0], scores[:, 1], labels[:, 0], labels[:, 1], weights,
+                              total_weight)
+        part_loss.backward()
+        loss += part_loss.item()
+        seen["scores"].append(scores.detach().float())
+        seen["labels"].append(labels)
+        seen["weights"].append(weights)
+    gathered = {key: torch.cat(values) for key, values in seen.items()}
+    return loss, gathered["scores"], gathered["labels"], gathered["weights"]
+
+
+def batch_accuracy(scores, labels):
+    """Share of the decisive pairs whose winner scored higher. (G, 2), (G, 2) -> float."""
+    decisive = labels[:, 0] != labels[:, 1]
+    higher_0 = scores[:, 0] > scores[:, 1]
+    right = higher_0 == (labels[:, 0] > labels[:, 1])
+    return right[decisive].float().mean().item()
+
+
+def choose_micro_batch(cfg, per_rank, lrm, device):
+    """--micro_batch_size, or auto: on CPU the whole per-rank share; on CUDA the largest divisor
+    of it that the GPU holds by the ACTIVATION_GB_PER_PAIR estimate, after fp32 weights,
+    gradients and Adam's two moments (16 bytes per trainable parameter)."""
+    if cfg.micro_batch_size:
+        return cfg.micro_batch_size
+    if device.type != "cuda":
+        return per_rank
+    total_gb = torch.cuda.get_device_properties(device).total_memory / 2**30
+    trainable = sum(p.numel() for p in lrm.parameters() if p.requires_grad)
+    fixed_gb = 16 * trainable / 2**30
+    area = (lrm.resolution / 512) ** 2
+    pair_gb = ACTIVATION_GB_PER_PAIR * area * (0.25 if cfg.grad_ckpt else 1.0)
+    fits = max(1, int((0.85 * total_gb - fixed_gb) / pair_gb))
+    return max(d for d in range(1, per_rank + 1) if per_rank % d == 0 and d <= fits)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def write_or_fail(path, write, *args):
+    """Run a write; a full disk or a lost folder ends the run in one line."""
+    try:
+        write(*args)
+    except (OSError, RuntimeError) as error:
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0][:120]
+        fail(f"cannot write {path} ({reason}): free some space, then continue with --resume")
+
+
+def publish_lrm(lrm, folder, staging, name):
+    """Save an LRM to staging (a *.tmp folder), then move it into folder, lrm_config.json last: a
+    kill leaves the old or the new complete LRM, or a folder without lrm_config.json and the
+    *.tmp, which the resumed run removes and writes again (its checkpoint is written later)."""
+    shutil.rmtree(staging, ignore_errors=True)
+    lrm.save_pretrained(staging)
+    os.makedirs(folder, exist_ok=True)
+    config = os.path.join(folder, "lrm_config.json")
+    if os.path.exists(config):
+        os.remove(config)  # the folder is incomplete until the new config lands
+    for entry in sorted(os.listdir(staging)):
+        if entry == "lrm_config.json":
+            continue
+        target = os.path.join(folder, entry)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        elif os.path.exists(target):
+            os.remove(target)
+        os.rename(os.path.join(staging, entry), target)
+        kill_point("mid " + name)
+    os.rename(os.path.join(staging, "lrm_config.json"), config)
+    os.rmdir(staging)
+
+
+def save_checkpoint(path, lrm, optimizer, counters, cfg, world):
+    """train_state.pt: weights, AdamW's state, the counters, the settings and the world size."""
+    checkpoint = {"model": lrm.state_dict(), "optimizer": optimizer.state_dict(), **counters,
+                  "rng": torch.get_rng_state(), "cfg": asdict(cfg), "world": world}
+    kill_point("before train_state.pt")
+    write_or_fail(path, atomic_torch_save, checkpoint, path)
+    kill_point("after train_state.pt")
+
+
+def check_resume(state, cfg, world):
+    """Refuse a checkpoint made with other meaning-changing settings (one line listing each);
+    return the changes of RESUMABLE settings, which take effect."""
+    saved = state["cfg"]
+    now = asdict(cfg)
+    fixed = [key for key in now if key not in RESUMABLE + MECHANICS]
+    differences = [f"--{key} {saved.get(key)!r} -> {now[key]!r}"
+                   for key in fixed if saved.get(key) != now[key]]
+    if state.get("world") != world:
+        differences.append(f"processes {state.get('world')} -> {world}")
+    if differences:
+        fail(f"--resume: {cfg.out} was trained with other settings ({'; '.join(differences)}): "
+             "run with its settings, or pass another --out")
+    if state["step"] > cfg.max_train_steps:
+        fail(f"--resume: {cfg.out} is at step {state['step']}, past --max_train_steps "
+             f"{cfg.max_train_steps}")
+    return {key: [saved[key], now[key]] for key in RESUMABLE if saved.get(key) != now[key]}
+
+
+def pick_resolution(base, requested):
+    """--resolution, or the base's own (U-Net sample_size x VAE factor); refuse sizes that the
+    VAE and the U-Net's downsampling cannot produce."""
+    vae_config = AutoencoderKL.load_config(base, subfolder="vae")
+    unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")
+    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    multiple = vae_factor * 2 ** (len(unet_config["block_out_channels"]) - 1)
+    resolution = requested or unet_config["sample_size"] * vae_factor
+    if resolution % multiple:
+        fail(f"--resolution {requested}: {base} needs a multiple of {multiple} px "
+             "(VAE factor x U-Net downsampling), or 0 for its own size")
+    return resolution
+
+
+def non_finite_message(step, loss, grad_norm, state_path):
+    what = (f"non-finite loss or gradient at step {step} (loss {loss:.4g}, gradient norm "
+            f"{grad_norm:.4g}); stopped before the optimizer step, nothing saved from it")
+    if os.path.exists(state_path):
+        return (f"{what}; the last good checkpoint {state_path} is kept: continue it with "
+                "--resume and a lower --lr")
+    return f"{what}; no checkpoint yet: start again with --resume and a lower --lr"
+
+
+def evaluate(lrm, pairs, timesteps, vae, cfg):
+    """pair_accuracy with the run's settings (fixed noise from --seed)."""
+    return pair_accuracy(lrm, pairs, timesteps, vae, max_pairs=cfg.eval_max_pairs, seed=cfg.seed,
+                         vae_batch_size=cfg.vae_batch_size)
+
+
+def log_validation(log_path, step, accuracy):
+    """One metrics.jsonl row with both accuracies at each t, and a line on the console."""
+    row = {"step": step}
+    for t, value in accuracy["decisive"].items():
+        row[f"val_acc@{t}"] = value
+    for t, value in accuracy["ties_half"].items():
+        row[f"val_acc_ties_half@{t}"] = value
+    log_jsonl(log_path, row)
+    shown = " ".join(f"t={t}: {a:.3f}" for t, a in accuracy["decisive"].items())
+    tqdm.write(f"step {step} validation accuracy (decisive pairs) {shown}")
+
+
+def print_table(table, timesteps):
+    """The accuracy-vs-t table of the final LRM: noise awareness at a glance."""
+    splits = list(table)
+    print("\naccuracy: decisive pairs / official (every pair, a tie scoring 0.5)")
+    print("   t | " + " | ".join(f"{split:^17}" for split in splits))
+    for t in timesteps:
+        cells = []
+        for split in splits:
+            decisive = table[split]["decisive"][t]
+            official = table[split]["ties_half"][t]
+            cells.append(f"{decisive:.3f} / {official:.3f}")
+        print(f"{t:4d} | " + " | ".join(f"{cell:^17}" for cell in cells))
 
 
 # ----------------------------------------------------------------------------- main
 def main(cfg):
-    rank, world, dev = setup_distributed()
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch_size {cfg.batch_size} is not divisible by the {world} processes")
-    base = resolve_model(cfg.base or cfg.model)                       # clear errors before heavy loading
-    train, val = load_pairs(cfg.data, "train", cfg.keep), load_pairs(cfg.data, "validation_unique")
-    if len(train) < cfg.batch_size:
-        raise ValueError(f"{cfg.data}: {len(train)} usable train pairs < --batch_size {cfg.batch_size}")
-    os.makedirs(cfg.out, exist_ok=True)
+    rank, world, device = setup_distributed(cfg.dist_timeout)
+    if cfg.train_batch_size % world:
+        fail(f"--train_batch_size {cfg.train_batch_size} is not divisible by {world} processes")
+    per_rank = cfg.train_batch_size // world
+    if cfg.micro_batch_size and per_rank % cfg.micro_batch_size:
+        fail(f"--micro_batch_size {cfg.micro_batch_size} does not divide the {per_rank} pairs "
+             "of each process")
+    state_path = os.path.join(cfg.out, "train_state.pt")
+    log_path = os.path.join(cfg.out, "metrics.jsonl")
+    state = None
+    if cfg.resume and os.path.exists(state_path):
+        state = load_checkpoint(state_path)
+        changes = check_resume(state, cfg, world)
+    prepare_run_folder(cfg.out, cfg.resume)
+    try:  # bad input: one clear line before any heavy loading
+        base = resolve_model(cfg.base or cfg.model)
+        resolution = pick_resolution(base, cfg.resolution)
+        train = load_pairs(cfg.data, "train", cfg.keep)
+        val = load_pairs(cfg.data, "validation_unique")
+        test = load_pairs(cfg.data, "test_unique")
+    except (ValueError, OSError) as error:
+        fail(str(error))
+    if len(train) < cfg.train_batch_size:
+        fail(f"{cfg.data}: {len(train)} usable train pairs < --train_batch_size "
+             f"{cfg.train_batch_size}")
     transformers.utils.logging.disable_progress_bar()
-    threads0 = torch.get_num_threads()   # restored at the end: main() may run inside another program
-    torch.set_num_threads(cfg.threads or threads0)
-    torch.manual_seed(cfg.seed)                                       # the same fresh heads on every rank
-    lrm = LatentRewardModel.from_base(cfg.base or cfg.model, g=cfg.g, text_projection_init=cfg.text_projection_init)
-    lrm.to(dev).train()
+    threads_before = torch.get_num_threads()  # restored at the end: main() may run in a program
+    torch.set_num_threads(cfg.threads or threads_before)
+    torch.manual_seed(cfg.seed)  # the same fresh heads on every rank
+    lrm = LatentRewardModel.from_base(cfg.base or cfg.model, g=cfg.vfe_scale, resolution=resolution,
+                                      text_projection_init=cfg.text_projection_init)
+    lrm.to(device).train()
     if cfg.grad_ckpt:
         lrm.unet.enable_gradient_checkpointing()
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae").to(dev).requires_grad_(False)  # fp32: SDXL's overflows in fp16
-    noise_sched, ddim = (c.from_pretrained(base, subfolder="scheduler") for c in (DDPMScheduler, DDIMScheduler))
+    # fp32: SDXL's VAE overflows in fp16
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae").to(device).requires_grad_(False)
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    ddim = DDIMScheduler.from_pretrained(base, subfolder="scheduler")
     ddim.set_timesteps(20)
-    grid = sorted(ddim.timesteps.tolist())                             # paper: the 20-step grid 1, 51, ..., 951
+    timestep_grid = sorted(ddim.timesteps.tolist())  # paper: the 20-step grid 1, 51, ..., 951
     params = [p for p in lrm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)
-    warm, decay = max(cfg.warmup, 1), max(cfg.steps - cfg.warmup, 1)  # linear warmup, then linear decay to 0
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (cfg.steps - s) / decay)))
-    step, best, n_bad, n_seen, last_val = 0, -1.0, 0, 0, None
-    state_path, log_path = os.path.join(cfg.out, "train_state.pt"), os.path.join(cfg.out, "metrics.jsonl")
-    if cfg.resume and os.path.exists(state_path):
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
-        lrm.load_state_dict(st["model"]), opt.load_state_dict(st["opt"]), sched.load_state_dict(st["sched"])
-        step, best, n_bad, n_seen = st["step"], st["best"], st["n_bad"], st["n_seen"]
-        torch.set_rng_state(st["rng"])
-    f = lrm.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-    data = Pairs(train, lrm.resolution, (vae.config.latent_channels, f, f), grid, cfg.seed)
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size // world, num_workers=cfg.workers,
-                                         sampler=steps_sampler(len(train), cfg.batch_size, rank, world, cfg.seed, step, cfg.steps))
-    amp = torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda")   # paper: bf16
-    ts = [int(t) for t in cfg.eval_timesteps.split(",")]
-    evaluate = lambda pairs: pair_accuracy(lrm, pairs, ts, vae, max_pairs=cfg.eval_max_pairs, seed=cfg.seed)
-    pbar, t0, step0 = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="lrm"), time.time(), step
+    matrices = [p for p in params if p.ndim >= 2]
+    vectors = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.weight_decay},
+                                   {"params": vectors, "weight_decay": 0.0}], lr=cfg.lr)
+    step = 0
+    best = -1.0
+    n_bad = 0
+    n_seen = 0
+    if state is not None:
+        lrm.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+        best = state["best"]
+        n_bad = state["n_bad"]
+        n_seen = state["n_seen"]
+        if rank == 0:
+            print(f"resuming {cfg.out} at step {step}")
+            for key, (old, new) in changes.items():
+                print(f"  {key} {old} -> {new}")
+            if changes:
+                log_jsonl(log_path, {"step": step, "resumed_with": changes})
+    if cfg.resume and rank == 0:
+        truncate_log(log_path, step)  # rows past the checkpoint will be logged again
+    first_step = step
+    micro_batch = choose_micro_batch(cfg, per_rank, lrm, device)
+    if rank == 0:
+        print(f"{cfg.train_batch_size} pairs a step: {per_rank} per process in micro-batches of "
+              f"{micro_batch} ({per_rank // micro_batch} accumulated), {world} process(es)")
+    shape = latent_shape(vae, resolution)
+    dataset = Pairs(train, resolution, shape, timestep_grid, cfg.seed)
+    sampler = steps_sampler(len(train), cfg.train_batch_size, rank, world, cfg.seed, step,
+                            cfg.max_train_steps)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, num_workers=cfg.workers,
+                                         sampler=sampler)
+    steps_per_epoch = len(train) // cfg.train_batch_size
+    timesteps = [int(t) for t in cfg.eval_timesteps.split(",")]
+    final_staging = os.path.join(cfg.out, "final.tmp")
+    last_val = None
+    progress = tqdm(total=cfg.max_train_steps, initial=step, disable=rank != 0, desc="lrm")
+    start_time = time.time()
     for batch in loader:
-        lat, noise = pair_latents(vae, batch, dev)                        # (2b, C, h, w), frozen VAE
-        t = batch["t"].to(dev).repeat_interleave(2)                       # (2b,): one t for both images of a pair
-        x_t = noise_sched.add_noise(lat, noise, t)                        # independent noise per image
-        with amp:
-            s = lrm.score(x_t, t, prompts=[c for c in batch["caption"] for _ in range(2)]).view(-1, 2)   # (b, 2)
-        s, lab, w = gather(s), gather(batch["label"].to(dev)), gather(batch["weight"].to(dev))   # (G, 2), (G, 2), (G,)
-        loss = pair_loss(s[:, 0], s[:, 1], lab[:, 0], lab[:, 1], w)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss, scores, labels, weights = train_step(lrm, vae, noise_scheduler, batch, micro_batch,
+                                                   device, cfg.vae_batch_size)
         if world > 1:
             average_gradients(params, world)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step(), sched.step()
-        step, n_bad, n_seen = step + 1, n_bad + int((w == 0).sum()), n_seen + len(w)   # weight 0 = undecodable
-        if n_bad > 0.01 * n_seen and n_seen >= min(100, len(train)):  # same gathered w on every rank: all stop
-            raise SystemExit(f"{cfg.data}: {n_bad} of {n_seen} pairs had an undecodable image (more than 1%)")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        if not agree_all_finite(loss, grad_norm, device):
+            fail(non_finite_message(step + 1, loss, grad_norm, state_path))
+        optimizer.step()
+        step += 1
+        kill_point(f"step {step}")
+        n_bad += int((weights == 0).sum())  # weight 0 = an undecodable image
+        n_seen += len(weights)
+        if (step % steps_per_epoch == 0 or step == cfg.max_train_steps) and n_bad > 0.01 * n_seen:
+            fail(f"{cfg.data}: {n_bad} of {n_seen} pairs had an undecodable image (more than "
+                 "1%): check the image columns")
         if rank == 0:
-            dec = lab[:, 0] != lab[:, 1]
-            rec = dict(step=step, loss=loss.item(), acc=((s[:, 0] > s[:, 1]) == (lab[:, 0] > lab[:, 1]))[dec].float().mean().item(),
-                       lr=sched.get_last_lr()[0], grad_norm=gnorm.item(), logit_scale=lrm.logit_scale.item(),
-                       pairs_per_s=(step - step0) * cfg.batch_size / (time.time() - t0), bad_pairs=n_bad)
-            log_jsonl(log_path, rec)
-            pbar.update(1), pbar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.2f}")
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            acc = last_val = evaluate(val)
+            per_second = cfg.train_batch_size / (time.time() - start_time)
+            row = dict(step=step, loss=loss, acc=batch_accuracy(scores, labels), lr=lr,
+                       grad_norm=grad_norm, logit_scale=lrm.logit_scale.item(),
+                       pairs_per_s=(step - first_step) * per_second, bad_pairs=n_bad)
+            log_jsonl(log_path, row)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.3f}", acc=f"{row['acc']:.2f}")
+        evaluating = step % cfg.eval_every == 0 or step == cfg.max_train_steps
+        if evaluating:
+            last_val = evaluate(lrm, val, timesteps, vae, cfg)
+            accuracy = last_val["decisive"][timesteps[0]]  # paper: validation accuracy at t = 1
             if rank == 0:
-                log_jsonl(log_path, {"step": step, **{f"val_acc@{t}": a for t, a in acc.items()}})
-                tqdm.write(f"step {step} val acc " + " ".join(f"t={t}: {a:.3f}" for t, a in acc.items()))
-                if acc[ts[0]] > best:                                     # paper: validation accuracy at t = 1
-                    lrm.save_pretrained(os.path.join(cfg.out, "best"))
-            best = max(best, acc[ts[0]])
-        if step % cfg.save_every == 0 or step % cfg.eval_every == 0 or step == cfg.steps:
-            if rank == 0:                                                 # temp file + rename: never half a checkpoint
-                torch.save({"model": lrm.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-                            "best": best, "n_bad": n_bad, "n_seen": n_seen, "rng": torch.get_rng_state(),
-                            "cfg": asdict(cfg)}, state_path + ".tmp")
-                os.replace(state_path + ".tmp", state_path)
-            if world > 1:
-                dist.barrier()                                            # every rank waits for the checkpoint
-    pbar.close()
+                log_validation(log_path, step, last_val)
+            if rank == 0 and accuracy > best:
+                kill_point("before best/")
+                best_folder = os.path.join(cfg.out, "best")
+                staging = os.path.join(cfg.out, "best.tmp")
+                write_or_fail(best_folder, publish_lrm, lrm, best_folder, staging, "best/")
+                kill_point("after best/")
+            best = max(best, accuracy)
+        if rank == 0 and step == cfg.max_train_steps:
+            kill_point("before final LRM")
+            write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, final_staging, "final LRM")
+            kill_point("after final LRM")
+        if rank == 0 and (evaluating or step % cfg.save_every == 0):
+            # written last: a checkpoint that exists means best/ and the final LRM are on disk
+            counters = dict(step=step, best=best, n_bad=n_bad, n_seen=n_seen)
+            save_checkpoint(state_path, lrm, optimizer, counters, cfg, world)
+        if world > 1:
+            dist.barrier()  # every rank waits for the checkpoint
+    progress.close()
 
+    if rank == 0 and first_step == cfg.max_train_steps:
+        # a finished run resumed: write its final LRM again from the checkpoint, so they agree
+        write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, final_staging, "final LRM")
+    kill_point("final table")
+    if last_val is None:
+        last_val = evaluate(lrm, val, timesteps, vae, cfg)
+    table = {"validation_unique": last_val, "test_unique": evaluate(lrm, test, timesteps, vae, cfg)}
     if rank == 0:
-        lrm.save_pretrained(cfg.out)
-    table = {"validation_unique": last_val or evaluate(val), "test_unique": evaluate(load_pairs(cfg.data, "test_unique"))}
-    if rank == 0:   # the accuracy-vs-t table: noise awareness at a glance
         log_jsonl(log_path, {"step": step, "final": table})
-        print("\n   t | " + " | ".join(table) + "\n" + "\n".join(
-            f"{t:4d} | " + " | ".join(f"{table[k][t]:.3f}".center(len(k)) for k in table) for t in ts))
+        print_table(table, timesteps)
+        print(f"pairs skipped for an undecodable image: {n_bad} of {n_seen}")
+        print(f"LRM -> {cfg.out}")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    torch.set_num_threads(threads0)
+    torch.set_num_threads(threads_before)
     return table
 
+
 if __name__ == "__main__":
-    try:
-        main(get_config())
-    except (ValueError, FileNotFoundError) as e:   # bad input: one clear line, not a traceback
-        raise SystemExit(f"lrm.py: error: {e}")
+    main(get_config())

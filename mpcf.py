@@ -1,40 +1,60 @@
-"""Multi-Preference Consistent Filtering (MPCF): LPO paper Sec. 4.3, SPEC section 2.
+"""Multi-Preference Consistent Filtering (MPCF): arXiv 2502.01051v3, Sec. 4.3 (MPCF).
 
 Pick-a-Pic winners are often worse than their losers on looks or on text alignment; such
 preferences do not survive noise, and an LRM trained on them learns the noise. MPCF keeps a pair
 only when the winner is consistently at least as good under three scorers (gap = winner - loser;
 ties: image 0 - image 1, the tie rule reads |gap| only):
-    G_A  LAION aesthetic predictor: CLIP ViT-L/14 image embedding, L2-normalised, MLP
+    G_A  LAION aesthetic predictor: CLIP ViT-L/14 image embedding, L2-normalised, then an MLP
          768-1024-128-64-16-1 without activations (sac+logos+ava1-l14-linearMSE weights)
     G_C  CLIP score: cosine of image and caption embeddings, CLIP ViT-H/14 laion2B
     G_V  VQAScore: P("Yes" | image, 'Does this figure show "{caption}"? Please answer yes or no.')
-    win-lose pair kept iff  G_A > a  and  G_C > 0  and  G_V > 0      a = 0 / -0.5 / -1: strategy 1 / 2 / 3
+    win-lose pair kept iff  G_A > a  and  G_C > 0  and  G_V > 0
+                            a = 0 / -0.5 / -1: strategy 1 / 2 (the paper's) / 3
     tie kept           iff  |G_A| < 0.2  and  |G_C| < 0.03  and  |G_V| < 0.07
-
-`score` (expensive; batched, GPU if present, rows sharded over torchrun ranks) appends to
-OUT/gaps.part{rank}.csv, flushed every batch, so a killed run continues where it stopped (--resume),
-and merges them into OUT/gaps.csv, one row per dataset row. `filter` (cheap) reads it, or any CSV /
-parquet with the three gap columns row-aligned with the split, writes OUT/keep.json (kept row
-indices: `lrm.py --keep`) and optionally the kept rows (--save-dataset DIR), and prints the counts.
-
-    python mpcf.py --model tiny                       # score + filter, tiny world (judge scores), CPU ~8 s
-    python mpcf.py filter --model tiny --strategy 3   # re-filter only
-    torchrun --nproc_per_node 8 mpcf.py score --model sd15 --resume  # Pick-a-Pic v1 train, real scorers
-    python mpcf.py filter --model sd15 --save-dataset runs/mpcf-sd15/pickapic_v1_mpcf
-    python mpcf.py filter --model sd15 --gaps precomputed.parquet --bounds=-0.5,0,0,0.2,0.03,0.07
 Paper, Pick-a-Pic v1 train (511,840 win-lose + 71,907 ties): strategy 1 keeps 101,573, strategy 2
-168,539 win-lose + 8,537 ties (~30%), strategy 3 201,885.
+168,539 win-lose + 8,537 ties (~30%), strategy 3 201,885; LPO on SD1.5 reaches PickScore 21.61 /
+21.69 / 21.47 with them (21.49 without MPCF).
+
+Two steps. `score` (expensive; batched, GPU if present, rows sharded over torchrun ranks) appends
+to OUT/gaps.part{rank}.csv, flushed every batch, so a killed run continues where it stopped
+(--resume), then merges the parts into OUT/gaps.csv, one row per dataset row. `filter` (cheap)
+reads it, or any CSV / parquet with the three gap columns row-aligned with the split, writes
+OUT/keep.json (kept row indices, for `lrm.py --keep`), optionally the kept rows (--save_dataset),
+and prints the counts. `all` runs both. A rerun of `score` or `all` into a folder that holds a
+run is refused without --resume; `filter` alone may be rerun (it only rewrites keep.json).
+
+    python mpcf.py --model tiny                        # score + filter the tiny world, CPU ~8 s
+    python mpcf.py filter --model tiny --strategy 3    # re-filter only
+    torchrun --nproc_per_node 8 mpcf.py score --model sd15 --resume   # Pick-a-Pic v1 train
+    python mpcf.py filter --model sd15 --save_dataset runs/mpcf-sd15/pickapic_v1_mpcf
+    python mpcf.py filter --model sd15 --gaps precomputed.parquet --bounds=-0.5,0,0,0.2,0.03,0.07
+
+Under torchrun the ranks meet at a barrier after scoring, and rank 0 merges: a rank that finishes
+its shard early waits there for the slowest one, up to --dist_timeout minutes (default 3 hours;
+raise it for very uneven shards).
 
 VQA: a BLIP-2-style transformers image-text-to-text model (processor(images, text), prompt
 "Question: {q} Answer:"); P("Yes") = softmax over the vocabulary of the first generated token, at
 the first token of "Yes" (VQAScore's answer likelihood). Tried: BLIP-2 and InstructBLIP classes
 with T5 decoders, as tiny random models in the tests (no real checkpoint can be downloaded here).
-  - deviation: VQA model Salesforce/instructblip-flan-t5-xl, the closest transformers relative of
-    the official clip-flan-t5-xxl (not in transformers): gaps, hence counts, will differ a little.
-  - deviation: rows with are_different False (identical images) are dropped and counted.
+Deviations from the paper's code:
+  1. VQA model Salesforce/instructblip-flan-t5-xl, the closest transformers relative of the
+     official clip-flan-t5-xxl (not in transformers): gaps, hence counts, will differ a little.
+  2. Rows with are_different False (identical images) are dropped and counted.
 """
-import argparse, dataclasses, glob, io, json, os, shutil, time
-from dataclasses import dataclass
+import argparse
+import datetime
+import glob
+import inspect
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import pandas as pd
@@ -46,301 +66,627 @@ from PIL import Image
 from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+STEPS = ("score", "filter", "all")
 
 
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    model: str = "tiny"        # preset: tiny | tiny-xl | sd15 | sdxl (picks data and scorers)
-    step: str = "all"          # score | filter | all (positional)
-    data: str = ""             # hub id, load_dataset folder, save_to_disk folder or .parquet file
-    split: str = "train"
-    out: str = ""              # default runs/mpcf-{model}
-    gaps: str = ""             # filter input; default OUT/gaps.csv
-    scorers: str = ""          # tiny (the world's judge) | real (the three models below)
-    aesthetic_clip: str = "openai/clip-vit-large-patch14"
-    aesthetic_mlp: str = "trl-lib/ddpo-aesthetic-predictor"  # .pth file, or folder / hub id holding one
-    clip_model: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-    vqa_model: str = "Salesforce/instructblip-flan-t5-xl"
-    vqa_question: str = 'Does this figure show "{caption}"? Please answer yes or no.'  # VQAScore template
-    batch_size: int = 0        # pairs per batch and rank (preset)
-    strategy: int = 2          # the paper's choice (its ablation: 21.69 PickScore vs 21.61 / 21.47)
-    bounds: str = ""           # custom "a,c,v,ta,tc,tv", overrides --strategy
-    save_dataset: str = ""     # also save the kept rows with save_to_disk here
-    max_pairs: int = 0         # score only the first N rows (smoke runs); 0 = all
-    resume: bool = False       # continue a score run from its part files
+    model: str = "tiny"  # preset: tiny | tiny-xl | sd15 | sdxl (picks the data and the scorers)
+    step: str = "all"  # score | filter | all (also positional: `mpcf.py filter`)
+    data: str = ""  # Pick-a-Pic-schema pairs: hub id, load_dataset or save_to_disk folder, .parquet
+    split: str = "train"  # split of --data (a single .parquet file is its own split)
+    out: str = ""  # run folder; "" = runs/mpcf-{model}
+    gaps: str = ""  # filter input, CSV or parquet with the three gap columns; "" = OUT/gaps.csv
+    scorers: str = ""  # tiny (the tiny world's judge) | real (the three models below)
+    aesthetic_clip: str = "openai/clip-vit-large-patch14"  # G_A: CLIP ViT-L/14 image tower
+    aesthetic_mlp: str = "trl-lib/ddpo-aesthetic-predictor"  # G_A: LAION head, .pth/folder/hub id
+    clip_model: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # G_C: CLIP ViT-H/14
+    vqa_model: str = "Salesforce/instructblip-flan-t5-xl"  # G_V: VQA model (deviation 1)
+    vqa_question: str = 'Does this figure show "{caption}"? Please answer yes or no.'  # G_V
+    batch_size: int = 0  # pairs per scoring batch per rank (preset)
+    strategy: int = 2  # MPCF strategy 1 | 2 | 3 (the paper uses 2)
+    bounds: str = ""  # custom "a,c,v,ta,tc,tv" (win-lose bounds, then tie bounds): over --strategy
+    save_dataset: str = ""  # also save the kept rows here (datasets' save_to_disk)
+    max_pairs: int = 0  # score only the first N rows (smoke runs); 0 = all
+    resume: bool = False  # continue a killed score run from its part files
+    threads: int = 0  # CPU threads for torch; 0 = torch's default
+    dist_timeout: int = 180  # minutes a rank may wait at a barrier (torchrun)
 
 
-TINY, REAL = dict(data="tiny/pickapic", scorers="tiny", batch_size=64), \
-    dict(data="yuvalkirstain/pickapic_v1", scorers="real", batch_size=32)
-PRESETS = {"tiny": TINY, "tiny-xl": TINY, "sd15": REAL, "sdxl": REAL}  # MPCF is the same for both bases
+TINY = dict(data="tiny/pickapic", scorers="tiny", batch_size=64, threads=1)
+REAL = dict(data="yuvalkirstain/pickapic_v1", scorers="real", batch_size=32)
+# MPCF filters the data, whatever base model is trained on it later
+PRESETS = {"tiny": TINY, "tiny-xl": TINY, "sd15": REAL, "sdxl": REAL}
 
 
 def get_config(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("step", nargs="?", default=None, choices=("score", "filter", "all"))
-    for f in (f for f in dataclasses.fields(Config) if f.name != "step"):  # --batch-size and --batch_size
-        kind = dict(action="store_true") if f.type is bool else dict(type=f.type)
-        p.add_argument(*sorted({"--" + f.name.replace("_", "-"), "--" + f.name}), dest=f.name, default=None, **kind)
-    a = p.parse_args(argv)
-    model = a.model or Config.model
+    argv = snake_case_options(sys.argv[1:] if argv is None else argv)
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--model", default=Config.model)
+    model = peek.parse_known_args(argv)[0].model
     if model not in PRESETS:
-        p.error(f"--model must be one of {', '.join(PRESETS)}, got {model!r}")
-    cfg = Config(**{**PRESETS[model], **{k: v for k, v in vars(a).items() if v is not None}})
+        fail(f"--model {model}: expected one of {', '.join(PRESETS)}")
+    defaults = {**asdict(Config()), **PRESETS[model]}
+    parser = build_parser(Config, defaults, __doc__)
+    parser.add_argument("step_name", nargs="?", choices=STEPS, help="the same as --step")
+    args = vars(parser.parse_args(argv))
+    step_name = args.pop("step_name")
+    cfg = Config(**args)
+    cfg.step = step_name or cfg.step
     cfg.out = cfg.out or f"runs/mpcf-{model}"
     cfg.gaps = cfg.gaps or os.path.join(cfg.out, "gaps.csv")
-    try:
-        cfg.bounds = tuple(float(x) for x in cfg.bounds.split(",")) if cfg.bounds else STRATEGIES[cfg.strategy]
-        assert len(cfg.bounds) == 6
-    except (ValueError, AssertionError, KeyError):
-        p.error(f"need --strategy 1, 2 or 3, or --bounds=a,c,v,ta,tc,tv; got {cfg.strategy}, {cfg.bounds!r}")
-    if cfg.scorers not in ("tiny", "real") or cfg.batch_size <= 0 or cfg.max_pairs < 0:
-        p.error(f"need --scorers tiny|real, --batch-size > 0, --max-pairs >= 0; got {cfg.scorers!r}, "
-                f"{cfg.batch_size}, {cfg.max_pairs}")
+    if cfg.step not in STEPS:
+        fail(f"--step {cfg.step}: expected one of {', '.join(STEPS)}")
+    rule_bounds(cfg)
+    if cfg.scorers not in ("tiny", "real"):
+        fail(f"--scorers {cfg.scorers}: expected tiny or real")
+    for name in ("batch_size", "dist_timeout"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("max_pairs", "threads"):
+        if getattr(cfg, name) < 0:
+            fail(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.step == "filter" and not os.path.isfile(cfg.gaps):
-        p.error(f"no gaps file at {cfg.gaps}: run `python mpcf.py score` first or pass --gaps FILE")
+        fail(f"no gaps file at {cfg.gaps}: run `python mpcf.py score` first, or pass --gaps FILE")
     return cfg
 
 
+def rule_bounds(cfg):
+    """(a, c, v, ta, tc, tv) of --bounds, else of --strategy."""
+    if not cfg.bounds and cfg.strategy in STRATEGIES:
+        return STRATEGIES[cfg.strategy]
+    try:
+        bounds = tuple(float(x) for x in cfg.bounds.split(","))
+    except ValueError:
+        bounds = ()
+    if len(bounds) != 6:
+        fail(f"need --strategy 1, 2 or 3, or --bounds=a,c,v,ta,tc,tv (six numbers); got "
+             f"--strategy {cfg.strategy}, --bounds {cfg.bounds!r}")
+    return bounds
+
+
 # ----------------------------------------------------------------------------- math
-# (a, c, v, ta, tc, tv): win-lose lower bounds on G_A, G_C, G_V, then tie bounds on |G_A|, |G_C|, |G_V|
-STRATEGIES = {s: (a, 0.0, 0.0, 0.2, 0.03, 0.07) for s, a in ((1, 0.0), (2, -0.5), (3, -1.0))}  # paper Sec. 4.3
+# (a, c, v, ta, tc, tv): win-lose lower bounds on G_A, G_C, G_V, then tie bounds on |G_A|, |G_C|,
+# |G_V|; the paper's three strategies differ in the aesthetic bound a only
+STRATEGIES = {
+    1: (0.0, 0.0, 0.0, 0.2, 0.03, 0.07),
+    2: (-0.5, 0.0, 0.0, 0.2, 0.03, 0.07),
+    3: (-1.0, 0.0, 0.0, 0.2, 0.03, 0.07),
+}
+SCORES = ("aesthetic", "clip", "vqa")
 GAP_COLS = ("aesthetic_gap", "clip_gap", "vqa_gap")
 
 
-def pair_gaps(s0, s1, label_0, label_1):
-    """Winner minus loser of one per-image score; ties (labels equal): image 0 minus image 1."""
-    sign = torch.where(torch.as_tensor(label_1) > torch.as_tensor(label_0), -1.0, 1.0)  # (N,)
-    return (torch.as_tensor(s0, dtype=torch.float64) - torch.as_tensor(s1, dtype=torch.float64)) * sign
+def pair_gaps(scores_0, scores_1, label_0, label_1):
+    """Winner minus loser of one per-image score; ties (labels equal): image 0 minus image 1.
+    (N,) each -> (N,) float64"""
+    image_1_wins = torch.as_tensor(label_1) > torch.as_tensor(label_0)
+    sign = torch.where(image_1_wins, -1.0, 1.0)  # (N,)
+    scores_0 = torch.as_tensor(scores_0, dtype=torch.float64)
+    scores_1 = torch.as_tensor(scores_1, dtype=torch.float64)
+    return (scores_0 - scores_1) * sign
 
 
 def mpcf_keep(aes_gap, clip_gap, vqa_gap, is_tie, strategy=2, bounds=None):
-    """MPCF rule (paper Sec. 4.3) -> bool (N,). Strict inequalities both ways: a win-lose pair
-    exactly on a bound is dropped, and so is a tie exactly on one. NaN gaps (unscored) never pass."""
-    a, c, v, ta, tc, tv = bounds if bounds is not None else STRATEGIES[strategy]
-    ga, gc, gv = (torch.as_tensor(g, dtype=torch.float64) for g in (aes_gap, clip_gap, vqa_gap))
-    win = (ga > a) & (gc > c) & (gv > v)                               # winner consistently not worse
-    tie = (ga.abs() < ta) & (gc.abs() < tc) & (gv.abs() < tv)          # tie consistently a tie
+    """MPCF rule (arXiv 2502.01051v3, Sec. 4.3) -> bool (N,). Strict inequalities both ways: a
+    win-lose pair exactly on a bound is dropped, and so is a tie exactly on one. NaN gaps
+    (unscored) never pass."""
+    a, c, v, ta, tc, tv = STRATEGIES[strategy] if bounds is None else bounds
+    g_a = torch.as_tensor(aes_gap, dtype=torch.float64)
+    g_c = torch.as_tensor(clip_gap, dtype=torch.float64)
+    g_v = torch.as_tensor(vqa_gap, dtype=torch.float64)
+    # the winner is consistently not worse
+    win = (g_a > a) & (g_c > c) & (g_v > v)
+    # the tie is consistently a tie
+    tie = (g_a.abs() < ta) & (g_c.abs() < tc) & (g_v.abs() < tv)
     return torch.where(torch.as_tensor(is_tie, dtype=torch.bool), tie, win)
 
 
-# ----------------------------------------------------------------------------- scorers and data
-def load_aesthetic_mlp(src):
-    """LAION aesthetic head from its .pth: Linears at `layers.{0,2,4,6,7}`, Dropouts between, no
-    activations. Dropout is the identity at eval, so the Linears alone, in order, are the head."""
+def aesthetic_score(image_embeds, head):
+    """LAION aesthetic predictor: its linear MLP on the L2-normalised CLIP ViT-L/14 image
+    embedding (the head was trained on unit vectors). (N, 768) -> (N,), about 1..10"""
+    return head(F.normalize(image_embeds.float(), dim=-1)).squeeze(-1)
+
+
+def clip_score(image_embeds, text_embeds, logit_scale=None):
+    """cos(image, text) per row; PickScore multiplies it by exp(logit_scale) (Kirstain et al.
+    2023). (N, D), (N, D) -> (N,)"""
+    cosine = F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
+    if logit_scale is None:
+        return cosine
+    return logit_scale.float().exp() * cosine
+
+
+# ----------------------------------------------------------------------------- scorers
+def load_aesthetic_head(src):
+    """LAION aesthetic head from its .pth (a file, a folder or hub repo holding one .pth, or hub
+    "owner/repo/file.pth"): Linears at `layers.{0,2,4,6,7}`, Dropouts between, no activations.
+    Dropout is the identity at eval, so the Linears alone, in order, are the head."""
     if not os.path.isfile(src):
-        from huggingface_hub import snapshot_download
-        folder = src if os.path.isdir(src) else snapshot_download(src, allow_patterns=["*.pth"])
-        found = sorted(glob.glob(os.path.join(folder, "*.pth")))
-        if len(found) != 1:
-            raise SystemExit(f"expected exactly one .pth aesthetic head in {src}, found {found}")
-        src = found[0]
-    sd = torch.load(src, map_location="cpu", weights_only=True)
-    idx = sorted({int(k.split(".")[1]) for k in sd if k.startswith("layers.") and k.endswith(".weight")})
-    mlp = torch.nn.Sequential(*[torch.nn.Linear(*sd[f"layers.{i}.weight"].shape[::-1]) for i in idx])
-    mlp.load_state_dict({f"{j}.{p}": sd[f"layers.{i}.{p}"] for j, i in enumerate(idx) for p in ("weight", "bias")})
-    return mlp.eval()
+        src = find_head_file(src)
+    state = torch.load(src, map_location="cpu", weights_only=True)
+    weights = [k for k in state if k.startswith("layers.") and k.endswith(".weight")]
+    layer_ids = sorted(int(k.split(".")[1]) for k in weights)
+    linears = []
+    for i in layer_ids:
+        linear = torch.nn.Linear(*state[f"layers.{i}.weight"].T.shape)
+        linear.weight.data.copy_(state[f"layers.{i}.weight"])
+        linear.bias.data.copy_(state[f"layers.{i}.bias"])
+        linears.append(linear)
+    return torch.nn.Sequential(*linears).eval()
 
 
-def aesthetic_score(vision, processor, mlp, images):
-    px = processor(images=images, return_tensors="pt").pixel_values.to(vision.device, vision.dtype)
-    emb = vision(pixel_values=px).image_embeds.float()                # (N, 768) CLIP-L/14 image embedding
-    emb = emb / emb.norm(dim=-1, keepdim=True)                         # the head was trained on unit vectors
-    return mlp.to(emb.device)(emb).squeeze(-1)                         # (N,) ~1..10
-
-
-def clip_score(clip, processor, images, captions):
-    inp = processor(text=captions, images=images, return_tensors="pt", padding=True, truncation=True)
-    out = clip(**inp.to(device=clip.device, dtype=clip.dtype))        # BatchFeature: casts floats only
-    img, txt = F.normalize(out.image_embeds.float(), dim=-1), F.normalize(out.text_embeds.float(), dim=-1)
-    return (img * txt).sum(-1)                                         # (N,) cosine, no logit scale
+def find_head_file(src):
+    from huggingface_hub import hf_hub_download, snapshot_download
+    if src.startswith(("/", ".", "~")) and not os.path.isdir(src):
+        raise FileNotFoundError(f"no file or folder {src}")
+    if not os.path.isdir(src) and src.count("/") >= 2:
+        parts = src.split("/")
+        return hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]))
+    folder = src if os.path.isdir(src) else snapshot_download(src, allow_patterns=["*.pth"])
+    found = sorted(glob.glob(os.path.join(folder, "*.pth")))
+    if len(found) != 1:
+        raise ValueError(f"expected exactly one .pth aesthetic head in {src}, found {found}")
+    return found[0]
 
 
 def vqa_score(vlm, processor, question, images, captions):
-    """VQAScore: P("Yes") of the first answer token, softmax over the whole vocabulary."""
-    tok = processor.tokenizer
-    prompts = ["Question: " + question.format(caption=c) + " Answer:" for c in captions]  # BLIP-2 VQA format
-    # decoder-only LMs continue after the last position: pad left. T5-style encoders: pad right, as
-    # left pads (which land after the image tokens) would shift the text's relative positions.
-    tok.padding_side = "right" if getattr(vlm.config, "text_config", vlm.config).is_encoder_decoder else "left"
-    inp = processor(images=images, text=prompts, return_tensors="pt", padding=True)
-    inp = inp.to(device=vlm.device, dtype=vlm.dtype)                  # BatchFeature: casts floats only
-    out = vlm.generate(**inp, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    yes = tok("Yes", add_special_tokens=False).input_ids[0]
-    return out.logits[0].float().softmax(-1)[:, yes]                   # (N,) in [0, 1]
+    """VQAScore: P("Yes") of the first answer token, softmax over the whole vocabulary. -> (N,)"""
+    tokenizer = processor.tokenizer
+    # BLIP-2's VQA prompt format
+    prompts = ["Question: " + question.format(caption=c) + " Answer:" for c in captions]
+    # decoder-only LMs continue after the last position: pad left. T5-style encoders: pad right,
+    # as left pads (which land after the image tokens) would shift the text's relative positions
+    text_config = getattr(vlm.config, "text_config", vlm.config)
+    tokenizer.padding_side = "right" if text_config.is_encoder_decoder else "left"
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    # BatchFeature.to casts the float tensors only
+    inputs = inputs.to(device=vlm.device, dtype=vlm.dtype)
+    out = vlm.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
+                       return_dict_in_generate=True)
+    yes = tokenizer("Yes", add_special_tokens=False).input_ids[0]
+    return out.logits[0].float().softmax(-1)[:, yes]  # (N,) in [0, 1]
 
 
 def load_scorers(cfg, device):
     """-> score(images: list of PIL, captions) -> {aesthetic, clip, vqa}: per-image arrays (N,)."""
     if cfg.scorers == "tiny":
-        from tiny.world import judge_scores
-        return lambda images, captions: {k: v for k, v in judge_scores(images, captions).items()
-                                         if k in ("aesthetic", "clip", "vqa")}
-    from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPModel, CLIPVisionModelWithProjection
-    dt = torch.float16 if device.type == "cuda" else torch.float32
-    aes_proc, clip_proc, vqa_proc = (AutoProcessor.from_pretrained(m) for m in (cfg.aesthetic_clip, cfg.clip_model,
-                                                                                cfg.vqa_model))
-    aes = CLIPVisionModelWithProjection.from_pretrained(cfg.aesthetic_clip, dtype=dt).to(device).eval()
-    mlp = load_aesthetic_mlp(cfg.aesthetic_mlp).to(device)   # fp32: a tiny head on unit vectors
-    clip = CLIPModel.from_pretrained(cfg.clip_model, dtype=dt).to(device).eval()
-    vlm = AutoModelForImageTextToText.from_pretrained(cfg.vqa_model, dtype=dt).to(device).eval()
+        return tiny_world_scorer
+    from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPModel,
+                              CLIPVisionModelWithProjection)
+    try:
+        head = load_aesthetic_head(cfg.aesthetic_mlp).to(device)  # fp32: a tiny head
+    except (OSError, ValueError) as error:
+        fail(f"--aesthetic_mlp {cfg.aesthetic_mlp}: {first_line(error)}")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    aesthetic_processor = AutoProcessor.from_pretrained(cfg.aesthetic_clip)
+    clip_processor = AutoProcessor.from_pretrained(cfg.clip_model)
+    vqa_processor = AutoProcessor.from_pretrained(cfg.vqa_model)
+    vision = CLIPVisionModelWithProjection.from_pretrained(cfg.aesthetic_clip, dtype=dtype)
+    vision = vision.to(device).eval()
+    clip = CLIPModel.from_pretrained(cfg.clip_model, dtype=dtype).to(device).eval()
+    vlm = AutoModelForImageTextToText.from_pretrained(cfg.vqa_model, dtype=dtype)
+    vlm = vlm.to(device).eval()
 
     @torch.no_grad()
-    def score(images, captions):
-        return {"aesthetic": aesthetic_score(aes, aes_proc, mlp, images).cpu().numpy(),
-                "clip": clip_score(clip, clip_proc, images, captions).cpu().numpy(),
-                "vqa": vqa_score(vlm, vqa_proc, cfg.vqa_question, images, captions).cpu().numpy()}
-    return score
+    def score_images(images, captions):
+        pixels = aesthetic_processor(images=images, return_tensors="pt").pixel_values
+        embeds = vision(pixel_values=pixels.to(device, dtype)).image_embeds  # (N, 768)
+        inputs = clip_processor(text=captions, images=images, return_tensors="pt", padding=True,
+                                truncation=True)
+        # BatchFeature.to casts the float tensors only
+        out = clip(**inputs.to(device=device, dtype=dtype))
+        yes = vqa_score(vlm, vqa_processor, cfg.vqa_question, images, captions)
+        return {"aesthetic": aesthetic_score(embeds, head).cpu().numpy(),
+                "clip": clip_score(out.image_embeds, out.text_embeds).cpu().numpy(),
+                "vqa": yes.cpu().numpy()}
+    return score_images
+
+
+def tiny_world_scorer(images, captions):
+    """The tiny world's judge: its aesthetic, clip and vqa sub-scores (no real models needed)."""
+    from tiny.world import judge_scores
+    scores = judge_scores(images, captions)
+    return {key: scores[key] for key in SCORES}
+
+
+# ----------------------------------------------------------------------------- data
+PICKAPIC_COLUMNS = {"caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label",
+                    "are_different"}
 
 
 def load_pairs(path, split):
-    """A Pick-a-Pic-schema split: hub id, load_dataset folder, save_to_disk folder or parquet file."""
+    """A Pick-a-Pic-schema split: hub id, load_dataset folder, save_to_disk folder or parquet."""
     path = os.path.join(ROOT, path) if path.startswith("tiny/") else path
     try:
-        if any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):  # save_to_disk
-            ds = load_from_disk(path)
-            ds = ds[split] if isinstance(ds, DatasetDict) else ds
-        elif os.path.isfile(path):  # one parquet file
-            ds = load_dataset("parquet", data_files=path, split="train")
-        else:  # a hub id or a load_dataset folder
-            ds = load_dataset(path, split=split)
-    except (FileNotFoundError, ValueError, KeyError) as e:  # incl. datasets' DatasetNotFoundError
-        raise SystemExit(f"cannot load split {split!r} of {path}: {type(e).__name__}: {str(e)[:200]}")
-    if missing := {"caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "are_different"} - set(ds.features):
-        raise SystemExit(f"{path} [{split}] lacks Pick-a-Pic columns {sorted(missing)}")
-    return ds
+        pairs = read_split(path, split)
+    except (FileNotFoundError, ValueError, KeyError) as error:  # incl. DatasetNotFoundError
+        fail(f"cannot load split {split!r} of --data {path} ({first_line(error)}): check "
+             "--data and --split")
+    missing = sorted(PICKAPIC_COLUMNS - set(pairs.features))
+    if missing:
+        fail(f"--data {path} [{split}] lacks the Pick-a-Pic columns {missing}")
+    caption_type = getattr(pairs.features["caption"], "dtype", None)
+    if caption_type not in ("string", "large_string"):
+        fail(f"--data {path}: its caption column holds {caption_type}, not strings")
+    return pairs
 
 
-def pair_labels(ds):
-    """Per row, numpy (N,): labelled, usable (labelled, two different images), is_tie, label_0, label_1."""
-    lab = ds.select_columns(["label_0", "label_1", "has_label", "are_different"]).with_format("numpy")[:]
-    l0, l1 = lab["label_0"].astype(np.float64), lab["label_1"].astype(np.float64)
-    labelled = lab["has_label"].astype(bool) & np.isfinite(l0 + l1) & (l0 + l1 > 0)
-    return labelled, labelled & lab["are_different"].astype(bool), l0 == l1, l0, l1
+def read_split(path, split):
+    saved = [os.path.join(path, f) for f in ("dataset_dict.json", "state.json")]
+    if any(os.path.isfile(f) for f in saved):  # a save_to_disk folder
+        pairs = load_from_disk(path)
+        return pairs[split] if isinstance(pairs, DatasetDict) else pairs
+    if os.path.isfile(path):  # one parquet file
+        return load_dataset("parquet", data_files=path, split="train")
+    return load_dataset(path, split=split)  # a hub id or a load_dataset folder
 
 
-def decode(x):
+def first_line(error):
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0][:200]}"
+
+
+@dataclass
+class PairLabels:
+    """Per dataset row, numpy (N,) each."""
+    labelled: np.ndarray  # has_label, and the labels sum to > 0
+    usable: np.ndarray  # labelled, with two different images
+    is_tie: np.ndarray  # label_0 == label_1
+    label_0: np.ndarray
+    label_1: np.ndarray
+
+
+def pair_labels(pairs):
+    columns = ["label_0", "label_1", "has_label", "are_different"]
+    table = pairs.select_columns(columns).with_format("numpy")[:]
+    label_0 = table["label_0"].astype(np.float64)
+    label_1 = table["label_1"].astype(np.float64)
+    total = label_0 + label_1
+    labelled = table["has_label"].astype(bool) & np.isfinite(total) & (total > 0)
+    usable = labelled & table["are_different"].astype(bool)
+    return PairLabels(labelled, usable, label_0 == label_1, label_0, label_1)
+
+
+def decode(jpeg):
+    """A Pick-a-Pic image cell (bytes, {"bytes": ...} or PIL) -> RGB PIL, or None if broken."""
+    if isinstance(jpeg, Image.Image):
+        return jpeg.convert("RGB")
+    if isinstance(jpeg, dict):
+        jpeg = jpeg["bytes"]
     try:
-        return (x if isinstance(x, Image.Image) else Image.open(io.BytesIO(x["bytes"] if isinstance(x, dict) else x))).convert("RGB")
+        return Image.open(io.BytesIO(jpeg)).convert("RGB")
     except (OSError, ValueError, TypeError):  # a broken row must not stop a day-long run: count it
         return None
 
 
-# ----------------------------------------------------------------------------- distributed + logging
-def setup_dist():
-    """(rank, world, device): plain torch.distributed under torchrun, one process otherwise."""
-    cuda, local = torch.cuda.is_available(), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if "RANK" in os.environ:
-        torch.cuda.set_device(device) if cuda else None
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return (dist.get_rank(), dist.get_world_size(), device) if dist.is_initialized() else (0, 1, device)
+
+# ----------------------------------------------------------------------------- boilerplate
+# The same lines in every stage file (test_all.py checks they stay identical): the CLI made from
+# the Config dataclass, torchrun setup, one-line errors, the run-folder guard, atomic writes, and
+# the kill points that the resume tests use.
+PROG = os.path.basename(__file__)
 
 
-def barrier():  # every rank calls it, in the same order
-    dist.barrier() if dist.is_initialized() else None
+def fail(message):
+    """Bad input or a refused state: one line, `<script>: error: ...`, exit status 1."""
+    raise SystemExit(f"{PROG}: error: {message}")
 
 
-def log_jsonl(out, **row):
-    with open(os.path.join(out, "log.jsonl"), "a") as f:
-        f.write(json.dumps({"time": round(time.time(), 1), **row}) + "\n")
+def snake_case_options(argv):
+    """--lora-rank 8, --lora-rank=8 and --no-grad-ckpt read as --lora_rank and --no-grad_ckpt."""
+    fixed = []
+    for arg in argv:
+        if arg.startswith("--"):
+            name, sep, value = arg[2:].partition("=")
+            prefix = "no-" if name.startswith("no-") else ""
+            arg = "--" + prefix + name[len(prefix):].replace("-", "_") + sep + value
+        fixed.append(arg)
+    return fixed
 
 
-# different_flag: 1 win-lose, 0 tie, -1 unlabelled; status: ok | unreadable | no_label | identical | unscored
-HEADER = "index,different_flag,aesthetic_gap,clip_gap,vqa_gap,status\n"
+def build_parser(config_class, defaults, doc):
+    """One option per Config field; its trailing comment is the --help line, with the default."""
+    helps = {}
+    for line in inspect.getsource(config_class).splitlines():
+        match = re.match(r"\s+(\w+): [^#]*#\s*(.*)", line)
+        if match:
+            helps[match[1]] = match[2]
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field in fields(config_class):
+        default = defaults[field.name]
+        help_line = f"{helps.get(field.name, '')} (default: {default!r})"
+        if isinstance(default, bool):
+            action = argparse.BooleanOptionalAction
+            parser.add_argument(f"--{field.name}", default=default, action=action, help=help_line)
+        else:
+            kind = type(default)
+            parser.add_argument(f"--{field.name}", default=default, type=kind, help=help_line)
+    return parser
 
 
-def read_parts(out, repair=False):
-    """All ranks' rows so far. A run killed mid-write leaves half a line at a part's end: cut it."""
-    parts = sorted(glob.glob(os.path.join(out, "gaps.part*.csv")))
-    for p in parts if repair else []:
-        with open(p, "rb+") as f:
-            f.truncate(f.read().rfind(b"\n") + 1)
-    parts = [p for p in parts if os.path.getsize(p)]  # killed before its header reached the disk
-    df = pd.concat([pd.read_csv(p) for p in parts]) if parts else pd.DataFrame(columns=HEADER.strip().split(","))
-    return df.drop_duplicates("index", keep="last").set_index("index")
+def setup_distributed(timeout_minutes):
+    """torchrun sets RANK and LOCAL_RANK; a plain `python` run is rank 0 of 1."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if "RANK" in os.environ and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        # explicit: NCCL's default (10 min) is shorter than a rank-0 save of an SDXL checkpoint
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def prepare_run_folder(out, resume):
+    """Refuse to write over a run unless resuming; create the folder; drop killed writes' *.tmp."""
+    if not resume and os.path.isdir(out) and os.listdir(out):
+        fail(f"{out} already holds a run: continue it with --resume, or pass another --out")
+    if dist.is_initialized():
+        dist.barrier()  # every rank has looked before rank 0 writes anything
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
+    try:
+        os.makedirs(out, exist_ok=True)
+        for name in os.listdir(out):
+            if name.endswith(".tmp"):
+                leftover = os.path.join(out, name)
+                if os.path.isdir(leftover):
+                    shutil.rmtree(leftover)
+                else:
+                    os.remove(leftover)
+        with open(os.path.join(out, ".write-test.tmp"), "w"):
+            pass
+        os.remove(os.path.join(out, ".write-test.tmp"))
+    except OSError as error:
+        fail(f"cannot write to {out} ({error.strerror}): pass another --out")
+
+
+def kill_point(name):
+    """Test hook: SIGKILL this process where LPO_KILL_AT names this point (the resume tests)."""
+    if os.environ.get("LPO_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to path.tmp, then rename: a file that exists at path is always complete."""
+    torch.save(obj, path + ".tmp")
+    kill_point("mid " + os.path.basename(path))
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path):
+    """torch.load, or one line naming the file and the way out when it is damaged."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        fail(f"{path} is damaged ({type(error).__name__}): delete it to restart the run, "
+             "or pass another --out")
+
+
+def log_jsonl(path, row):
+    with open(path, "a") as log_file:
+        log_file.write(json.dumps(row) + "\n")
+
+
+def truncate_log(path, last, key="step"):
+    """On resume: keep the log rows up to the checkpoint, row[key] <= last (the rest run again)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as log_file:
+        for line in log_file:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if row.get(key, 0) <= last and "final" not in row:
+                kept.append(row)
+    with open(path + ".tmp", "w") as log_file:
+        log_file.writelines(json.dumps(row) + "\n" for row in kept)
+    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------- the two steps
-def score(cfg, ds, rank, world, device):
-    read_parts(cfg.out, repair=rank == 0)  # rank 0 cuts half-written lines
+# different_flag: 1 win-lose, 0 tie, -1 unlabelled;
+# status: ok | unreadable | no_label | identical | unscored
+HEADER = "index,different_flag,aesthetic_gap,clip_gap,vqa_gap,status\n"
+
+
+def barrier():
+    """Every rank calls it, in the same order."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def write_atomically(path, text):
+    """Write path.tmp, then rename: a file that exists at path is always complete."""
+    with open(path + ".tmp", "w") as file:
+        file.write(text)
+    kill_point("mid " + os.path.basename(path))
+    os.replace(path + ".tmp", path)
+
+
+def repair_parts(out):
+    """A run killed mid-write leaves half a line at a part's end: cut it."""
+    for path in glob.glob(os.path.join(out, "gaps.part*.csv")):
+        with open(path, "rb+") as part:
+            part.truncate(part.read().rfind(b"\n") + 1)
+
+
+def read_parts(out):
+    """All ranks' scored rows so far, one per dataset index (the last one written)."""
+    parts = sorted(glob.glob(os.path.join(out, "gaps.part*.csv")))
+    # a part of size 0: its rank was killed before the header reached the disk
+    tables = [pd.read_csv(path) for path in parts if os.path.getsize(path)]
+    if not tables:
+        tables = [pd.DataFrame(columns=HEADER.strip().split(","))]
+    rows = pd.concat(tables).drop_duplicates("index", keep="last")
+    return rows.set_index("index")
+
+
+def score_batch(scorer, rows, label_0, label_1):
+    """Gaps (B, 3) of one batch of rows, NaN where an image cannot be decoded; decoded (B,)."""
+    images_0 = [decode(x) for x in rows["jpg_0"]]
+    images_1 = [decode(x) for x in rows["jpg_1"]]
+    decoded = np.array([a is not None and b is not None for a, b in zip(images_0, images_1)])
+    gaps = np.full((len(decoded), 3), np.nan)  # (B, 3)
+    picked = np.flatnonzero(decoded)  # (m,)
+    if len(picked) == 0:
+        return gaps, decoded
+    captions = [rows["caption"][k] for k in picked]
+    images = [images_0[k] for k in picked] + [images_1[k] for k in picked]
+    # one scorer call on 2m images: the m images 0, then the m images 1
+    scores = scorer(images, captions + captions)
+    for column, key in enumerate(SCORES):
+        per_image = np.asarray(scores[key], dtype=np.float64)  # (2m,)
+        scores_0 = per_image[:len(picked)]
+        scores_1 = per_image[len(picked):]
+        gap = pair_gaps(scores_0, scores_1, label_0[picked], label_1[picked])
+        gaps[picked, column] = gap.numpy()
+    return gaps, decoded
+
+
+def part_line(index, is_tie, gaps, decoded):
+    aes, clip, vqa = gaps
+    status = "ok" if decoded else "unreadable"
+    return f"{index},{int(not is_tie)},{aes!r},{clip!r},{vqa!r},{status}\n"
+
+
+def score(cfg, pairs, rank, world, device):
+    """Append this rank's share of the unscored rows to its part file; rank 0 merges the parts."""
+    if rank == 0:
+        repair_parts(cfg.out)
     barrier()
     done = set(read_parts(cfg.out).index.astype(int))
     barrier()  # every rank has read the parts before any rank appends to them
-    if done and not cfg.resume:
-        raise SystemExit(f"{cfg.out} already holds {len(done)} scored pairs: pass --resume to continue them")
-    labelled, usable, is_tie, l0, l1 = pair_labels(ds)
-    todo = [i for i in range(min(len(ds), cfg.max_pairs or len(ds))) if usable[i] and i not in done][rank::world]
-    scorer, images_ds = load_scorers(cfg, device), ds.select_columns(["caption", "jpg_0", "jpg_1"])
-    bad, t0 = 0, time.time()
-    with open(os.path.join(cfg.out, f"gaps.part{rank}.csv"), "a") as f:
-        f.write(HEADER if f.tell() == 0 else "")
-        for b in tqdm(range(0, len(todo), cfg.batch_size), disable=rank != 0, desc="mpcf score"):
-            idx, rows = todo[b:b + cfg.batch_size], images_ds[todo[b:b + cfg.batch_size]]
-            im0, im1 = [decode(x) for x in rows["jpg_0"]], [decode(x) for x in rows["jpg_1"]]
-            ok = np.array([x is not None and y is not None for x, y in zip(im0, im1)], dtype=bool)  # (B,)
-            sel, gaps = np.flatnonzero(ok), np.full((len(idx), 3), np.nan)                          # (B, 3)
-            if len(sel):
-                caps = [rows["caption"][k] for k in sel]
-                s = scorer([im0[k] for k in sel] + [im1[k] for k in sel], caps + caps)             # 2m images
-                for c, key in enumerate(("aesthetic", "clip", "vqa")):
-                    sc = np.asarray(s[key], dtype=np.float64)                                        # (2m,)
-                    gaps[sel, c] = pair_gaps(sc[:len(sel)], sc[len(sel):], l0[idx][sel], l1[idx][sel]).numpy()
-            f.writelines(f"{i},{int(not is_tie[i])},{a!r},{c!r},{v!r},{'ok' if o else 'unreadable'}\n"
-                         for i, (a, c, v), o in zip(idx, gaps.tolist(), ok))
-            f.flush(), os.fsync(f.fileno())  # a killed run loses at most the batch in flight
-            bad += int((~ok).sum())
-    log_jsonl(cfg.out, step="score", rank=rank, pairs=len(todo), unreadable=bad, seconds=round(time.time() - t0, 1))
+    labels = pair_labels(pairs)
+    num_rows = min(len(pairs), cfg.max_pairs or len(pairs))
+    todo = [i for i in range(num_rows) if labels.usable[i] and i not in done]
+    mine = todo[rank::world]
+    scorer = load_scorers(cfg, device)
+    images = pairs.select_columns(["caption", "jpg_0", "jpg_1"])
+    unreadable = 0
+    start = time.time()
+    with open(os.path.join(cfg.out, f"gaps.part{rank}.csv"), "a") as part:
+        if part.tell() == 0:
+            part.write(HEADER)
+        batches = range(0, len(mine), cfg.batch_size)
+        for batch_number, first in enumerate(tqdm(batches, disable=rank != 0, desc="mpcf score")):
+            index = mine[first:first + cfg.batch_size]
+            label_0 = labels.label_0[index]
+            label_1 = labels.label_1[index]
+            gaps, decoded = score_batch(scorer, images[index], label_0, label_1)
+            for i, row_gaps, ok in zip(index, gaps.tolist(), decoded):
+                part.write(part_line(i, labels.is_tie[i], row_gaps, ok))
+            part.flush()
+            # on disk: a killed run loses at most the batch in flight
+            os.fsync(part.fileno())
+            kill_point(f"scored batch {batch_number + 1}")
+            unreadable += int((~decoded).sum())
+    seconds = round(time.time() - start, 1)
+    row = dict(step="score", rank=rank, pairs=len(mine), unreadable=unreadable, seconds=seconds)
+    log_jsonl(os.path.join(cfg.out, "log.jsonl"), row)
+    # a rank that finished early waits here for the slowest one (--dist_timeout)
     barrier()
-    if rank == 0:  # merge: one row per dataset row, in dataset order
-        part = read_parts(cfg.out).reindex(np.arange(len(ds)))
-        flag = np.where(labelled, ~is_tie, -1).astype(int)
-        df = pd.DataFrame({"index": np.arange(len(ds)), "different_flag": flag,
-                           **{c: part[c].to_numpy(dtype=np.float64) for c in GAP_COLS}})
-        status = np.where(~usable, "identical", part["status"].fillna("unscored"))
-        df["status"] = np.where(~labelled, "no_label", status)
-        df.to_csv(cfg.gaps + ".tmp", index=False)
-        os.replace(cfg.gaps + ".tmp", cfg.gaps)
-        print(f"mpcf score -> {cfg.gaps}: pairs by status {df['status'].value_counts().to_dict()}")
+    if rank == 0:
+        merge_parts(cfg, labels)
 
 
-def filter_pairs(cfg, ds):
-    labelled, usable, is_tie, _, _ = pair_labels(ds)
-    df = pd.read_parquet(cfg.gaps) if cfg.gaps.endswith(".parquet") else pd.read_csv(cfg.gaps)
-    if missing := [c for c in GAP_COLS if c not in df.columns]:
-        raise SystemExit(f"{cfg.gaps} lacks gap columns {missing}")
-    df = df.sort_values("index") if "index" in df.columns else df  # ours; else row i is dataset row i
-    if len(df) != len(ds) or ("index" in df.columns and not np.array_equal(df["index"], np.arange(len(ds)))):
-        raise SystemExit(f"{cfg.gaps} has {len(df)} rows but the split has {len(ds)}: not row-aligned, refusing it")
-    g = df[list(GAP_COLS)].to_numpy(dtype=np.float64)                                            # (N, 3)
-    keep = usable & mpcf_keep(*torch.from_numpy(g).T, torch.from_numpy(is_tie), bounds=cfg.bounds).numpy()
-    counts = dict(win_lose=int((usable & ~is_tie).sum()), win_lose_kept=int((keep & ~is_tie).sum()),
-                  ties=int((usable & is_tie).sum()), ties_kept=int((keep & is_tie).sum()),
-                  no_label=int((~labelled).sum()), identical=int((labelled & ~usable).sum()),
-                  unscored=int((usable & ~np.isfinite(g).all(1)).sum()))
-    kept, path = np.flatnonzero(keep).tolist(), os.path.join(cfg.out, "keep.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(kept, f)
-    os.replace(path + ".tmp", path)
+def merge_parts(cfg, labels):
+    """OUT/gaps.csv: one row per dataset row, in dataset order; prints the rows by status."""
+    num_rows = len(labels.usable)
+    scored = read_parts(cfg.out).reindex(np.arange(num_rows))
+    table = pd.DataFrame({"index": np.arange(num_rows)})
+    table["different_flag"] = np.where(labels.labelled, ~labels.is_tie, -1).astype(int)
+    for column in GAP_COLS:
+        table[column] = scored[column].to_numpy(dtype=np.float64)
+    status = np.where(labels.usable, scored["status"].fillna("unscored"), "identical")
+    table["status"] = np.where(labels.labelled, status, "no_label")
+    write_atomically(cfg.gaps, table.to_csv(index=False))
+    counts = table["status"].value_counts().to_dict()
+    print(f"mpcf score -> {cfg.gaps}: rows by status {counts}")
+
+
+def read_gaps(path, num_rows):
+    """The (N, 3) gaps of a CSV or parquet file, row-aligned with the split (by `index` if any)."""
+    try:
+        table = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        fail(f"--gaps {path}: cannot read it ({first_line(error)})")
+    missing = [c for c in GAP_COLS if c not in table.columns]
+    if missing:
+        fail(f"--gaps {path} lacks the gap columns {missing}")
+    if "index" in table.columns:
+        table = table.sort_values("index")
+        index = table["index"].to_numpy()
+        if not np.array_equal(index, np.arange(num_rows)):
+            fail(f"--gaps {path}: its index column holds {len(index)} values in "
+                 f"[{index.min()}, {index.max()}] but the split has rows 0..{num_rows - 1}: "
+                 "not row-aligned, refusing it")
+    elif len(table) != num_rows:
+        fail(f"--gaps {path} has {len(table)} rows but the split has {num_rows}: not row-aligned, "
+             "refusing it")
+    try:
+        return table[list(GAP_COLS)].to_numpy(dtype=np.float64)
+    except (ValueError, TypeError):
+        fail(f"--gaps {path}: its gap columns hold something else than numbers")
+
+
+def filter_counts(labels, keep, gaps):
+    """What filter prints and logs: pairs and ties, kept and all, and the rows it drops."""
+    win_lose = labels.usable & ~labels.is_tie
+    ties = labels.usable & labels.is_tie
+    scored = np.isfinite(gaps).all(1)
+    return dict(win_lose=int(win_lose.sum()), win_lose_kept=int((keep & win_lose).sum()),
+                ties=int(ties.sum()), ties_kept=int((keep & ties).sum()),
+                no_label=int((~labels.labelled).sum()),
+                identical=int((labels.labelled & ~labels.usable).sum()),
+                unscored=int((labels.usable & ~scored).sum()))
+
+
+def filter_pairs(cfg, pairs):
+    """Apply the MPCF rule to the gaps: OUT/keep.json, the log row, the printed counts."""
+    labels = pair_labels(pairs)
+    gaps = read_gaps(cfg.gaps, len(pairs))  # (N, 3)
+    bounds = rule_bounds(cfg)
+    gap_a, gap_c, gap_v = torch.from_numpy(gaps).T
+    rule = mpcf_keep(gap_a, gap_c, gap_v, torch.from_numpy(labels.is_tie), bounds=bounds)
+    keep = labels.usable & rule.numpy()  # (N,)
+    counts = filter_counts(labels, keep, gaps)
+    kept = np.flatnonzero(keep).tolist()
+    path = os.path.join(cfg.out, "keep.json")
+    write_atomically(path, json.dumps(kept))
     if cfg.save_dataset:
-        ds.select(kept).save_to_disk(cfg.save_dataset + ".tmp")
+        pairs.select(kept).save_to_disk(cfg.save_dataset + ".tmp")
         shutil.rmtree(cfg.save_dataset, ignore_errors=True)
         os.replace(cfg.save_dataset + ".tmp", cfg.save_dataset)
-    log_jsonl(cfg.out, step="filter", bounds=cfg.bounds, **counts)
-    print(f"mpcf filter {cfg.bounds}: kept {counts['win_lose_kept']} / {counts['win_lose']} win-lose pairs, "
-          f"{counts['ties_kept']} / {counts['ties']} ties ({len(kept)} rows -> {path}); dropped "
-          f"{counts['no_label']} without labels, {counts['identical']} identical, {counts['unscored']} unscored")
+    log_jsonl(os.path.join(cfg.out, "log.jsonl"), dict(step="filter", bounds=bounds, **counts))
+    print(f"mpcf filter {bounds}: kept {counts['win_lose_kept']} / {counts['win_lose']} win-lose "
+          f"pairs, {counts['ties_kept']} / {counts['ties']} ties ({len(kept)} rows -> {path}); "
+          f"dropped {counts['no_label']} without labels, {counts['identical']} identical, "
+          f"{counts['unscored']} unscored")
     return counts
 
 
 # ----------------------------------------------------------------------------- main
 def main(cfg):
-    rank, world, device = setup_dist()
-    os.makedirs(cfg.out, exist_ok=True)
-    ds = load_pairs(cfg.data, cfg.split)
-    if cfg.step in ("score", "all"):
-        score(cfg, ds, rank, world, device)
-    counts = filter_pairs(cfg, ds) if cfg.step in ("filter", "all") and rank == 0 else None
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world, device = setup_distributed(cfg.dist_timeout)
+    # filter alone only rewrites keep.json: rerunning it with other bounds is what it is for
+    prepare_run_folder(cfg.out, cfg.resume or cfg.step == "filter")
+    pairs = load_pairs(cfg.data, cfg.split)
+    if cfg.step != "filter":
+        score(cfg, pairs, rank, world, device)
+    counts = None
+    if cfg.step != "score" and rank == 0:
+        counts = filter_pairs(cfg, pairs)
     if dist.is_initialized():
         dist.destroy_process_group()
     return counts

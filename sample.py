@@ -1,25 +1,40 @@
-"""Generate paired images from a base model and its tuned version (LoRA from lpo.py or a merged U-Net).
+"""Generate paired images from a base model and its tuned version (a LoRA from lpo.py, or a merged
+U-Net), for eval.py and for looking at.
 
-SPEC.md section 4. Image i (global index) gets prompts[i // seeds_per_prompt] and seed + i; base and
-tuned share them and the sampler (DDIM, 20 steps, CFG 5.0), so image i of one is the pair of image i of the other.
+Image i (a global index) gets prompts[i // seeds_per_prompt] and seed + i; base and tuned share
+them and the sampler (DDIM, 20 steps, CFG 5.0, as the evaluation of arXiv 2502.01051v3, Sec. 5),
+so image i of one is the pair of image i of the other.
 
-    python sample.py --model tiny --lora runs/lpo-tiny                   # CPU, ~1 min: 15 captions x 10 seeds
-    python sample.py --model tiny --prompt "a red circle" --seeds-per-prompt 8
-    python sample.py --model sd15 --lora runs/lpo-sd15                   # Pick-a-Pic v1 validation_unique (500)
-    python sample.py --model sd15 --unet casiatao/LPO/lpo_sd15_merge/unet     # the paper's released LPO U-Net
+    python sample.py --model tiny --lora runs/lpo-tiny        # CPU, ~1 min: 15 captions x 10 seeds
+    python sample.py --model tiny --prompt "a red circle" --seeds_per_prompt 8
+    python sample.py --model sd15 --lora runs/lpo-sd15      # Pick-a-Pic v1 validation_unique
+    python sample.py --model sd15 --unet casiatao/LPO/lpo_sd15_merge/unet   # the released LPO U-Net
     torchrun --nproc_per_node=8 sample.py --model sdxl --unet casiatao/LPO/lpo_sdxl_merge/unet
-    python sample.py --model sd15 --prompts parti.tsv --lora runs/lpo-sd15 --resume   # any prompt file
+    python sample.py --model sd15 --prompts parti.tsv --lora runs/lpo-sd15 --resume  # any prompts
 
-Writes {out}/base/ and {out}/tuned/ (ImageFolder layout: {index:05d}_{seed}.png, metadata.jsonl with
+Writes OUT/base/ and OUT/tuned/ (ImageFolder layout: {index:05d}_{seed}.png, metadata.jsonl with
 file_name, prompt, seed, index; sampling.json = the settings), log.jsonl and grid.png (base | tuned
 side by side, caption under each pair). eval.py scores them. Choices:
 - eta 0 (deterministic DDIM) by default; with --eta > 0 the step noise also comes from the image's
   own CPU generator, so pairs still share it, on any GPU, CPU or number of ranks.
 - Unique prompts in first-seen order (a *_unique split is one row per prompt already).
 - Ranks take every world-th missing image; PNGs are written atomically, so --resume generates
-  only the missing ones (and refuses a folder sampled with other settings).
+  only the missing ones (and refuses a folder sampled with other settings). A rerun into a folder
+  that holds a run is refused without --resume.
+- The VAE decodes one image at a time (enable_slicing): its memory does not grow with
+  --batch_size (an fp32 1024 px SDXL decode needs several GB per image).
 """
-import argparse, glob, inspect, json, os, re, sys, time  # noqa: E401
+import argparse
+import datetime
+import glob
+import inspect
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
 from dataclasses import asdict, dataclass, fields
 
 import huggingface_hub
@@ -35,310 +50,609 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    model: str = "sd15"          # preset: sd15 | sdxl | tiny | tiny-xl, or any pipeline folder / hub id
-    base: str = ""               # base pipeline
-    lora: str = ""               # tuned = base + this LoRA (lpo.py's output, diffusers format)
-    unet: str = ""               # ... or a merged U-Net: folder, or hub "owner/repo/sub/folder"
-    vae: str = ""                # optional VAE for both models (paper's SDXL eval: the fp16-fix VAE)
-    prompts: str = ""            # dataset (hub id / folder) or a .txt / .json / .tsv / .csv / .parquet file
-    split: str = "validation_unique"
-    prompt: str = ""             # one prompt instead of a prompt set
-    num_prompts: int = 0         # first N unique prompts; 0 = all
-    seeds_per_prompt: int = 1    # images per prompt (tiny world: its 15 captions need several seeds)
-    seed: int = 0                # image i uses seed + i, for base and tuned alike
-    steps: int = 20              # paper Sec. 5: DDIM, 20 steps
-    guidance: float = 5.0        # paper: CFG 5.0, the same for both models (SPEC sec. 4)
-    eta: float = 0.0             # 0 = deterministic DDIM
-    resolution: int = 512
-    batch_size: int = 8          # images per forward pass per rank
-    dtype: str = "auto"          # auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32
-    out: str = ""                # default runs/samples/{name of the LoRA / U-Net, or "base"}
-    grid_rows: int = 8           # pairs in grid.png (first seed of the first prompts)
-    grid_cell: int = 256         # pixels per image in grid.png
-    resume: bool = False
+    model: str = "sd15"  # preset: sd15 | sdxl | tiny | tiny-xl, or a pipeline folder / hub id
+    base: str = ""  # base pipeline, folder or hub id ("" = the preset's)
+    lora: str = ""  # tuned = base + this LoRA (lpo.py's output folder, diffusers format)
+    unet: str = ""  # ... or a merged U-Net: folder, or hub "owner/repo/sub/folder"
+    vae: str = ""  # VAE for both models instead of the base's (SDXL: the fp16-fix VAE)
+    prompts: str = ""  # dataset (hub id / folder) or a .txt / .json / .tsv / .csv / .parquet file
+    split: str = "validation_unique"  # split of a --prompts dataset
+    prompt: str = ""  # one prompt instead of a prompt set
+    num_prompts: int = 0  # first N unique prompts; 0 = all
+    seeds_per_prompt: int = 1  # images per prompt (the tiny world's 15 captions need several)
+    seed: int = 0  # image i uses seed + i, for base and tuned alike
+    num_inference_steps: int = 20  # DDIM steps (paper: 20)
+    guidance_scale: float = 5.0  # classifier-free guidance, the same for both models (paper: 5.0)
+    eta: float = 0.0  # DDIM eta; 0 = deterministic
+    resolution: int = 0  # image side in pixels; 0 = the pipeline's (U-Net size x VAE factor)
+    batch_size: int = 8  # images per forward pass per rank
+    dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32
+    out: str = ""  # run folder; "" = runs/samples/{name of the LoRA or U-Net, or base}
+    grid_rows: int = 8  # pairs in grid.png (the first seed of the first prompts)
+    grid_cell: int = 256  # pixels per image in grid.png
+    resume: bool = False  # continue a killed run: generate only the missing images
+    threads: int = 0  # CPU threads for torch; 0 = torch's default
+    dist_timeout: int = 180  # minutes a rank may wait at a barrier (torchrun)
 
 
-PICKAPIC = "yuvalkirstain/pickapic_v1"   # mirrors: pickapic-anonymous/pickapic_v1, or a local copy
-TINY = dict(prompts=os.path.join(ROOT, "tiny/pickapic"), resolution=32, batch_size=50, seeds_per_prompt=10,
-            seed=1_000_000, grid_rows=15, grid_cell=128)   # held-out seeds: LPO trains on low ones
+# mirrors: pickapic-anonymous/pickapic_v1, or a local copy
+PICKAPIC = "yuvalkirstain/pickapic_v1"
+# held-out seeds (LPO trains on low ones); one thread: the tiny networks are too small to split
+TINY = dict(prompts=os.path.join(ROOT, "tiny/pickapic"), batch_size=50, seeds_per_prompt=10,
+            seed=1_000_000, grid_rows=15, grid_cell=128, threads=1)
 PRESETS = {
-    "sd15": dict(base="stable-diffusion-v1-5/stable-diffusion-v1-5", prompts=PICKAPIC, resolution=512),
-    "sdxl": dict(base="stabilityai/stable-diffusion-xl-base-1.0", prompts=PICKAPIC, resolution=1024,
-                 batch_size=4, vae="madebyollin/sdxl-vae-fp16-fix"),   # the SDXL VAE overflows in fp16
+    "sd15": dict(base="stable-diffusion-v1-5/stable-diffusion-v1-5", prompts=PICKAPIC),
+    # the SDXL VAE overflows in fp16: the fp16-fix VAE
+    "sdxl": dict(base="stabilityai/stable-diffusion-xl-base-1.0", prompts=PICKAPIC, batch_size=4,
+                 vae="madebyollin/sdxl-vae-fp16-fix"),
     "tiny": dict(TINY, base=os.path.join(ROOT, "tiny/sd15")),
     "tiny-xl": dict(TINY, base=os.path.join(ROOT, "tiny/sdxl")),
 }
 
 
-def get_config(cls=Config, presets=PRESETS, argv=None, doc=__doc__):
-    """CLI from the dataclass: defaults from the --model preset, help from each field's comment;
-    --seeds-per-prompt and --seeds_per_prompt both work, --resume or --resume true."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--model", default=cls.model)
-    model = pre.parse_known_args(argv)[0].model
-    preset = presets.get(model) or dict(presets["sdxl" if "xl" in model.lower() else "sd15"], base=model)
-    defaults = {**asdict(cls()), **preset, "model": model}
-    src = "".join(inspect.getsource(c) for c in cls.__mro__[:-1])   # the dataclass(es), not object
-    notes = dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", src, re.M))
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):
-        is_bool = dict(type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True)
-        kw = is_bool if f.type is bool else dict(type=f.type)
-        p.add_argument(*sorted({"--" + f.name, "--" + f.name.replace("_", "-")}), dest=f.name, default=defaults[f.name],
-                       help=f"{notes.get(f.name, '')} (default: {defaults[f.name]!r})".replace("%", "%%"), **kw)
-    return cls(**vars(p.parse_args(argv)))
+def get_config(argv=None):
+    argv = snake_case_options(sys.argv[1:] if argv is None else argv)
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--model", default=Config.model)
+    model = peek.parse_known_args(argv)[0].model
+    preset = PRESETS.get(model)
+    if preset is None:  # a pipeline folder or hub id: the preset of its family
+        family = "sdxl" if "xl" in model.lower() else "sd15"
+        preset = dict(PRESETS[family], base=model)
+    defaults = {**asdict(Config()), **preset, "model": model}
+    parser = build_parser(Config, defaults, __doc__)
+    cfg = Config(**vars(parser.parse_args(argv)))
+    check_settings(cfg)
+    return cfg
 
 
+def check_settings(cfg):
+    """The settings' own sanity (no file is read): one line and exit on the first bad one."""
+    if cfg.lora and cfg.unet:
+        fail("give --lora or --unet, not both")
+    if not cfg.prompt and not cfg.prompts:
+        fail("no prompts: give --prompts (a dataset or a file) or --prompt")
+    for name in ("num_inference_steps", "seeds_per_prompt", "batch_size", "dist_timeout"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("num_prompts", "threads", "resolution", "eta"):
+        if getattr(cfg, name) < 0:
+            fail(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.dtype not in DTYPES:
+        fail(f"--dtype {cfg.dtype}: expected auto, fp16, bf16 or fp32")
+
+
+# ----------------------------------------------------------------------------- input checks
 def findable(path):
-    """A local path, or a hub model or dataset repo ("owner/name[/sub/folder]") that the hub or its cache has."""
+    """A local path, or a hub model or dataset repo ("owner/name[/sub/folder]") that the hub or
+    its cache has."""
     if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") < 1:
         return os.path.exists(path)
+    repo = "/".join(path.split("/")[:2])
     for kind in ("model", "dataset"):
-        try:   # a few small JSON files; works offline from the cache
-            return bool(huggingface_hub.snapshot_download("/".join(path.split("/")[:2]), repo_type=kind,
-                                                          allow_patterns=["*.json"]))
+        try:  # a few small JSON files; works offline from the cache
+            huggingface_hub.snapshot_download(repo, repo_type=kind, allow_patterns=["*.json"])
+            return True
         except Exception:
             pass
     return False
 
 
-def check_config(cfg, prog="sample.py", paths=("base", "lora", "unet", "vae", "prompts")):
-    """One-line errors on bad input, before anything heavy is loaded."""
-    die = lambda msg: sys.exit(f"{prog}: {msg}")   # SystemExit: the message, exit status 1
-    if cfg.lora and cfg.unet:
-        die("give --lora or --unet, not both")
-    if not cfg.prompt and not cfg.prompts:
-        die("no prompts: give --prompts (dataset or file) or --prompt")
-    for name in (p for p in paths if not (p == "prompts" and cfg.prompt)):
+def lora_error(path):
+    """Why path is not a diffusers LoRA (a folder holding one, or its .safetensors), or None.
+    Reads the file headers only: a bad --lora is found before anything is sampled."""
+    from safetensors import safe_open
+    if not os.path.exists(path):
+        return None  # a hub id (findable): diffusers checks it when it loads it
+    files = [path]
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    preferred = os.path.join(path, "pytorch_lora_weights.safetensors")
+    if preferred in files:
+        files = [preferred]
+    if len(files) == 1:
+        try:
+            with safe_open(files[0], "pt") as weights:
+                if any("lora" in key for key in weights.keys()):
+                    return None
+        except Exception as error:  # safetensors' own error type: a damaged or foreign file
+            return f"--lora {files[0]}: cannot read it ({type(error).__name__}): is it damaged?"
+    return (f"--lora {path}: no LoRA there (expected pytorch_lora_weights.safetensors with "
+            "lora_A / lora_B weights, as lpo.py saves it)")
+
+
+def pipeline_sizes(base, vae):
+    """(the pipeline's own resolution, the multiple every resolution must be) from the configs:
+    the VAE's downsampling factor times the U-Net's."""
+    unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")
+    if vae:
+        vae_config = AutoencoderKL.load_config(vae)
+    else:
+        vae_config = AutoencoderKL.load_config(base, subfolder="vae")
+    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    unet_factor = 2 ** (len(unet_config["down_block_types"]) - 1)
+    return unet_config["sample_size"] * vae_factor, vae_factor * unet_factor
+
+
+def check_sampling_inputs(cfg):
+    """Bad input found from files and configs alone (nothing heavy is loaded): raises ValueError
+    with a one-line message. Fills in --resolution 0 and --out "", and returns the prompts."""
+    paths = ["base", "lora", "unet", "vae"] + ([] if cfg.prompt else ["prompts"])
+    for name in paths:
         path = getattr(cfg, name)
         if path and not findable(path):
-            die(f"--{name} {path}: no such local file or folder, and no hub repo of that name could be reached")
-    for name in (n for n in ("steps", "seeds_per_prompt", "batch_size", "resolution") if getattr(cfg, n) < 1):
-        die(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.dtype not in ("auto", "fp16", "bf16", "fp32"):
-        die(f"--dtype {cfg.dtype}: expected auto, fp16, bf16 or fp32")
+            raise ValueError(f"--{name} {path}: no such local file or folder, and no hub repo of "
+                             "that name could be reached")
+    error = lora_error(cfg.lora) if cfg.lora else None
+    if error:
+        raise ValueError(error)
+    try:
+        index = DiffusionPipeline.load_config(cfg.base)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--base {cfg.base}: not a diffusers pipeline "
+                         f"({type(error).__name__})") from None
+    has_vae = bool((index.get("vae") or [None])[0])
+    if os.path.isdir(cfg.base):
+        has_vae = has_vae and os.path.isdir(os.path.join(cfg.base, "vae"))
+    if not (has_vae or cfg.vae):
+        raise ValueError(f"--base {cfg.base} has no VAE: give a whole pipeline, or --vae")
+    try:
+        native, multiple = pipeline_sizes(cfg.base, cfg.vae)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"--base {cfg.base}: cannot read its U-Net and VAE configs "
+                         f"({type(error).__name__})") from None
+    cfg.resolution = cfg.resolution or native
+    if cfg.resolution % multiple:
+        raise ValueError(f"--resolution {cfg.resolution}: this pipeline makes images whose side is "
+                         f"a multiple of {multiple} (its own: {native}; 0 picks it)")
+    cfg.out = cfg.out or default_out(cfg)
+    if cfg.resume:
+        check_resumable(cfg)
+    if cfg.prompt:
+        return [cfg.prompt]
+    return load_prompts(cfg.prompts, cfg.split, cfg.num_prompts)
+
+
+def default_out(cfg):
+    """runs/samples/{name}: the LoRA folder's name, the merged U-Net's repo/folder name, or base."""
+    parts = (cfg.lora or cfg.unet or "base").rstrip("/").split("/")
+    names = [part for part in parts if part not in ("unet", ".")]
+    return os.path.join("runs", "samples", names[-1] if names else "base")
 
 
 # ----------------------------------------------------------------------------- prompts and images
+TABLE_FORMATS = {"csv": "csv", "tsv": "csv", "parquet": "parquet", "jsonl": "json",
+                 "arrow": "arrow"}
+
+
 def load_prompts(source, split="validation_unique", limit=0):
-    """Unique prompts, in first-seen order, from a text/JSON/table file or a dataset split."""
-    if source.endswith(".txt"):
-        prompts = [line.strip() for line in open(source) if line.strip()]
-    elif source.endswith(".json"):   # a list of strings (e.g. the HPDv2 benchmark prompts)
-        prompts = list(json.load(open(source)))
-    else:
-        from datasets import load_dataset, load_from_disk
-        ext = source.rsplit(".", 1)[-1]
-        if os.path.isfile(source):   # PartiPrompts is a .tsv with a "Prompt" column
-            ds = load_dataset("csv" if ext in ("csv", "tsv") else ext, data_files=source, split="train",
-                              **({"delimiter": "\t"} if ext == "tsv" else {}))
-        elif os.path.exists(os.path.join(source, "dataset_dict.json")):   # save_to_disk folder
-            ds = load_from_disk(source)[split]
-        else:   # hub ids stream: only this split's captions are read, not the 500k train images
-            ds = load_dataset(source, split=split, streaming=not os.path.isdir(source))
-        col = next((c for c in ("caption", "prompt", "Prompt", "text") if c in (ds.column_names or [])), None)
-        if col is None:
-            raise SystemExit(f"{source}: no caption / prompt / Prompt / text column in {ds.column_names}")
-        prompts = [row[col] for row in ds.select_columns([col])]
-    prompts = list(dict.fromkeys(prompts))
+    """Unique prompts, in first-seen order, from a text / JSON / table file or a dataset split;
+    ValueError naming the problem when none can be read."""
+    try:
+        if source.endswith(".txt"):
+            with open(source) as file:
+                prompts = [line.strip() for line in file]
+        elif source.endswith(".json"):
+            prompts = json_prompts(source)
+        else:
+            prompts = table_prompts(source, split)
+    except (OSError, KeyError, ValueError) as error:  # incl. an unknown split, a broken file
+        message = str(error).strip().splitlines() or [""]
+        raise ValueError(f"--prompts {source} (split {split}): cannot read prompts from it "
+                         f"({type(error).__name__}: {message[0][:200]})") from None
+    not_text = [p for p in prompts if not isinstance(p, str)]
+    if not_text:
+        raise ValueError(f"--prompts {source}: the prompts must be text, found "
+                         f"{type(not_text[0]).__name__} {not_text[0]!r}")
+    prompts = list(dict.fromkeys(p for p in prompts if p.strip()))
+    if not prompts:
+        raise ValueError(f"--prompts {source}: holds no prompt (every line or row is empty)")
     return prompts[:limit] if limit else prompts
+
+
+def json_prompts(source):
+    """A JSON list of strings (the HPDv2 benchmark prompts) or of {"caption": ...} (the official
+    code's 4k training prompts)."""
+    with open(source) as file:
+        items = json.load(file)
+    if not isinstance(items, list):
+        raise ValueError("expected a JSON list")
+    return [item["caption"] if isinstance(item, dict) else item for item in items]
+
+
+def table_prompts(source, split):
+    """The caption / prompt / Prompt / text column of a table file or a dataset split."""
+    from datasets import load_dataset, load_from_disk
+    extension = source.rsplit(".", 1)[-1]
+    if os.path.isfile(source):  # PartiPrompts is a .tsv with a "Prompt" column
+        if extension not in TABLE_FORMATS:
+            raise ValueError(f"unknown file type .{extension}: use .txt .json .csv .tsv .parquet")
+        options = {"delimiter": "\t"} if extension == "tsv" else {}
+        table = load_dataset(TABLE_FORMATS[extension], data_files=source, split="train", **options)
+    elif os.path.exists(os.path.join(source, "dataset_dict.json")):  # a save_to_disk folder
+        table = load_from_disk(source)[split]
+    else:  # hub ids stream: only this split's captions are read, not the 500k train images
+        table = load_dataset(source, split=split, streaming=not os.path.isdir(source))
+    names = table.column_names or []
+    column = next((c for c in ("caption", "prompt", "Prompt", "text") if c in names), None)
+    if column is None:
+        raise ValueError(f"no caption / prompt / Prompt / text column in {names}")
+    return [row[column] for row in table.select_columns([column])]
 
 
 def file_name(index, seed):
     return f"{index:05d}_{seed}.png"
 
 
-def save_png(img, path):
-    img.save(path + ".tmp", format="PNG")
-    os.replace(path + ".tmp", path)   # atomic: a killed run never leaves half an image for --resume
+def save_png(image, path):
+    """Atomic: a killed run never leaves half an image for --resume to keep."""
+    image.save(path + ".tmp", format="PNG")
+    kill_point("mid " + "/".join(path.split(os.sep)[-2:]))
+    os.replace(path + ".tmp", path)
 
 
-def write_jsonl(path, rows):   # atomic, as the images
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+def write_text(path, text):
+    """Atomic, as the images."""
+    with open(path + ".tmp", "w") as file:
+        file.write(text)
+    kill_point("mid " + "/".join(path.split(os.sep)[-2:]))
     os.replace(path + ".tmp", path)
 
 
 def make_grid(columns, captions, cell=256, notes=None, per_row=2):
     """columns: {"base": [PIL], "tuned": [PIL]} -> one image: per_row pairs side by side per row,
-    caption under each pair; notes: optional {"base": [str], ...} printed on each image (its score)."""
+    caption under each pair; notes: optional {"base": [str], ...} printed on each image."""
     font = ImageFont.load_default(size=max(10, cell // 16))
-    head, foot, gap = cell // 8, cell // 6, max(2, cell // 32)
-    n, block = len(captions), len(columns) * (cell + gap) + 4 * gap   # block: one pair and a margin
-    per_row = max(1, min(per_row, n))
-    grid = Image.new("RGB", (per_row * block - 5 * gap, head + -(-n // per_row) * (cell + foot)), "white")
+    head = cell // 8
+    foot = cell // 6
+    gap = max(2, cell // 32)
+    count = len(captions)
+    block = len(columns) * (cell + gap) + 4 * gap  # one pair and a margin
+    per_row = max(1, min(per_row, count))
+    rows = -(-count // per_row)
+    grid = Image.new("RGB", (per_row * block - 5 * gap, head + rows * (cell + foot)), "white")
     draw = ImageDraw.Draw(grid)
-    for r in range(n):
-        x0, y = (r % per_row) * block, head + (r // per_row) * (cell + foot)
+    for r in range(count):
+        left = (r % per_row) * block
+        top = head + (r // per_row) * (cell + foot)
         for c, (name, images) in enumerate(columns.items()):
-            x, img = x0 + c * (cell + gap), images[r]
+            x = left + c * (cell + gap)
             if r < per_row:
                 draw.text((x + cell // 2, head // 2), name, fill="black", font=font, anchor="mm")
             # small images (the tiny world's 32 px) are enlarged with crisp pixels
-            grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST if img.width < cell else Image.LANCZOS), (x, y))
+            image = images[r].convert("RGB")
+            method = Image.NEAREST if image.width < cell else Image.LANCZOS
+            grid.paste(image.resize((cell, cell), method), (x, top))
             if notes:
-                draw.text((x + 3, y + 2), notes[name][r], fill="black", font=font, stroke_width=1, stroke_fill="white")
-        cap = captions[r]
-        while len(cap) > 8 and draw.textlength(cap, font=font) > block - 8 * gap:
-            cap = cap[:-4] + "..."
-        draw.text((x0 + 4, y + cell + 2), cap, fill="black", font=font)
+                draw.text((x + 3, top + 2), notes[name][r], fill="black", font=font,
+                          stroke_width=1, stroke_fill="white")
+        caption = captions[r]
+        while len(caption) > 8 and draw.textlength(caption, font=font) > block - 8 * gap:
+            caption = caption[:-4] + "..."
+        draw.text((left + 4, top + cell + 2), caption, fill="black", font=font)
     return grid
 
 
 # ----------------------------------------------------------------------------- models
+DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def torch_dtype(name, device):
-    name = ("fp16" if device.type == "cuda" else "fp32") if name == "auto" else name
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
 
 
 def load_pipeline(cfg, device, dtype):
     """The base pipeline (SD1.5 or SDXL: DiffusionPipeline picks the class) with a DDIM sampler."""
     index = DiffusionPipeline.load_config(cfg.base)
-    kw = dict(safety_checker=None, requires_safety_checker=False) if "safety_checker" in index else {}
+    options = {}
+    if "safety_checker" in index:
+        options = dict(safety_checker=None, requires_safety_checker=False)
     if cfg.vae:
-        kw["vae"] = AutoencoderKL.from_pretrained(cfg.vae, torch_dtype=dtype)
-    pipe = DiffusionPipeline.from_pretrained(cfg.base, torch_dtype=dtype, **kw)
+        options["vae"] = AutoencoderKL.from_pretrained(cfg.vae, dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(cfg.base, dtype=dtype, **options)
     # one sampler for every model: DDIM on the base's own betas (leading spacing, steps_offset 1);
     # no x0 clipping to [-1, 1] (a pixel-space default: SD latents are wider than that)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     pipe.set_progress_bar_config(disable=True)
+    # the VAE decodes one image at a time: its memory does not grow with the batch
+    pipe.vae.enable_slicing()
     return pipe.to(device)
 
 
 def load_unet(path, dtype):
     """A merged U-Net: a unet folder, a pipeline folder, or hub "owner/repo[/sub/folder]"."""
     if os.path.isdir(path):
-        sub = "unet" if os.path.exists(os.path.join(path, "unet", "config.json")) else None
-        return UNet2DConditionModel.from_pretrained(path, subfolder=sub, torch_dtype=dtype)
-    repo, sub = "/".join(path.split("/")[:2]), "/".join(path.split("/")[2:]) or "unet"
-    return UNet2DConditionModel.from_pretrained(repo, subfolder=sub, torch_dtype=dtype)
+        has_unet = os.path.exists(os.path.join(path, "unet", "config.json"))
+        subfolder = "unet" if has_unet else None
+        return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, dtype=dtype)
+    parts = path.split("/")
+    subfolder = "/".join(parts[2:]) or "unet"
+    repo = "/".join(parts[:2])
+    return UNet2DConditionModel.from_pretrained(repo, subfolder=subfolder, dtype=dtype)
 
 
-# ----------------------------------------------------------------------------- distributed + logging
-def setup_distributed():
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+# ----------------------------------------------------------------------------- boilerplate
+# The same lines in every stage file (test_all.py checks they stay identical): the CLI made from
+# the Config dataclass, torchrun setup, one-line errors, the run-folder guard, atomic writes, and
+# the kill points that the resume tests use.
+PROG = os.path.basename(__file__)
 
 
+def fail(message):
+    """Bad input or a refused state: one line, `<script>: error: ...`, exit status 1."""
+    raise SystemExit(f"{PROG}: error: {message}")
+
+
+def snake_case_options(argv):
+    """--lora-rank 8, --lora-rank=8 and --no-grad-ckpt read as --lora_rank and --no-grad_ckpt."""
+    fixed = []
+    for arg in argv:
+        if arg.startswith("--"):
+            name, sep, value = arg[2:].partition("=")
+            prefix = "no-" if name.startswith("no-") else ""
+            arg = "--" + prefix + name[len(prefix):].replace("-", "_") + sep + value
+        fixed.append(arg)
+    return fixed
+
+
+def build_parser(config_class, defaults, doc):
+    """One option per Config field; its trailing comment is the --help line, with the default."""
+    helps = {}
+    for line in inspect.getsource(config_class).splitlines():
+        match = re.match(r"\s+(\w+): [^#]*#\s*(.*)", line)
+        if match:
+            helps[match[1]] = match[2]
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field in fields(config_class):
+        default = defaults[field.name]
+        help_line = f"{helps.get(field.name, '')} (default: {default!r})"
+        if isinstance(default, bool):
+            action = argparse.BooleanOptionalAction
+            parser.add_argument(f"--{field.name}", default=default, action=action, help=help_line)
+        else:
+            kind = type(default)
+            parser.add_argument(f"--{field.name}", default=default, type=kind, help=help_line)
+    return parser
+
+
+def setup_distributed(timeout_minutes):
+    """torchrun sets RANK and LOCAL_RANK; a plain `python` run is rank 0 of 1."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if "RANK" in os.environ and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        # explicit: NCCL's default (10 min) is shorter than a rank-0 save of an SDXL checkpoint
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def prepare_run_folder(out, resume):
+    """Refuse to write over a run unless resuming; create the folder; drop killed writes' *.tmp."""
+    if not resume and os.path.isdir(out) and os.listdir(out):
+        fail(f"{out} already holds a run: continue it with --resume, or pass another --out")
+    if dist.is_initialized():
+        dist.barrier()  # every rank has looked before rank 0 writes anything
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
+    try:
+        os.makedirs(out, exist_ok=True)
+        for name in os.listdir(out):
+            if name.endswith(".tmp"):
+                leftover = os.path.join(out, name)
+                if os.path.isdir(leftover):
+                    shutil.rmtree(leftover)
+                else:
+                    os.remove(leftover)
+        with open(os.path.join(out, ".write-test.tmp"), "w"):
+            pass
+        os.remove(os.path.join(out, ".write-test.tmp"))
+    except OSError as error:
+        fail(f"cannot write to {out} ({error.strerror}): pass another --out")
+
+
+def kill_point(name):
+    """Test hook: SIGKILL this process where LPO_KILL_AT names this point (the resume tests)."""
+    if os.environ.get("LPO_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to path.tmp, then rename: a file that exists at path is always complete."""
+    torch.save(obj, path + ".tmp")
+    kill_point("mid " + os.path.basename(path))
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path):
+    """torch.load, or one line naming the file and the way out when it is damaged."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        fail(f"{path} is damaged ({type(error).__name__}): delete it to restart the run, "
+             "or pass another --out")
+
+
+def log_jsonl(path, row):
+    with open(path, "a") as log_file:
+        log_file.write(json.dumps(row) + "\n")
+
+
+def truncate_log(path, last, key="step"):
+    """On resume: keep the log rows up to the checkpoint, row[key] <= last (the rest run again)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as log_file:
+        for line in log_file:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if row.get(key, 0) <= last and "final" not in row:
+                kept.append(row)
+    with open(path + ".tmp", "w") as log_file:
+        log_file.writelines(json.dumps(row) + "\n" for row in kept)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------- sampling
 def barrier():
+    """Every rank calls it, in the same order."""
     if dist.is_initialized():
         dist.barrier()
 
 
 def gather_objects(obj):
     """Every rank's obj, in rank order (a collective: call it on every rank)."""
-    out = [obj] * (dist.get_world_size() if dist.is_initialized() else 1)
-    if dist.is_initialized():
-        dist.all_gather_object(out, obj)
-    return out
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
-def log_jsonl(path, rec):
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+def sampling_settings(cfg):
+    """sampling.json: what makes two folders comparable (eval.py refuses pairs sampled otherwise)
+    and what --resume must find unchanged."""
+    return dict(base=cfg.base, tuned=None, vae=cfg.vae or None, scheduler="DDIMScheduler",
+                num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                eta=cfg.eta, resolution=cfg.resolution, dtype=cfg.dtype,
+                prompts=cfg.prompt or cfg.prompts, split=cfg.split, num_prompts=cfg.num_prompts,
+                seeds_per_prompt=cfg.seeds_per_prompt, seed=cfg.seed)
 
 
-# ----------------------------------------------------------------------------- sampling
+def check_resumable(cfg):
+    """--resume into folders sampled with other settings would mix images: ValueError."""
+    settings = sampling_settings(cfg)
+    for side in ("base", "tuned"):
+        path = os.path.join(cfg.out, side, "sampling.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as file:
+            old = json.load(file)
+        if side == "tuned":
+            settings["tuned"] = cfg.lora or cfg.unet
+        changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+        if changed:
+            raise ValueError(f"--resume: {path} holds other settings ({', '.join(changed)}): "
+                             "pass the same ones, or another --out")
+
+
 @torch.no_grad()
-def sample_folder(pipe, jobs, folder, info, cfg, rank, world):
+def sample_folder(pipe, jobs, folder, settings, cfg, rank, world):
     """Generate jobs [(index, prompt, seed)] into folder, sharded over ranks: each index once."""
     os.makedirs(folder, exist_ok=True)
-    info_file = os.path.join(folder, "sampling.json")
-    old = json.load(open(info_file)) if cfg.resume and os.path.exists(info_file) else info
-    if old != info:   # every rank checks: no rank-0-only exit
-        raise SystemExit(f"sample.py: --resume: {folder} was sampled with {old}, not {info}")
-    barrier()   # every rank has read sampling.json before rank 0 rewrites it
     if rank == 0:
-        for path in [] if cfg.resume else glob.glob(os.path.join(folder, "[0-9]*_[0-9]*.png")):
-            os.remove(path)   # a fresh run: no stale image of an earlier run survives in the folder
-        with open(info_file, "w") as f:
-            json.dump(info, f, indent=2)
+        for leftover in glob.glob(os.path.join(folder, "*.tmp")):
+            os.remove(leftover)  # a write that a kill cut short
+        write_text(os.path.join(folder, "sampling.json"), json.dumps(settings, indent=2))
     barrier()
-    todo = [j for j in jobs if not os.path.exists(os.path.join(folder, file_name(j[0], j[2])))]
-    barrier()   # every rank has listed the folder before anyone writes to it
-    mine, t0 = todo[rank::world], time.time()
-    for b in tqdm(range(0, len(mine), cfg.batch_size), disable=rank != 0, desc=os.path.basename(folder)):
-        batch = mine[b:b + cfg.batch_size]
-        gens = [torch.Generator().manual_seed(s) for _, _, s in batch]   # one noise stream per image
-        images = pipe([p for _, p, _ in batch], generator=gens, num_inference_steps=cfg.steps,
-                      guidance_scale=cfg.guidance, eta=cfg.eta, height=cfg.resolution, width=cfg.resolution).images
-        for (i, _, s), img in zip(batch, images):
-            save_png(img, os.path.join(folder, file_name(i, s)))
-    done = gather_objects([i for i, _, _ in mine])
+    on_disk = set(os.listdir(folder))
+    todo = [(i, prompt, seed) for i, prompt, seed in jobs if file_name(i, seed) not in on_disk]
+    barrier()  # every rank has listed the folder before anyone writes to it
+    mine = todo[rank::world]
+    start = time.time()
+    batches = range(0, len(mine), cfg.batch_size)
+    for first in tqdm(batches, disable=rank != 0, desc=os.path.basename(folder)):
+        batch = mine[first:first + cfg.batch_size]
+        # one noise stream per image: its pixels do not depend on the batch or the rank
+        generators = [torch.Generator().manual_seed(seed) for _, _, seed in batch]
+        prompts = [prompt for _, prompt, _ in batch]
+        images = pipe(prompts, generator=generators, num_inference_steps=cfg.num_inference_steps,
+                      guidance_scale=cfg.guidance_scale, eta=cfg.eta, height=cfg.resolution,
+                      width=cfg.resolution).images
+        for (index, _, seed), image in zip(batch, images):
+            save_png(image, os.path.join(folder, file_name(index, seed)))
+    done = gather_objects([index for index, _, _ in mine])
     if rank == 0:
-        flat = sorted(i for part in done for i in part)
-        # todo = jobs minus the images on disk, so this means: every index exactly once, none missing
-        assert flat == sorted(i for i, _, _ in todo), f"{folder}: sharding lost or repeated an image"
-        write_jsonl(os.path.join(folder, "metadata.jsonl"), [dict(file_name=file_name(i, s), prompt=p, seed=s,
-                    index=i, prompt_index=i // cfg.seeds_per_prompt) for i, p, s in jobs])
-        log_jsonl(os.path.join(os.path.dirname(folder), "log.jsonl"), dict(folder=os.path.basename(folder),
-                  images=len(jobs), generated=len(flat), per_rank=[len(p) for p in done], seconds=round(time.time() - t0, 2)))
+        generated = sorted(index for part in done for index in part)
+        # todo = jobs minus the images on disk: every index exactly once, none missing
+        assert generated == sorted(job[0] for job in todo), f"{folder}: sharding lost an image"
+        per_prompt = cfg.seeds_per_prompt
+        rows = [dict(file_name=file_name(index, seed), prompt=prompt, seed=seed, index=index,
+                     prompt_index=index // per_prompt) for index, prompt, seed in jobs]
+        lines = "".join(json.dumps(row) + "\n" for row in rows)
+        write_text(os.path.join(folder, "metadata.jsonl"), lines)
+        row = dict(folder=os.path.basename(folder), images=len(jobs), generated=len(generated),
+                   per_rank=[len(part) for part in done], seconds=round(time.time() - start, 2))
+        log_jsonl(os.path.join(os.path.dirname(folder), "log.jsonl"), row)
     barrier()
 
 
-def default_out(cfg):
-    """runs/samples/{name}: the LoRA folder's name, the merged U-Net's repo/folder name, or base."""
-    parts = [p for p in (cfg.lora or cfg.unet or "base").rstrip("/").split("/") if p not in ("unet", ".")]
-    return os.path.join("runs", "samples", parts[-1] if parts else "base")
-
-
-def sample_pair(cfg, rank, world, device):
-    """Base images into {out}/base, tuned (if a LoRA / U-Net is given) into {out}/tuned."""
-    prompts = [cfg.prompt] if cfg.prompt else load_prompts(cfg.prompts, cfg.split, cfg.num_prompts)
-    S = cfg.seeds_per_prompt   # global image list: index i -> (i, prompt i // S, seed + i)
-    jobs = [(i, prompts[i // S], cfg.seed + i) for i in range(len(prompts) * S)]
+def sample_models(cfg, prompts, rank, world, device):
+    """Base images into OUT/base, tuned ones (with --lora or --unet) into OUT/tuned.
+    -> (base folder, tuned folder or None)"""
+    per_prompt = cfg.seeds_per_prompt
+    # the global image list: index i -> (i, prompt i // per_prompt, seed + i)
+    count = len(prompts) * per_prompt
+    jobs = [(i, prompts[i // per_prompt], cfg.seed + i) for i in range(count)]
     dtype = torch_dtype(cfg.dtype, device)
     pipe = load_pipeline(cfg, device, dtype)
-    base_dir, tuned_dir = os.path.join(cfg.out, "base"), os.path.join(cfg.out, "tuned")
     if rank == 0:
-        print(f"{len(prompts)} prompts x {cfg.seeds_per_prompt} seeds = {len(jobs)} images per model "
-              f"on {world} rank(s): DDIM {cfg.steps} steps, CFG {cfg.guidance}, eta {cfg.eta}", flush=True)
-    # sampling.json: what makes two folders comparable (eval.py refuses pairs sampled differently)
-    info = dict(base=cfg.base, tuned=None, vae=cfg.vae or None, scheduler="DDIMScheduler", steps=cfg.steps,
-                guidance=cfg.guidance, eta=cfg.eta, resolution=cfg.resolution, dtype=cfg.dtype)
-    sample_folder(pipe, jobs, base_dir, info, cfg, rank, world)
+        print(f"{len(prompts)} prompts x {per_prompt} seeds = {count} images per model on {world} "
+              f"rank(s): DDIM {cfg.num_inference_steps} steps, CFG {cfg.guidance_scale}, "
+              f"eta {cfg.eta}, {cfg.resolution} px", flush=True)
+    settings = sampling_settings(cfg)
+    base_dir = os.path.join(cfg.out, "base")
+    sample_folder(pipe, jobs, base_dir, settings, cfg, rank, world)
     if not (cfg.lora or cfg.unet):
         return base_dir, None
-    if cfg.lora:   # base -> tuned in place: the diffusers way for a LoRA, or swap in a merged U-Net
+    # base -> tuned in place: the diffusers way for a LoRA, or swap in a merged U-Net
+    if cfg.lora:
         pipe.load_lora_weights(cfg.lora)
     else:
         pipe.unet = load_unet(cfg.unet, dtype).to(device)
-    sample_folder(pipe, jobs, tuned_dir, dict(info, tuned=cfg.lora or cfg.unet), cfg, rank, world)
+    tuned_dir = os.path.join(cfg.out, "tuned")
+    settings["tuned"] = cfg.lora or cfg.unet
+    sample_folder(pipe, jobs, tuned_dir, settings, cfg, rank, world)
     return base_dir, tuned_dir
 
 
-def read_folder(folder):
-    """metadata.jsonl rows of a sample folder, and its sampling.json."""
-    rows = [json.loads(line) for line in open(os.path.join(folder, "metadata.jsonl")) if line.strip()]
-    info_file = os.path.join(folder, "sampling.json")
-    return rows, (json.load(open(info_file)) if os.path.exists(info_file) else {})
+def read_metadata(folder):
+    """metadata.jsonl rows of a sample folder."""
+    with open(os.path.join(folder, "metadata.jsonl")) as file:
+        return [json.loads(line) for line in file if line.strip()]
 
 
-def folder_grid(folders, cfg, notes=None):
-    """grid.png of the first seed of the first grid_rows prompts (so each row is another prompt)."""
-    rows = read_folder(next(iter(folders.values())))[0]
-    seen = set()   # first image of each prompt
-    picks = [r for r in rows if not (r["prompt"] in seen or seen.add(r["prompt"]))][:cfg.grid_rows]
-    cols = {k: [Image.open(os.path.join(d, r["file_name"])) for r in picks] for k, d in folders.items()}
-    cut = {k: [v[r["index"]] for r in picks] for k, v in notes.items()} if notes else None
-    return make_grid(cols, [r["prompt"] for r in picks], cfg.grid_cell, cut)
+def folder_grid(folders, cfg):
+    """grid.png: the first seed of the first grid_rows prompts (so each row is another prompt)."""
+    rows = read_metadata(next(iter(folders.values())))
+    first_of_prompt = {}
+    for row in rows:
+        first_of_prompt.setdefault(row["prompt"], row)
+    picks = list(first_of_prompt.values())[:cfg.grid_rows]
+    columns = {}
+    for name, folder in folders.items():
+        columns[name] = [Image.open(os.path.join(folder, row["file_name"])) for row in picks]
+    return make_grid(columns, [row["prompt"] for row in picks], cfg.grid_cell)
 
 
 # ----------------------------------------------------------------------------- main
 def main(cfg):
-    check_config(cfg)
-    cfg.out = cfg.out or default_out(cfg)
-    rank, world, device = setup_distributed()
-    base_dir, tuned_dir = sample_pair(cfg, rank, world, device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        prompts = check_sampling_inputs(cfg)
+    except ValueError as error:
+        fail(error)
+    rank, world, device = setup_distributed(cfg.dist_timeout)
+    prepare_run_folder(cfg.out, cfg.resume)
+    base_dir, tuned_dir = sample_models(cfg, prompts, rank, world, device)
     if rank == 0:
-        folders = {"base": base_dir, **({"tuned": tuned_dir} if tuned_dir else {})}
-        save_png(folder_grid(folders, cfg), os.path.join(cfg.out, "grid.png"))
-        print(f"wrote {', '.join(folders.values())} and {os.path.join(cfg.out, 'grid.png')}", flush=True)
+        folders = {"base": base_dir}
+        if tuned_dir:
+            folders["tuned"] = tuned_dir
+        grid_path = os.path.join(cfg.out, "grid.png")
+        save_png(folder_grid(folders, cfg), grid_path)
+        print(f"wrote {', '.join(folders.values())} and {grid_path}", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -51,7 +51,8 @@ def draw(color, shape, size, cx, cy, res=RES, supersample=4):
     k = supersample
     img = Image.new("RGB", (res * k, res * k), BACKGROUND)
     d = ImageDraw.Draw(img)
-    x0, y0, x1, y1 = (cx - size / 2) * k, (cy - size / 2) * k, (cx + size / 2) * k, (cy + size / 2) * k
+    x0, y0 = (cx - size / 2) * k, (cy - size / 2) * k
+    x1, y1 = (cx + size / 2) * k, (cy + size / 2) * k
     fill = COLORS[color]
     if shape == "circle":
         d.ellipse([x0, y0, x1, y1], fill=fill)
@@ -85,7 +86,8 @@ def analyse(img):
     bg = np.median(border, axis=0)
     dist = np.linalg.norm(a - bg, axis=-1)                                   # (H, W)
     mask = dist > 60
-    out = dict(found=False, p_color=np.full(5, 0.2), p_shape=np.full(3, 1 / 3), size=0.0, offset=1.0, crisp=0.0)
+    out = dict(found=False, p_color=np.full(5, 0.2), p_shape=np.full(3, 1 / 3), size=0.0,
+               offset=1.0, crisp=0.0)
     if mask.sum() < 6:
         return out
     out["found"] = True
@@ -148,3 +150,24 @@ def to_jpeg(img, quality=95):
 
 def from_jpeg(data):
     return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def bootstrap_win_rate(scores_tuned, scores_base, n_boot=10_000, seed=0):
+    """Win-rate of tuned over base (1 a win, 0.5 a tie, 0 a loss, averaged over pairs) with a
+    percentile-bootstrap 95% interval over the pairs. (N,), (N,) -> (rate, low, high)"""
+    tuned = np.asarray(scores_tuned, np.float64)
+    base = np.asarray(scores_base, np.float64)
+    wins = (tuned > base) + 0.5 * (tuned == base)  # (N,) in {0, 0.5, 1}
+    picks = np.random.default_rng(seed).integers(len(wins), size=(n_boot, len(wins)))
+    low, high = np.percentile(wins[picks].mean(1), [2.5, 97.5])
+    return float(wins.mean()), float(low), float(high)
+
+
+def judge_win_rate(images_tuned, images_base, captions):
+    """The quickstart's evaluation: the judge's human score of each tuned image against the base
+    image of the same caption and seed; also the share of images that show their caption."""
+    tuned = judge_scores(images_tuned, captions)
+    base = judge_scores(images_base, captions)
+    rate, low, high = bootstrap_win_rate(tuned["human"], base["human"])
+    return dict(win_rate=rate, win_low=low, win_high=high, n=len(captions),
+                match_base=float(base["match"].mean()), match_tuned=float(tuned["match"].mean()))
