@@ -95,8 +95,8 @@ import lpo
 import lrm as lrm_script
 import mpcf
 import sample
-from lpo import (add_lora, apply_update, encode_for_cfg, guided_eps, lpo_loss, make_schedule,
-                 pair_logprobs, sample_tuples, text_encoders, uncond_then_cond)
+from lpo import (NonFiniteUpdate, add_lora, apply_update, encode_for_cfg, guided_eps, lpo_loss,
+                 make_schedule, pair_logprobs, sample_tuples, text_encoders, uncond_then_cond)
 from lrm_model import LatentRewardModel
 from tiny.world import CAPTIONS
 
@@ -681,7 +681,10 @@ def lpo_update(stage, batch):
                              stage.settings, stage.autocast)
     loss, _ = lpo_loss(*logprobs, stage.settings.beta, stage.settings.clip_eps)
     loss.backward()
-    apply_update(stage.lora, stage.optimizer, loss, 1)
+    try:
+        apply_update(stage.lora, stage.optimizer, loss, 1)
+    except NonFiniteUpdate as error:  # random weights can overflow in half precision
+        fail(f"the timed LPO update was not finite ({error})")
 
 
 def make_dpo(stage, name):

@@ -17,7 +17,7 @@ then rank 0 logs the round and, at checkpoint rounds, writes the LoRA and then t
     torchrun --nproc_per_node=2 lpo.py --model tiny   # CPU, 2 processes (gloo)
     torchrun --nproc_per_node=4 lpo.py --model sd15   # paper SD1.5 (LRM: lrm.py --model sd15)
     torchrun --nproc_per_node=4 lpo.py --model sdxl   # paper SDXL (LRM: lrm.py --model sdxl)
-    python lpo.py --model sd15 --resume               # continue a killed run, bitwise
+    torchrun --nproc_per_node=4 lpo.py --model sd15 --resume   # continue a killed run, bitwise
     pipe.load_lora_weights("runs/lpo-sd15")           # use the result (diffusers LoRA format)
 
 Paper settings (arXiv 2502.01051v3 and its official code, Kwai-Kolors/LPO):
@@ -35,15 +35,18 @@ Resume: a checkpoint (ckpt.pt) is written last, after the LoRA it covers, so one
 its LoRA is on disk; --resume restores LoRA, optimizer, step and round (which seeds all randomness)
 and gives bitwise the weights of an unbroken run on the same hardware. It refuses a changed setting
 that changes what the run means (model, LRM, rank, world size, batches, prompts, seed, sampler,
-thresholds, loss) and applies a changed lr, max_rounds, epochs or ckpt_every.
+thresholds, loss; the prompts' text too, by a sha1 of the list) and applies a changed lr,
+max_rounds, epochs or ckpt_every.
 
-Log (log.jsonl, one row per round, summed over all ranks): round, epoch, step (optimizer updates so
-far), tuples (pairs kept), kept_frac (tuples / step groups, one group = the K children of a step),
+Log (log.jsonl, one row per round, written by rank 0; counts, scores and losses are over all ranks,
+sec_* and peak_mem_mb are rank 0's own): round, epoch, step (optimizer updates so far), tuples
+(pairs kept), kept_frac (tuples / step groups, one group = the K children of a step),
 valid_per_bucket (kept pairs with t in [0, 250), [250, 500), [500, 750), [750, 1000)), lrm_mean /
 lrm_std (the LRM's scores of all children), lrm_gap (mean best-minus-worst score of a group); mean
 over every trained pair of the round: loss, acc (implicit accuracy log r_w > log r_l), clipfrac
-(share of the ratios outside the clip band); grad_norm (mean pre-clip norm of the round's updates),
-lr, sec_sample / sec_score / sec_train, peak_mem_mb. A resumed run adds {"resume": {next_round,
+(share of the ratios outside the clip band); grad_norm (mean pre-clip norm of the round's updates,
+the same on every rank: the gradients are averaged first), lr, sec_sample / sec_score / sec_train,
+peak_mem_mb. A resumed run adds {"resume": {next_round,
 changed settings}, "step"}; a last row {"final": {step, out, lora_fingerprint, judge figures}}.
 
 Deviations from the official code, each marked `# deviation:` at its line:
@@ -58,6 +61,7 @@ Deviations from the official code, each marked `# deviation:` at its line:
 """
 import argparse
 import datetime
+import hashlib
 import inspect
 import itertools
 import json
@@ -138,11 +142,25 @@ PRESETS = {
 }
 
 
+def is_sdxl(model):
+    """SDXL or SD1.5, from the U-Net config of a local pipeline folder (SDXL's U-Net takes the
+    pooled text and size conditions, addition_embed_type "text_time"); a hub id (its config may
+    not be readable offline), by its name."""
+    if os.path.isdir(model):
+        from diffusers import UNet2DConditionModel
+        try:
+            unet = UNet2DConditionModel.load_config(model, subfolder="unet")
+            return unet.get("addition_embed_type") == "text_time"
+        except (OSError, ValueError):  # no unet/: base_geometry refuses it in one line
+            pass
+    return "xl" in model.lower()
+
+
 def preset_of(model):
     """The preset of a name; any other model takes the SD1.5 or SDXL one, with itself as base."""
     if model in PRESETS:
         return PRESETS[model]
-    family = "sdxl" if "xl" in model.lower() else "sd15"
+    family = "sdxl" if is_sdxl(model) else "sd15"
     return dict(PRESETS[family], base=model)
 
 
@@ -168,10 +186,24 @@ def get_config(argv=None):
         fail(f"--num_children {cfg.num_children}: a pair needs at least 2 children")
     if not cfg.lr > 0:
         fail(f"--lr {cfg.lr}: need a positive learning rate")
+    if cfg.num_inference_steps > 1000:
+        fail(f"--num_inference_steps {cfg.num_inference_steps}: at most 1000 (the SD schedules' "
+             "training timesteps)")
+    if not 0 < cfg.eta <= 1:
+        fail(f"--eta {cfg.eta}: need 0 < eta <= 1 (LPO branches the stochastic sampler: at eta 0 "
+             "the K children of a step are identical)")
+    if not 0 < cfg.clip_eps < 1:
+        fail(f"--clip_eps {cfg.clip_eps}: need 0 < clip_eps < 1 (paper: 0.1)")
+    if not 0 < cfg.beta < math.inf:
+        fail(f"--beta {cfg.beta}: need a positive finite number (paper: 500)")
     for name in ("resolution", "threads", "max_rounds", "eval_samples"):
         if getattr(cfg, name) < 0:
             fail(f"--{name} {getattr(cfg, name)}: need 0 or more")
     cfg.out = cfg.out or os.path.join("runs", "lpo-" + os.path.basename(model.rstrip("/")))
+    if cfg.eval_samples > 0 and model not in ("tiny", "tiny-xl"):
+        fail(f"--eval_samples {cfg.eval_samples}: the built-in evaluation is the tiny world's "
+             f"shape judge; pass --eval_samples 0 and evaluate the LoRA with sample.py / eval.py "
+             f"(e.g. python eval.py --model sd15 --lora {cfg.out})")
     return cfg
 
 
@@ -412,7 +444,7 @@ PROMPT_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json"
 def read_captions(source, split):
     """Every non-empty caption of a .txt file (one a line), a .parquet / .json / .csv file with a
     `caption` column (the official 4k_training_prompts.json: a list of {"caption", "trainset_idx"})
-    or a dataset (hub id or folder, split `split`), streamed: only the rows read are fetched."""
+    or a dataset (hub id or folder, split `split`), streamed."""
     from datasets import load_dataset
     extension = os.path.splitext(source)[1].lower()
     if extension == ".txt":
@@ -422,10 +454,15 @@ def read_captions(source, split):
         rows = load_dataset(PROMPT_FILE_BUILDERS[extension], data_files=source, split="train")
         captions = (str(row["caption"] or "").strip() for row in rows)
     else:
-        rows = load_dataset(source, split=split, streaming=True)
-        # the caption column alone: Pick-a-Pic v1 with its images is hundreds of GB
-        if rows.column_names and "caption" in rows.column_names:
-            rows = rows.select_columns(["caption"])
+        try:
+            # the parquet builder (Pick-a-Pic v1's) then reads the caption column alone; with its
+            # images the dataset is ~190 GB (select_columns would drop them only after reading)
+            rows = load_dataset(source, split=split, streaming=True, columns=["caption"])
+        except (TypeError, ValueError):  # a builder without `columns` (json, csv): whole rows
+            # (any other error comes again from this call, and is reported as it is)
+            rows = load_dataset(source, split=split, streaming=True)
+        if rows.column_names is not None and "caption" not in rows.column_names:
+            raise KeyError("caption")
         captions = (str(row["caption"] or "").strip() for row in rows)
     return (caption for caption in captions if caption)
 
@@ -486,6 +523,27 @@ def base_geometry(cfg):
     return resolution, resolution // vae_factor
 
 
+def check_scheduler(cfg):
+    """Refuse, before any weight is read, a base whose scheduler LPO's DDIM math does not cover
+    (it needs epsilon prediction and a_0 at the chain's end) or that has fewer training timesteps
+    than --num_inference_steps."""
+    from diffusers import DDIMScheduler
+    try:
+        scheduler = DDIMScheduler.load_config(cfg.base, subfolder="scheduler")
+    except (OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        fail(f"cannot read the scheduler of {cfg.base} ({reason}): pass --base (or --model) "
+             "naming a diffusers pipeline with scheduler/")
+    epsilon = scheduler.get("prediction_type", "epsilon") == "epsilon"
+    if not epsilon or scheduler.get("set_alpha_to_one"):
+        fail(f"{cfg.base}: need an epsilon-prediction base with set_alpha_to_one=False "
+             "(SD1.5, SDXL)")
+    timesteps = scheduler.get("num_train_timesteps", 1000)
+    if cfg.num_inference_steps > timesteps:
+        fail(f"--num_inference_steps {cfg.num_inference_steps}: {cfg.base} has {timesteps} "
+             "training timesteps, the most DDIM can take")
+
+
 def lrm_hint(cfg):
     """A command that trains the LRM this run needs."""
     if cfg.model in PRESETS:
@@ -494,17 +552,15 @@ def lrm_hint(cfg):
 
 
 def load_lrm(cfg, device, dtype):
-    """The frozen LRM without its up blocks; refuses one of another latent space or with
-    non-finite weights (saved by a diverged training run: it would keep no pair)."""
-    try:  # reads lrm_config.json first: refuses another latent space before loading weights
+    """The frozen LRM without its up blocks. from_pretrained reads lrm_config.json first and
+    refuses another latent space before loading weights; it also refuses non-finite weights
+    (saved by a diverged training run: such an LRM would keep no pair)."""
+    try:
         lrm = LatentRewardModel.from_pretrained(cfg.lrm, base=cfg.base)
-    except ValueError as error:
-        fail(str(error).splitlines()[0])
-    broken = [name for name, value in lrm.state_dict().items()
-              if value.is_floating_point() and not torch.isfinite(value).all()]
-    if broken:
-        fail(f"the LRM in {cfg.lrm} has non-finite weights ({len(broken)} tensors, e.g. "
-             f"{broken[0]}): its training diverged; train it again ({lrm_hint(cfg)})")
+    except (ValueError, OSError, RuntimeError, KeyError) as error:
+        reason = str(error).splitlines()[0] if str(error) else "incomplete folder"
+        fail(f"--lrm {cfg.lrm}: not a readable LRM ({type(error).__name__}): {reason}; train one "
+             f"({lrm_hint(cfg)}) and pass its --out as --lrm")
     return lrm.for_scoring().to(device, dtype)
 
 
@@ -517,10 +573,6 @@ def load_pipeline(cfg, device, dtype):
     pipe = DiffusionPipeline.from_pretrained(cfg.base, **skipped).to(device)
     if dtype != torch.float32:  # frozen weights in bf16 on a GPU; the LoRA weights stay fp32
         pipe.to(dtype=dtype)
-    scheduler = pipe.scheduler.config
-    if scheduler.prediction_type != "epsilon" or scheduler.get("set_alpha_to_one"):
-        fail(f"{cfg.base}: need an epsilon-prediction base with set_alpha_to_one=False "
-             "(SD1.5, SDXL)")
     for encoder in text_encoders(pipe):
         encoder.requires_grad_(False)
     return pipe
@@ -590,6 +642,17 @@ def add_lora(unet, lora_rank, seed, grad_ckpt):
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
+def write_or_fail(path, write, *args, **kwargs):
+    """Run write(*args, **kwargs) that writes path; a full disk or a read-only folder ends the
+    run in one line naming the file (torch.save reports a failed write as a RuntimeError)."""
+    try:
+        write(*args, **kwargs)
+    except (OSError, RuntimeError) as error:
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0][:120]
+        fail(f"cannot write {path} ({reason}): free some space or make the folder writable, "
+             "then continue the run with --resume")
+
+
 def write_safetensors(tensors, path):
     """What diffusers writes, through open(): safetensors' save_file makes the file mode 0600."""
     from safetensors.torch import save
@@ -603,8 +666,9 @@ def save_lora(pipe, unet, out):
     from peft.utils import get_peft_model_state_dict
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     kill_point("before lora")
-    type(pipe).save_lora_weights(out, unet_lora_layers=layers, weight_name=LORA_FILE + ".tmp",
-                                 save_function=write_safetensors)
+    write_or_fail(os.path.join(out, LORA_FILE), type(pipe).save_lora_weights, out,
+                  unet_lora_layers=layers, weight_name=LORA_FILE + ".tmp",
+                  save_function=write_safetensors)
     kill_point("mid " + LORA_FILE)
     os.replace(os.path.join(out, LORA_FILE + ".tmp"), os.path.join(out, LORA_FILE))
     kill_point("after lora")
@@ -632,7 +696,8 @@ def merged_unet(base, unet):
 def save_merged_unet(base, unet, out):
     """{out}/unet, a plain diffusers U-Net folder, replaced whole."""
     folder = os.path.join(out, "unet")
-    merged_unet(base, unet).save_pretrained(folder + ".tmp")
+    merged = merged_unet(base, unet)
+    write_or_fail(folder, merged.save_pretrained, folder + ".tmp")
     kill_point("mid unet")
     if os.path.isdir(folder):
         shutil.rmtree(folder)
@@ -722,14 +787,16 @@ def pool_tuples(tuples, world, rank, seed, round_index):
 def pair_logprobs(unet, minibatch, cond, schedule, cfg, autocast):
     """log p of winner and loser (fp32) under the policy, then under the reference = the same
     U-Net with its adapters off; both with the CFG-combined eps. [logp_w, logp_l, ref_w, ref_l]"""
-    step = (minibatch["x_t"], minibatch["t"], minibatch["t_prev"], schedule.alphas_cumprod, cfg.eta)
+    x_t = minibatch["x_t"]
+    t = minibatch["t"]
+    chain = (t, minibatch["t_prev"], schedule.alphas_cumprod, cfg.eta)  # ddim_step's other inputs
     with autocast:
-        eps = guided_eps(unet, minibatch["x_t"], minibatch["t"], cond, cfg.guidance_scale)
-        mean, std = ddim_step(eps, *step)
+        eps = guided_eps(unet, x_t, t, cond, cfg.guidance_scale)
+        mean, std = ddim_step(eps, x_t, *chain)
         with torch.no_grad():
             unet.disable_adapters()
-            eps_ref = guided_eps(unet, minibatch["x_t"], minibatch["t"], cond, cfg.guidance_scale)
-            mean_ref, _ = ddim_step(eps_ref, *step)
+            eps_ref = guided_eps(unet, x_t, t, cond, cfg.guidance_scale)
+            mean_ref, _ = ddim_step(eps_ref, x_t, *chain)
             unet.enable_adapters()
     logp_w = step_logprob(minibatch["x_w"], mean, std)  # (B,)
     logp_l = step_logprob(minibatch["x_l"], mean, std)  # (B,)
@@ -738,8 +805,9 @@ def pair_logprobs(unet, minibatch, cond, schedule, cfg, autocast):
     return [logp_w, logp_l, ref_w, ref_l]
 
 
-class NonFiniteUpdate(SystemExit):
-    """A non-finite loss, gradient or weight, found before anything of it is saved."""
+class NonFiniteUpdate(Exception):
+    """A non-finite loss, gradient or weight, found before anything of it is saved; the message
+    is the reason (main adds the round and a way on)."""
 
 
 def apply_update(params, optimizer, loss, world, max_norm=1.0):
@@ -750,7 +818,7 @@ def apply_update(params, optimizer, loss, world, max_norm=1.0):
         dist.all_reduce(flat)  # every rank, same order: all ranks then reach the same verdict
     flat /= world
     if not torch.isfinite(flat).all():  # before the step: the last checkpoint stays good
-        raise NonFiniteUpdate(f"{PROG}: error: non-finite loss or gradient")
+        raise NonFiniteUpdate("non-finite loss or gradient")
     for param, grad in zip(params, flat[:-1].split([param.numel() for param in params])):
         param.grad.copy_(grad.view_as(param))
     # deviation: a list, really clipped (official: a no-op on an already consumed iterator)
@@ -759,24 +827,30 @@ def apply_update(params, optimizer, loss, world, max_norm=1.0):
     optimizer.zero_grad(set_to_none=True)
     # a finite gradient can still take a weight to inf (a huge --lr): stop before it is saved
     if not all(torch.isfinite(param).all() for param in params):
-        raise NonFiniteUpdate(f"{PROG}: error: non-finite LoRA weights after an update")
+        raise NonFiniteUpdate("non-finite LoRA weights after an update")
     return norm.item()
 
 
 def train_on_pairs(unet, pipe, params, optimizer, mine, prompts, schedule, cfg, world,
                    autocast):
     """Step 3: the step DPO loss on this rank's share, train_batch_size tuples a forward,
-    grad_accum forwards an update. Returns this rank's sums over its pairs for the log."""
+    grad_accum forwards an update. An update's gradient is that of the mean loss over its pairs:
+    each forward's mean loss weighted by its share of the update's pairs (a last, shorter group
+    too). Returns this rank's sums over its pairs for the log."""
     sums = dict(pairs=0.0, loss=0.0, acc=0.0, clipfrac=0.0, grad_norm=0.0, updates=0)
-    starts = range(0, len(mine["t"]), cfg.train_batch_size)
+    total = len(mine["t"])
+    per_update = cfg.train_batch_size * cfg.grad_accum
+    starts = range(0, total, cfg.train_batch_size)
     for index, start in enumerate(starts):
         minibatch = {key: value[start:start + cfg.train_batch_size] for key, value in mine.items()}
         captions = [prompts[i] for i in minibatch["prompt_ids"].tolist()]
         cond = encode_for_cfg(pipe, captions, cfg.resolution)
         logprobs = pair_logprobs(unet, minibatch, cond, schedule, cfg, autocast)
         loss, stats = lpo_loss(*logprobs, cfg.beta, cfg.clip_eps)
-        (loss / cfg.grad_accum).backward()
         pairs = len(minibatch["t"])
+        update_start = start - start % per_update
+        pairs_in_update = min(per_update, total - update_start)
+        (loss * (pairs / pairs_in_update)).backward()  # weight 1 with one forward an update
         sums["pairs"] += pairs
         for key in ("loss", "acc", "clipfrac"):
             sums[key] += stats[key] * pairs
@@ -813,21 +887,27 @@ def round_row(tuples, scores, count, sums, seconds, schedule, cfg, world):
     best = groups.max(-1).values  # (T, B)
     worst = groups.min(-1).values  # (T, B)
     gaps = best - worst  # (T, B)
-    train = [sums[key] for key in ("pairs", "loss", "acc", "clipfrac")]
-    totals = [len(scores), scores.sum().item(), scores.square().sum().item(), gaps.numel(),
-              gaps.sum().item(), *train]
-    totals = torch.cat([buckets.double().cpu(), torch.tensor(totals, dtype=torch.float64)])
-    totals = totals.to(scores.device)
+    # this rank's sums, by name; one all_reduce of their values adds up every rank's
+    local = dict(n_scores=len(scores), score_sum=scores.sum().item(),
+                 score_squares=scores.square().sum().item(), n_groups=gaps.numel(),
+                 gap_sum=gaps.sum().item())
+    for key in ("pairs", "loss", "acc", "clipfrac"):
+        local[key] = sums[key]
+    for bucket, kept in enumerate(buckets.tolist()):
+        local[f"bucket_{bucket}"] = kept
+    values = torch.tensor(list(local.values()), dtype=torch.float64, device=scores.device)
     if world > 1:
-        dist.all_reduce(totals)
-    totals = totals.tolist()
-    n_scores, score_sum, score_squares, n_groups, gap_sum, pairs = totals[4:10]
-    score_mean = score_sum / n_scores
-    variance = max(score_squares / n_scores - score_mean**2, 0.0)
-    row = dict(tuples=count, kept_frac=count / n_groups, valid_per_bucket=totals[:4],
-               lrm_mean=score_mean, lrm_std=math.sqrt(variance), lrm_gap=gap_sum / n_groups)
-    for key, total in zip(("loss", "acc", "clipfrac"), totals[10:]):
-        row[key] = total / pairs if pairs else None
+        dist.all_reduce(values)
+    total = dict(zip(local, values.tolist()))
+    score_mean = total["score_sum"] / total["n_scores"]
+    variance = max(total["score_squares"] / total["n_scores"] - score_mean**2, 0.0)
+    per_bucket = [int(total[f"bucket_{bucket}"]) for bucket in range(4)]
+    row = dict(tuples=count, kept_frac=count / total["n_groups"], valid_per_bucket=per_bucket,
+               lrm_mean=score_mean, lrm_std=math.sqrt(variance),
+               lrm_gap=total["gap_sum"] / total["n_groups"])
+    pairs = total["pairs"]
+    for key in ("loss", "acc", "clipfrac"):
+        row[key] = total[key] / pairs if pairs else None
     row["grad_norm"] = sums["grad_norm"] / sums["updates"] if sums["updates"] else None
     for key, value in seconds.items():
         row[f"sec_{key}"] = round(value, 3)
@@ -913,6 +993,21 @@ def resume_checkpoint(cfg, world):
     return checkpoint
 
 
+def prompts_sha1(prompts):
+    """A fingerprint of the prompt list (its order too: it decides every round's prompts)."""
+    return hashlib.sha1(json.dumps(prompts).encode()).hexdigest()
+
+
+def check_same_prompts(checkpoint, prompts, cfg):
+    """Refuse a resume whose prompts differ from the checkpoint's (the same --prompts string can
+    name a file or dataset that has changed since)."""
+    saved = checkpoint.get("prompts_sha1") if checkpoint else None
+    if saved and saved != prompts_sha1(prompts):
+        fail(f"--resume of {cfg.out}: {cfg.prompts} now gives other prompts than the run was "
+             f"trained on ({len(prompts)} now; sha1 {saved[:10]} -> "
+             f"{prompts_sha1(prompts)[:10]}): restore them, or pass another --out")
+
+
 def restore(checkpoint, params, optimizer, cfg):
     """LoRA and optimizer state from a checkpoint; the settings a resume may change take effect
     (the optimizer's saved state would bring the old lr back). -> (step, next round, changes)"""
@@ -927,15 +1022,16 @@ def restore(checkpoint, params, optimizer, cfg):
     return checkpoint["step"], checkpoint["next_round"], changes
 
 
-def save_checkpoint(cfg, pipe, params, optimizer, step, next_round, world):
+def save_checkpoint(cfg, pipe, params, optimizer, step, next_round, world, prompts):
     """The LoRA first, the checkpoint last: a ckpt.pt that exists means its LoRA is on disk."""
     save_lora(pipe, pipe.unet, cfg.out)
     kill_point("before ckpt")
     lora = torch.nn.utils.parameters_to_vector(params).cpu()
     # next_round is the whole RNG state: every round reseeds from (seed, rank, round)
     state = dict(lora=lora, optimizer=optimizer.state_dict(), step=step, next_round=next_round,
-                 world_size=world, config=asdict(cfg))
-    atomic_torch_save(state, os.path.join(cfg.out, "ckpt.pt"))
+                 world_size=world, config=asdict(cfg), prompts_sha1=prompts_sha1(prompts))
+    path = os.path.join(cfg.out, "ckpt.pt")
+    write_or_fail(path, atomic_torch_save, state, path)
     kill_point("after ckpt")
 
 
@@ -998,11 +1094,20 @@ def main(cfg):
         torch.set_num_threads(cfg.threads)
     # bad input: one line each, before anything is written or any weight is read
     cfg.resolution, latent_size = base_geometry(cfg)
+    check_scheduler(cfg)
     if not os.path.isdir(cfg.lrm):
         fail(f"no LRM at {cfg.lrm}: train one ({lrm_hint(cfg)}) and pass its --out as --lrm")
-    prepare_run_folder(cfg.out, cfg.resume)
+    if not cfg.resume:  # a rerun over a run is refused at once, before the prompts are read
+        prepare_run_folder(cfg.out, resume=False)
     checkpoint = resume_checkpoint(cfg, world)
     prompts = load_prompts(cfg.prompts, "train", cfg.num_prompts, cfg.unique_prompts, cfg.seed)
+    check_same_prompts(checkpoint, prompts, cfg)
+    if cfg.resume:  # after every refusal: a refused --resume leaves the run folder as it was
+        prepare_run_folder(cfg.out, resume=True)
+    if master and len(prompts) < cfg.num_prompts:
+        kind = "distinct captions" if cfg.unique_prompts else "captions"
+        warn(f"--num_prompts {cfg.num_prompts} but {cfg.prompts} has only {len(prompts)} {kind} "
+             f"(train split): training on {len(prompts)}")
 
     # models: GPU: frozen weights bf16 + autocast (paper), LRM fp16; CPU: everything fp32
     gpu = device.type == "cuda"
@@ -1025,9 +1130,11 @@ def main(cfg):
         if master and changes:
             print(f"{PROG}: resuming at round {start} with {changes}", flush=True)
     if master:  # rows past the checkpoint are run again (all of them when there is none)
-        truncate_log(log_path, start - 1 if checkpoint else -1, key="round")
+        write_or_fail(log_path, truncate_log, log_path, start - 1 if checkpoint else -1,
+                      key="round")
     if master and checkpoint:
-        log_jsonl(log_path, dict(resume=dict(next_round=start, changed=changes), step=step))
+        resumed = dict(resume=dict(next_round=start, changed=changes), step=step)
+        write_or_fail(log_path, log_jsonl, log_path, resumed)
     rounds_per_epoch, total, available = count_rounds(len(prompts), cfg, world)
     if master and cfg.max_rounds > available:
         warn(f"--max_rounds {cfg.max_rounds} but {len(prompts)} prompts x {cfg.epochs} epochs, "
@@ -1060,7 +1167,7 @@ def main(cfg):
                 sums = train_on_pairs(unet, pipe, params, optimizer, mine, prompts, schedule,
                                       cfg, world, autocast)
         except NonFiniteUpdate as error:
-            fail(stop_advice(cfg, str(error).split("error: ")[-1], round_index))
+            fail(stop_advice(cfg, str(error), round_index))
         step += sums["updates"]
 
         # log on rank 0; checkpoint at round ends: rank 0 writes, every rank waits
@@ -1071,14 +1178,15 @@ def main(cfg):
             fail(stop_advice(cfg, "non-finite LRM scores (diverged samples)", round_index))
         history.append(row)
         if master:
-            log_jsonl(log_path, row)
+            write_or_fail(log_path, log_jsonl, log_path, row)
             bar.set_postfix(loss=row["loss"], acc=row["acc"], kept=f"{row['kept_frac']:.2f}")
             warn_if_stuck(history, cfg, warned)
         # deviation: checkpoints at round ends only (a round's tuples are never saved)
         crossed = step // cfg.ckpt_every > (step - sums["updates"]) // cfg.ckpt_every
         if crossed or position == rounds_per_epoch - 1 or round_index == total - 1:
             if master:
-                save_checkpoint(cfg, pipe, params, optimizer, step, round_index + 1, world)
+                save_checkpoint(cfg, pipe, params, optimizer, step, round_index + 1, world,
+                                prompts)
             if world > 1:
                 dist.barrier()  # nobody goes on while a checkpoint is being written
         kill_point(f"round {round_index}")
@@ -1093,7 +1201,7 @@ def main(cfg):
     result = dict(step=step, out=cfg.out, lora_fingerprint=fingerprint.tolist())
     if step == 0:
         if master:
-            log_jsonl(log_path, dict(final=result))
+            write_or_fail(log_path, log_jsonl, log_path, dict(final=result))
         fail(no_update_message(history, cfg))
     if master and cfg.eval_samples > 0:  # rank 0 only, no collectives inside
         with autocast:
@@ -1104,7 +1212,7 @@ def main(cfg):
     if master and cfg.save_merged:
         save_merged_unet(cfg.base, unet, cfg.out)
     if master:
-        log_jsonl(log_path, dict(final=result))
+        write_or_fail(log_path, log_jsonl, log_path, dict(final=result))
         print(f"{PROG}: {step} updates; LoRA in {cfg.out} ({LORA_FILE}), log in {log_path}",
               flush=True)
     if world > 1:

@@ -10,8 +10,16 @@ a Bradley-Terry loss on the LRM's scores of both images of a pair, noised to one
     torchrun --nproc_per_node=8 lrm.py --model ./my-sd15 --data /data/pickapic_v1  # paper settings
 --out gets the final LRM (unet/, text_encoder*/, tokenizer*/, state_dict.pt, lrm_config.json;
 load it with LatentRewardModel.from_pretrained), best/ (the best validation accuracy at the first
---eval_timesteps), train_state.pt (the checkpoint) and metrics.jsonl (one row per step, one per
-validation, a "final" row with the accuracy table).
+--eval_timesteps), train_state.pt (the checkpoint) and metrics.jsonl (rank 0; one JSON object a
+line, null where a number does not exist):
+  each step: step, loss (the global batch's weighted Bradley-Terry loss), acc (share of its decisive
+    pairs with both images decodable that the LRM ranks right; null when there is none), lr (of
+    this step), grad_norm (before clipping), logit_scale (after the step), pairs_per_s (pairs this
+    run trained / its wall time so far: validations and checkpoints included), bad_pairs (pairs
+    with an undecodable image so far)
+  each validation: step, val_acc@t (decisive pairs) and val_acc_ties_half@t (official) at each t
+  a resume that changed settings: step, resumed_with {setting: [old, new]}
+  the end: step, final {split: {"decisive" | "ties_half": {t: accuracy}}}
 
 --data layouts read: a hub id (Pick-a-Pic v1: yuvalkirstain/pickapic_v1); a save_to_disk folder
 (dataset_dict.json); a folder of parquet files named by split (train.parquet, train-*.parquet,
@@ -29,7 +37,8 @@ grid {1, 51, ..., 951} for both its images, with independent noise per image; it
 
 Resume: a checkpoint that exists means everything it covers (best/, the final LRM) is on disk;
 --resume continues bit for bit and refuses other settings (model, data, batch, seed...) in one
-line; --lr, --max_train_steps, --warmup, --eval_every and --save_every may change and take effect.
+line; --lr, --max_train_steps, --warmup, --eval_every and --save_every may change and take effect,
+and so may the settings of how it runs (--micro_batch_size, --grad_ckpt, --workers...).
 Rerunning into a used --out without --resume is refused. A non-finite loss or gradient stops the
 run before the optimizer step, keeping the last checkpoint.
 
@@ -52,6 +61,7 @@ Choices and deviations:
 """
 import argparse
 import datetime
+import gc
 import inspect
 import io
 import json
@@ -84,9 +94,9 @@ NUMERIC_COLUMNS = ("label_0", "label_1", "num_example_per_prompt")
 ACTIVATION_GB_PER_PAIR = 2.6
 # The settings a resumed run may change (and that then take effect); any other is refused.
 RESUMABLE = ("lr", "max_train_steps", "warmup", "eval_every", "save_every")
-# Settings that change how a run is executed, not what it computes.
+# Settings that change how a run is executed, not what it computes: free to change on resume.
 MECHANICS = ("out", "resume", "micro_batch_size", "vae_batch_size", "workers", "threads",
-             "dist_timeout")
+             "dist_timeout", "grad_ckpt")
 
 
 # ----------------------------------------------------------------------------- config
@@ -270,6 +280,12 @@ def option_given(argv, name):
 
 
 def get_config(argv=None):
+    """The Config of a command line: Config's defaults, then --model's preset, then the options.
+    Beyond the preset, two rules about the data:
+    - own_base: --base is empty or --model's own pipeline. A preset's data (tiny/pickapic) was
+      drawn for its own base, so another --base must name its --data.
+    - other_data: --data is not the preset's. The preset's --keep lists rows of the preset's data,
+      so it is dropped (with a note) unless --keep is given too."""
     argv = snake_case_options(sys.argv[1:] if argv is None else argv)
     peek = argparse.ArgumentParser(add_help=False)
     peek.add_argument("--model", default=Config.model)
@@ -287,8 +303,11 @@ def get_config(argv=None):
         fail(f"--base {cfg.base}: pass --data too (the {cfg.model} preset's pairs were drawn "
              "for its own base)")
     other_data = cfg.data != PRESETS.get(cfg.model, {}).get("data", Config.data)
-    if other_data and not option_given(argv, "keep"):
-        cfg.keep = ""  # the preset's kept rows index the preset's own data
+    if other_data and not option_given(argv, "keep") and cfg.keep:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{PROG}: note: the {cfg.model} preset's --keep {cfg.keep} lists rows of its own "
+                  f"data, not of {cfg.data}: training on all of {cfg.data}", file=sys.stderr)
+        cfg.keep = ""
     checks = [
         (cfg.max_train_steps < 1, "--max_train_steps must be at least 1"),
         (cfg.train_batch_size < 1, "--train_batch_size must be at least 1"),
@@ -520,8 +539,13 @@ def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pa
     world = dist.get_world_size() if dist.is_initialized() else 1
     rows = list(range(len(pairs)))[:max_pairs or None]
     data = Pairs(pairs, lrm.resolution, latent_shape(vae, lrm.resolution), [0], seed)
-    # per t: correct decisive pairs, official credit; then decisive pairs, all pairs
-    totals = torch.zeros(2 * len(timesteps) + 2, dtype=torch.float64)
+    timesteps = list(dict.fromkeys(timesteps))  # each t once: a repeated t would count twice
+    # this rank's counts: decisive pairs and decodable pairs; per t, the decisive pairs ranked
+    # right and the official credit
+    sums = {"decisive": 0.0, "counted": 0.0}
+    for t in timesteps:
+        sums[f"right@{t}"] = 0.0
+        sums[f"credit@{t}"] = 0.0
     was_training = lrm.training
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     lrm.eval()
@@ -534,29 +558,24 @@ def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pa
         label_1 = batch["label"][:, 1]
         good = ~batch["bad"]  # an undecodable pair casts no vote
         decisive = (label_0 != label_1) & good
-        for j, t in enumerate(timesteps):
+        for t in timesteps:
             t_batch = torch.full((len(latents),), t, dtype=torch.long, device=device)
             noisy = noise_scheduler.add_noise(latents, noise, t_batch)
             with autocast:
                 scores = lrm.score(noisy, t_batch, text=text).float().cpu()  # (2b,)
             s0 = scores[0::2]
             s1 = scores[1::2]
-            totals[2 * j] += (((s0 > s1) == (label_0 > label_1)) & decisive).sum()
-            totals[2 * j + 1] += (pair_credit(s0, s1, label_0, label_1) * good).sum()
-        totals[-2] += decisive.sum()
-        totals[-1] += good.sum()
+            right = ((s0 > s1) == (label_0 > label_1)) & decisive  # (b,)
+            sums[f"right@{t}"] += right.sum().item()
+            sums[f"credit@{t}"] += (pair_credit(s0, s1, label_0, label_1) * good).sum().item()
+        sums["decisive"] += decisive.sum().item()
+        sums["counted"] += good.sum().item()
     lrm.train(was_training)
-    if world > 1:
-        totals = totals.to(device)
-        dist.all_reduce(totals)
-        totals = totals.cpu()
-    n_decisive = totals[-2].clamp_min(1).item()
-    n_all = totals[-1].clamp_min(1).item()
-    decisive_acc = {}
-    official_acc = {}
-    for j, t in enumerate(timesteps):
-        decisive_acc[t] = totals[2 * j].item() / n_decisive
-        official_acc[t] = totals[2 * j + 1].item() / n_all
+    sums = sum_over_ranks(sums, device)
+    n_decisive = max(sums["decisive"], 1)
+    n_counted = max(sums["counted"], 1)
+    decisive_acc = {t: sums[f"right@{t}"] / n_decisive for t in timesteps}
+    official_acc = {t: sums[f"credit@{t}"] / n_counted for t in timesteps}
     return {"decisive": decisive_acc, "ties_half": official_acc}
 
 
@@ -581,6 +600,27 @@ def average_gradients(params, world):
     flat.div_(world)
     for grad, new in zip(grads, flat.split([g.numel() for g in grads])):
         grad.copy_(new.view_as(grad))
+
+
+def sum_over_ranks(sums, device):
+    """{name: number} summed over all ranks in one fp64 all_reduce; by name, so that no count can
+    be read back from the wrong position."""
+    if not dist.is_initialized():
+        return sums
+    names = list(sums)
+    values = [float(sums[name]) for name in names]
+    totals = torch.tensor(values, dtype=torch.float64, device=device)  # (len(names),)
+    dist.all_reduce(totals)
+    return dict(zip(names, totals.tolist()))
+
+
+def smallest_over_ranks(value, device):
+    """The smallest of the ranks' integer values (the value itself on one process)."""
+    if not dist.is_initialized():
+        return value
+    smallest = torch.tensor(value, device=device)
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    return int(smallest.item())
 
 
 def agree_all_finite(loss, grad_norm, device):
@@ -625,18 +665,24 @@ def train_step(lrm, vae, noise_scheduler, batch, micro_batch_size, device, vae_b
     return loss, gathered["scores"], gathered["labels"], gathered["weights"]
 
 
-def batch_accuracy(scores, labels):
-    """Share of the decisive pairs whose winner scored higher. (G, 2), (G, 2) -> float."""
-    decisive = labels[:, 0] != labels[:, 1]
+def batch_accuracy(scores, labels, weights):
+    """Share of the decisive pairs whose winner scored higher, among pairs with both images
+    decodable (weight > 0); None when there is no such pair (JSON null, not NaN).
+    (G, 2), (G, 2), (G,) -> float or None."""
+    decisive = (labels[:, 0] != labels[:, 1]) & (weights > 0)  # (G,)
+    if not decisive.any():
+        return None
     higher_0 = scores[:, 0] > scores[:, 1]
     right = higher_0 == (labels[:, 0] > labels[:, 1])
-    return right[decisive].float().mean().item()
+    return right[decisive].sum().item() / decisive.sum().item()
 
 
 def choose_micro_batch(cfg, per_rank, lrm, device):
     """--micro_batch_size, or auto: on CPU the whole per-rank share; on CUDA the largest divisor
     of it that the GPU holds by the ACTIVATION_GB_PER_PAIR estimate, after fp32 weights,
-    gradients and Adam's two moments (16 bytes per trainable parameter)."""
+    gradients and Adam's two moments (16 bytes per trainable parameter). With several processes,
+    the smallest choice of any rank: ranks on GPUs of other sizes must make the same number of
+    passes, as each pass has its collectives (else they wait for each other forever)."""
     if cfg.micro_batch_size:
         return cfg.micro_batch_size
     if device.type != "cuda":
@@ -647,7 +693,9 @@ def choose_micro_batch(cfg, per_rank, lrm, device):
     area = (lrm.resolution / 512) ** 2
     pair_gb = ACTIVATION_GB_PER_PAIR * area * (0.25 if cfg.grad_ckpt else 1.0)
     fits = max(1, int((0.85 * total_gb - fixed_gb) / pair_gb))
-    return max(d for d in range(1, per_rank + 1) if per_rank % d == 0 and d <= fits)
+    mine = max(d for d in range(1, per_rank + 1) if per_rank % d == 0 and d <= fits)
+    # the smallest of divisors of per_rank divides it too
+    return smallest_over_ranks(mine, device)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -685,12 +733,30 @@ def publish_lrm(lrm, folder, staging, name):
 
 
 def save_checkpoint(path, lrm, optimizer, counters, cfg, world):
-    """train_state.pt: weights, AdamW's state, the counters, the settings and the world size."""
+    """train_state.pt: weights, AdamW's state, the counters, the settings and the world size. No
+    RNG state: every random draw comes from generators seeded by (seed, epoch, row)."""
     checkpoint = {"model": lrm.state_dict(), "optimizer": optimizer.state_dict(), **counters,
-                  "rng": torch.get_rng_state(), "cfg": asdict(cfg), "world": world}
+                  "cfg": asdict(cfg), "world": world}
     kill_point("before train_state.pt")
     write_or_fail(path, atomic_torch_save, checkpoint, path)
     kill_point("after train_state.pt")
+
+
+def load_train_state(path):
+    """train_state.pt memory-mapped: its tensors are read from the file as they are restored, and
+    the file's pages need not stay in RAM (SDXL's checkpoint is ~30 GB). A damaged file (or one in
+    torch's old, non-zip format) goes through load_checkpoint: one line, or the plain load."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:
+        return load_checkpoint(path)
+
+
+def restore(state, lrm, optimizer):
+    """Weights and AdamW's state from a checkpoint -> its counters."""
+    lrm.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return {key: state[key] for key in ("step", "best", "n_bad", "n_seen")}
 
 
 def check_resume(state, cfg, world):
@@ -708,7 +774,7 @@ def check_resume(state, cfg, world):
              "run with its settings, or pass another --out")
     if state["step"] > cfg.max_train_steps:
         fail(f"--resume: {cfg.out} is at step {state['step']}, past --max_train_steps "
-             f"{cfg.max_train_steps}")
+             f"{cfg.max_train_steps}: pass --max_train_steps >= {state['step']}, or another --out")
     return {key: [saved[key], now[key]] for key in RESUMABLE if saved.get(key) != now[key]}
 
 
@@ -767,91 +833,174 @@ def print_table(table, timesteps):
         print(f"{t:4d} | " + " | ".join(f"{cell:^17}" for cell in cells))
 
 
-# ----------------------------------------------------------------------------- main
-def main(cfg):
-    rank, world, device = setup_distributed(cfg.dist_timeout)
+# ----------------------------------------------------------------------------- main, its parts
+def check_batch_sizes(cfg, world):
+    """-> pairs per process; refuses batch sizes that do not split evenly."""
     if cfg.train_batch_size % world:
         fail(f"--train_batch_size {cfg.train_batch_size} is not divisible by {world} processes")
     per_rank = cfg.train_batch_size // world
     if cfg.micro_batch_size and per_rank % cfg.micro_batch_size:
         fail(f"--micro_batch_size {cfg.micro_batch_size} does not divide the {per_rank} pairs "
              "of each process")
-    state_path = os.path.join(cfg.out, "train_state.pt")
-    log_path = os.path.join(cfg.out, "metrics.jsonl")
-    state = None
-    if cfg.resume and os.path.exists(state_path):
-        state = load_checkpoint(state_path)
-        changes = check_resume(state, cfg, world)
-    prepare_run_folder(cfg.out, cfg.resume)
-    try:  # bad input: one clear line before any heavy loading
+    return per_rank
+
+
+def first_line(error):
+    """An exception's message cut to its first line (hub errors run over several)."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    return text.splitlines()[0]
+
+
+def read_inputs(cfg):
+    """-> (base pipeline, resolution, {split: pairs}); bad input ends in one line, before any
+    heavy loading."""
+    try:
         base = resolve_model(cfg.base or cfg.model)
         resolution = pick_resolution(base, cfg.resolution)
-        train = load_pairs(cfg.data, "train", cfg.keep)
-        val = load_pairs(cfg.data, "validation_unique")
-        test = load_pairs(cfg.data, "test_unique")
+        splits = {"train": load_pairs(cfg.data, "train", cfg.keep)}
+        for split in ("validation_unique", "test_unique"):
+            splits[split] = load_pairs(cfg.data, split)
     except (ValueError, OSError) as error:
-        fail(str(error))
-    if len(train) < cfg.train_batch_size:
-        fail(f"{cfg.data}: {len(train)} usable train pairs < --train_batch_size "
+        fail(first_line(error))
+    try:
+        if cfg.text_projection_init:
+            transformers.AutoConfig.from_pretrained(cfg.text_projection_init)
+    except (ValueError, OSError) as error:
+        fail(f"--text_projection_init {cfg.text_projection_init}: {first_line(error)} (a CLIP "
+             "model folder or hub id, or '' for a random init)")
+    if len(splits["train"]) < cfg.train_batch_size:
+        fail(f"{cfg.data}: {len(splits['train'])} usable train pairs < --train_batch_size "
              f"{cfg.train_batch_size}")
-    transformers.utils.logging.disable_progress_bar()
-    threads_before = torch.get_num_threads()  # restored at the end: main() may run in a program
-    torch.set_num_threads(cfg.threads or threads_before)
-    torch.manual_seed(cfg.seed)  # the same fresh heads on every rank
-    lrm = LatentRewardModel.from_base(cfg.base or cfg.model, g=cfg.vfe_scale, resolution=resolution,
-                                      text_projection_init=cfg.text_projection_init)
+    return base, resolution, splits
+
+
+def build_models(cfg, base, resolution, device):
+    """The LRM to train (fresh heads from --seed: the same on every rank), the frozen fp32 VAE
+    (SDXL's overflows in fp16), the DDPM noising and the grid of training t's."""
+    torch.manual_seed(cfg.seed)
+    try:
+        lrm = LatentRewardModel.from_base(cfg.base or cfg.model, g=cfg.vfe_scale,
+                                          resolution=resolution,
+                                          text_projection_init=cfg.text_projection_init)
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+        noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+        ddim = DDIMScheduler.from_pretrained(base, subfolder="scheduler")
+    except (ValueError, OSError) as error:
+        fail(f"cannot load the LRM and its VAE and scheduler from {base}: {first_line(error)}")
     lrm.to(device).train()
     if cfg.grad_ckpt:
         lrm.unet.enable_gradient_checkpointing()
-    # fp32: SDXL's VAE overflows in fp16
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae").to(device).requires_grad_(False)
-    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
-    ddim = DDIMScheduler.from_pretrained(base, subfolder="scheduler")
+    vae.to(device).requires_grad_(False)
     ddim.set_timesteps(20)
     timestep_grid = sorted(ddim.timesteps.tolist())  # paper: the 20-step grid 1, 51, ..., 951
+    return lrm, vae, noise_scheduler, timestep_grid
+
+
+def make_optimizer(lrm, cfg):
+    """AdamW with weight decay on the matrices only (deviation 3). -> (trained params, AdamW)"""
     params = [p for p in lrm.parameters() if p.requires_grad]
     matrices = [p for p in params if p.ndim >= 2]
     vectors = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.weight_decay},
                                    {"params": vectors, "weight_decay": 0.0}], lr=cfg.lr)
-    step = 0
-    best = -1.0
-    n_bad = 0
-    n_seen = 0
+    return params, optimizer
+
+
+def report_resume(cfg, log_path, step, changes):
+    """Rank 0, after truncating the log: say where the run resumes and log the changed
+    settings."""
+    print(f"resuming {cfg.out} at step {step}")
+    for key, (old, new) in changes.items():
+        print(f"  {key} {old} -> {new}")
+    if changes:
+        log_jsonl(log_path, {"step": step, "resumed_with": changes})
+
+
+def validation_due(step, cfg):
+    return step % cfg.eval_every == 0 or step == cfg.max_train_steps
+
+
+def checkpoint_due(step, cfg):
+    """After each validation (so at the last step too) and every --save_every steps."""
+    return validation_due(step, cfg) or step % cfg.save_every == 0
+
+
+def validate_and_publish(lrm, pairs, timesteps, vae, cfg, step, best, rank):
+    """Validation accuracy at each t (each rank scores its shard); rank 0 logs it and publishes
+    best/ when the accuracy at the first t beats `best` (paper: validation accuracy at t = 1).
+    -> (the accuracy table, the new best)"""
+    table = evaluate(lrm, pairs, timesteps, vae, cfg)
+    accuracy = table["decisive"][timesteps[0]]
+    if rank == 0:
+        log_validation(os.path.join(cfg.out, "metrics.jsonl"), step, table)
+    if rank == 0 and accuracy > best:
+        kill_point("before best/")
+        best_folder = os.path.join(cfg.out, "best")
+        staging = os.path.join(cfg.out, "best.tmp")
+        write_or_fail(best_folder, publish_lrm, lrm, best_folder, staging, "best/")
+        kill_point("after best/")
+    return table, max(best, accuracy)
+
+
+def publish_final(lrm, cfg):
+    """The final LRM into --out itself (rank 0)."""
+    kill_point("before final LRM")
+    staging = os.path.join(cfg.out, "final.tmp")
+    write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, staging, "final LRM")
+    kill_point("after final LRM")
+
+
+# ----------------------------------------------------------------------------- main
+def main(cfg):
+    rank, world, device = setup_distributed(cfg.dist_timeout)
+    per_rank = check_batch_sizes(cfg, world)
+    state_path = os.path.join(cfg.out, "train_state.pt")
+    log_path = os.path.join(cfg.out, "metrics.jsonl")
+    state = None
+    changes = None  # None: a fresh run; {}: resumed with the same settings
+    if cfg.resume and os.path.exists(state_path):
+        state = load_train_state(state_path)
+        changes = check_resume(state, cfg, world)
+    prepare_run_folder(cfg.out, cfg.resume)
+    base, resolution, splits = read_inputs(cfg)
+    transformers.utils.logging.disable_progress_bar()
+    threads_before = torch.get_num_threads()  # restored at the end: main() may run in a program
+    torch.set_num_threads(cfg.threads or threads_before)
+    lrm, vae, noise_scheduler, timestep_grid = build_models(cfg, base, resolution, device)
+    params, optimizer = make_optimizer(lrm, cfg)
+    counters = dict(step=0, best=-1.0, n_bad=0, n_seen=0)
     if state is not None:
-        lrm.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        step = state["step"]
-        best = state["best"]
-        n_bad = state["n_bad"]
-        n_seen = state["n_seen"]
-        if rank == 0:
-            print(f"resuming {cfg.out} at step {step}")
-            for key, (old, new) in changes.items():
-                print(f"  {key} {old} -> {new}")
-            if changes:
-                log_jsonl(log_path, {"step": step, "resumed_with": changes})
+        counters = restore(state, lrm, optimizer)
+        del state  # restored: drop the loaded copy (SDXL: ~30 GB) before training
+        gc.collect()
+    step = counters["step"]
+    best = counters["best"]
+    n_bad = counters["n_bad"]
+    n_seen = counters["n_seen"]
     if cfg.resume and rank == 0:
         truncate_log(log_path, step)  # rows past the checkpoint will be logged again
+    if changes is not None and rank == 0:
+        report_resume(cfg, log_path, step, changes)
     first_step = step
     micro_batch = choose_micro_batch(cfg, per_rank, lrm, device)
     if rank == 0:
         print(f"{cfg.train_batch_size} pairs a step: {per_rank} per process in micro-batches of "
               f"{micro_batch} ({per_rank // micro_batch} accumulated), {world} process(es)")
-    shape = latent_shape(vae, resolution)
-    dataset = Pairs(train, resolution, shape, timestep_grid, cfg.seed)
+    train = splits["train"]
+    dataset = Pairs(train, resolution, latent_shape(vae, resolution), timestep_grid, cfg.seed)
     sampler = steps_sampler(len(train), cfg.train_batch_size, rank, world, cfg.seed, step,
                             cfg.max_train_steps)
     loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, num_workers=cfg.workers,
                                          sampler=sampler)
     steps_per_epoch = len(train) // cfg.train_batch_size
     timesteps = [int(t) for t in cfg.eval_timesteps.split(",")]
-    final_staging = os.path.join(cfg.out, "final.tmp")
     last_val = None
     progress = tqdm(total=cfg.max_train_steps, initial=step, disable=rank != 0, desc="lrm")
-    start_time = time.time()
+    start_time = time.perf_counter()
     for batch in loader:
+        # 1. one optimizer step on the global batch (micro-batches accumulate in train_step)
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -868,36 +1017,30 @@ def main(cfg):
         kill_point(f"step {step}")
         n_bad += int((weights == 0).sum())  # weight 0 = an undecodable image
         n_seen += len(weights)
-        if (step % steps_per_epoch == 0 or step == cfg.max_train_steps) and n_bad > 0.01 * n_seen:
+        whole_data = step % steps_per_epoch == 0 or step == cfg.max_train_steps
+        if whole_data and n_bad > 0.01 * n_seen:
             fail(f"{cfg.data}: {n_bad} of {n_seen} pairs had an undecodable image (more than "
                  "1%): check the image columns")
+
+        # 2. log (rank 0); pairs_per_s over this run's wall time, validations and checkpoints in
         if rank == 0:
-            per_second = cfg.train_batch_size / (time.time() - start_time)
-            row = dict(step=step, loss=loss, acc=batch_accuracy(scores, labels), lr=lr,
+            pairs = (step - first_step) * cfg.train_batch_size
+            row = dict(step=step, loss=loss, acc=batch_accuracy(scores, labels, weights), lr=lr,
                        grad_norm=grad_norm, logit_scale=lrm.logit_scale.item(),
-                       pairs_per_s=(step - first_step) * per_second, bad_pairs=n_bad)
+                       pairs_per_s=pairs / (time.perf_counter() - start_time), bad_pairs=n_bad)
             log_jsonl(log_path, row)
             progress.update(1)
-            progress.set_postfix(loss=f"{loss:.3f}", acc=f"{row['acc']:.2f}")
-        evaluating = step % cfg.eval_every == 0 or step == cfg.max_train_steps
-        if evaluating:
-            last_val = evaluate(lrm, val, timesteps, vae, cfg)
-            accuracy = last_val["decisive"][timesteps[0]]  # paper: validation accuracy at t = 1
-            if rank == 0:
-                log_validation(log_path, step, last_val)
-            if rank == 0 and accuracy > best:
-                kill_point("before best/")
-                best_folder = os.path.join(cfg.out, "best")
-                staging = os.path.join(cfg.out, "best.tmp")
-                write_or_fail(best_folder, publish_lrm, lrm, best_folder, staging, "best/")
-                kill_point("after best/")
-            best = max(best, accuracy)
+            progress.set_postfix(loss=loss, acc=row["acc"])
+
+        # 3. validate, publish best/; at the last step, publish the final LRM (rank 0 writes)
+        if validation_due(step, cfg):
+            last_val, best = validate_and_publish(lrm, splits["validation_unique"], timesteps,
+                                                  vae, cfg, step, best, rank)
         if rank == 0 and step == cfg.max_train_steps:
-            kill_point("before final LRM")
-            write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, final_staging, "final LRM")
-            kill_point("after final LRM")
-        if rank == 0 and (evaluating or step % cfg.save_every == 0):
-            # written last: a checkpoint that exists means best/ and the final LRM are on disk
+            publish_final(lrm, cfg)
+
+        # 4. checkpoint, written last: one that exists means best/ and the final LRM are on disk
+        if rank == 0 and checkpoint_due(step, cfg):
             counters = dict(step=step, best=best, n_bad=n_bad, n_seen=n_seen)
             save_checkpoint(state_path, lrm, optimizer, counters, cfg, world)
         if world > 1:
@@ -906,11 +1049,12 @@ def main(cfg):
 
     if rank == 0 and first_step == cfg.max_train_steps:
         # a finished run resumed: write its final LRM again from the checkpoint, so they agree
-        write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, final_staging, "final LRM")
+        publish_final(lrm, cfg)
     kill_point("final table")
     if last_val is None:
-        last_val = evaluate(lrm, val, timesteps, vae, cfg)
-    table = {"validation_unique": last_val, "test_unique": evaluate(lrm, test, timesteps, vae, cfg)}
+        last_val = evaluate(lrm, splits["validation_unique"], timesteps, vae, cfg)
+    test = evaluate(lrm, splits["test_unique"], timesteps, vae, cfg)
+    table = {"validation_unique": last_val, "test_unique": test}
     if rank == 0:
         log_jsonl(log_path, {"step": step, "final": table})
         print_table(table, timesteps)

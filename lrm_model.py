@@ -33,10 +33,14 @@ def vfe(mid_cond, mid_uncond, g):
     """Visual Feature Enhancement: CFG on the pooled mid feature, V = V_u + g (V_c - V_u)."""
     return mid_uncond + g * (mid_cond - mid_uncond)
 
-def lrm_score(v, t, logit_scale):
-    """S(prompt, x_t, t) = exp(logit_scale) * cos(V, T), in fp32.  v, t: (B, D) -> (B,)"""
-    cosine = (F.normalize(v.float(), dim=-1) * F.normalize(t.float(), dim=-1)).sum(-1)  # (B,)
-    return logit_scale.float().exp() * cosine
+
+def lrm_score(visual, text, logit_scale):
+    """S(prompt, x_t, t) = exp(logit_scale) * cos(V, T), in fp32, V the projected visual feature,
+    T the projected text feature.  visual, text: (B, D) -> (B,)"""
+    visual = F.normalize(visual.float(), dim=-1)  # (B, D)
+    text = F.normalize(text.float(), dim=-1)  # (B, D)
+    return logit_scale.float().exp() * (visual * text).sum(-1)
+
 
 def feature_widths(unet_config):
     """Channels of the pooled features: the last output of each down stage, then the mid block."""
@@ -60,11 +64,11 @@ def resolve_model(name):
                          f"{path!r} failed ({reason})") from None
     return path
 
+
 def load_text_encoders(path, classes, fallback=None):
-    """{"text_encoder": "CLIPTextModel", ...} -> encoders and their tokenizers from a folder or hub
-    id;
-    a subfolder that path lacks comes from fallback (the official LRM saves no tokenizers, and no
-    text encoders when they were frozen)."""
+    """{"text_encoder": "CLIPTextModel", ...} -> (encoders, tokenizers) from a folder or hub id.
+    A subfolder that path lacks comes from fallback, the base pipeline: the official LRM saves no
+    tokenizers, and no text encoders when they were frozen."""
     def folder_with(subfolder):
         if fallback is None or os.path.isdir(os.path.join(path, subfolder)):
             return path
@@ -81,10 +85,15 @@ def load_text_encoders(path, classes, fallback=None):
                                                                      subfolder=tokenizer_name))
     return encoders, tokenizers
 
+
 def base_config(base, unet_config, g=7.5, resolution=None):
     """lrm_config.json's fields that come from the base pipeline: text encoders, resolution,
-    latent space."""
+    latent space, and the base itself as a name that loads from any working directory: a preset's
+    (tiny/... resolves against this repository), a hub id as given, a local folder absolute."""
     path = resolve_model(base)
+    stored_base = MODELS.get(base, base)
+    if not stored_base.startswith("tiny/") and os.path.isdir(path):
+        stored_base = os.path.abspath(path)
     index = DiffusionPipeline.load_config(path)
     vae = AutoencoderKL.load_config(path, subfolder="vae")
     classes = {}
@@ -92,10 +101,11 @@ def base_config(base, unet_config, g=7.5, resolution=None):
         if (index.get(name) or [None])[0]:
             classes[name] = index[name][1]
     vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    return dict(base=MODELS.get(base, base), g=g, text_encoders=classes,
+    return dict(base=stored_base, g=g, text_encoders=classes,
                 resolution=resolution or unet_config["sample_size"] * vae_factor,
                 latent_space=[vae["latent_channels"], vae["scaling_factor"],
                               vae.get("shift_factor")])
+
 
 def encode_prompt(text_encoders, tokenizers, prompts, resolution):
     """SD1.5: last hidden state, pooled EOS state. SDXL: concat of both penultimate states, pooled =
@@ -121,11 +131,14 @@ def encode_prompt(text_encoders, tokenizers, prompts, resolution):
     return {"encoder_hidden_states": context, "added_cond_kwargs": added, "pooled": pooled}
 
 
-def take_rows(tree, idx):
-    """Rows idx of every tensor in a (nested) dict of batch tensors; None stays None."""
+def take_rows(tree, rows):
+    """Rows `rows` (a (B,) index tensor) of every tensor in a (nested) dict of batch tensors;
+    None stays None."""
     if isinstance(tree, dict):
-        return {k: take_rows(v, idx) for k, v in tree.items()}
-    return None if tree is None else tree[idx.to(tree.device)]
+        return {key: take_rows(value, rows) for key, value in tree.items()}
+    if tree is None:
+        return None
+    return tree[rows.to(tree.device)]
 
 
 def cross_attention_kwargs(block, context):
@@ -135,26 +148,30 @@ def cross_attention_kwargs(block, context):
     return {}
 
 
-def down_mid_features(unet, x, t, ctx, added):
+def down_mid_features(unet, x, t, context, added_cond_kwargs):
     """Pooled features of a stock UNet2DConditionModel in its forward() order, stopping at the mid
     block: time (+ SDXL text_time) embedding, conv_in, down blocks, mid block. Up blocks never
-    run."""
-    emb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t))  # (B, 4C)
-    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=ctx, added_cond_kwargs=added)
-    if aug is not None:
-        emb = emb + aug
+    run. x (B, C, h, w) latents, t (B,) timesteps, context (B, L, D) the text states."""
+    time_embedding = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t))  # (B, 4C)
+    # SDXL: + the pooled text and time_ids ("text_time"); SD1.5: nothing
+    added_embedding = unet.get_aug_embed(emb=time_embedding, encoder_hidden_states=context,
+                                         added_cond_kwargs=added_cond_kwargs)
+    if added_embedding is not None:
+        time_embedding = time_embedding + added_embedding
     if unet.time_embed_act is not None:
-        emb = unet.time_embed_act(emb)
-    ctx = unet.process_encoder_hidden_states(encoder_hidden_states=ctx, added_cond_kwargs=added)
+        time_embedding = unet.time_embed_act(time_embedding)
+    context = unet.process_encoder_hidden_states(encoder_hidden_states=context,
+                                                 added_cond_kwargs=added_cond_kwargs)
     hidden = unet.conv_in(x)
-    feats = []
+    features = []
     for block in unet.down_blocks:
-        hidden, residuals = block(hidden_states=hidden, temb=emb,
-                                  **cross_attention_kwargs(block, ctx))
+        hidden, residuals = block(hidden_states=hidden, temb=time_embedding,
+                                  **cross_attention_kwargs(block, context))
         # the stage's last output, before its downsampler
-        feats.append(residuals[len(block.resnets) - 1].mean((2, 3)))  # (B, C_i)
-    mid = unet.mid_block(hidden, emb, **cross_attention_kwargs(unet.mid_block, ctx))
-    return feats + [mid.mean((2, 3))]  # + (B, C_mid)
+        features.append(residuals[len(block.resnets) - 1].mean((2, 3)))  # (B, C_i)
+    mid_kwargs = cross_attention_kwargs(unet.mid_block, context)
+    mid = unet.mid_block(hidden, time_embedding, **mid_kwargs)  # (B, C_mid, h', w')
+    return features + [mid.mean((2, 3))]  # + (B, C_mid)
 
 
 HEADS = ("visual_projection", "text_projection")
@@ -234,6 +251,12 @@ class LatentRewardModel(torch.nn.Module):
         With `base`, refuse an LRM of another latent space unless force. Refuses non-finite
         weights (a diverged training run)."""
         official = not os.path.exists(os.path.join(lrm_dir, "lrm_config.json"))
+        # save_pretrained always writes tokenizers, the release never does: a folder with them and
+        # no lrm_config.json is a save cut short (lrm_config.json is written last)
+        entries = os.listdir(lrm_dir) if os.path.isdir(lrm_dir) else []
+        if official and any(name.startswith("tokenizer") for name in entries):
+            raise ValueError(f"incomplete LRM folder (no lrm_config.json): {lrm_dir} (a save cut "
+                             "short: continue its lrm.py run with --resume, or save it again)")
         has_heads = os.path.exists(os.path.join(lrm_dir, "state_dict.pt"))
         if official and (base is None or not has_heads):
             raise ValueError(f"{lrm_dir}: not an LRM folder (no lrm_config.json; the official "
@@ -286,29 +309,32 @@ class LatentRewardModel(torch.nn.Module):
         text = self.encode_text(prompts) if text is None else text
         cond = text["cond"]
         uncond = text["uncond"]
-        b = latents.shape[0]
-        t = torch.as_tensor(timesteps, device=latents.device).long().expand(b)  # (B,)
+        batch_size = latents.shape[0]
+        t = torch.as_tensor(timesteps, device=latents.device).long().expand(batch_size)  # (B,)
         x = latents.to(self.unet.dtype)
-        ctx = cond["encoder_hidden_states"]  # (B, L, D)
+        context = cond["encoder_hidden_states"]  # (B, L, D)
         added = cond["added_cond_kwargs"]
         # VFE: one batched pass, the B conditional rows first, then the B with ""
         if uncond is not None:
             x = torch.cat([x, x])  # (2B, C, h, w)
             t = torch.cat([t, t])
-            ctx = torch.cat([ctx, uncond["encoder_hidden_states"].expand(b, -1, -1)])
+            empty_context = uncond["encoder_hidden_states"].expand(batch_size, -1, -1)
+            context = torch.cat([context, empty_context])  # (2B, L, D)
             if added is not None:
-                null = uncond["added_cond_kwargs"]
-                added = {k: torch.cat([v, null[k].expand(b, -1)]) for k, v in added.items()}
-        feats = down_mid_features(self.unet, x, t, ctx, added)  # [(2B, C_i)]
+                empty_added = uncond["added_cond_kwargs"]
+                added = {key: torch.cat([value, empty_added[key].expand(batch_size, -1)])
+                         for key, value in added.items()}
+        features = down_mid_features(self.unet, x, t, context, added)  # [(2B, C_i)]
         if uncond is not None:  # down-stage features from the conditional pass only, VFE on the mid
-            mid = vfe(feats[-1][:b], feats[-1][b:], self.g)  # (B, C_mid)
-            feats = [f[:b] for f in feats[:-1]] + [mid]
-        pooled = torch.cat(feats, -1).to(self.visual_projection.weight.dtype)  # (B, sum C_i)
-        v = self.visual_projection(pooled)  # (B, D)
+            mid = features[-1]  # (2B, C_mid)
+            enhanced = vfe(mid[:batch_size], mid[batch_size:], self.g)  # (B, C_mid)
+            features = [feature[:batch_size] for feature in features[:-1]] + [enhanced]
+        pooled = torch.cat(features, -1).to(self.visual_projection.weight.dtype)  # (B, sum C_i)
+        visual = self.visual_projection(pooled)  # (B, D)
         text_feature = cond["pooled"]  # (B, D)
         if self.text_projection is not None:
             text_feature = self.text_projection(text_feature.to(self.text_projection.weight.dtype))
-        return lrm_score(v, text_feature, self.logit_scale)
+        return lrm_score(visual, text_feature, self.logit_scale)
 
 
 def check_latent_space(lrm_dir, config, base, force):

@@ -534,7 +534,8 @@ def test_rerun_refused_and_resume_checks_settings(tmp_path, capsys):
                 (["--resume", "--seed", "1", "--train_batch_size", "2"], "--seed 0 -> 1"),
                 (["--resume", "--base", "tiny/sdxl", "--data", "tiny/pickapic"], "--base"),
                 (["--resume", "--vfe_scale", "1.0"], "vfe_scale"),
-                (["--resume", "--max_train_steps", "1"], "past --max_train_steps")]
+                (["--resume", "--max_train_steps", "1"], "past --max_train_steps"),
+                (["--resume", "--max_train_steps", "1"], "pass --max_train_steps >= 2, or another --out")]
     for extra, words in refusals:
         with pytest.raises(SystemExit) as exit_info:
             L.main(L.get_config(_run_args(run, *LRM_TINY_RUN, "--max_train_steps", 2, *extra)))
@@ -546,7 +547,7 @@ def test_rerun_refused_and_resume_checks_settings(tmp_path, capsys):
     # lr, max_train_steps, warmup, eval_every, save_every may change: applied and logged
     capsys.readouterr()
     L.main(L.get_config(_run_args(run, *LRM_TINY_RUN, "--resume", "--max_train_steps", 3, "--lr", 5e-4,
-                                  "--warmup", 1)))
+                                  "--warmup", 1, "--grad_ckpt")))   # --grad_ckpt: how, not what
     assert "lr 0.001 -> 0.0005" in capsys.readouterr().out
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert {"step": 2, "resumed_with": {"lr": [1e-3, 5e-4], "max_train_steps": [2, 3], "warmup": [2, 1]}} in rows
@@ -810,6 +811,12 @@ def test_logged_numbers_match_independent_computations(tmp_path, monkeypatch):
     monkeypatch.setattr(M.LatentRewardModel, "score", score)
     monkeypatch.setattr(L.Pairs, "__getitem__", item)
     monkeypatch.setattr(L.LatentRewardModel, "from_base", from_base)
+    clock = {"now": 0.0}
+
+    def perf_counter():   # 10 s a reading: the start, then one reading per logged step
+        clock["now"] += 10.0
+        return clock["now"]
+    monkeypatch.setattr(L, "time", type("FakeTime", (), {"perf_counter": staticmethod(perf_counter)}))
     n_params = sum(p.requires_grad for p in M.LatentRewardModel.from_base("tiny").parameters())
     out = tmp_path / "run"
     cfg = L.get_config(_run_args(out, "--max_train_steps", 3, "--train_batch_size", 8, "--eval_every", 3,
@@ -841,6 +848,8 @@ def test_logged_numbers_match_independent_computations(tmp_path, monkeypatch):
         norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
         assert math.isclose(row["grad_norm"], norm, rel_tol=1e-5), step
         assert row["bad_pairs"] == 0
+        # pairs this run trained / seconds since its start: 8 (step + 1) pairs in 10 (step + 1) s
+        assert math.isclose(row["pairs_per_s"], 0.8, rel_tol=1e-12), step
     final = _state(out)["model"]
     assert train_rows[-1]["logit_scale"] == final["logit_scale"].item()
     # validation: the first 12 pairs of the split, at t = 1 and 501
@@ -873,6 +882,8 @@ def _lrm_bad_files():
             os.path.join(folder, "strings", f"{split}.parquet"))
     os.makedirs(os.path.join(folder, "train_only"))
     train.to_parquet(os.path.join(folder, "train_only", "train.parquet"))
+    shutil.copytree(os.path.join(ROOT, "tiny/sd15"), os.path.join(folder, "no_scheduler"),
+                    ignore=shutil.ignore_patterns("scheduler"))
     return folder
 
 
@@ -896,6 +907,136 @@ BAD_INPUTS += [
     ("lrm", ["--eval_timesteps", "1,x", "--out", "{tmp}"], "eval_timesteps"),
     ("lrm", ["--max_train_steps", "0", "--out", "{tmp}"], "max_train_steps"),
 ]
+BAD_INPUTS += [
+    ("lrm", ["--text_projection_init", "{tmp}/no-clip", "--out", "{tmp}"], "text_projection_init"),
+    ("lrm", ["--base", f"{_LRM_BAD}/no_scheduler", "--data", "tiny/pickapic", "--out", "{tmp}"], "scheduler"),
+]
+
+
+# ----------------------------------------------------------------------------- lrm.py: review fixes
+def test_half_published_lrm_folder_is_refused_not_read_as_the_official_layout(tmp_path):
+    """A publish killed before lrm_config.json leaves unet/, text_encoder/, tokenizer/ and
+    state_dict.pt: not the release's layout (it has no tokenizers), so refused, base= or not."""
+    half = tmp_path / "half"
+    shutil.copytree(os.path.join(ROOT, "tiny/lrm"), half)
+    os.remove(half / "lrm_config.json")
+    for base in ("tiny", None):
+        with pytest.raises(ValueError) as error_info:
+            M.LatentRewardModel.from_pretrained(str(half), base=base)
+        message = str(error_info.value)
+        assert message.startswith("incomplete LRM folder (no lrm_config.json)") and "\n" not in message
+    shutil.rmtree(half / "tokenizer")   # the release's layout: loads with its base
+    assert M.LatentRewardModel.from_pretrained(str(half), base="tiny").config["base"] == "tiny/sd15"
+
+
+def test_resume_maps_the_checkpoint_and_drops_it_before_training(tmp_path, monkeypatch):
+    """--resume reads train_state.pt memory-mapped and keeps no reference to it while training
+    (SDXL's is ~30 GB a rank); the checkpoint holds no unused RNG state."""
+    import weakref
+    run = tmp_path / "run"
+    L.main(L.get_config(_run_args(run, *LRM_TINY_RUN, "--max_train_steps", 2)))
+    assert "rng" not in _state(run)
+    real_load, real_step = torch.load, L.train_step
+    seen = {}
+
+    class Loaded(dict):   # a dict that a weak reference can watch
+        pass
+
+    def load(path, *args, **kwargs):
+        loaded = real_load(path, *args, **kwargs)
+        if str(path).endswith("train_state.pt"):
+            seen["mmap"] = kwargs.get("mmap")
+            loaded = Loaded(loaded)
+            seen["state"] = weakref.ref(loaded)
+        return loaded
+
+    def step(*args, **kwargs):
+        seen.setdefault("alive_while_training", seen["state"]() is not None)
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(torch, "load", load)
+    monkeypatch.setattr(L, "train_step", step)
+    L.main(L.get_config(_run_args(run, *LRM_TINY_RUN, "--max_train_steps", 3, "--resume")))
+    assert seen["mmap"] is True and seen["alive_while_training"] is False
+    assert _state(run)["step"] == 3
+
+
+def _smallest_in_two_ranks(rank, store, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    chosen = L.smallest_over_ranks([8, 2][rank], torch.device("cpu"))   # rank 1: a smaller GPU
+    open(f"{out}.{rank}", "w").write(str(chosen))
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_auto_micro_batch_is_the_smallest_over_ranks(tmp_path, monkeypatch):
+    """Ranks on GPUs of other sizes must agree on one micro-batch (each pass has collectives):
+    choose_micro_batch takes the minimum over ranks; the reduction, in 2 gloo processes."""
+    import multiprocessing
+    fork = multiprocessing.get_context("fork")
+    processes = [fork.Process(target=_smallest_in_two_ranks, args=(rank, tmp_path / "store", tmp_path / "got"))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert [process.exitcode for process in processes] == [0, 0]
+    assert [open(f"{tmp_path / 'got'}.{rank}").read() for rank in range(2)] == ["2", "2"]
+
+    class FakeProperties:
+        total_memory = 80 * 2**30
+
+    class FakeLRM(torch.nn.Module):
+        resolution = 512
+    reduced = []
+
+    def smallest(value, device):   # as if another rank's GPU held 4 pairs
+        reduced.append(value)
+        return min(value, 4)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: FakeProperties())
+    monkeypatch.setattr(L, "smallest_over_ranks", smallest)
+    assert L.choose_micro_batch(L.Config(), 16, FakeLRM(), torch.device("cuda:0")) == 4
+    assert reduced == [16]
+
+
+def test_lrm_of_a_relative_base_folder_loads_from_another_directory(tmp_path, monkeypatch):
+    """lrm_config.json names a local base by its absolute path (tiny/... and hub ids as given)."""
+    shutil.copytree(os.path.join(ROOT, "tiny/sd15"), tmp_path / "my-sd15")
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    L.main(L.get_config(["--model", "my-sd15", "--data", os.path.join(ROOT, "tiny/pickapic"), "--out", str(run),
+                         "--workers", "0", "--threads", "1", "--max_train_steps", "1", "--train_batch_size", "4",
+                         "--eval_max_pairs", "2", "--eval_timesteps", "1", "--warmup", "1"]))
+    os.makedirs(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    lrm = M.LatentRewardModel.from_pretrained(str(run))
+    assert lrm.config["base"] == os.path.realpath(tmp_path / "my-sd15")
+    pairs = L.load_pairs(os.path.join(ROOT, "tiny/pickapic"), "validation_unique").select(range(2))
+    assert set(L.pair_accuracy(lrm, pairs, [1])["decisive"]) == {1}   # reads the base's VAE
+    assert M.base_config("tiny", {"sample_size": 8})["base"] == "tiny/sd15"
+
+
+def test_logged_acc_leaves_out_undecodable_pairs_and_is_null_without_decisive_pairs():
+    scores = torch.tensor([[2.0, 1.0], [0.0, 1.0], [3.0, 0.0], [1.0, 0.0]])
+    labels = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    # right, wrong, wrong but undecodable (weight 0), a tie
+    assert L.batch_accuracy(scores, labels, torch.tensor([1.0, 1.0, 0.0, 1.0])) == 0.5
+    assert L.batch_accuracy(scores, labels, torch.tensor([1.0, 1.0, 1.0, 1.0])) == 1 / 3
+    nothing = L.batch_accuracy(scores, labels, torch.tensor([0.0, 0.0, 0.0, 1.0]))   # no decodable decisive pair
+    assert nothing is None and json.dumps({"acc": nothing}) == '{"acc": null}'
+    assert L.batch_accuracy(scores[3:], labels[3:], torch.ones(1)) is None   # ties only
+
+
+def test_one_line_errors_and_get_config_notes_the_dropped_keep(tmp_path, capsys):
+    assert L.first_line(OSError("We couldn't connect.\nCheck your connection.")) == "We couldn't connect."
+    assert L.first_line(OSError()) == "OSError"
+    data = _pairs_with_bad_images(tmp_path / "pairs", 40, [])
+    assert L.get_config(["--model", "tiny", "--data", data]).keep == ""
+    assert "preset's --keep tiny/pickapic/mpcf_keep.json" in capsys.readouterr().err
+    # pair_accuracy: named sums; a repeated t counts once
+    lrm = M.LatentRewardModel.from_pretrained("tiny/lrm")
+    pairs = L.load_pairs("tiny/pickapic", "validation_unique").select(range(12))
+    assert L.pair_accuracy(lrm, pairs, [1, 951, 1]) == L.pair_accuracy(lrm, pairs, [1, 951])
 
 
 # ============================================================================ mpcf.py: Multi-Preference Consistent Filtering
@@ -1491,9 +1632,9 @@ def test_apply_update_clips_for_real_and_stops_on_nan():
     assert abs(norm - 50.0) < 1e-4 and abs(p.detach().norm().item() - 1.0) < 1e-5  # the step was clipped to 1
     before = p.detach().clone()
     p.grad = torch.ones(4)
-    with pytest.raises(SystemExit, match="non-finite"):
+    with pytest.raises(lpo.NonFiniteUpdate, match="non-finite"):   # main turns it into one line
         lpo.apply_update([p], opt, torch.tensor(float("nan")), 1, 1.0)
-    assert torch.equal(p.detach(), before)
+    assert torch.equal(p.detach(), before) and not issubclass(lpo.NonFiniteUpdate, SystemExit)
 
 
 # ---- lpo.py: models and data
@@ -2010,6 +2151,23 @@ def lpo_make_bad_files():
     os.makedirs(os.path.join(folder, "damaged"))
     with open(os.path.join(folder, "damaged", "ckpt.pt"), "wb") as damaged:
         damaged.write(b"PK\x03\x04 cut short")
+    # pipelines (configs only) whose scheduler lpo.py refuses before reading a weight
+    for name, change in (("short_schedule", dict(num_train_timesteps=100)),
+                         ("v_prediction", dict(prediction_type="v_prediction"))):
+        for part in ("unet", "vae"):
+            os.makedirs(os.path.join(folder, name, part))
+            shutil.copy(os.path.join(ROOT, "tiny", "sd15", part, "config.json"), os.path.join(folder, name, part))
+        os.makedirs(os.path.join(folder, name, "scheduler"))
+        config = json.load(open(os.path.join(ROOT, "tiny", "sd15", "scheduler", "scheduler_config.json")))
+        json.dump(dict(config, **change), open(os.path.join(folder, name, "scheduler", "scheduler_config.json"), "w"))
+    # LRM folders that cannot be read: a truncated state_dict.pt, no unet/
+    shutil.copytree(os.path.join(ROOT, "tiny", "lrm"), os.path.join(folder, "lrm_truncated"))
+    heads = os.path.join(folder, "lrm_truncated", "state_dict.pt")
+    data = open(heads, "rb").read()
+    open(heads, "wb").write(data[:len(data) // 2])
+    os.makedirs(os.path.join(folder, "lrm_no_unet"))
+    for name in ("lrm_config.json", "state_dict.pt"):
+        shutil.copy(os.path.join(ROOT, "tiny", "lrm", name), os.path.join(folder, "lrm_no_unet"))
     return folder
 
 
@@ -2031,7 +2189,143 @@ BAD_INPUTS += [
     ("lpo", ["--out", "{tmp}/o", "--prompts", "{tmp}/none.parquet"], "prompts"),
     ("lpo", ["--out", "{run}"], "resume"),
     ("lpo", ["--out", os.path.join(LPO_BAD, "damaged"), "--resume"], "damaged"),
+    # the sampler and the loss: LPO needs the stochastic sampler, a clip band, a positive beta
+    ("lpo", ["--out", "{tmp}/o", "--eta", "0"], "eta"),
+    ("lpo", ["--out", "{tmp}/o", "--eta", "1.5"], "eta"),
+    ("lpo", ["--out", "{tmp}/o", "--clip_eps", "0"], "clip_eps"),
+    ("lpo", ["--out", "{tmp}/o", "--clip_eps", "1"], "clip_eps"),
+    ("lpo", ["--out", "{tmp}/o", "--beta", "0"], "beta"),
+    ("lpo", ["--out", "{tmp}/o", "--beta", "nan"], "beta"),
+    ("lpo", ["--out", "{tmp}/o", "--num_inference_steps", "1001"], "num_inference_steps"),
+    ("lpo", ["--out", "{tmp}/o", "--model", os.path.join(LPO_BAD, "short_schedule"), "--num_inference_steps", "200"],
+     "timesteps"),
+    ("lpo", ["--out", "{tmp}/o", "--model", os.path.join(LPO_BAD, "v_prediction")], "epsilon"),
+    # the tiny world's judge on a real model's images: refused, eval.py named
+    ("lpo", ["--out", "{tmp}/o", "--model", "sd15", "--eval_samples", "10"], "eval.py"),
+    # unreadable LRM folders: one line, not a traceback
+    ("lpo", ["--out", "{tmp}/o", "--lrm", os.path.join(LPO_BAD, "lrm_truncated")], "readable"),
+    ("lpo", ["--out", "{tmp}/o", "--lrm", os.path.join(LPO_BAD, "lrm_no_unet")], "readable"),
+    # a refused --resume of a run folder (a damaged checkpoint) changes nothing in it
+    ("lpo", ["--out", "{run}", "--resume"], "damaged"),
 ]
+
+
+# ---- lpo.py: review fixes (streamed captions, write failures, refused resumes, accumulation, presets)
+def test_lpo_datasets_stream_only_their_caption_column(tmp_path, monkeypatch):
+    """A hub or folder dataset is opened with columns=["caption"]: the parquet builder (Pick-a-Pic
+    v1's, ~190 GB with its images) reads that column alone; a builder without `columns` (json)
+    still gives its captions; a dataset without captions is one line."""
+    from datasets.packaged_modules.parquet import parquet as parquet_module
+    asked = []
+    generate_tables = parquet_module.Parquet._generate_tables
+
+    def spy(self, *args, **kwargs):
+        asked.append(self.config.columns)
+        yield from generate_tables(self, *args, **kwargs)
+    monkeypatch.setattr(parquet_module.Parquet, "_generate_tables", spy)
+    os.makedirs(tmp_path / "pairs")
+    pd.DataFrame(dict(caption=["a red circle", "a blue square", "a red circle"], jpg_0=[b"\xff" * 4096] * 3)).to_parquet(
+        tmp_path / "pairs" / "train.parquet")
+    assert lpo.load_prompts(str(tmp_path / "pairs"), "train", 5, seed=0) == ["a red circle", "a blue square"]
+    assert asked and all(columns == ["caption"] for columns in asked), asked
+    os.makedirs(tmp_path / "lines")
+    (tmp_path / "lines" / "train.jsonl").write_text('{"caption": "a", "n": 1}\n{"caption": "b", "n": 2}\n')
+    assert lpo.load_prompts(str(tmp_path / "lines"), "train", 5, seed=0) == ["a", "b"]
+    os.makedirs(tmp_path / "nocap")
+    pd.DataFrame(dict(text=["a red circle"])).to_parquet(tmp_path / "nocap" / "train.parquet")
+    with pytest.raises(SystemExit, match="no `caption` column"):
+        lpo.load_prompts(str(tmp_path / "nocap"), "train", 5, seed=0)
+
+
+def test_lpo_write_failures_are_one_line(tmp_path, fresh_lrm, monkeypatch):
+    """A full disk while writing the log, the LoRA, the checkpoint or the merged U-Net: one line
+    naming the file and the system's reason, no traceback."""
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    common = [*LPO_TINY_RUN, "--lrm", fresh_lrm["sd"], "--th-min", "0", "--th-max", "0", "--max-rounds", "1"]
+    writes = [(lpo, "log_jsonl", "log.jsonl"), (lpo, "write_safetensors", "pytorch_lora_weights.safetensors"),
+              (lpo, "atomic_torch_save", "ckpt.pt"), (UNet2DConditionModel, "save_pretrained", "unet")]
+    for owner, name, file in writes:
+        with monkeypatch.context() as patch:
+            patch.setattr(owner, name, full)
+            message = lpo_error(*common, "--out", str(tmp_path / name), "--save-merged")
+        want = f"cannot write {tmp_path / name / file} (No space left on device)"
+        assert want in message and "--resume" in message, message
+
+
+def test_lpo_refused_resume_changes_nothing_and_checks_the_prompts_text(tmp_path, fresh_lrm, capsys):
+    """A refused --resume leaves the run folder byte for byte as it was (a stray *.tmp included);
+    the checkpoint holds a sha1 of the prompt list, and a resume whose prompt file now says
+    something else is refused; fewer distinct captions than --num_prompts are warned about."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\na red circle\na green triangle\n")
+    out = tmp_path / "run"
+    common = [*LPO_TINY_RUN, "--lrm", fresh_lrm["sd"], "--out", str(out), "--prompts", str(prompts),
+              "--unique-prompts", "--th-min", "0", "--th-max", "0", "--max-rounds", "1"]
+    run_lpo(*common)
+    warning = capsys.readouterr().err
+    assert "--num_prompts 8 but" in warning and "has only 3 distinct captions" in warning, warning
+    assert len(torch.load(out / "ckpt.pt", weights_only=False)["prompts_sha1"]) == 40
+    (out / "stray.tmp").write_bytes(b"left by a kill")
+    before = lpo_folder_digest(out)
+    assert "seed 0 -> 1" in lpo_error(*common, "--resume", "--seed", "1")
+    assert lpo_folder_digest(out) == before
+    prompts.write_text("a red circle\na blue square\na red circle\na yellow star\n")   # same --prompts string
+    assert "other prompts" in lpo_error(*common, "--resume")
+    assert lpo_folder_digest(out) == before
+    prompts.write_text("a red circle\na blue square\na red circle\na green triangle\n")
+    assert run_lpo(*common, "--resume")["step"] >= 1
+    assert not os.path.exists(out / "stray.tmp")   # an accepted resume drops what kills left
+
+
+def test_lpo_grad_accum_weights_each_forward_by_its_pairs(monkeypatch):
+    """An update's gradient is that of the mean loss over its pairs, whatever way its pairs were
+    split into forwards: grad_accum 2 over 3 forwards (the last update: 1 forward) and over 4
+    forwards of 2, 2, 2, 1 pairs equals one big batch of each update's pairs."""
+    weight = torch.nn.Parameter(torch.zeros(3))
+
+    def logprobs(unet, minibatch, cond, schedule, cfg, autocast):
+        zeros = torch.zeros(len(minibatch["t"]))
+        return [minibatch["x_w"] @ weight, minibatch["x_l"] @ weight, zeros, zeros]
+    grads = []
+
+    def record(params, optimizer, loss, world, max_norm=1.0):
+        grads.append(params[0].grad.clone())
+        params[0].grad = None
+        return 0.0
+    monkeypatch.setattr(lpo, "pair_logprobs", logprobs)
+    monkeypatch.setattr(lpo, "encode_for_cfg", lambda pipe, captions, resolution: None)
+    monkeypatch.setattr(lpo, "apply_update", record)
+    cfg = lpo.Config(train_batch_size=2, grad_accum=2, beta=1.0, clip_eps=0.5)
+    generator = torch.Generator().manual_seed(0)
+    for count in (5, 7):
+        mine = dict(x_w=torch.randn(count, 3, generator=generator), x_l=torch.randn(count, 3, generator=generator),
+                    t=torch.zeros(count), prompt_ids=torch.zeros(count, dtype=torch.long))
+        grads.clear()
+        sums = lpo.train_on_pairs(None, None, [weight], None, mine, ["a red circle"], None, cfg, 1, None)
+        assert sums["updates"] == len(grads) == 2 and sums["pairs"] == count
+        for got, rows in zip(grads, (slice(0, 4), slice(4, count))):
+            zeros = torch.zeros(len(mine["t"][rows]))
+            loss, _ = lpo.lpo_loss(mine["x_w"][rows] @ weight, mine["x_l"][rows] @ weight, zeros, zeros, 1.0, 0.5)
+            want, = torch.autograd.grad(loss, weight)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_lpo_preset_of_a_folder_reads_its_unet_and_docs(tmp_path):
+    """A pipeline folder takes the SDXL preset when its U-Net has SDXL's added conditions
+    (addition_embed_type text_time), whatever its name; a hub id that cannot be read offline
+    goes by its name. The docstring's resume command is the torchrun one (the world size is
+    checked); the log's timings and memory are rank 0's."""
+    for name, family in (("plain", "sdxl"), ("xl-lookalike", "sd15")):
+        os.makedirs(tmp_path / name / "unet")
+        shutil.copy(os.path.join(ROOT, "tiny", family, "unet", "config.json"), tmp_path / name / "unet")
+    plain = lpo.get_config(["--model", str(tmp_path / "plain")])
+    assert (plain.th_min, plain.lora_rank, plain.base) == (0.45, 64, str(tmp_path / "plain"))
+    assert lpo.get_config(["--model", str(tmp_path / "xl-lookalike")]).lora_rank == 4
+    assert lpo.get_config(["--model", "someone/sdxl-finetune"]).lora_rank == 64
+    assert lpo.get_config(["--model", "someone/sd-finetune"]).lora_rank == 4
+    assert "torchrun --nproc_per_node=4 lpo.py --model sd15 --resume" in lpo.__doc__
+    assert "sec_* and peak_mem_mb are rank 0's own" in lpo.__doc__
 
 
 # ============================================================================ sample.py and eval.py
