@@ -3,8 +3,8 @@
 Base and tuned images are paired (same prompt, seed, DDIM steps and CFG: sample.py makes them);
 every image is scored by every scorer, then per scorer: the mean of each model, and the win-rate
 of tuned over base (win 1, tie 0.5, averaged over all pairs) with a bootstrap 95% confidence
-interval, as the paper's evaluation (arXiv 2502.01051v3, Sec. 5: DDIM 20 steps, CFG 5.0, Pick-a-Pic
-v1 validation_unique prompts). Writes OUT/eval.json, eval.md (the table), scores.jsonl (every
+interval, as the paper's evaluation (arXiv 2502.01051v3: DDIM 20 steps, CFG 5.0, Pick-a-Pic v1
+validation_unique prompts). Writes OUT/eval.json, eval.md (the table), scores.jsonl (every
 image's scores) and eval_grid.png (base | tuned with the first scorer's values), prints the table.
 
     python eval.py --model tiny --lora runs/lpo-tiny    # CPU, ~1 min: the tiny world's judge + LRM

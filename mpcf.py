@@ -1,4 +1,5 @@
-"""Multi-Preference Consistent Filtering (MPCF): arXiv 2502.01051v3, Sec. 4.3 (MPCF).
+"""Multi-Preference Consistent Filtering (MPCF) of preference pairs (arXiv 2502.01051v3, its MPCF
+section).
 
 Pick-a-Pic winners are often worse than their losers on looks or on text alignment; such
 preferences do not survive noise, and an LRM trained on them learns the noise. MPCF keeps a pair
@@ -169,7 +170,7 @@ def pair_gaps(scores_0, scores_1, label_0, label_1):
 
 
 def mpcf_keep(aes_gap, clip_gap, vqa_gap, is_tie, strategy=2, bounds=None):
-    """MPCF rule (arXiv 2502.01051v3, Sec. 4.3) -> bool (N,). Strict inequalities both ways: a
+    """MPCF rule (arXiv 2502.01051v3, MPCF section) -> bool (N,). Strict inequalities both ways: a
     win-lose pair exactly on a bound is dropped, and so is a tie exactly on one. NaN gaps
     (unscored) never pass."""
     a, c, v, ta, tc, tv = STRATEGIES[strategy] if bounds is None else bounds

@@ -2,7 +2,7 @@
 U-Net), for eval.py and for looking at.
 
 Image i (a global index) gets prompts[i // seeds_per_prompt] and seed + i; base and tuned share
-them and the sampler (DDIM, 20 steps, CFG 5.0, as the evaluation of arXiv 2502.01051v3, Sec. 5),
+them and the sampler (DDIM, 20 steps, CFG 5.0, as the evaluation of arXiv 2502.01051v3),
 so image i of one is the pair of image i of the other.
 
     python sample.py --model tiny --lora runs/lpo-tiny        # CPU, ~1 min: 15 captions x 10 seeds

@@ -33,6 +33,156 @@ from tiny.world import (CAPTIONS, COLORS, SHAPES, draw, from_jpeg, human_labels,
                         judge_scores, to_jpeg)
 
 
+# ============================================================================ fixtures
+# (shared by the stage sections below; module-scoped ones are built once per run)
+@pytest.fixture(scope="module")
+def world_pairs(tmp_path_factory):
+    """The first 160 tiny-world train rows with one unreadable image (row 3) and one unlabelled row (5)."""
+    from datasets import load_dataset
+    ds = load_dataset("tiny/pickapic", split="train")
+    ds = ds.select(range(min(160, len(ds)))).to_pandas()
+    ds.loc[3, "jpg_1"] = b"\xff\xd8 broken"
+    ds.loc[5, ["has_label", "label_0", "label_1"]] = [False, 0.0, 0.0]
+    path = str(tmp_path_factory.mktemp("w") / "train.parquet")
+    ds.to_parquet(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_real_scorers(tmp_path_factory):
+    """Random tiny CLIP-L stand-in (projection 768), CLIP, BLIP-2-T5 and InstructBLIP-T5, saved
+    to folders and read back by the same from_pretrained calls as the real checkpoints."""
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor,
+                              CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer,
+                              CLIPVisionConfig, CLIPVisionModelWithProjection, InstructBlipConfig,
+                              InstructBlipForConditionalGeneration, InstructBlipProcessor, T5Config)
+    d = tmp_path_factory.mktemp("scorers")
+    tok = lambda: CLIPTokenizer.from_pretrained("tiny/sd15/tokenizer")  # noqa: E731
+    t = tok()
+    torch.manual_seed(0)
+    vis = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+               patch_size=8)
+    improc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**vis, projection_dim=768)).save_pretrained(d / "aes")
+    improc.save_pretrained(d / "aes")
+    os.makedirs(d / "head")
+    torch.save(LaionMLP().state_dict(), d / "head" / "sac+logos+ava1-l14-linearMSE.pth")
+    txt = dict(vocab_size=len(t), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=16, bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id,
+               pad_token_id=t.pad_token_id)
+    CLIPModel(CLIPConfig(text_config=txt, vision_config=vis, projection_dim=16)).save_pretrained(d / "clip")
+    CLIPProcessor(image_processor=improc, tokenizer=t).save_pretrained(d / "clip")
+    bimg = BlipImageProcessor(size={"height": 32, "width": 32})
+    for name in ("blip2", "instructblip"):
+        proc = Blip2Processor(image_processor=bimg, tokenizer=tok(), num_query_tokens=4) if name == "blip2" else \
+            InstructBlipProcessor(image_processor=bimg, tokenizer=tok(), qformer_tokenizer=tok(), num_query_tokens=4)
+        v = len(proc.tokenizer)  # + the <image> token the processor added
+        t5 = T5Config(vocab_size=v, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1).to_dict()
+        qf = dict(vocab_size=v, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                  encoder_hidden_size=32)
+        kw = dict(vision_config=vis, qformer_config=qf, text_config=t5, num_query_tokens=4,
+                  image_token_index=proc.tokenizer.convert_tokens_to_ids("<image>"))
+        model = Blip2ForConditionalGeneration(Blip2Config(**kw)) if name == "blip2" else \
+            InstructBlipForConditionalGeneration(InstructBlipConfig(**kw))
+        model.save_pretrained(d / name)
+        proc.save_pretrained(d / name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def fresh_lrm(tmp_path_factory):
+    """An untrained LRM on each tiny base: enough for the code paths (not for learning)."""
+    from lrm_model import LatentRewardModel
+    out = {}
+    for name, base in (("sd", "tiny/sd15"), ("xl", "tiny/sdxl")):
+        torch.manual_seed(0)
+        out[name] = str(tmp_path_factory.mktemp(f"lrm-{name}"))
+        LatentRewardModel.from_base(base).save_pretrained(out[name])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("eval")
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp):
+    """A LoRA as lpo.py makes and saves one (peft adapter, lpo.save_lora), with non-zero B."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from lpo import save_lora
+    pipe = StableDiffusionPipeline.from_pretrained("tiny/sd15")
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for n, p in pipe.unet.named_parameters():
+            if "lora_B" in n:   # peft starts B at zero: an untrained LoRA changes nothing
+                p.normal_(0, 0.3)
+    out = str(tmp / "lora")
+    os.makedirs(out)
+    save_lora(pipe, pipe.unet, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lrm_dir(tmp):
+    from lrm_model import LatentRewardModel
+    torch.manual_seed(0)
+    out = str(tmp / "lrm")
+    LatentRewardModel.from_base("tiny").save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp):
+    """A random CLIP (+ processor, + aesthetic MLP .pth) built from config and saved to disk, so the
+    scorers go through the same from_pretrained / torch.load code as PickScore, CLIP-H and LAION's."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    tok = AutoTokenizer.from_pretrained("tiny/sd15/tokenizer")
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = CLIPConfig(text_config=dict(small, vocab_size=len(tok), max_position_embeddings=16,
+                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                         pad_token_id=tok.pad_token_id),
+                        vision_config=dict(small, image_size=32, patch_size=8), projection_dim=16,
+                        logit_scale_init_value=3.0)
+    torch.manual_seed(0)
+    path = str(tmp / "clip")
+    CLIPModel(config).save_pretrained(path)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tok).save_pretrained(path)
+    dims = [16, 1024, 128, 64, 16, 1]   # LAION's MLP shape on a 16-d embedding
+    sd = {}
+    for i, k in enumerate((0, 2, 4, 6, 7)):
+        sd[f"layers.{k}.weight"] = torch.randn(dims[i + 1], dims[i]) / dims[i] ** 0.5
+        sd[f"layers.{k}.bias"] = torch.randn(dims[i + 1]) * 0.1
+    torch.save(sd, str(tmp / "aesthetic.pth"))
+    return path, str(tmp / "aesthetic.pth")
+
+
+@pytest.fixture(scope="module")
+def round_trip(tmp, lora_dir, lrm_dir, tiny_clip):
+    """eval.py in its main mode: sample base and base + LoRA (sample.py), score, report."""
+    out = str(tmp / "rt")
+    ev.main(ev.get_config(["--lora", lora_dir, *eval_argv(out, lrm_dir, tiny_clip)]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Both tiny worlds with what the phases need (K = 2 children), and a batch of 2 prompts."""
+    # sample / train batch 0: lpo.py's own per-GPU batches
+    argv = ["--tiny", "--num_children", "2", "--sample_batch_size", "0", "--train_batch_size", "0"]
+    cfg = bench.get_config(argv)
+    out = {}
+    for name in ("tiny", "tiny-xl"):
+        torch.manual_seed(0)
+        stage = bench.load_lpo_stage(name, cfg, CPU)
+        out[name] = (stage, bench.make_batch(stage, 2, seed=1), bench.PixelReward(stage, cfg))
+    return out
+
+
 # ============================================================================ tiny world
 def test_tiny_world_loads_through_hub_code_paths():
     from datasets import load_dataset
@@ -126,8 +276,6 @@ def test_make_world_script_runs_and_is_deterministic(tmp_path):
 
 # ============================================================================ lrm.py: the Latent Reward Model
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
-
-
 
 
 def _run_args(out, *extra):
@@ -445,7 +593,7 @@ def test_noise_awareness_in_the_tiny_world(tmp_path):
     assert acc[501] > 0.58 and acc[951] < acc[1]             # still above chance at mid noise, fading by t=951
 
 
-# ----------------------------------------------------------------------------- lrm.py: trust (resume, bad input, logged numbers)
+# ----------------------------------------------------------------------------- lrm.py: resume, bad input, logged numbers
 LRM_TINY_RUN = ("--max_train_steps", 4, "--train_batch_size", 4, "--save_every", 2, "--eval_every", 2,
                 "--eval_max_pairs", 4, "--eval_timesteps", "1,951", "--warmup", 2)
 
@@ -913,7 +1061,7 @@ BAD_INPUTS += [
 ]
 
 
-# ----------------------------------------------------------------------------- lrm.py: review fixes
+# ----------------------------------------------------------------------------- lrm.py: half-published folders, mmap resume, micro-batch over ranks, paths, logged acc
 def test_half_published_lrm_folder_is_refused_not_read_as_the_official_layout(tmp_path):
     """A publish killed before lrm_config.json leaves unet/, text_encoder/, tokenizer/ and
     state_dict.pt: not the release's layout (it has no tokenizers), so refused, base= or not."""
@@ -1149,19 +1297,6 @@ def judge_gaps(ds):
     return np.array(out)
 
 
-@pytest.fixture(scope="module")
-def world_pairs(tmp_path_factory):
-    """The first 160 tiny-world train rows with one unreadable image (row 3) and one unlabelled row (5)."""
-    from datasets import load_dataset
-    ds = load_dataset("tiny/pickapic", split="train")
-    ds = ds.select(range(min(160, len(ds)))).to_pandas()
-    ds.loc[3, "jpg_1"] = b"\xff\xd8 broken"
-    ds.loc[5, ["has_label", "label_0", "label_1"]] = [False, 0.0, 0.0]
-    path = str(tmp_path_factory.mktemp("w") / "train.parquet")
-    ds.to_parquet(path)
-    return path
-
-
 def test_score_filter_round_trip_and_resume(world_pairs, tmp_path, monkeypatch):
     from datasets import load_dataset
     base = ["--model", "tiny", "--data", world_pairs, "--batch-size", "8"]
@@ -1239,48 +1374,6 @@ class LaionMLP(torch.nn.Module):
 
     def forward(self, x):
         return self.layers(x)
-
-
-@pytest.fixture(scope="module")
-def tiny_real_scorers(tmp_path_factory):
-    """Random tiny CLIP-L stand-in (projection 768), CLIP, BLIP-2-T5 and InstructBLIP-T5, saved
-    to folders and read back by the same from_pretrained calls as the real checkpoints."""
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor,
-                              CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer,
-                              CLIPVisionConfig, CLIPVisionModelWithProjection, InstructBlipConfig,
-                              InstructBlipForConditionalGeneration, InstructBlipProcessor, T5Config)
-    d = tmp_path_factory.mktemp("scorers")
-    tok = lambda: CLIPTokenizer.from_pretrained("tiny/sd15/tokenizer")  # noqa: E731
-    t = tok()
-    torch.manual_seed(0)
-    vis = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-               patch_size=8)
-    improc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPVisionModelWithProjection(CLIPVisionConfig(**vis, projection_dim=768)).save_pretrained(d / "aes")
-    improc.save_pretrained(d / "aes")
-    os.makedirs(d / "head")
-    torch.save(LaionMLP().state_dict(), d / "head" / "sac+logos+ava1-l14-linearMSE.pth")
-    txt = dict(vocab_size=len(t), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               max_position_embeddings=16, bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id,
-               pad_token_id=t.pad_token_id)
-    CLIPModel(CLIPConfig(text_config=txt, vision_config=vis, projection_dim=16)).save_pretrained(d / "clip")
-    CLIPProcessor(image_processor=improc, tokenizer=t).save_pretrained(d / "clip")
-    bimg = BlipImageProcessor(size={"height": 32, "width": 32})
-    for name in ("blip2", "instructblip"):
-        proc = Blip2Processor(image_processor=bimg, tokenizer=tok(), num_query_tokens=4) if name == "blip2" else \
-            InstructBlipProcessor(image_processor=bimg, tokenizer=tok(), qformer_tokenizer=tok(), num_query_tokens=4)
-        v = len(proc.tokenizer)  # + the <image> token the processor added
-        t5 = T5Config(vocab_size=v, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
-                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1).to_dict()
-        qf = dict(vocab_size=v, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                  encoder_hidden_size=32)
-        kw = dict(vision_config=vis, qformer_config=qf, text_config=t5, num_query_tokens=4,
-                  image_token_index=proc.tokenizer.convert_tokens_to_ids("<image>"))
-        model = Blip2ForConditionalGeneration(Blip2Config(**kw)) if name == "blip2" else \
-            InstructBlipForConditionalGeneration(InstructBlipConfig(**kw))
-        model.save_pretrained(d / name)
-        proc.save_pretrained(d / name)
-    return d
 
 
 def oracle_pixels(images, mean, std):
@@ -1413,8 +1506,7 @@ def test_lrm_on_mpcf_pairs_agrees_with_the_judge_at_least_as_often(tmp_path):
     assert acc["mpcf"] >= acc["unfiltered"] - 0.03
 
 
-
-# ----------------------------------------------------------------------------- mpcf.py: trust (issue 11), style (issue 12)
+# ----------------------------------------------------------------------------- mpcf.py: logged numbers, refusals, kill and resume
 def test_every_number_mpcf_prints_and_logs_matches_a_hand_count(tmp_path, capsys):
     """The filter's printed line and log row, on the hand-made table: every number by hand."""
     import re
@@ -1539,19 +1631,7 @@ def schedule(steps, spacing="leading"):
     return s
 
 
-@pytest.fixture(scope="module")
-def fresh_lrm(tmp_path_factory):
-    """An untrained LRM on each tiny base: enough for the code paths (not for learning)."""
-    from lrm_model import LatentRewardModel
-    out = {}
-    for name, base in (("sd", "tiny/sd15"), ("xl", "tiny/sdxl")):
-        torch.manual_seed(0)
-        out[name] = str(tmp_path_factory.mktemp(f"lrm-{name}"))
-        LatentRewardModel.from_base(base).save_pretrained(out[name])
-    return out
-
-
-# ---- lpo.py: math
+# ----------------------------------------------------------------------------- lpo.py: math
 @pytest.mark.parametrize("steps,spacing", [(20, "leading"), (10, "leading"), (50, "trailing")])
 def test_ddim_step_matches_diffusers(steps, spacing):
     """ddim_step's Gaussian + the same noise == DDIMScheduler.step(eta=1) at every step."""
@@ -1637,7 +1717,7 @@ def test_apply_update_clips_for_real_and_stops_on_nan():
     assert torch.equal(p.detach(), before) and not issubclass(lpo.NonFiniteUpdate, SystemExit)
 
 
-# ---- lpo.py: models and data
+# ----------------------------------------------------------------------------- lpo.py: models and data
 def test_sdxl_encoding_uses_zero_uncond_and_real_time_ids():
     cfg = lpo.get_config(["--model", "tiny-xl"])
     cfg.resolution, latent = lpo.base_geometry(cfg)
@@ -1677,7 +1757,7 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, fresh_lrm):
     assert "latent space" in err("--lrm", str(other))
 
 
-# ---- lpo.py: the loop
+# ----------------------------------------------------------------------------- lpo.py: the loop
 SMALL = ["--max-rounds", "1", "--sample-batch-size", "4", "--num-prompts", "8", "--train-batch-size", "32", "--eval-samples", "0"]
 
 
@@ -1791,7 +1871,7 @@ def test_two_processes_end_with_identical_lora(tmp_path, fresh_lrm):
     assert rows[0]["tuples"] == 0 and rows[-1]["final"]["step"] == 0
 
 
-# ---- lpo.py: it learns (tiny world)
+# ----------------------------------------------------------------------------- lpo.py: it learns (tiny world)
 def test_lpo_raises_judge_win_rate_and_negated_reward_does_not(tmp_path):
     """The README's main command, shortened to 5 rounds: LPO with the shipped tiny LRM beats the base on
     held-out seeds; the same run with the LRM's scores negated does not (the signal flows through the LRM).
@@ -1815,7 +1895,7 @@ def test_lpo_raises_judge_win_rate_and_negated_reward_does_not(tmp_path):
     assert all(0 < x["kept_frac"] < 1 for x in rows) and rows[-1]["step"] > 0
 
 
-# ---- lpo.py: trust (issue 11), full-scale paths (issue 13), readability (issue 12)
+# ----------------------------------------------------------------------------- lpo.py: resume, refusals, logged numbers, prompt files, merge
 LPO_TINY_RUN = ["--model", "tiny", "--sample-batch-size", "4", "--num-prompts", "8", "--train-batch-size", "8",
             "--num-inference-steps", "4", "--eval-samples", "0"]
 
@@ -2210,7 +2290,7 @@ BAD_INPUTS += [
 ]
 
 
-# ---- lpo.py: review fixes (streamed captions, write failures, refused resumes, accumulation, presets)
+# ----------------------------------------------------------------------------- lpo.py: caption-only reads, write failures, refused resumes, accumulation, presets
 def test_lpo_datasets_stream_only_their_caption_column(tmp_path, monkeypatch):
     """A hub or folder dataset is opened with columns=["caption"]: the parquet builder (Pick-a-Pic
     v1's, ~190 GB with its images) reads that column alone; a builder without `columns` (json)
@@ -2333,63 +2413,6 @@ N_PROMPTS, SEEDS = 3, 2   # 6 paired images: enough to exercise every path, chea
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tmp(tmp_path_factory):
-    return tmp_path_factory.mktemp("eval")
-
-
-@pytest.fixture(scope="module")
-def lora_dir(tmp):
-    """A LoRA as lpo.py makes and saves one (peft adapter, lpo.save_lora), with non-zero B."""
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-    from lpo import save_lora
-    pipe = StableDiffusionPipeline.from_pretrained("tiny/sd15")
-    torch.manual_seed(0)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    with torch.no_grad():
-        for n, p in pipe.unet.named_parameters():
-            if "lora_B" in n:   # peft starts B at zero: an untrained LoRA changes nothing
-                p.normal_(0, 0.3)
-    out = str(tmp / "lora")
-    os.makedirs(out)
-    save_lora(pipe, pipe.unet, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def lrm_dir(tmp):
-    from lrm_model import LatentRewardModel
-    torch.manual_seed(0)
-    out = str(tmp / "lrm")
-    LatentRewardModel.from_base("tiny").save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp):
-    """A random CLIP (+ processor, + aesthetic MLP .pth) built from config and saved to disk, so the
-    scorers go through the same from_pretrained / torch.load code as PickScore, CLIP-H and LAION's."""
-    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-    tok = AutoTokenizer.from_pretrained("tiny/sd15/tokenizer")
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    config = CLIPConfig(text_config=dict(small, vocab_size=len(tok), max_position_embeddings=16,
-                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                         pad_token_id=tok.pad_token_id),
-                        vision_config=dict(small, image_size=32, patch_size=8), projection_dim=16,
-                        logit_scale_init_value=3.0)
-    torch.manual_seed(0)
-    path = str(tmp / "clip")
-    CLIPModel(config).save_pretrained(path)
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tokenizer=tok).save_pretrained(path)
-    dims = [16, 1024, 128, 64, 16, 1]   # LAION's MLP shape on a 16-d embedding
-    sd = {}
-    for i, k in enumerate((0, 2, 4, 6, 7)):
-        sd[f"layers.{k}.weight"] = torch.randn(dims[i + 1], dims[i]) / dims[i] ** 0.5
-        sd[f"layers.{k}.bias"] = torch.randn(dims[i + 1]) * 0.1
-    torch.save(sd, str(tmp / "aesthetic.pth"))
-    return path, str(tmp / "aesthetic.pth")
 
 
 def eval_argv(out, lrm_dir, tiny_clip, *extra):
@@ -2397,14 +2420,6 @@ def eval_argv(out, lrm_dir, tiny_clip, *extra):
     return ["--model", "tiny", "--num-prompts", str(N_PROMPTS), "--seeds-per-prompt", str(SEEDS), "--out", out,
             "--lrm", lrm_dir, "--scorers", "judge,lrm,pickscore,clip,aesthetic", "--pickscore", clip,
             "--pickscore-processor", clip, "--clip", clip, "--aesthetic-clip", clip, "--aesthetic-mlp", mlp, *extra]
-
-
-@pytest.fixture(scope="module")
-def round_trip(tmp, lora_dir, lrm_dir, tiny_clip):
-    """eval.py in its main mode: sample base and base + LoRA (sample.py), score, report."""
-    out = str(tmp / "rt")
-    ev.main(ev.get_config(["--lora", lora_dir, *eval_argv(out, lrm_dir, tiny_clip)]))
-    return out
 
 
 def pixels(path):
@@ -2460,7 +2475,6 @@ def test_prompt_sources_give_unique_prompts_in_order(tmp):
     from datasets import load_dataset
     caps = load_dataset("tiny/pickapic", split="test_unique")["caption"]
     assert sample.load_prompts("tiny/pickapic", "test_unique", 3) == list(dict.fromkeys(caps))[:3]
-
 
 
 def test_lpo_prompts_are_distinct_captions_except_in_the_tiny_preset(tmp):
@@ -2658,8 +2672,7 @@ def test_resume_generates_only_missing_images(round_trip, tmp):
         sample.main(sample.get_config(argv + ["--resume", "--guidance_scale", "7.5"]))
 
 
-
-# ----------------------------------------------------------------------------- sample.py / eval.py: trust (issue 11), memory (issue 13)
+# ----------------------------------------------------------------------------- sample.py / eval.py: refusals, kill and resume, VAE memory
 def test_eval_refuses_a_folder_that_is_not_a_lora_before_sampling(tmp):
     """It used to sample all the base images first, then die in a traceback."""
     from safetensors.torch import save_file
@@ -2779,20 +2792,6 @@ BAD_INPUTS += [
 
 # ============================================================================ bench.py: speed and memory (tiny mode)
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """Both tiny worlds with what the phases need (K = 2 children), and a batch of 2 prompts."""
-    # sample / train batch 0: lpo.py's own per-GPU batches
-    argv = ["--tiny", "--num_children", "2", "--sample_batch_size", "0", "--train_batch_size", "0"]
-    cfg = bench.get_config(argv)
-    out = {}
-    for name in ("tiny", "tiny-xl"):
-        torch.manual_seed(0)
-        stage = bench.load_lpo_stage(name, cfg, CPU)
-        out[name] = (stage, bench.make_batch(stage, 2, seed=1), bench.PixelReward(stage, cfg))
-    return out
 
 
 def test_full_size_networks_are_the_published_architectures():

@@ -112,7 +112,9 @@ def run_lpo(run, pipe):
     captions = [captions[i % len(captions)] for i in range(EVAL_SAMPLES)]
     images_base = None
     for round_number in range(len(wins) + 1, ROUNDS + 1):
-        argv = ["--model", "tiny", "--out", run, "--max_rounds", str(round_number)]
+        # --eval_samples 0: the judging is done here, the base images drawn only once
+        argv = ["--model", "tiny", "--out", run, "--max_rounds", str(round_number),
+                "--eval_samples", "0"]
         if os.path.isdir(run) and os.listdir(run):
             argv.append("--resume")
         lpo.main(lpo.get_config(argv))
@@ -140,22 +142,27 @@ def framed(ax, image, matched):
 
 
 def plot_grid(pipe, run, path):
-    """Base and tuned sample of each caption, same seeds, DDIM 20 eta 0 CFG 5."""
+    """Base and tuned sample of each caption, same seeds, DDIM 20 eta 0 CFG 5. Returns the
+    judge's figures: caption matches of each row, and tuned wins (higher human score)."""
     rows = {"base": generate(pipe, CAPTIONS, eta=0.0)}
     rows["LPO"] = tuned_images(pipe, run, CAPTIONS, eta=0.0)
-    fig, axes = plt.subplots(2, len(CAPTIONS), figsize=(12, 2.3))
+    scores = {name: judge_scores(images, CAPTIONS) for name, images in rows.items()}
+    wins = int((scores["LPO"]["human"] > scores["base"]["human"]).sum())
+    labels = {name: f"{name}\nmatch {int(scores[name]['match'].sum())}/15" for name in rows}
+    # wins: the judge's human score (caption first, looks second) of tuned above base
+    labels["LPO"] += f"\nwins {wins}/15"
+    fig, axes = plt.subplots(2, len(CAPTIONS), figsize=(12, 2.4))
     for row, (name, images) in enumerate(rows.items()):
-        match = judge_scores(images, CAPTIONS)["match"]  # (15,) 1.0 where the judge agrees
+        match = scores[name]["match"]  # (15,) 1.0 where the judge reads the caption
         for column in range(len(CAPTIONS)):
             framed(axes[row, column], images[column], match[column])
-        label = f"{name}\nmatch {int(match.sum())}/{len(CAPTIONS)}"
-        axes[row, 0].set_ylabel(label, fontsize=8)
+        axes[row, 0].set_ylabel(labels[name], fontsize=8)
     for column, caption in enumerate(CAPTIONS):
         axes[0, column].set_title(caption[2:].replace(" ", "\n"), fontsize=7)
-    fig.subplots_adjust(left=0.06, right=0.995, top=0.8, bottom=0.02, wspace=0.1, hspace=0.08)
+    fig.subplots_adjust(left=0.065, right=0.995, top=0.8, bottom=0.02, wspace=0.1, hspace=0.08)
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return {name: judge_scores(images, CAPTIONS)["match"].mean() for name, images in rows.items()}
+    return labels
 
 
 def lrm_accuracies():
@@ -200,8 +207,9 @@ def plot_training(run, wins, path):
     left.plot(rounds, [row["kept_frac"] for row in rows], "o-", label="kept fraction")
     left.plot(rounds, [row["acc"] for row in rows], "s-", label="implicit accuracy")
     left.set_xlabel("round")
+    left.set_xticks(rounds)
     left.set_ylim(0, 1)
-    left.set_title("training pairs (log.jsonl)", fontsize=10)
+    left.set_title("LPO rounds (log.jsonl)", fontsize=10)
     left.legend(fontsize=8)
     # round 0 is the base itself: a win-rate of 0.5 by definition
     rate = np.array([0.5] + [win["win_rate"] for win in wins])
@@ -210,7 +218,8 @@ def plot_training(run, wins, path):
     interval = np.stack([rate - low, high - rate])  # (2, rounds + 1)
     right.errorbar(range(len(rate)), rate, yerr=interval, fmt="o-", capsize=3, color="tab:green")
     right.axhline(0.5, color="black", lw=0.8, ls=":")
-    right.set_xlabel("round")
+    right.set_xlabel("round (0: the base)")
+    right.set_xticks(range(len(rate)))
     right.set_ylabel("judge win-rate, tuned vs base")
     title = f"judge win-rate with 95% interval ({wins[0]['n']} seeds)"
     right.set_title(title, fontsize=10)
@@ -227,9 +236,10 @@ def main(args):
     plot_training(args.lpo_run, wins, os.path.join(args.out, "tiny_lpo_training.png"))
     match = plot_grid(pipe, args.lpo_run, os.path.join(args.out, "tiny_base_vs_tuned.png"))
     accuracies = plot_lrm_accuracy(os.path.join(args.out, "tiny_lrm_accuracy_vs_t.png"))
-    print(f"figures.py: caption match (15 captions, eta 0): {match}")
+    print(f"figures.py: grid (15 captions, eta 0): {match}")
     for name, accuracy in accuracies.items():
-        print(f"figures.py: {name}: {json.dumps(accuracy)}")
+        shown = " ".join(f"t={t}: {value:.3f}" for t, value in accuracy["decisive"].items())
+        print(f"figures.py: {name}, decisive pairs: {shown}")
     for win in wins:
         print(f"figures.py: round {win['round']}: {win}")
     print(f"figures.py: PNGs in {args.out}")
