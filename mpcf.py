@@ -116,9 +116,12 @@ def get_config(argv=None):
     cfg = Config(**args)
     cfg.step = step_name or cfg.step
     cfg.out = cfg.out or f"runs/mpcf-{model}"
-    cfg.gaps = cfg.gaps or os.path.join(cfg.out, "gaps.csv")
     if cfg.step not in STEPS:
         fail(f"--step {cfg.step}: expected one of {', '.join(STEPS)}")
+    # a given --gaps file is only read: scoring writes OUT/gaps.csv and must never overwrite it
+    if cfg.gaps and cfg.step != "filter":
+        fail(f"--gaps {cfg.gaps} is an input of the filter step: run `mpcf.py filter --gaps FILE`")
+    cfg.gaps = cfg.gaps or os.path.join(cfg.out, "gaps.csv")
     rule_bounds(cfg)
     if cfg.scorers not in ("tiny", "real"):
         fail(f"--scorers {cfg.scorers}: expected tiny or real")
@@ -236,7 +239,9 @@ def vqa_score(vlm, processor, question, images, captions):
     """VQAScore: P("Yes") of the first answer token, softmax over the whole vocabulary. -> (N,)"""
     tokenizer = processor.tokenizer
     # BLIP-2's VQA prompt format
-    prompts = ["Question: " + question.format(caption=c) + " Answer:" for c in captions]
+    # capped: InstructBLIP's Q-Former reads at most 512 BERT tokens, and a batch that fails
+    # would fail again on every --resume
+    prompts = [f"Question: {question.format(caption=c[:1000])} Answer:" for c in captions]
     # decoder-only LMs continue after the last position: pad left. T5-style encoders: pad right,
     # as left pads (which land after the image tokens) would shift the text's relative positions
     text_config = getattr(vlm.config, "text_config", vlm.config)
@@ -261,13 +266,18 @@ def load_scorers(cfg, device):
     except (OSError, ValueError) as error:
         fail(f"--aesthetic_mlp {cfg.aesthetic_mlp}: {first_line(error)}")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    aesthetic_processor = AutoProcessor.from_pretrained(cfg.aesthetic_clip)
-    clip_processor = AutoProcessor.from_pretrained(cfg.clip_model)
-    vqa_processor = AutoProcessor.from_pretrained(cfg.vqa_model)
-    vision = CLIPVisionModelWithProjection.from_pretrained(cfg.aesthetic_clip, dtype=dtype)
+    try:
+        aesthetic_processor = AutoProcessor.from_pretrained(cfg.aesthetic_clip)
+        clip_processor = AutoProcessor.from_pretrained(cfg.clip_model)
+        vqa_processor = AutoProcessor.from_pretrained(cfg.vqa_model)
+        vision = CLIPVisionModelWithProjection.from_pretrained(cfg.aesthetic_clip, dtype=dtype)
+        clip = CLIPModel.from_pretrained(cfg.clip_model, dtype=dtype)
+        vlm = AutoModelForImageTextToText.from_pretrained(cfg.vqa_model, dtype=dtype)
+    except (OSError, ValueError) as error:
+        fail(f"cannot load a scorer ({first_line(error)}): check --aesthetic_clip, "
+             "--clip_model and --vqa_model")
     vision = vision.to(device).eval()
-    clip = CLIPModel.from_pretrained(cfg.clip_model, dtype=dtype).to(device).eval()
-    vlm = AutoModelForImageTextToText.from_pretrained(cfg.vqa_model, dtype=dtype)
+    clip = clip.to(device).eval()
     vlm = vlm.to(device).eval()
 
     @torch.no_grad()
@@ -626,6 +636,8 @@ def read_gaps(path, num_rows):
     if "index" in table.columns:
         table = table.sort_values("index")
         index = table["index"].to_numpy()
+        if len(index) == 0:
+            fail(f"--gaps {path} has no rows")
         if not np.array_equal(index, np.arange(num_rows)):
             fail(f"--gaps {path}: its index column holds {len(index)} values in "
                  f"[{index.min()}, {index.max()}] but the split has rows 0..{num_rows - 1}: "

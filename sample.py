@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, fields
 import huggingface_hub
 import torch
 import torch.distributed as dist
+from datasets.exceptions import DatasetGenerationError
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
@@ -236,7 +237,7 @@ def load_prompts(source, split="validation_unique", limit=0):
             prompts = json_prompts(source)
         else:
             prompts = table_prompts(source, split)
-    except (OSError, KeyError, ValueError) as error:  # incl. an unknown split, a broken file
+    except (OSError, KeyError, ValueError, DatasetGenerationError) as error:  # a broken file too
         message = str(error).strip().splitlines() or [""]
         raise ValueError(f"--prompts {source} (split {split}): cannot read prompts from it "
                          f"({type(error).__name__}: {message[0][:200]})") from None

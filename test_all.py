@@ -1596,9 +1596,10 @@ def _mpcf_bad_files(folder):
     gaps = pd.DataFrame({c: [0.5] * 10 for c in mpcf.GAP_COLS})
     gaps.assign(index=np.arange(10) * 7).to_csv(os.path.join(folder, "index_out_of_range.csv"), index=False)
     gaps.assign(clip_gap="high").to_csv(os.path.join(folder, "text_gaps.csv"), index=False)
+    gaps.assign(index=0).head(0).to_csv(os.path.join(folder, "empty_gaps.csv"), index=False)
 
 
-_MPCF_BAD = _made_once("mpcf-bad-inputs-v1", _mpcf_bad_files)
+_MPCF_BAD = _made_once("mpcf-bad-inputs-v2", _mpcf_bad_files)
 BAD_INPUTS = globals().get("BAD_INPUTS", [])
 BAD_INPUTS += [
     ("mpcf", ["--out", "{run}"], "--resume"),
@@ -1616,6 +1617,10 @@ BAD_INPUTS += [
     ("mpcf", ["filter", "--data", f"{_MPCF_BAD}/pairs.parquet", "--out", "{tmp}",
               "--gaps", f"{_MPCF_BAD}/text_gaps.csv"], "numbers"),
     ("mpcf", ["filter", "--gaps", "{tmp}/missing.csv", "--out", "{tmp}"], "gaps"),
+    ("mpcf", ["filter", "--data", f"{_MPCF_BAD}/pairs.parquet", "--out", "{tmp}",
+              "--gaps", f"{_MPCF_BAD}/empty_gaps.csv"], "no rows"),
+    # scoring writes OUT/gaps.csv: a given --gaps file (hours of scoring) is never overwritten
+    ("mpcf", ["--gaps", f"{_MPCF_BAD}/text_gaps.csv", "--out", "{tmp}"], "filter"),
 ]
 
 
@@ -2758,9 +2763,11 @@ def _sample_bad_files(folder):
     for name in ("model_index.json", "unet/config.json"):
         shutil.copy(os.path.join(ROOT, "tiny", "sd15", name), os.path.join(folder, "no_vae", name))
     os.makedirs(os.path.join(folder, "not_samples"))
+    with open(os.path.join(folder, "bad.tsv"), "w") as f:
+        f.write("caption\tseed\na red circle\t1\na blue square\t2\textra\n")
 
 
-_SAMPLE_BAD = _made_once("sample-bad-inputs-v1", _sample_bad_files)
+_SAMPLE_BAD = _made_once("sample-bad-inputs-v2", _sample_bad_files)
 _TINY_LORA = ["--model", "tiny", "--lora", f"{_SAMPLE_BAD}/lora"]
 BAD_INPUTS = globals().get("BAD_INPUTS", [])
 BAD_INPUTS += [
@@ -2775,6 +2782,7 @@ BAD_INPUTS += [
     ("sample", ["--model", "tiny", "--out", "/dev/null/out"], "cannot write"),
     ("sample", ["--model", "tiny", "--lora", "x", "--unet", "y"], "--unet"),
     ("sample", ["--model", "tiny", "--dtype", "fp8"], "dtype"),
+    ("sample", ["--model", "tiny", "--prompts", f"{_SAMPLE_BAD}/bad.tsv", "--out", "{tmp}"], "cannot read"),
     ("eval", [*_TINY_LORA, "--out", "{run}"], "--resume"),
     ("eval", ["--model", "tiny", "--lora", f"{_SAMPLE_BAD}/not_a_lora", "--out", "{tmp}"], "lora"),
     ("eval", [*_TINY_LORA, "--resolution", "33", "--out", "{tmp}"], "resolution"),
