@@ -454,6 +454,12 @@ def load_scorers(cfg, device, dtype, rank):
             message = (str(error).strip().splitlines() or [""])[0][:150]
             if rank == 0:
                 print(f"{PROG}: skipping {name}: {type(error).__name__}: {message}", flush=True)
+    if dist.is_initialized():
+        # an optional scorer that loaded on some ranks only is dropped on all: equal rows
+        loaded = [None] * dist.get_world_size()
+        dist.all_gather_object(loaded, sorted(scorers))
+        common = set.intersection(*(set(names) for names in loaded))
+        scorers = {name: scorer for name, scorer in scorers.items() if name in common}
     return scorers
 
 
@@ -496,7 +502,14 @@ def read_folder(folder):
         return rows, json.load(file)
 
 
-PAIRED_SETTINGS = ("scheduler", "num_inference_steps", "guidance_scale", "eta", "resolution")
+PAIRED_SETTINGS = ("scheduler", "num_inference_steps", "guidance_scale", "eta", "resolution", "vae")
+# sample.py's sampling.json before the CLI rename called two of them steps and guidance
+LEGACY_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
+
+
+def sampling_setting(settings, key):
+    """A sampling.json value, under its current or its former name."""
+    return settings.get(key, settings.get(LEGACY_NAMES.get(key, key)))
 
 
 def check_paired(base_dir, tuned_dir):
@@ -517,9 +530,13 @@ def check_paired(base_dir, tuned_dir):
             fail(f"mismatched image sets: {base_dir} has {key_base} where {tuned_dir} has "
                  f"{key_tuned}")
     for key in PAIRED_SETTINGS:
-        if settings_base.get(key) != settings_tuned.get(key):
-            fail(f"base and tuned were sampled differently: {key} = {settings_base.get(key)} vs "
-                 f"{settings_tuned.get(key)}")
+        value_base = sampling_setting(settings_base, key)
+        value_tuned = sampling_setting(settings_tuned, key)
+        if value_base != value_tuned:
+            fail(f"base and tuned were sampled differently: {key} = {value_base} vs {value_tuned}")
+    if sampling_setting(settings_tuned, "guidance_scale") is None:
+        print(f"{PROG}: note: {tuned_dir} records no sampler settings (sampling.json): that base "
+              "and tuned share steps and CFG is not checked", flush=True)
     for folder in (base_dir, tuned_dir):
         missing = [r["file_name"] for r in rows_base
                    if not os.path.exists(os.path.join(folder, r["file_name"]))]

@@ -2748,6 +2748,31 @@ def test_vae_sees_one_image_at_a_time(lrm_dir, tmp):
     assert max(size for _, size in seen) == 1, seen
 
 
+def test_eval_compares_sampler_settings_under_their_former_names_too(tmp_path, capsys):
+    """Folders sampled before the CLI rename store steps / guidance: a base at CFG 7.5 and a tuned
+    at CFG 5.0 (the peers' evaluation bug) must still be refused; so must another VAE."""
+    def folder(name, settings):
+        path = tmp_path / name
+        path.mkdir()
+        Image.new("RGB", (8, 8)).save(path / "00000_1.png")
+        row = dict(file_name="00000_1.png", prompt="a red circle", seed=1, index=0)
+        (path / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+        if settings is not None:
+            (path / "sampling.json").write_text(json.dumps(settings))
+        return str(path)
+    legacy = dict(scheduler="DDIMScheduler", steps=20, eta=0.0, resolution=32)
+    with pytest.raises(SystemExit, match="guidance_scale = 7.5 vs 5.0"):
+        ev.check_paired(folder("a", dict(legacy, guidance=7.5)), folder("b", dict(legacy, guidance=5.0)))
+    current = dict(scheduler="DDIMScheduler", num_inference_steps=20, guidance_scale=5.0, eta=0.0,
+                   resolution=32)
+    with pytest.raises(SystemExit, match="vae = None vs my-vae"):
+        ev.check_paired(folder("c", current), folder("d", dict(current, vae="my-vae")))
+    rows, settings = ev.check_paired(folder("e", dict(legacy, guidance=5.0)), folder("f", current))
+    assert len(rows) == 1 and settings["guidance_scale"] == 5.0
+    ev.check_paired(folder("g", None), folder("h", None))  # no record: said, not refused
+    assert "not checked" in capsys.readouterr().out
+
+
 def _sample_bad_files(folder):
     """Files for sample.py's and eval.py's bad-input cases."""
     from safetensors.torch import save_file
