@@ -1,5 +1,6 @@
 """bench.py: the time and the peak memory of every stage of the pipeline on one GPU, at the paper's
-per-GPU settings, on full-size SD1.5 (512 px) and SDXL (1024 px) with random weights.
+per-GPU settings, on full-size SD1.5 (512 px), SDXL (1024 px) and SD3-Medium (1024 px; the paper's
+later version) with random weights.
 
 LPO is fast because its step reward reads noisy latents (arXiv 2502.01051v3: 10-28x less training
 time than Diffusion-DPO, 2.5-3.5x less than SPO; one A100 sampling step with K = 4: LPO 0.039 s,
@@ -8,11 +9,13 @@ this builds the published architectures, bf16 on one GPU, downloads nothing, and
 own code (median of --repeats after --warmup, CUDA-synchronised). The phases, one stage at a time,
 each with only what that stage holds on its GPU:
   1 LPO sampling step, K = 4: lpo.sample_tuples (CFG denoise, K children, LRM scores with VFE,
-    pairs) over a 20-step pass, per step, with lpo.py's own sample / score split
+    pairs) over a whole pass (lpo.py's steps: 20; SD3 28), per step, with lpo.py's own sample /
+    score split; lpo.make_schedule picks the step (DDIM, or SD3's DDIM in flow form)
   2 the same pass with an SPO-style pixel reward in the LRM's place: per child an x0 prediction
-    (a CFG U-Net pass), a VAE decode and a CLIP ViT-H/14 image tower (PickScore's) at 224 px
+    (a CFG denoiser pass), a VAE decode and a CLIP ViT-H/14 image tower (PickScore's) at 224 px
   3 one LPO update on --batch_size pairs (lpo.pair_logprobs with CFG, lpo_loss, lpo.apply_update)
-  4 one Diffusion-DPO step at the same batch: the full U-Net trained against a frozen reference
+  4 one Diffusion-DPO step at the same batch: the full denoiser trained against a frozen reference
+    (SD3: the same loss on the velocity's error, its flow-matching target)
   5 one LPO iteration (a sampling pass + an update) at lpo.py's per-GPU batches and settings
   6 one LRM training step at the paper's global batch (128 pairs SD1.5 / 32 SDXL) split over 8
     GPUs: 16 / 4 pairs: lrm.train_step (VAE encode, add noise, LatentRewardModel.score with VFE,
@@ -21,15 +24,16 @@ each with only what that stage holds on its GPU:
   8 one MPCF scoring batch (32 pairs = 64 images; MPCF does not depend on the base, so only the
     sd15 / tiny column has it): CLIP ViT-L/14 image tower + mpcf.aesthetic_score (LAION MLP),
     CLIP ViT-H/14 + mpcf.clip_score, mpcf.vqa_score (InstructBLIP flan-t5-xl, one token)
-  9 one eval sampling batch as sample.py runs it (its preset batch, 20 DDIM steps, CFG 5, decode)
+  9 one eval sampling batch as sample.py runs it (its preset batch, sampler, steps and CFG: DDIM
+    20 steps, CFG 5; SD3 its Euler sampler, 28 steps, CFG 7; decode)
 Phases 5-9 report peak memory: on CUDA torch.cuda.max_memory_allocated / _reserved, on a CPU the
 peak resident set of the process (Linux VmHWM, reset before each phase; it includes Python itself).
 
-    python bench.py                          # sd15 + sdxl on one CUDA GPU
+    python bench.py                          # sd15 + sdxl + sd3 on one CUDA GPU
     python bench.py --model sdxl --compile   # opt-in torch.compile of the repeated blocks
     python bench.py --model sdxl --lrm_dtype fp32 --grad_ckpt off --attn classic  # what each buys
-    python bench.py --tiny                   # the tiny world, CPU, seconds; its times mean nothing
-    python bench.py --estimate               # computed memory table, meta device, no GPU: seconds
+    python bench.py --tiny                   # the tiny worlds, CPU, a minute: times mean nothing
+    python bench.py --estimate               # computed memory table, meta device, no GPU: a minute
     python bench.py --smoke                  # full-size SD1.5 at 64 px through every stage, CPU
 Writes {out}/bench.json (table, GPU, versions, settings), {out}/bench.jsonl (a row a phase) and,
 with --estimate, {out}/memory_estimate.md.
@@ -44,18 +48,23 @@ input + output of one layer. It is computed, not measured; phases 5-9 measure.
 --smoke runs phases 1, 3 and 5-9 (not the pixel reward, Diffusion-DPO or the VQA model: none is
 the pipeline's code) on the full-size SD1.5 architecture at 64 px on the CPU, at batches of 1-2:
 a full-size-only crash (a shape, a dtype, a config field) shows up there before a GPU hour is
-spent. It needs about 11 GB of RAM (peak: the LRM training step) and 5-6 minutes of 2 cores.
+spent. It needs about 11 GB of RAM (peak: the LRM training step) and 5-6 minutes of 2 cores. SD3
+is not in it: its T5-XXL text encoder alone is 19 GB in fp32 (4.76B parameters, more than a
+developer machine's RAM, and minutes to initialise); --estimate and --tiny (tiny-sd3) cover it.
 
 Deviations:
-  1. random weights; every tokenizer is the tiny world's CLIP tokenizer, padded to the real 77
-     tokens (its ids fit every vocabulary: CLIP's 49,408, flan-t5's 32,128);
-  2. the pixel path gets every advantage: K children batched through U-Net and VAE, the VAE in
+  1. random weights; every CLIP tokenizer is the tiny world's, padded to the real 77 tokens (its
+     ids fit every vocabulary: CLIP's 49,408, flan-t5's 32,128); SD3's T5 tokenizer is the tiny
+     SD3 world's, padded to the SD3 pipeline's 256 tokens (its ids fit T5's 32,128);
+  2. the pixel path gets every advantage: K children batched through denoiser and VAE, the VAE in
      bf16 (real SDXL upcasts it to fp32: slower), its text embedding cached;
   3. the LRM phases feed lrm.py's functions random pairs (no dataset), and phase 7 is
      lrm.pair_accuracy's loop body (pair_accuracy itself reads the base's files);
   4. the eval batch runs in bf16 (sample.py: fp16; the same bytes and kernels);
   5. one process, one GPU (no torchrun); no checkpoints: --resume keeps the models already in
-     bench.json and refuses other settings.
+     bench.json and refuses other settings;
+  6. SD3 with --attn classic is refused: diffusers has no matmul + softmax processor for the
+     MMDiT's joint attention.
 """
 import argparse
 import copy
@@ -81,7 +90,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+                       FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
 from diffusers.models.attention_processor import AttnProcessor
 from PIL import Image
 from tqdm import tqdm
@@ -89,14 +100,15 @@ from transformers import (BlipImageProcessor, CLIPConfig, CLIPImageProcessor, CL
                           CLIPProcessor, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                           CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection,
                           InstructBlipConfig, InstructBlipForConditionalGeneration,
-                          InstructBlipProcessor, T5Config)
+                          InstructBlipProcessor, T5Config, T5EncoderModel, T5TokenizerFast)
 
 import lpo
 import lrm as lrm_script
 import mpcf
 import sample
-from lpo import (NonFiniteUpdate, add_lora, apply_update, encode_for_cfg, guided_eps, lpo_loss,
-                 make_schedule, pair_logprobs, sample_tuples, text_encoders, uncond_then_cond)
+from lpo import (FlowSchedule, NonFiniteUpdate, add_lora, apply_update, denoiser_name,
+                 encode_for_cfg, guided_prediction, lpo_loss, make_schedule, pair_logprobs,
+                 sample_tuples, t5_length, text_encoders, uncond_then_cond)
 from lrm_model import LatentRewardModel
 from tiny.world import CAPTIONS
 
@@ -106,8 +118,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    model: str = "sd15,sdxl"    # comma list of sd15 | sdxl | tiny | tiny-xl
-    tiny: bool = False          # the tiny world: --model tiny,tiny-xl --device cpu, 1 thread
+    model: str = "sd15,sdxl,sd3"  # comma list of sd15 | sdxl | sd3 | tiny | tiny-xl | tiny-sd3
+    tiny: bool = False          # the tiny worlds: --model tiny,tiny-xl,tiny-sd3 --device cpu
     estimate: bool = False      # only the computed memory table (meta device, seconds, no GPU)
     smoke: bool = False         # full-size SD1.5 at 64 px through every stage on the CPU (minutes)
     device: str = "cuda"        # cuda | cuda:N | cpu
@@ -115,29 +127,29 @@ class Config:
     resume: bool = False        # keep the models already measured in {out}/bench.json
     seed: int = 0               # random weights, prompts and latents
     threads: int = 0            # CPU intra-op threads, 0 = torch's default
-    resolution: int = 0         # px, 0 = each preset's (512 / 1024); smaller: a CPU smoke run
+    resolution: int = 0         # px, 0 = each preset's (512 / 1024 / 1024); smaller: CPU smoke
     num_children: int = 4       # K children per sampling step (paper: K = 4)
     batch_size: int = 1         # prompts per timed pass of phases 1-2, pairs per update of 3-4
     sample_batch_size: int = 0  # phase 5: prompts per sampling pass (0 = lpo.py's per-GPU preset)
     train_batch_size: int = 0   # phase 5: pairs per update (0 = lpo.py's per-GPU preset)
-    lrm_batch_size: int = 0     # phase 6: pairs per GPU (0 = the paper's: 16 SD1.5, 4 SDXL)
+    lrm_batch_size: int = 0     # phase 6: pairs per GPU (0 = the paper's: 16 SD1.5, 4 SDXL/SD3)
     warmup: int = 2             # untimed runs before the timed ones
     repeats: int = 5            # timed runs; the median is reported
     lrm_dtype: str = "fp16"     # the frozen LRM in LPO: fp16 (lpo.py on a GPU) | bf16 | fp32
     # a tri-state, not a flag: one run benches SD1.5 (lpo.py's preset: off) and SDXL (on)
-    grad_ckpt: str = "preset"   # policy U-Net checkpointing: preset (lpo.py's) | on | off
+    grad_ckpt: str = "preset"   # policy denoiser checkpointing: preset (lpo.py's) | on | off
     attn: str = "sdpa"          # sdpa (torch's scaled_dot_product_attention) | classic (matmul)
     compile: bool = False       # torch.compile each repeated transformer block (regional)
-    dpo: bool = True            # phase 4 (SDXL: a second, fp32 U-Net with its optimizer state)
+    dpo: bool = True            # phase 4 (SDXL: a second, fp32 denoiser with its optimizer state)
     pixel: bool = True          # phase 2: the SPO-style pixel reward, its parts and the ratios
     stages: bool = True         # phases 6-9: the LRM, MPCF and eval stages
     validation_batch_size: int = 32  # phase 7: pairs (lrm.pair_accuracy's batch: 32)
     mpcf_batch_size: int = 32   # phase 8: pairs (mpcf.py's real-scorer preset: 32)
-    eval_batch_size: int = 0    # phase 9: images (0 = sample.py's preset: 8 SD1.5, 4 SDXL)
+    eval_batch_size: int = 0    # phase 9: images (0 = sample.py's preset: 8 SD1.5, 4 SDXL/SD3)
     vqa: bool = True            # phase 8 includes the VQA model (InstructBLIP flan-t5-xl, 4B)
 
 
-TINY = dict(model="tiny,tiny-xl", device="cpu", warmup=1, repeats=3, threads=1,
+TINY = dict(model="tiny,tiny-xl,tiny-sd3", device="cpu", warmup=1, repeats=3, threads=1,
             sample_batch_size=4, train_batch_size=4)
 # --smoke: every stage's code path at full size in little CPU time and memory (no pixel reward,
 # Diffusion-DPO or VQA model: they are not the pipeline's code); one thread: on a shared 2-core
@@ -149,14 +161,15 @@ SMOKE = dict(model="sd15", device="cpu", resolution=64, warmup=0, repeats=1, thr
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 GRAD_CKPT = ("preset", "on", "off")
 ATTENTION = ("sdpa", "classic")
-# the step the timed updates (LPO, LRM) train at: mid-grid (the costs do not depend on t)
+# the step the timed updates (LPO, LRM) train at: mid-grid (the costs do not depend on t); SD3's
+# unit is sigma x 1000, so the same numbers are its mid levels
 T = 501
 T_PREV = 451
 # lrm.py: --eval_timesteps, and pair_accuracy's batch of 32 pairs
 VALIDATION_TIMESTEPS = (1, 251, 501, 751, 951)
 VALIDATION_PAIRS = 32        # (for --estimate; the phase: --validation_batch_size)
-# the paper's global LRM batch (128 pairs SD1.5, 32 SDXL) over 8 GPUs
-LRM_PAIRS_PER_GPU = {"sd15": 16, "sdxl": 4, "tiny": 4, "tiny-xl": 4}
+# the paper's global LRM batch (128 pairs SD1.5, 32 SDXL) over 8 GPUs; SD3: lrm.py's preset, SDXL's
+LRM_PAIRS_PER_GPU = {"sd15": 16, "sdxl": 4, "sd3": 4, "tiny": 4, "tiny-xl": 4, "tiny-sd3": 4}
 # mpcf.py's real-scorer preset (for --estimate; the phase: --mpcf_batch_size)
 MPCF_PAIRS = 32
 # fits a GPU of N GB when the computed total stays under this share of it (CUDA context, cache)
@@ -324,6 +337,13 @@ def check_config(cfg):
         fail(f"--grad_ckpt {cfg.grad_ckpt!r}: one of {', '.join(GRAD_CKPT)}")
     if cfg.attn not in ATTENTION:
         fail(f"--attn {cfg.attn!r}: one of {', '.join(ATTENTION)}")
+    if cfg.smoke and "sd3" in names:
+        fail("--smoke --model sd3: SD3's T5-XXL alone needs 19 GB of RAM in fp32 and minutes to "
+             "initialise on a CPU; --estimate and --tiny (tiny-sd3) cover SD3 without a GPU")
+    flow_models = [name for name in names if name in FLOW_MODELS]
+    if cfg.attn == "classic" and flow_models and not cfg.estimate:
+        fail(f"--attn classic: diffusers has no matmul + softmax processor for the joint "
+             f"attention of {', '.join(flow_models)} (deviation 6): leave them out of --model")
     if cfg.num_children < 2:
         fail(f"--num_children {cfg.num_children}: at least 2 (a winner and a loser)")
     if min(cfg.batch_size, cfg.repeats, cfg.validation_batch_size, cfg.mpcf_batch_size) < 1:
@@ -350,6 +370,11 @@ def predict_x0(x_t, eps, alpha_bar_t):
     return (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
 
 
+def predict_x0_flow(x_t, velocity, level):
+    """Rectified flow's predicted x0 (x_s = (1 - s) x0 + s e, v = e - x0): x0 = x_s - s v."""
+    return x_t - level * velocity
+
+
 def diffusion_dpo_loss(err, ref_err, beta):
     """Diffusion-DPO (Wallace et al. 2023):
     -log sigmoid(-beta/2 ((e_w - e_l) - (e_ref_w - e_ref_l))), e = per-sample noise-prediction
@@ -373,8 +398,9 @@ def fits(total_bytes):
 
 
 # ----------------------------------------------------------------------------- published configs
-# stable-diffusion-v1-5, stable-diffusion-xl-base-1.0, laion/CLIP-ViT-H-14-laion2B-s32B-b79K,
-# openai/clip-vit-large-patch14, Salesforce/instructblip-flan-t5-xl
+# stable-diffusion-v1-5, stable-diffusion-xl-base-1.0, stable-diffusion-3-medium-diffusers,
+# laion/CLIP-ViT-H-14-laion2B-s32B-b79K, openai/clip-vit-large-patch14,
+# Salesforce/instructblip-flan-t5-xl, google/t5-v1_1-xxl (SD3's text_encoder_3)
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
               num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768)
 CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
@@ -402,6 +428,19 @@ SDXL_UNET = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_pe
                  addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
                  use_linear_projection=True)
 UNETS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
+# SD3-Medium's MMDiT: 24 joint blocks of 24 heads x 64 = 1536 wide over 2 x 2 patches of 16
+# latent channels; text: CLIP-L + bigG penultimate states (768 + 1280 -> padded to 4096) and T5's
+SD3_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16,
+                       num_layers=24, attention_head_dim=64, num_attention_heads=24,
+                       joint_attention_dim=4096, caption_projection_dim=1536,
+                       pooled_projection_dim=2048, pos_embed_max_size=192)
+# SD3's VAE: SD's layout with 16 latent channels and no quant convs
+SD3_VAE = dict(VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+               sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609)
+T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", vocab_size=32128, tie_word_embeddings=False)
+FULL_SIZE = ("sd15", "sdxl", "sd3")
+FLOW_MODELS = ("sd3", "tiny-sd3")
 SCALING_FACTORS = {"sd15": 0.18215, "sdxl": 0.13025}
 # the tiny world's stand-ins for the image towers and the VQA model
 TINY_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -415,6 +454,9 @@ DPO_RECIPES = {"sd15": dict(adafactor=False, grad_ckpt=False),
                "sdxl": dict(adafactor=True, grad_ckpt=True)}
 DPO_RECIPES["tiny"] = DPO_RECIPES["sd15"]
 DPO_RECIPES["tiny-xl"] = DPO_RECIPES["sdxl"]
+# SD3 (2B, 1024 px): SDXL's recipe; the velocity's error in the noise's place
+DPO_RECIPES["sd3"] = DPO_RECIPES["sdxl"]
+DPO_RECIPES["tiny-sd3"] = DPO_RECIPES["sdxl"]
 
 
 # ----------------------------------------------------------------------------- models
@@ -431,6 +473,14 @@ def text_config(tokenizer, **sizes):
     return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **ids, **sizes)
 
 
+T5_TOKENIZER = os.path.join(ROOT, "tiny/sd3/tokenizer_3")
+
+
+def t5_tokenizer():
+    """The tiny SD3 world's T5 tokenizer (deviation 1), padded to the SD3 pipeline's 256 tokens."""
+    return T5TokenizerFast.from_pretrained(T5_TOKENIZER, model_max_length=256)
+
+
 def ddim_scheduler():
     """SD1.5's and SDXL's scheduler config, as DDIM (what lpo.py and sample.py sample with)."""
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -438,9 +488,28 @@ def ddim_scheduler():
                          timestep_spacing="leading")
 
 
+def full_size_sd3(device):
+    """A random SD3-Medium pipeline: the MMDiT, the 16-channel VAE, CLIP-L and bigG with their
+    projections, T5-v1.1-XXL's encoder, its flow-matching Euler scheduler (shift 3.0)."""
+    tokenizer = tiny_tokenizer()
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**SD3_TRANSFORMER)
+        vae = AutoencoderKL(**SD3_VAE)
+        clip_l = CLIPTextModelWithProjection(text_config(tokenizer, **CLIP_L))
+        bigg = CLIPTextModelWithProjection(text_config(tokenizer, **CLIP_BIGG))
+        t5 = T5EncoderModel(T5Config(**T5_XXL))
+    return StableDiffusion3Pipeline(transformer=transformer, vae=vae, text_encoder=clip_l,
+                                    tokenizer=tokenizer, text_encoder_2=bigg,
+                                    tokenizer_2=tokenizer, text_encoder_3=t5,
+                                    tokenizer_3=t5_tokenizer(),
+                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
 def full_size(name, device):
-    """A random SD1.5 or SDXL pipeline of the published architecture, created directly on
-    `device` (initialising 2.6B parameters on a CPU is slow; on "meta" it is free)."""
+    """A random SD1.5, SDXL or SD3-Medium pipeline of the published architecture, created directly
+    on `device` (initialising 2.6B parameters on a CPU is slow; on "meta" it is free)."""
+    if name == "sd3":
+        return full_size_sd3(device)
     tokenizer = tiny_tokenizer()
     with torch.device(device):
         unet = UNet2DConditionModel(**UNETS[name])
@@ -459,34 +528,51 @@ def full_size(name, device):
 
 def load_pipeline(name, device, dtype):
     """The pipeline of `name` (a random full-size one, or the tiny world's folder) on device."""
-    if name in UNETS:
+    if name in FULL_SIZE:
         pipe = full_size(name, device)
     else:
-        folder = os.path.join(ROOT, "tiny/sdxl" if name == "tiny-xl" else "tiny/sd15")
+        folder = os.path.join(ROOT, TINY_FOLDERS[name])
         pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype)
 
 
+TINY_FOLDERS = {"tiny": "tiny/sd15", "tiny-xl": "tiny/sdxl", "tiny-sd3": "tiny/sd3"}
+
+
 def tokenizers(pipe):
-    found = [pipe.tokenizer, getattr(pipe, "tokenizer_2", None)]
+    found = [pipe.tokenizer, getattr(pipe, "tokenizer_2", None), getattr(pipe, "tokenizer_3", None)]
     return [tokenizer for tokenizer in found if tokenizer is not None]
 
 
+def denoiser(pipe):
+    """The pipeline's denoising network: SD1.5's or SDXL's U-Net, SD3's MMDiT."""
+    return getattr(pipe, denoiser_name(pipe))
+
+
 def default_resolution(pipe):
-    """The pipeline's own: U-Net sample size x the VAE's downsampling (SD1.5 512, SDXL 1024)."""
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+    """The pipeline's own: denoiser sample size x the VAE's downsampling (SD1.5 512, SDXL and SD3
+    1024)."""
+    return denoiser(pipe).config.sample_size * pipe.vae_scale_factor
+
+
+def latent_channels(pipe):
+    return pipe.vae.config.latent_channels
 
 
 def latent_reward_model(pipe, resolution, copy_networks):
-    """An LRM over the pipeline's U-Net and text encoders (copies, or the networks themselves)."""
-    unet = pipe.unet
+    """An LRM over the pipeline's denoiser and text encoders (copies, or the networks themselves);
+    SD3's reads its default share of the MMDiT's blocks (18 of SD3-Medium's 24)."""
+    network = denoiser(pipe)
     encoders = text_encoders(pipe)
     if copy_networks:
-        unet = copy.deepcopy(unet)
+        network = copy.deepcopy(network)
         encoders = copy.deepcopy(encoders)
     config = dict(resolution=resolution, g=7.5)
-    return LatentRewardModel(unet, encoders, tokenizers(pipe), config)
+    return LatentRewardModel(network, encoders, tokenizers(pipe), config)
+
+
+REPEATED_BLOCKS = ("BasicTransformerBlock", "JointTransformerBlock", "CLIPEncoderLayer")
 
 
 def speedups(cfg, *modules):
@@ -499,7 +585,7 @@ def speedups(cfg, *modules):
         if not cfg.compile:
             continue
         for block in module.modules():
-            if type(block).__name__ in ("BasicTransformerBlock", "CLIPEncoderLayer"):
+            if type(block).__name__ in REPEATED_BLOCKS:
                 # each repeated block compiled once: a short compile, most of the gain
                 block.compile()
 
@@ -507,14 +593,15 @@ def speedups(cfg, *modules):
 # ----------------------------------------------------------------------------- phases 1-5: LPO
 @dataclass
 class LPOStage:
-    """What lpo.py holds on its GPU: the pipeline (policy U-Net + LoRA, text encoders), the frozen
-    LRM, AdamW over the LoRA, and its DDIM schedule; with lpo.py's own config."""
+    """What lpo.py holds on its GPU: the pipeline (policy denoiser + LoRA, text encoders), the
+    frozen LRM, AdamW over the LoRA, and its schedule (DDIM, or SD3's flow); with lpo.py's own
+    config."""
     pipe: object
     settings: lpo.Config
     lrm: LatentRewardModel
     lora: list
     optimizer: torch.optim.Optimizer
-    schedule: lpo.Schedule
+    schedule: object  # lpo.Schedule (DDIM) or lpo.FlowSchedule (SD3)
     autocast: torch.autocast
     device: torch.device
     dtype: torch.dtype
@@ -547,8 +634,9 @@ def lpo_settings(name, cfg):
 
 
 def load_lpo_stage(name, cfg, device):
-    """lpo.py's resident set: policy U-Net + LoRA (reference = adapters off) + AdamW, the text
-    encoders, the frozen LRM (its own U-Net and text encoders, no up blocks, half precision)."""
+    """lpo.py's resident set: policy denoiser + LoRA (reference = adapters off) + AdamW, the text
+    encoders, the frozen LRM (its own denoiser and text encoders, without the parts it never runs,
+    half precision)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lrm_dtype = DTYPES[cfg.lrm_dtype] if device.type == "cuda" else torch.float32
     settings = lpo_settings(name, cfg)
@@ -561,13 +649,13 @@ def load_lpo_stage(name, cfg, device):
     lrm = latent_reward_model(pipe, settings.resolution, copy_networks=True)
     lrm.for_scoring().to(device, lrm_dtype)
     grad_ckpt = settings.grad_ckpt
-    lora = add_lora(pipe.unet, settings.lora_rank, settings.seed, grad_ckpt)
+    lora = add_lora(denoiser(pipe), settings.lora_rank, settings.seed, grad_ckpt)
     # as lpo.main: AdamW (0.9, 0.999), weight decay 1e-4, eps 1e-8
     optimizer = torch.optim.AdamW(lora, lr=settings.lr, weight_decay=1e-4, eps=1e-8)
     schedule = make_schedule(pipe.scheduler.config, settings.num_inference_steps,
                              settings.th_min, settings.th_max, device, latent_size)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-    speedups(cfg, pipe.unet, lrm.unet)
+    speedups(cfg, denoiser(pipe), lrm.denoiser)
     return LPOStage(pipe, settings, lrm, lora, optimizer, schedule, autocast, device, dtype,
                     latent_size)
 
@@ -595,7 +683,7 @@ def make_batch(stage, size, seed):
     cond = encode_for_cfg(stage.pipe, prompts, resolution)
     # Diffusion-DPO: the conditional rows only, one per image of a pair
     cond_pair = conditional_rows(encode_for_cfg(stage.pipe, prompts + prompts, resolution))
-    shape = (size, 4, stage.latent_size, stage.latent_size)
+    shape = (size, latent_channels(stage.pipe), stage.latent_size, stage.latent_size)
     latents = [torch.randn(shape, generator=generator, device=stage.device) for _ in range(3)]
     prompt_ids = torch.arange(size)
     return Batch(prompts, prompt_ids, generator, cond, cond_pair, *latents)
@@ -609,7 +697,8 @@ class PixelReward:
     def __init__(self, stage, cfg):
         self.stage = stage
         dtype = stage.dtype
-        vit_config = VIT_H if stage.pipe.unet.config.sample_size >= 64 else TINY_VIT
+        full_size_model = denoiser(stage.pipe).config.sample_size >= 64
+        vit_config = VIT_H if full_size_model else TINY_VIT
         with torch.device(stage.device):
             self.vit = CLIPVisionModelWithProjection(CLIPVisionConfig(**vit_config))
         self.vit.to(dtype).requires_grad_(False)
@@ -627,20 +716,26 @@ class PixelReward:
         width = self.vit.config.projection_dim
         embedding = torch.randn(len(prompts), width, generator=generator)   # (B, D)
         embedding = F.normalize(embedding, dim=-1).to(self.stage.device)
-        per_prompt = dict(unet=conditional_rows(cond), emb=embedding)
+        per_prompt = dict(denoiser=conditional_rows(cond), emb=embedding)
         return dict(cond=per_prompt, uncond=unconditional_row(cond))
 
     def x0(self, x, t, text):
         """x0 of each child at its own noise level t (lpo.py's lrm_t "child")."""
-        alphas_cumprod = self.stage.schedule.alphas_cumprod
-        alpha_bar = alphas_cumprod[t].float().view(-1, 1, 1, 1)          # (n, 1, 1, 1)
-        cond = uncond_then_cond(text["uncond"], text["cond"]["unet"])
+        cond = uncond_then_cond(text["uncond"], text["cond"]["denoiser"])
         guidance = self.stage.settings.guidance_scale
-        eps = guided_eps(self.stage.pipe.unet, x, t, cond, guidance)       # (n, C, h, w)
-        return predict_x0(x, eps, alpha_bar)
+        schedule = self.stage.schedule
+        # eps (U-Net) or velocity (SD3), (n, C, h, w)
+        prediction = guided_prediction(denoiser(self.stage.pipe), x, t, cond, guidance)
+        if isinstance(schedule, FlowSchedule):
+            level = torch.as_tensor(t, device=x.device) / schedule.train_timesteps
+            return predict_x0_flow(x, prediction, level.float().view(-1, 1, 1, 1))
+        alpha_bar = schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)  # (n, 1, 1, 1)
+        return predict_x0(x, prediction, alpha_bar)
 
     def decode(self, x0):
-        latents = x0.to(self.vae.dtype) / self.vae.config.scaling_factor
+        """The pipeline's decode: z = latents / scaling_factor (+ shift_factor: SD3)."""
+        shift = self.vae.config.get("shift_factor") or 0.0
+        latents = x0.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
         return self.vae.decode(latents).sample   # (n, 3, H, W) in [-1, 1]
 
     def reward(self, images, embedding):
@@ -653,18 +748,19 @@ class PixelReward:
 
     @torch.no_grad()
     def score(self, latents, timesteps, text):
-        # all B x K children in one batch through U-Net, VAE and image tower
+        # all B x K children in one batch through denoiser, VAE and image tower
         with self.stage.autocast:
             images = self.decode(self.x0(latents, timesteps, text))
             return self.reward(images, text["cond"]["emb"])
 
 
 def sampling_pass(stage, batch, reward):
-    """lpo.py's whole sampling pass (20 steps x K children) with this reward; returns lpo.py's
-    own split of its seconds: "sample" (CFG denoise + DDIM) and "score" (the reward)."""
+    """lpo.py's whole sampling pass (its steps x K children) with this reward; returns lpo.py's
+    own split of its seconds: "sample" (CFG denoise + the schedule's step) and "score" (the
+    reward)."""
     seconds = {}
     reward_text = reward.encode_text(batch.prompts)
-    sample_tuples(stage.pipe.unet, reward, batch.cond, reward_text, batch.prompt_ids,
+    sample_tuples(denoiser(stage.pipe), reward, batch.cond, reward_text, batch.prompt_ids,
                   stage.schedule, stage.settings, batch.generator, seconds, stage.autocast)
     return seconds
 
@@ -677,7 +773,7 @@ def lpo_update(stage, batch):
     t_prev = torch.full((size,), T_PREV, device=stage.device)
     minibatch = dict(x_t=batch.x_t, x_w=batch.x_w, x_l=batch.x_l, t=t, t_prev=t_prev,
                      prompt_ids=batch.prompt_ids)
-    logprobs = pair_logprobs(stage.pipe.unet, minibatch, batch.cond, stage.schedule,
+    logprobs = pair_logprobs(denoiser(stage.pipe), minibatch, batch.cond, stage.schedule,
                              stage.settings, stage.autocast)
     loss, _ = lpo_loss(*logprobs, stage.settings.beta, stage.settings.clip_eps)
     loss.backward()
@@ -688,11 +784,12 @@ def lpo_update(stage, batch):
 
 
 def make_dpo(stage, name):
-    """Diffusion-DPO trains the whole U-Net (fp32 weights, bf16 autocast); the bf16 base is its
+    """Diffusion-DPO trains the whole denoiser (fp32 weights, bf16 autocast); the bf16 base is its
     reference. Its launchers: --learning_rate 1e-8 --scale_lr, 2048 pairs a step."""
     recipe = DPO_RECIPES[name]
+    base = denoiser(stage.pipe)
     with torch.device(stage.device):
-        policy = UNet2DConditionModel.from_config(stage.pipe.unet.config)
+        policy = type(base).from_config(base.config)
     if recipe["grad_ckpt"]:
         policy.enable_gradient_checkpointing()
     lr = 1e-8 * 2048
@@ -705,9 +802,19 @@ def make_dpo(stage, name):
     return policy, optimizer
 
 
-def noise_error(unet, x, t, cond, noise):
-    """Per-sample noise-prediction MSE.  (n, C, h, w) -> (n,)"""
-    return (unet(x, t, **cond).sample.float() - noise).pow(2).mean((1, 2, 3))
+def prediction_error(model, x, t, cond, target):
+    """Per-sample MSE of the denoiser's output against its target (the noise; SD3: the
+    velocity).  (n, C, h, w) -> (n,)"""
+    return (model(x, timestep=t, **cond).sample.float() - target).pow(2).mean((1, 2, 3))
+
+
+def noised_and_target(stage, x0, noise, t):
+    """Training input and target at t: DDPM's sqrt(a_t) x0 + sqrt(1 - a_t) e and e, or SD3's
+    rectified flow (1 - s) x0 + s e and its velocity e - x0, s = t / 1000."""
+    if isinstance(stage.schedule, FlowSchedule):
+        level = (t.float() / stage.schedule.train_timesteps).view(-1, 1, 1, 1)   # (n, 1, 1, 1)
+        return (1 - level) * x0 + level * noise, noise - x0
+    return stage.pipe.scheduler.add_noise(x0, noise, t), noise
 
 
 def dpo_update(stage, policy, optimizer, batch):
@@ -717,13 +824,14 @@ def dpo_update(stage, policy, optimizer, batch):
     t = torch.randint(0, 1000, (size,), generator=generator, device=stage.device).repeat(2)
     noise = torch.randn(batch.x_w.shape, generator=generator, device=stage.device)
     noise = noise.repeat(2, 1, 1, 1)                                              # (2B, C, h, w)
-    x = stage.pipe.scheduler.add_noise(torch.cat([batch.x_w, batch.x_l]), noise, t)
+    x, target = noised_and_target(stage, torch.cat([batch.x_w, batch.x_l]), noise, t)
+    reference = denoiser(stage.pipe)
     with stage.autocast:
-        err = noise_error(policy, x, t, batch.cond_pair, noise)                   # (2B,)
-        stage.pipe.unet.disable_adapters()                                        # reference = base
+        err = prediction_error(policy, x, t, batch.cond_pair, target)             # (2B,)
+        reference.disable_adapters()                                              # reference = base
         with torch.no_grad():
-            ref_err = noise_error(stage.pipe.unet, x, t, batch.cond_pair, noise)
-        stage.pipe.unet.enable_adapters()
+            ref_err = prediction_error(reference, x, t, batch.cond_pair, target)
+        reference.enable_adapters()
     diffusion_dpo_loss(err, ref_err, 5000.0).backward()                           # --beta_dpo 5000
     torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     optimizer.step()
@@ -734,11 +842,11 @@ def dpo_update(stage, policy, optimizer, batch):
 @dataclass
 class LRMStage:
     """What lrm.py holds on its GPU: the LRM being trained (fp32 weights, bf16 autocast), AdamW,
-    the frozen fp32 VAE, DDPM noising; lrm.py's preset for the model."""
+    the frozen fp32 VAE, the base's noising (DDPM, or SD3's flow); lrm.py's preset for the model."""
     lrm: LatentRewardModel
     vae: AutoencoderKL
     optimizer: torch.optim.Optimizer
-    noise_scheduler: DDPMScheduler
+    noise_scheduler: object  # DDPMScheduler or FlowMatchEulerDiscreteScheduler, as lrm.py's
     autocast: torch.autocast
     settings: lrm_script.Config   # lrm.py's preset for the model
     latent_size: int
@@ -760,16 +868,23 @@ def load_lrm_stage(name, cfg, device):
     lrm = latent_reward_model(pipe, settings.resolution, copy_networks=False)
     lrm.train()
     if settings.grad_ckpt:
-        lrm.unet.enable_gradient_checkpointing()
+        lrm.denoiser.enable_gradient_checkpointing()
     trained = [p for p in lrm.parameters() if p.requires_grad]
     matrices = dict(params=[p for p in trained if p.ndim >= 2], weight_decay=settings.weight_decay)
     vectors = dict(params=[p for p in trained if p.ndim < 2], weight_decay=0.0)
     optimizer = torch.optim.AdamW([matrices, vectors], lr=settings.lr)
     vae = pipe.vae.requires_grad_(False)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    noise_scheduler = lrm_noising(pipe)
     latent_size = settings.resolution // pipe.vae_scale_factor
     return LRMStage(lrm, vae, optimizer, noise_scheduler, autocast, settings, latent_size)
+
+
+def lrm_noising(pipe):
+    """The noising lrm.py trains with: the base's flow matching (SD3), else DDPM."""
+    if isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
 def make_pairs(stage, pairs, seed):
@@ -778,7 +893,8 @@ def make_pairs(stage, pairs, seed):
     generator = torch.Generator().manual_seed(seed)
     size = stage.settings.resolution
     pixels = torch.rand(pairs, 2, 3, size, size, generator=generator)             # (b, 2, 3, H, W)
-    noise_shape = (pairs, 2, 2, 4, stage.latent_size, stage.latent_size)
+    channels = stage.vae.config.latent_channels
+    noise_shape = (pairs, 2, 2, channels, stage.latent_size, stage.latent_size)
     noise = torch.randn(noise_shape, generator=generator)   # (b, image, VAE | added, C, h, w)
     labels = torch.tensor([[1.0, 0.0], [0.5, 0.5]]).repeat(pairs, 1)[:pairs]     # (b, 2)
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(pairs)]
@@ -820,7 +936,7 @@ def lrm_validation_batch(stage, batch):
     text = stage.lrm.encode_text(prompts)
     for step in VALIDATION_TIMESTEPS:
         t = torch.full((len(latents),), step, device=device)
-        x_t = stage.noise_scheduler.add_noise(latents, noise, t)                  # (2b, C, h, w)
+        x_t = lrm_script.add_noise(stage.noise_scheduler, latents, noise, t)     # (2b, C, h, w)
         with stage.autocast:
             stage.lrm.score(x_t, t, text=text)                                    # (2b,)
     stage.lrm.train()
@@ -899,17 +1015,25 @@ def random_images(count, size, seed):
     return [Image.fromarray(array) for array in arrays]
 
 
+def sample_settings(name):
+    """sample.py's config for this preset: its batch, steps, CFG and eta."""
+    return sample.Config(**{**asdict(sample.Config()), **sample.PRESETS.get(name, {})})
+
+
 def eval_batch_size(name):
     """sample.py's per-GPU batch for this preset."""
-    return sample.PRESETS.get(name, {}).get("batch_size", sample.Config.batch_size)
+    return sample_settings(name).batch_size
 
 
 @torch.no_grad()
-def eval_batch(pipe, prompts, resolution, seed):
-    """One batch of sample.py: DDIM 20 steps, CFG 5, eta 0, VAE decode."""
+def eval_batch(pipe, prompts, resolution, seed, settings):
+    """One batch of sample.py (its preset `settings`): DDIM 20 steps, CFG 5, eta 0 (SD3: its Euler
+    sampler, 28 steps, CFG 7), VAE decode."""
     generator = torch.Generator().manual_seed(seed)
-    return pipe(prompts, num_inference_steps=20, guidance_scale=5.0, eta=0.0, height=resolution,
-                width=resolution, generator=generator, output_type="np").images
+    return pipe(prompts, num_inference_steps=settings.num_inference_steps,
+                guidance_scale=settings.guidance_scale, height=resolution, width=resolution,
+                generator=generator, output_type="np",
+                **sample.sampler_options(pipe, settings)).images
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -1016,7 +1140,7 @@ def bench_lpo(recorder, name):
     if cfg.pixel:
         bench_pixel(recorder, stage, batch)
     if cfg.dpo:
-        # 4: first free what Diffusion-DPO does not hold: it needs a second, fp32 U-Net
+        # 4: first free what Diffusion-DPO does not hold: it needs a second, fp32 denoiser
         stage.lrm = None
         stage.optimizer = None
         stage.pipe.vae.to("cpu")
@@ -1057,7 +1181,8 @@ def bench_iteration(recorder, stage):
 def bench_pixel_parts(recorder, stage, pixel, batch):
     """The pixel reward's parts, on the K children of --batch_size prompts."""
     cfg = recorder.cfg
-    shape = (cfg.batch_size * cfg.num_children, 4, stage.latent_size, stage.latent_size)
+    channels = latent_channels(stage.pipe)
+    shape = (cfg.batch_size * cfg.num_children, channels, stage.latent_size, stage.latent_size)
     children = torch.randn(shape, generator=batch.generator, device=stage.device)
     text = pixel.encode_text([p for p in batch.prompts for _ in range(cfg.num_children)])
     with torch.no_grad(), stage.autocast:
@@ -1105,12 +1230,13 @@ def bench_eval(recorder, name):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe = load_pipeline(name, device, dtype)
     resolution = cfg.resolution or default_resolution(pipe)
-    images = cfg.eval_batch_size or eval_batch_size(name)
+    settings = sample_settings(name)
+    images = cfg.eval_batch_size or settings.batch_size
     prompts = [CAPTIONS[i % len(CAPTIONS)] for i in range(images)]
     recorder.results["eval_images"] = len(prompts)
 
     def sample_batch():
-        return eval_batch(pipe, prompts, resolution, cfg.seed)
+        return eval_batch(pipe, prompts, resolution, cfg.seed, settings)
     recorder.measure_memory("eval_sample", sample_batch)
 
 
@@ -1129,18 +1255,18 @@ def bench_model(name, cfg, device, log):
 
 # ----------------------------------------------------------------------------- report
 ROWS = [("1 LPO step, K children [s]", "lpo_step_s"),
-        ("    denoise: CFG U-Net + DDIM [s]", "lpo_step_sample_s"),
+        ("    denoise: CFG denoiser + step [s]", "lpo_step_sample_s"),
         ("    LRM scores of the K children [s]", "lpo_step_score_s"),
         ("2 pixel step, K children [s]", "pixel_step_s"),
-        ("    denoise: CFG U-Net + DDIM [s]", "pixel_step_sample_s"),
+        ("    denoise: CFG denoiser + step [s]", "pixel_step_sample_s"),
         ("    pixel reward of the K children [s]", "pixel_step_score_s"),
-        ("      x0 prediction (CFG U-Net) [s]", "x0_pred_s"),
+        ("      x0 prediction (CFG denoiser) [s]", "x0_pred_s"),
         ("      VAE decode [s]", "vae_decode_s"),
         ("      ViT-H image reward [s]", "image_reward_s"),
         ("  ratio pixel / latent, per step", "ratio_step"),
         ("3 LPO update [s]", "lpo_update_s"),
         ("  ratio pixel / latent, per step + update", "ratio_iteration"),
-        ("4 Diffusion-DPO step, full U-Net [s]", "dpo_update_s"),
+        ("4 Diffusion-DPO step, full denoiser [s]", "dpo_update_s"),
         ("  ratio DPO step / LPO update", "ratio_dpo"),
         ("  peak memory of the DPO step [GB]", "dpo_update_peak_gb"),
         ("5 LPO iteration peak memory [GB]", "lpo_iteration_peak_gb"),
@@ -1274,18 +1400,41 @@ def count_trained(module):
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def meta_inputs(pipe, rows, resolution, dtype):
-    """U-Net inputs for `rows` latents on the meta device: latents, timesteps, conditioning."""
+def meta_latents(pipe, rows, resolution, dtype):
+    """`rows` latents of the pipeline at `resolution` on the meta device.  (rows, C, h, w)"""
     latent_size = resolution // pipe.vae_scale_factor
-    x = torch.zeros(rows, 4, latent_size, latent_size, device="meta", dtype=dtype)
-    t = torch.full((rows,), T, device="meta")
-    width = pipe.unet.config.cross_attention_dim
+    shape = (rows, latent_channels(pipe), latent_size, latent_size)
+    return torch.zeros(shape, device="meta", dtype=dtype)
+
+
+def meta_conditioning(pipe, rows, dtype):
+    """encode_for_cfg's conditioning of `rows` prompts as zeros on the meta device: U-Net: 77
+    CLIP states (SDXL: + pooled text and time_ids); SD3: 77 CLIP + T5's tokens (the pipeline's
+    256) of the joint width, and the pooled projections."""
+    config = denoiser(pipe).config
+    if denoiser_name(pipe) == "transformer":
+        tokens = 77 + t5_length(pipe)
+        states = torch.zeros(rows, tokens, config.joint_attention_dim, device="meta", dtype=dtype)
+        pooled = torch.zeros(rows, config.pooled_projection_dim, device="meta", dtype=dtype)
+        return dict(encoder_hidden_states=states, pooled_projections=pooled)
+    width = config.cross_attention_dim
     cond = dict(encoder_hidden_states=torch.zeros(rows, 77, width, device="meta", dtype=dtype))
-    if pipe.unet.config.addition_embed_type == "text_time":
+    if config.addition_embed_type == "text_time":
         text_embeds = torch.zeros(rows, 1280, device="meta", dtype=dtype)
         time_ids = torch.zeros(rows, 6, device="meta", dtype=dtype)
         cond["added_cond_kwargs"] = dict(text_embeds=text_embeds, time_ids=time_ids)
-    return x, t, cond
+    return cond
+
+
+def meta_inputs(pipe, rows, resolution, dtype):
+    """Denoiser inputs for `rows` latents on the meta device: latents, timesteps, conditioning."""
+    t = torch.full((rows,), T, device="meta")
+    return meta_latents(pipe, rows, resolution, dtype), t, meta_conditioning(pipe, rows, dtype)
+
+
+def denoise(pipe, x, t, cond):
+    """One denoiser call, as lpo.guided_prediction makes it (the timestep by name)."""
+    return denoiser(pipe)(x, timestep=t, **cond).sample
 
 
 def estimate_row(stage, batch, weights, trained, activations, autocast_copies=False):
@@ -1321,15 +1470,14 @@ def estimate_lrm(name, pipe, resolution):
     lrm = latent_reward_model(pipe, resolution, copy_networks=False)
     settings = lrm_script.PRESETS[name]
     if settings.get("grad_ckpt"):
-        lrm.unet.enable_gradient_checkpointing()
+        lrm.denoiser.enable_gradient_checkpointing()
     lrm.to(torch.bfloat16)   # bf16 autocast: activations in bf16
-    latent_size = resolution // pipe.vae_scale_factor
     vae_batch = settings.get("vae_batch_size", lrm_script.Config.vae_batch_size)
     pixels = torch.zeros(vae_batch, 3, resolution, resolution, device="meta")
     vae_bytes = working_bytes(lambda: pipe.vae.encode(pixels), [pipe.vae])
 
     def score(rows):
-        x = torch.zeros(rows, 4, latent_size, latent_size, device="meta", dtype=torch.bfloat16)
+        x = meta_latents(pipe, rows, resolution, torch.bfloat16)
         captions = [CAPTIONS[0]] * rows
         return lrm.score(x, torch.full((rows,), T, device="meta"), prompts=captions)
     activations = saved_bytes(lambda: score(2 * pairs), [lrm])
@@ -1356,37 +1504,38 @@ def estimate_lpo(name, pipe, resolution):
     lrm = latent_reward_model(pipe, resolution, copy_networks=True).for_scoring()
     lrm.to(torch.float16)
     pipe.to(torch.bfloat16)
-    lora = add_lora(pipe.unet, settings["lora_rank"], 0, settings["grad_ckpt"])
+    policy = denoiser(pipe)
+    lora = add_lora(policy, settings["lora_rank"], 0, settings["grad_ckpt"])
     for parameter in lora:
         parameter.data = parameter.data.to(torch.bfloat16)   # autocast: bf16 activations
-    latent_size = resolution // pipe.vae_scale_factor
     x, t, cond = meta_inputs(pipe, 2 * samples, resolution, torch.bfloat16)
-    sampling = working_bytes(lambda: pipe.unet(x, t, **cond), [pipe.unet])
-    kids = torch.zeros(children, 4, latent_size, latent_size, device="meta", dtype=torch.float16)
+    sampling = working_bytes(lambda: denoise(pipe, x, t, cond), [policy])
+    kids = meta_latents(pipe, children, resolution, torch.float16)
     t_kids = torch.full((children,), T, device="meta")
     scoring = working_bytes(lambda: lrm.score(kids, t_kids, prompts=[""] * children), [lrm])
     x, t, cond = meta_inputs(pipe, 2 * pairs, resolution, torch.bfloat16)
-    update = saved_bytes(lambda: pipe.unet(x, t, **cond).sample, [pipe.unet])
+    update = saved_bytes(lambda: denoise(pipe, x, t, cond), [policy])
     trained = sum(p.numel() for p in lora)
     encoders = sum(map(count, text_encoders(pipe)))
-    # frozen weights bf16, the LoRA fp32, text encoders bf16, the LRM fp16
-    weights = [(count(pipe.unet) - trained, 2), (trained, 4), (encoders, 2), (count(lrm), 2)]
+    # frozen weights bf16, the LoRA fp32, text encoders bf16, the LRM fp16 (with its own copy of
+    # the text encoders, as lpo.py loads it)
+    weights = [(count(policy) - trained, 2), (trained, 4), (encoders, 2), (count(lrm), 2)]
     batches = f"{samples}x{settings['num_children']} / {pairs}"
     activations = max(sampling, scoring, update)
     return [estimate_row("LPO iteration", batches, weights, trained, activations)]
 
 
 def estimate_eval(name, pipe, resolution):
-    """One sample.py batch in fp16: the larger of a CFG U-Net pass and the VAE decode."""
+    """One sample.py batch in fp16: the larger of a CFG denoiser pass and the VAE decode."""
     images = eval_batch_size(name)
     pipe.to(torch.float16)
     x, t, cond = meta_inputs(pipe, 2 * images, resolution, torch.float16)
-    denoise = working_bytes(lambda: pipe.unet(x, t, **cond), [pipe.unet])
+    denoising = working_bytes(lambda: denoise(pipe, x, t, cond), [denoiser(pipe)])
     latents = x[:images]
     decode = working_bytes(lambda: pipe.vae.decode(latents), [pipe.vae])
-    modules = [pipe.unet, pipe.vae] + text_encoders(pipe)
+    modules = [denoiser(pipe), pipe.vae] + text_encoders(pipe)
     weights = [(sum(map(count, modules)), 2)]
-    activations = max(denoise, decode)
+    activations = max(denoising, decode)
     return [estimate_row("eval sampling batch", f"{images} images", weights, 0, activations)]
 
 
@@ -1407,7 +1556,8 @@ def estimate_mpcf():
 
 def memory_estimate(models):
     """Rows (stage, model, px, per-GPU batch, parameters, weights GB, gradients + AdamW GB,
-    activations GB, total GB, fits 24 / 40 / 80 GB) for sd15 / sdxl, all on the meta device."""
+    activations GB, total GB, fits 24 / 40 / 80 GB) for sd15 / sdxl / sd3, all on the meta
+    device."""
     rows = []
     for name in models:
         for builder in (estimate_lrm, estimate_lpo, estimate_eval):
@@ -1458,7 +1608,7 @@ def comparable(env):
 
 
 def run_estimate(cfg):
-    models = [name for name in cfg.model.split(",") if name in UNETS] or list(UNETS)
+    models = [name for name in cfg.model.split(",") if name in FULL_SIZE] or list(FULL_SIZE)
     text = markdown_estimate(memory_estimate(models))
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "memory_estimate.md"), "w") as md_file:

@@ -1,15 +1,18 @@
 """Score a tuned model against its base: mean score of each model and win-rate of tuned over base.
 
-Base and tuned images are paired (same prompt, seed, DDIM steps and CFG: sample.py makes them);
-every image is scored by every scorer, then per scorer: the mean of each model, and the win-rate
-of tuned over base (win 1, tie 0.5, averaged over all pairs) with a bootstrap 95% confidence
-interval, as the paper's evaluation (arXiv 2502.01051v3: DDIM 20 steps, CFG 5.0, Pick-a-Pic v1
-validation_unique prompts). Writes OUT/eval.json, eval.md (the table), scores.jsonl (every
-image's scores) and eval_grid.png (base | tuned with the first scorer's values), prints the table.
+Base and tuned images are paired (same prompt, seed, sampler, steps and CFG: sample.py makes
+them); every image is scored by every scorer, then per scorer: the mean of each model, and the
+win-rate of tuned over base (win 1, tie 0.5, averaged over all pairs) with a bootstrap 95%
+confidence interval, as the paper's evaluation (arXiv 2502.01051v3: DDIM 20 steps, CFG 5.0,
+Pick-a-Pic v1 validation_unique prompts; SD3: its own flow-matching Euler sampler, see
+sample.py). Writes OUT/eval.json, eval.md (the table), scores.jsonl (every image's scores) and
+eval_grid.png (base | tuned with the first scorer's values), prints the table.
 
     python eval.py --model tiny --lora runs/lpo-tiny    # CPU, ~1 min: the tiny world's judge + LRM
     python eval.py --model sd15 --lora runs/lpo-sd15    # Pick-a-Pic v1 validation_unique (500)
     torchrun --nproc_per_node=8 eval.py --model sdxl --unet casiatao/LPO/lpo_sdxl_merge/unet
+    python eval.py --model tiny-sd3 --lora runs/lpo-tiny-sd3   # CPU: the flow-matching tiny world
+    python eval.py --model sd3 --unet runs/lpo-sd3/transformer --lrm runs/lrm-sd3
     python eval.py --model sd15 --base_dir runs/samples/x/base --tuned_dir runs/samples/x/tuned
     python eval.py --model sd15 --lora runs/lpo-sd15 --prompts parti.tsv --split train \\
         --out runs/eval/parti
@@ -28,10 +31,13 @@ Scorers (--scorers, comma-separated; each must load, or the run stops naming the
 are present and otherwise skipped with a one-line notice.
 
 Choices:
-- The LRM scores the *clean* latent of the saved image at t = 1 (the last grid step; no noise is
-  added): the PNG is VAE-encoded (posterior mean, fp32, the base's own VAE, one image at a time)
-  times scaling_factor. Encoding the PNG rather than keeping the sampler's latent lets any image
-  folder be scored.
+- The LRM scores the *clean* latent of the saved image at the last (least noisy) level of the
+  sampler's grid, in the denoiser's unit, with no noise added: DDIM's t = 1; SD3's flow grid:
+  its smallest sigma x 1000 (8.93 at shift 3, for any step count), not sigma 0, which the LRM
+  never saw in training (its grid is the sampler's). The PNG is VAE-encoded (posterior mean,
+  fp32, the base's own VAE, one image at a time) into the pipeline's latents: z x scaling_factor
+  (SD3: (z - shift_factor) x scaling_factor). Encoding the PNG rather than keeping the sampler's
+  latent lets any image folder be scored.
 - Win-rate CI: percentile bootstrap resampling *prompts* (all seeds of a prompt together), so
   several seeds per prompt (tiny world) do not pretend to be independent prompts. With one seed
   per prompt this is the ordinary per-image bootstrap.
@@ -55,7 +61,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mpcf import aesthetic_score, clip_score, load_aesthetic_head
-from sample import check_sampling_inputs, make_grid, sample_models
+from sample import check_sampling_inputs, family_of, make_grid, sample_models, sampler_of
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -63,10 +69,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    model: str = "sd15"  # preset: sd15 | sdxl | tiny | tiny-xl, or a pipeline folder / hub id
+    model: str = "sd15"  # preset: sd15 | sdxl | sd3 | tiny | tiny-xl | tiny-sd3, or a pipeline
     base: str = ""  # base pipeline, folder or hub id ("" = the preset's); its VAE feeds the LRM
     lora: str = ""  # tuned = base + this LoRA (lpo.py's output folder): sampled here
-    unet: str = ""  # ... or a merged U-Net: folder, or hub "owner/repo/sub/folder"
+    unet: str = ""  # ... or a merged U-Net (SD3: transformer): folder, or hub "owner/repo/sub/dir"
     vae: str = ""  # sampling VAE for both models instead of the base's (SDXL: the fp16-fix VAE)
     base_dir: str = ""  # score these folders (sample.py layout) instead of sampling
     tuned_dir: str = ""  # ... the tuned model's folder
@@ -76,10 +82,10 @@ class Config:
     num_prompts: int = 0  # first N unique prompts; 0 = all
     seeds_per_prompt: int = 1  # images per prompt (the tiny world's 15 captions need several)
     seed: int = 0  # image i uses seed + i; also the bootstrap's seed
-    num_inference_steps: int = 20  # DDIM steps (paper: 20)
+    num_inference_steps: int = 20  # sampler steps (paper, DDIM: 20; SD3's pipeline: 28)
     guidance_scale: float = 5.0  # classifier-free guidance, the same for both models (paper: 5.0)
-    eta: float = 0.0  # DDIM eta; 0 = deterministic
-    resolution: int = 0  # image side in pixels; 0 = the pipeline's (U-Net size x VAE factor)
+    eta: float = 0.0  # DDIM eta; 0 = deterministic (a flow model's Euler sampler has none)
+    resolution: int = 0  # image side in pixels; 0 = the pipeline's (denoiser size x VAE factor)
     batch_size: int = 8  # images per sampling forward pass per rank
     dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32
     scorers: str = "pickscore,clip,aesthetic,lrm"  # comma-separated: the table's rows
@@ -114,6 +120,11 @@ PRESETS = {
     "tiny": dict(TINY, base=os.path.join(ROOT, "tiny/sd15"), lrm=os.path.join(ROOT, "tiny/lrm")),
     "tiny-xl": dict(TINY, base=os.path.join(ROOT, "tiny/sdxl"),
                     lrm=os.path.join(ROOT, "tiny/lrm-xl")),
+    # SD3's pipeline defaults (28 steps, CFG 7.0), as sample.py
+    "sd3": dict(base="stabilityai/stable-diffusion-3-medium-diffusers", prompts=PICKAPIC,
+                batch_size=4, num_inference_steps=28, guidance_scale=7.0, lrm="runs/lrm-sd3"),
+    "tiny-sd3": dict(TINY, base=os.path.join(ROOT, "tiny/sd3"),
+                     lrm=os.path.join(ROOT, "tiny/lrm-sd3")),
 }
 KNOWN = ("pickscore", "clip", "aesthetic", "lrm", "judge", "hpsv2", "imagereward")
 
@@ -125,8 +136,7 @@ def get_config(argv=None):
     model = peek.parse_known_args(argv)[0].model
     preset = PRESETS.get(model)
     if preset is None:  # a pipeline folder or hub id: the preset of its family
-        family = "sdxl" if "xl" in model.lower() else "sd15"
-        preset = dict(PRESETS[family], base=model)
+        preset = dict(PRESETS[family_of(model)], base=model)
     defaults = {**asdict(Config()), **preset, "model": model}
     parser = build_parser(Config, defaults, __doc__)
     cfg = Config(**vars(parser.parse_args(argv)))
@@ -376,25 +386,44 @@ def aesthetic_scorer(cfg, device, dtype):
     return score
 
 
+def final_timestep(base, num_inference_steps):
+    """The LRM's timestep for a finished image, in the denoiser's unit: the last (least noisy)
+    level of sample.py's grid (DDIM: t = 1; SD3's flow-matching Euler: its least sigma x 1000)."""
+    import diffusers
+    scheduler_class = getattr(diffusers, sampler_of(base))
+    scheduler = scheduler_class.from_pretrained(base, subfolder="scheduler")
+    scheduler.set_timesteps(num_inference_steps)
+    return scheduler.timesteps[-1].item()
+
+
+def pipeline_latents(vae, pixels):
+    """The latents the pipeline samples: z x scaling_factor, SD3 (z - shift_factor) x
+    scaling_factor; z the posterior mean.  (B, 3, H, W) in [-1, 1] -> (B, C, h, w)"""
+    z = vae.encode(pixels).latent_dist.mean  # (B, C, h, w)
+    shift = vae.config.get("shift_factor") or 0.0  # SD1.5 / SDXL: None
+    return (z - shift) * vae.config.scaling_factor
+
+
 def lrm_scorer(cfg, device, dtype):
-    """The LRM on the clean latent of each PNG at t = 1 (the last step of the DDIM grid)."""
+    """The LRM on the clean latent of each PNG at final_timestep."""
     from diffusers import AutoencoderKL
     from lrm_model import LatentRewardModel, resolve_model
     lrm = load_or_fail("lrm", cfg.lrm, LatentRewardModel.from_pretrained, cfg.lrm, cfg.base)
     lrm = lrm.for_scoring().to(device, dtype)
+    base = resolve_model(cfg.base)
     # fp32: SDXL's VAE overflows in fp16; one image at a time: an fp32 1024 px encode is GBs
-    vae = AutoencoderKL.from_pretrained(resolve_model(cfg.base), subfolder="vae")
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
     vae = vae.to(device).eval()
     vae.enable_slicing()
     size = (lrm.resolution, lrm.resolution)
+    timestep = final_timestep(base, cfg.num_inference_steps)
 
     def score(images, prompts):
         arrays = [np.array(image.convert("RGB").resize(size)) for image in images]
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
         pixels = pixels.float().to(device) / 127.5 - 1.0  # in [-1, 1]
-        latents = vae.encode(pixels).latent_dist.mean  # (B, C, h, w)
-        latents = latents * vae.config.scaling_factor
-        return {"lrm": to_numpy(lrm.score(latents, 1, prompts=prompts))}
+        latents = pipeline_latents(vae, pixels)  # (B, C, h, w)
+        return {"lrm": to_numpy(lrm.score(latents, timestep, prompts=prompts))}
     return score
 
 
@@ -481,7 +510,8 @@ def lrm_error(cfg):
     except (OSError, ValueError) as error:
         return f"--base {cfg.base}: cannot read its model_index.json ({type(error).__name__})"
     encoders = {}
-    for name in ("text_encoder", "text_encoder_2"):
+    # SD1.5: CLIP-L; SDXL: + bigG; SD3: two projected CLIPs (+ T5 where its LRM names it)
+    for name in {"text_encoder", "text_encoder_2", *lrm_config["text_encoders"]}:
         if (index.get(name) or [None])[0]:
             encoders[name] = index[name][1]
     if encoders != lrm_config["text_encoders"]:

@@ -1,4 +1,4 @@
-"""LPO: step-level Latent Preference Optimization of SD1.5 / SDXL, with the LRM as the step reward.
+"""LPO: step-level Latent Preference Optimization of SD1.5 / SDXL / SD3, the LRM as the step reward.
 
 Paper: Zhang et al., "Diffusion Model as a Noise-Aware Latent Reward Model for Step-Level Preference
 Optimization", arXiv 2502.01051v3, Sec. "Latent Preference Optimization". One round of training:
@@ -19,6 +19,16 @@ then rank 0 logs the round and, at checkpoint rounds, writes the LoRA and then t
     torchrun --nproc_per_node=4 lpo.py --model sdxl   # paper SDXL (LRM: lrm.py --model sdxl)
     torchrun --nproc_per_node=4 lpo.py --model sd15 --resume   # continue a killed run, bitwise
     pipe.load_lora_weights("runs/lpo-sd15")           # use the result (diffusers LoRA format)
+    python lpo.py --model tiny-sd3                    # CPU, minutes: the tiny SD3 world
+    torchrun --nproc_per_node=4 lpo.py --model sd3    # SD3-Medium (LRM: lrm.py --model sd3)
+    torchrun --nproc_per_node=4 lpo.py --model sd35   # SD3.5-Medium (LRM: lrm.py --model sd35)
+
+SD3 (the paper's later version applies LPO to SD3-Medium; that code was never released): the same
+loop on a flow-matching MMDiT. What differs lives in loading (transformer/, three text encoders),
+prompt encoding (the SD3 pipeline's own encode_prompt) and the step: FlowSchedule.step runs
+"DDIM in flow form" (flow_step, derived in its docstring) where Schedule.step runs DDIM. Timesteps
+are the denoiser's own unit: the DDPM t (U-Net), or s x 1000 for SD3's noise level s; the LRM is
+told the child's (s' x 1000). Settings the paper does not give for SD3 are choices (see `SD3`).
 
 Paper settings (arXiv 2502.01051v3 and its official code, Kwai-Kolors/LPO):
 4,000 Pick-a-Pic v1 train prompts sampled uniformly, 5 epochs, 4 GPUs; LoRA on to_q, to_k, to_v,
@@ -57,7 +67,11 @@ Deviations from the official code, each marked `# deviation:` at its line:
   4. the ratio clamp is taken on log r (same function; no inf * 0 = NaN in the backward);
   5. checkpoints are taken at round ends (a round's tuples are never saved);
   6. `tiny` presets: thresholds 0.1 -> 0.2, LoRA rank 8, lr 1e-3, 32 prompts a round, rows in
-     order (a tiny LRM's scores spread less than a real one's). On CPU everything runs in fp32.
+     order (a tiny LRM's scores spread less than a real one's), tiny-sd3 two epochs. On CPU
+     everything runs in fp32;
+  7. SD3: the paper's SDE for the flow is not published; this is DDIM in flow form (exact Euler
+     at eta 0, the DDPM-posterior std at eta 1); its last step, to x_0, is deterministic and keeps
+     no pair. The tiny-sd3 evaluation samples with the SD3 pipeline's own (Euler) sampler.
 """
 import argparse
 import datetime
@@ -88,7 +102,7 @@ from lrm_model import LatentRewardModel, encode_prompt, take_rows
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    model: str = "tiny"  # preset sd15 | sdxl | tiny | tiny-xl, or a pipeline folder / hub id
+    model: str = "tiny"  # sd15|sdxl|sd3|sd35|tiny|tiny-xl|tiny-sd3, or a pipeline folder / hub id
     base: str = ""  # base pipeline ("" = the preset's)
     lrm: str = ""  # LRM folder written by lrm.py ("" = the preset's)
     out: str = ""  # run folder ("" = runs/lpo-<model>)
@@ -101,14 +115,14 @@ class Config:
     unique_prompts: bool = True  # a seeded uniform sample of distinct captions; off: rows in order
     epochs: int = 5  # passes over the prompts (paper: 5)
     max_rounds: int = 0  # stop after this many rounds (0: all epochs)
-    resolution: int = 0  # px (0 = the pipeline's own: U-Net sample_size x VAE factor)
-    num_inference_steps: int = 20  # DDIM steps (paper: 20)
+    resolution: int = 0  # px (0 = the pipeline's own: denoiser sample_size x VAE factor)
+    num_inference_steps: int = 20  # sampler steps (paper: 20 DDIM steps)
     guidance_scale: float = 5.0  # classifier-free guidance (paper: 5.0)
-    eta: float = 1.0  # DDIM eta (paper: 1, stochastic)
+    eta: float = 1.0  # DDIM eta, also of SD3's DDIM in flow form (paper: 1, stochastic)
     num_children: int = 4  # K children a step (paper: 4)
     th_min: float = 0.35  # softmax-gap threshold at the least noise (paper: SD1.5 0.35, SDXL 0.45)
     th_max: float = 0.5  # softmax-gap threshold at the most noise (paper: SD1.5 0.5, SDXL 0.6)
-    lrm_t: str = "child"  # noise level the LRM is told: child (t_prev) | parent (official)
+    lrm_t: str = "child"  # noise level the LRM is told: child (t_prev) | parent (official's t)
     negate_reward: bool = False  # control: a reward pointing the wrong way must not help
     beta: float = 500.0  # DPO beta (paper: 500; SPO: 10)
     clip_eps: float = 0.1  # likelihood-ratio clip (paper: 0.1)
@@ -117,9 +131,9 @@ class Config:
     sample_batch_size: int = 5  # prompts per rank per round (paper: 5 SD1.5, 4 SDXL)
     train_batch_size: int = 10  # tuples per rank per forward (paper: 10 SD1.5, 4 SDXL)
     grad_accum: int = 1  # forwards per optimizer update
-    grad_ckpt: bool = False  # gradient checkpointing of the policy U-Net (paper: on for SDXL)
+    grad_ckpt: bool = False  # gradient checkpointing of the policy denoiser (paper: on for SDXL)
     ckpt_every: int = 50  # updates between checkpoints (taken at the next round end)
-    save_merged: bool = False  # also write the U-Net with the LoRA merged in fp32 ({out}/unet)
+    save_merged: bool = False  # also write {out}/unet (SD3: /transformer), LoRA merged in fp32
     eval_samples: int = 0  # > 0: judge win-rate vs base on held-out seeds (tiny world only)
 
 
@@ -131,37 +145,54 @@ TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny")
 TINY = dict(prompts=os.path.join(TINY_DIR, "pickapic"), th_min=0.1, th_max=0.2, lora_rank=8,
             lr=1e-3, sample_batch_size=32, train_batch_size=64, num_prompts=320,
             unique_prompts=False, epochs=1, eval_samples=300, ckpt_every=10, threads=1)
+# SD3-Medium: the paper gives no SD3 setting beyond its method; each one below is a choice:
+# steps and guidance are its pipeline's defaults (28, 7.0); thresholds, LoRA rank, lr, batches
+# and gradient checkpointing are SDXL's (the other ~1024 px model of the paper, Tab. 11).
+SD3 = dict(num_inference_steps=28, guidance_scale=7.0, th_min=0.45, th_max=0.6, lora_rank=64,
+           lr=1e-5, sample_batch_size=4, train_batch_size=4, grad_ckpt=True)
 PRESETS = {
     "sd15": dict(base="stable-diffusion-v1-5/stable-diffusion-v1-5", lrm="runs/lrm-sd15"),
     "sdxl": dict(base="stabilityai/stable-diffusion-xl-base-1.0", lrm="runs/lrm-sdxl",
                  th_min=0.45, th_max=0.6, lora_rank=64, lr=1e-5, sample_batch_size=4,
                  train_batch_size=4, grad_ckpt=True),
+    "sd3": dict(SD3, base="stabilityai/stable-diffusion-3-medium-diffusers", lrm="runs/lrm-sd3"),
+    # SD3.5-Medium: its model card's 40 steps and CFG 4.5, the rest as SD3 (choices as above)
+    "sd35": dict(SD3, base="stabilityai/stable-diffusion-3.5-medium", lrm="runs/lrm-sd35",
+                 num_inference_steps=40, guidance_scale=4.5),
     "tiny": dict(TINY, base=os.path.join(TINY_DIR, "sd15"), lrm=os.path.join(TINY_DIR, "lrm")),
     "tiny-xl": dict(TINY, base=os.path.join(TINY_DIR, "sdxl"),
                     lrm=os.path.join(TINY_DIR, "lrm-xl"), grad_ckpt=True),
+    # deviation: tiny-sd3 makes two passes over its prompts (one gave a judge win-rate of ~0.62
+    # over three seeds, two ~0.67); its guidance is the tiny SD3 world's choice, 5.0
+    "tiny-sd3": dict(TINY, base=os.path.join(TINY_DIR, "sd3"),
+                     lrm=os.path.join(TINY_DIR, "lrm-sd3"), epochs=2),
 }
 
 
-def is_sdxl(model):
-    """SDXL or SD1.5, from the U-Net config of a local pipeline folder (SDXL's U-Net takes the
-    pooled text and size conditions, addition_embed_type "text_time"); a hub id (its config may
-    not be readable offline), by its name."""
+def model_family(model):
+    """sd15, sdxl or sd3, from the configs of a local pipeline folder (SD3: a transformer/;
+    SDXL: a U-Net taking the pooled text and size conditions, addition_embed_type "text_time");
+    a hub id (its config may not be readable offline), by its name."""
     if os.path.isdir(model):
-        from diffusers import UNet2DConditionModel
         try:
-            unet = UNet2DConditionModel.load_config(model, subfolder="unet")
-            return unet.get("addition_embed_type") == "text_time"
+            denoiser, subfolder = denoiser_config(model)
+            if subfolder == "transformer":
+                return "sd3"
+            return "sdxl" if denoiser.get("addition_embed_type") == "text_time" else "sd15"
         except (OSError, ValueError):  # no unet/: base_geometry refuses it in one line
             pass
-    return "xl" in model.lower()
+    name = model.lower()
+    if "stable-diffusion-3" in name or "sd3" in name:
+        return "sd3"
+    return "sdxl" if "xl" in name else "sd15"
 
 
 def preset_of(model):
-    """The preset of a name; any other model takes the SD1.5 or SDXL one, with itself as base."""
+    """The preset of a name; any other model takes its family's (SD1.5, SDXL or SD3), with itself
+    as base."""
     if model in PRESETS:
         return PRESETS[model]
-    family = "sdxl" if is_sdxl(model) else "sd15"
-    return dict(PRESETS[family], base=model)
+    return dict(PRESETS[model_family(model)], base=model)
 
 
 def get_config(argv=None):
@@ -200,7 +231,7 @@ def get_config(argv=None):
         if getattr(cfg, name) < 0:
             fail(f"--{name} {getattr(cfg, name)}: need 0 or more")
     cfg.out = cfg.out or os.path.join("runs", "lpo-" + os.path.basename(model.rstrip("/")))
-    if cfg.eval_samples > 0 and model not in ("tiny", "tiny-xl"):
+    if cfg.eval_samples > 0 and model not in ("tiny", "tiny-xl", "tiny-sd3"):
         fail(f"--eval_samples {cfg.eval_samples}: the built-in evaluation is the tiny world's "
              f"shape judge; pass --eval_samples 0 and evaluate the LoRA with sample.py / eval.py "
              f"(e.g. python eval.py --model sd15 --lora {cfg.out})")
@@ -368,6 +399,56 @@ def ddim_step(eps, x_t, t, t_prev, alphas_cumprod, eta):
     return a_prev.sqrt() * x0 + direction, std
 
 
+# Flow matching (SD3: rectified flow, Esser et al. 2024): x_s = (1 - s) x_0 + s e, e ~ N(0, I),
+# s in [0, 1] the noise level (FlowMatchEulerDiscreteScheduler's sigma), v = e - x_0 the velocity
+# that the transformer predicts at timestep s * 1000; s_prev = s' < s is the next level, 0 = x_0.
+def noise_levels(s, device=None):
+    """Noise levels, a number or a tensor of them, as a (B,) fp64 tensor: the step's coefficients
+    are formed in fp64, as 1 - r^2 and s'^2 - sig^2 below cancel where the levels are close."""
+    return torch.as_tensor(s, device=device).reshape(-1).double()
+
+
+def flow_sigma(s, s_prev, eta):
+    """The DDIM sigma of the flow interpolant (DDIM Eq. (16) with alpha = 1 - s, sigma = s):
+    sig = eta s' sqrt(1 - r^2), r = (1 - s) s' / ((1 - s') s); 0 where s' = 0. (B,) fp64"""
+    s = noise_levels(s)
+    s_prev = noise_levels(s_prev, s.device)
+    ratio = (1 - s) * s_prev / ((1 - s_prev) * s)  # r in [0, 1] for 1 >= s > s' >= 0
+    return eta * s_prev * (1 - ratio**2).clamp(min=0).sqrt()
+
+
+def flow_step(v, x_t, s, s_prev, eta):
+    """One step of "DDIM in flow form", x_{s'} ~ N(mean, std^2), from the velocity v at level s.
+
+    Derivation. The DDIM step (Song et al. 2021, Eq. (12)) re-noises its prediction of x_0 to the
+    next level with part of its predicted noise and part fresh noise. Written for the
+    rectified-flow interpolant instead of DDPM's sqrt(a) x_0 + sqrt(1 - a) e:
+        x_0 = x_t - s v,  e = x_t + (1 - s) v     (from x_t = (1 - s) x_0 + s e and v = e - x_0)
+        x_{s'} = (1 - s') x_0 + sqrt(s'^2 - sig^2) e + sig z,  z ~ N(0, I).
+    Given the true x_0 and e, this keeps q(x_{s'} | x_0) = N((1 - s') x_0, s'^2) for any sig in
+    [0, s']. At eta = 0 (sig = 0) it is the Euler step x_t + (s' - s) v of
+    FlowMatchEulerDiscreteScheduler.step, for any shift and step count. At eta = 1, sig
+    (flow_sigma) is the std of the posterior q(x_{s'} | x_s, x_0) of the Markov chain with these
+    marginals: the DDPM posterior analogue, i.e. the DDIM eta = 1 step that the SD1.5 / SDXL path
+    runs, so that LPO's thresholds come from the same kind of sigma. Why not Flow-GRPO's SDE (an
+    Euler-Maruyama step with a free noise scale, its std ~ sqrt(s / (1 - s)) infinite at s = 1):
+    this step needs no extra constant, is finite at s = 1, and its eta -> 0 limit is exact Euler
+    on any grid.
+    The last step, to s' = 0, has std 0 (it lands on x_0): its K children are identical, so
+    sample_tuples keeps no pair there and no log-prob is ever taken there. fp32
+    """
+    v = v.float()
+    x_t = x_t.float()
+    shape = (-1,) + (1,) * (x_t.ndim - 1)
+    level = noise_levels(s, x_t.device).view(shape)  # (B, 1, 1, 1) fp64
+    level_prev = noise_levels(s_prev, x_t.device).view(shape)  # (B, 1, 1, 1) fp64
+    std = flow_sigma(level, level_prev, eta).view(shape)  # (B, 1, 1, 1) fp64
+    keep = (level_prev**2 - std**2).clamp(min=0).sqrt()  # sqrt(s'^2 - sig^2), (B, 1, 1, 1)
+    x0 = x_t - level.float() * v  # predicted clean latent, (B, C, H, W)
+    noise = x_t + (1 - level).float() * v  # predicted noise e, (B, C, H, W)
+    return (1 - level_prev).float() * x0 + keep.float() * noise, std.float()
+
+
 def step_logprob(x_prev, mean, std):
     """log N(x_prev; mean, std^2), mean (not sum) over C x H x W as in the official code (beta's
     scale depends on it). (B,) fp32"""
@@ -422,10 +503,51 @@ class Schedule:
     thresholds: torch.Tensor  # (T,) softmax-gap threshold th_t of each step
     latent_size: int = 0  # latent side for the run's resolution (0: the U-Net's sample_size)
 
+    @property
+    def device(self):
+        return self.alphas_cumprod.device
+
+    def step(self, eps, x_t, t, t_prev, eta):
+        """The sampler's step from the U-Net's eps: DDIM. (mean, std)"""
+        return ddim_step(eps, x_t, t, t_prev, self.alphas_cumprod, eta)
+
+
+@dataclass
+class FlowSchedule:
+    """The flow-matching schedule of a run (SD3) and its pair thresholds: the base's own
+    FlowMatchEulerDiscreteScheduler grid (SD3: shift 3, 28 steps: t = 1000, 987.4, ..., 8.9)."""
+    timesteps: torch.Tensor  # (T,) fp32, descending: the transformer's unit, s * train_timesteps
+    prev_timesteps: torch.Tensor  # (T,) fp32: the next one, 0 = the end of the chain (x_0)
+    sigmas: torch.Tensor  # (T,) the eta = 1 std of each step (flow_sigma; not the noise level s)
+    thresholds: torch.Tensor  # (T,) softmax-gap threshold th_t of each step
+    device: torch.device
+    latent_size: int = 0  # latent side for the run's resolution (0: the transformer's sample_size)
+    train_timesteps: int = 1000  # timestep = noise level s x this (the scheduler's config)
+
+    def step(self, velocity, x_t, t, t_prev, eta):
+        """The sampler's step from the transformer's velocity: DDIM in flow form. (mean, std)"""
+        # deviation: the paper's flow SDE is not published; flow_step's docstring says why this
+        scale = self.train_timesteps
+        return flow_step(velocity, x_t, noise_levels(t) / scale, noise_levels(t_prev) / scale, eta)
+
+
+def is_flow_matching(scheduler_config):
+    """SD3's FlowMatchEulerDiscreteScheduler rather than a DDPM-family scheduler: by the class
+    a config file names, or, for a scheduler made in memory (its config names no class), by
+    having no beta schedule."""
+    name = scheduler_config.get("_class_name")
+    if name:
+        return name == "FlowMatchEulerDiscreteScheduler"
+    return "beta_schedule" not in scheduler_config
+
 
 def make_schedule(scheduler_config, num_inference_steps, th_min, th_max, device, latent_size=0):
-    """The schedule the sampler runs: `leading` spacing, steps_offset 1 (the SD configs)."""
+    """The schedule the sampler runs: a flow-matching base's own (SD3), else DDIM with `leading`
+    spacing, steps_offset 1 (the SD configs)."""
     from diffusers import DDIMScheduler
+    if is_flow_matching(scheduler_config):
+        return make_flow_schedule(scheduler_config, num_inference_steps, th_min, th_max, device,
+                                  latent_size)
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(num_inference_steps)
     timesteps = scheduler.timesteps.long()
@@ -435,6 +557,22 @@ def make_schedule(scheduler_config, num_inference_steps, th_min, th_max, device,
     sigmas = ddim_sigma(timesteps, prev_timesteps, alphas_cumprod, 1.0).cpu()
     thresholds = pair_thresholds(sigmas, th_min, th_max)
     return Schedule(timesteps, prev_timesteps, alphas_cumprod, sigmas, thresholds, latent_size)
+
+
+def make_flow_schedule(scheduler_config, num_inference_steps, th_min, th_max, device,
+                       latent_size=0):
+    """The grid of the SD3 pipeline (its set_timesteps(num_inference_steps)), thresholds from each
+    step's eta = 1 std as for DDIM; the last step's std is 0 (it keeps no pair)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(num_inference_steps)
+    timesteps = scheduler.timesteps.float().cpu()  # (T,)
+    prev_timesteps = torch.cat([timesteps[1:], torch.zeros(1)])  # (T,)
+    scale = scheduler.config.num_train_timesteps
+    sigmas = flow_sigma(timesteps / scale, prev_timesteps / scale, 1.0)  # (T,) fp64
+    thresholds = pair_thresholds(sigmas, th_min, th_max)
+    return FlowSchedule(timesteps, prev_timesteps, sigmas, thresholds, torch.device(device),
+                        latent_size, scale)
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -502,31 +640,49 @@ def load_prompts(source, split, n, unique=True, seed=None):
     return chosen
 
 
+def denoiser_config(base):
+    """(config, subfolder) of the base's denoising network: transformer/ (SD3's MMDiT) where the
+    base has one, else unet/ (SD1.5, SDXL); read without any weight."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    try:
+        return SD3Transformer2DModel.load_config(base, subfolder="transformer"), "transformer"
+    except (OSError, ValueError):
+        return UNet2DConditionModel.load_config(base, subfolder="unet"), "unet"
+
+
 def base_geometry(cfg):
     """(resolution, latent side) of the run from the base's configs, before any weight is read:
-    --resolution 0 is the pipeline's own (U-Net sample_size x VAE factor); other sizes must be
-    multiples of the VAE factor x the U-Net's downsampling, or the latent could not be sampled."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    --resolution 0 is the pipeline's own (denoiser sample_size x VAE factor); other sizes must be
+    multiples of the VAE factor x the U-Net's downsampling (SD3: x the transformer's patch size),
+    or the latent could not be sampled."""
+    from diffusers import AutoencoderKL
     try:
         vae = AutoencoderKL.load_config(cfg.base, subfolder="vae")
-        unet = UNet2DConditionModel.load_config(cfg.base, subfolder="unet")
+        denoiser, subfolder = denoiser_config(cfg.base)
     except (OSError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         fail(f"cannot read the base pipeline {cfg.base} ({reason}): pass --base (or --model) "
-             "naming a diffusers pipeline folder or hub id with unet/ and vae/")
+             "naming a diffusers pipeline folder or hub id with vae/ and unet/ (or transformer/)")
     vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    multiple = vae_factor * 2 ** (len(unet["down_block_types"]) - 1)
-    resolution = cfg.resolution or unet["sample_size"] * vae_factor
+    if subfolder == "transformer":
+        downsampling = denoiser["patch_size"]
+        name = "transformer patch size"
+    else:
+        downsampling = 2 ** (len(denoiser["down_block_types"]) - 1)
+        name = "U-Net downsampling"
+    multiple = vae_factor * downsampling
+    resolution = cfg.resolution or denoiser["sample_size"] * vae_factor
     if resolution % multiple:
         fail(f"--resolution {resolution}: {cfg.base} needs a positive multiple of {multiple} "
-             f"(VAE factor {vae_factor} x U-Net downsampling); 0 takes its own size")
+             f"(VAE factor {vae_factor} x {name} {downsampling}); 0 takes its own size")
     return resolution, resolution // vae_factor
 
 
 def check_scheduler(cfg):
-    """Refuse, before any weight is read, a base whose scheduler LPO's DDIM math does not cover
-    (it needs epsilon prediction and a_0 at the chain's end) or that has fewer training timesteps
-    than --num_inference_steps."""
+    """Refuse, before any weight is read, a base whose scheduler LPO's step math does not cover:
+    DDIM needs epsilon prediction, a_0 at the chain's end and at least --num_inference_steps
+    training timesteps; a flow-matching one (SD3) needs a grid fixed by the step count alone
+    (no resolution-dependent dynamic shift) that runs from noise to data (not inverted)."""
     from diffusers import DDIMScheduler
     try:
         scheduler = DDIMScheduler.load_config(cfg.base, subfolder="scheduler")
@@ -534,10 +690,15 @@ def check_scheduler(cfg):
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         fail(f"cannot read the scheduler of {cfg.base} ({reason}): pass --base (or --model) "
              "naming a diffusers pipeline with scheduler/")
+    if is_flow_matching(scheduler):
+        if scheduler.get("use_dynamic_shifting") or scheduler.get("invert_sigmas"):
+            fail(f"{cfg.base}: need a flow-matching scheduler without use_dynamic_shifting and "
+                 "invert_sigmas (SD3's)")
+        return
     epsilon = scheduler.get("prediction_type", "epsilon") == "epsilon"
     if not epsilon or scheduler.get("set_alpha_to_one"):
         fail(f"{cfg.base}: need an epsilon-prediction base with set_alpha_to_one=False "
-             "(SD1.5, SDXL)")
+             "(SD1.5, SDXL) or a flow-matching one (SD3)")
     timesteps = scheduler.get("num_train_timesteps", 1000)
     if cfg.num_inference_steps > timesteps:
         fail(f"--num_inference_steps {cfg.num_inference_steps}: {cfg.base} has {timesteps} "
@@ -578,9 +739,15 @@ def load_pipeline(cfg, device, dtype):
     return pipe
 
 
+def denoiser_name(pipe):
+    """The pipeline's denoising network: "unet" (SD1.5, SDXL) or "transformer" (SD3's MMDiT)."""
+    return "transformer" if "transformer" in pipe.components else "unet"
+
+
 def text_encoders(pipe):
-    """SD1.5: [CLIP-L]; SDXL: [CLIP-L, OpenCLIP bigG]."""
-    encoders = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+    """SD1.5: [CLIP-L]; SDXL: [CLIP-L, OpenCLIP bigG]; SD3: [CLIP-L, OpenCLIP bigG, T5]."""
+    encoders = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
+                getattr(pipe, "text_encoder_3", None)]
     return [encoder for encoder in encoders if encoder is not None]
 
 
@@ -591,11 +758,36 @@ def uncond_then_cond(uncond, cond):
     return torch.cat([uncond.expand_as(cond), cond])
 
 
+def t5_length(pipe):
+    """SD3's T5 sequence length: its pipeline's default 256, or the tokenizer's own limit where
+    that is shorter (the tiny world's T5: 16). Every SD3 encoding here and in the pipeline calls
+    uses it, so the pipeline and these encoders give the same embeddings."""
+    return min(256, pipe.tokenizer_3.model_max_length)
+
+
+@torch.no_grad()
+def encode_for_cfg_sd3(pipe, prompts):
+    """Transformer kwargs of the CFG batch [uncond; cond] (2B), through the SD3 pipeline's own
+    encode_prompt: encoder_hidden_states (CLIP-L + bigG penultimate states, zero-padded to T5's
+    width, then T5's, along the sequence) and pooled_projections (the CLIP pooled projections);
+    the uncond is the empty prompt encoded the same way, as in the SD3 pipeline (no zeros)."""
+    length = t5_length(pipe)
+    states, _, pooled, _ = pipe.encode_prompt(prompts, None, None, max_sequence_length=length,
+                                              do_classifier_free_guidance=False)
+    empty, _, empty_pooled, _ = pipe.encode_prompt([""], None, None, max_sequence_length=length,
+                                                   do_classifier_free_guidance=False)
+    return dict(encoder_hidden_states=uncond_then_cond(empty, states),
+                pooled_projections=uncond_then_cond(empty_pooled, pooled))
+
+
 @torch.no_grad()
 def encode_for_cfg(pipe, prompts, resolution):
-    """U-Net kwargs of the CFG batch [uncond; cond] (2B): encoder_hidden_states, and on SDXL
+    """Denoiser kwargs of the CFG batch [uncond; cond] (2B): encoder_hidden_states, and on SDXL
     added_cond_kwargs. With lrm_model.encode_prompt, the one place where SD1.5 (one text encoder,
-    uncond = the empty prompt) and SDXL (two; uncond = zeros, as its pipeline does) differ."""
+    uncond = the empty prompt) and SDXL (two; uncond = zeros, as its pipeline does) differ; SD3
+    (three) goes through its pipeline's encode_prompt (encode_for_cfg_sd3)."""
+    if denoiser_name(pipe) == "transformer":
+        return encode_for_cfg_sd3(pipe, prompts)
     tokenizers = [pipe.tokenizer, getattr(pipe, "tokenizer_2", None)]
     tokenizers = [tokenizer for tokenizer in tokenizers if tokenizer is not None]
     cond = encode_prompt(text_encoders(pipe), tokenizers, prompts, resolution)
@@ -612,30 +804,40 @@ def encode_for_cfg(pipe, prompts, resolution):
             is not None}
 
 
-def guided_eps(unet, x, t, cond, guidance_scale):
-    """Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + w (eps_c - eps_u).
-    (B, C, h, w) fp32"""
+def guided_prediction(denoiser, x, t, cond, guidance_scale):
+    """Classifier-free guidance (Ho & Salimans 2022) on the denoiser's output: eps = eps_u +
+    w (eps_c - eps_u) for a U-Net; the same line on the velocity for SD3's transformer (as its
+    pipeline: the guidance is linear in the output). (B, C, h, w) fp32"""
     t = torch.as_tensor(t, device=x.device).reshape(-1).expand(len(x))  # (B,)
-    eps = unet(torch.cat([x, x]), torch.cat([t, t]), **cond).sample.float()  # (2B, C, h, w)
-    eps_uncond, eps_cond = eps.chunk(2)  # (B, C, h, w) each
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+    # timestep by name: the U-Net takes it second, SD3's transformer fourth
+    output = denoiser(torch.cat([x, x]), timestep=torch.cat([t, t]), **cond).sample  # (2B, ...)
+    uncond, conditional = output.float().chunk(2)  # (B, C, h, w) each
+    return uncond + guidance_scale * (conditional - uncond)
 
 
-def add_lora(unet, lora_rank, seed, grad_ckpt):
+guided_eps = guided_prediction  # its name before SD3, for the callers written then
+
+
+def add_lora(denoiser, lora_rank, seed, grad_ckpt):
     """LoRA on the attention projections (paper: to_q, to_k, to_v, to_out.0; alpha = rank);
-    returns the trainable parameters, in fp32 even where the frozen weights are bf16."""
+    returns the trainable parameters, in fp32 even where the frozen weights are bf16.
+    SD3 (a choice): the same four names, which in an MMDiT joint block are the image stream's
+    projections (and those of SD3.5's second, image-only attention). The text stream's add_q_proj,
+    add_k_proj, add_v_proj and to_add_out stay frozen: the paper names only the four, and the joint
+    attention mixes both streams, so the adapted image projections still change how the image
+    attends to the prompt. Flow-GRPO and diffusers' SD3 LoRA script adapt the text stream too."""
     from peft import LoraConfig
     torch.manual_seed(seed)  # the same LoRA init on every rank
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
     lora = LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
                       target_modules=targets)
-    unet.requires_grad_(False)
-    unet.add_adapter(lora)
-    params = [param for param in unet.parameters() if param.requires_grad]
+    denoiser.requires_grad_(False)
+    denoiser.add_adapter(lora)
+    params = [param for param in denoiser.parameters() if param.requires_grad]
     for param in params:
         param.data = param.data.float()
     if grad_ckpt:
-        unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
     return params
 
 
@@ -660,15 +862,16 @@ def write_safetensors(tensors, path):
         weight_file.write(save(tensors, metadata={"format": "pt"}))
 
 
-def save_lora(pipe, unet, out):
+def save_lora(pipe, denoiser, out):
     """The LoRA in diffusers format (`pipe.load_lora_weights(out)` reads it), moved in whole."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
     kill_point("before lora")
+    # unet_lora_layers= (SD1.5, SDXL) or transformer_lora_layers= (SD3)
+    named_layers = {f"{denoiser_name(pipe)}_lora_layers": layers}
     write_or_fail(os.path.join(out, LORA_FILE), type(pipe).save_lora_weights, out,
-                  unet_lora_layers=layers, weight_name=LORA_FILE + ".tmp",
-                  save_function=write_safetensors)
+                  weight_name=LORA_FILE + ".tmp", save_function=write_safetensors, **named_layers)
     kill_point("mid " + LORA_FILE)
     os.replace(os.path.join(out, LORA_FILE + ".tmp"), os.path.join(out, LORA_FILE))
     kill_point("after lora")
@@ -681,24 +884,24 @@ def lora_delta(layer, adapter="default"):
     return layer.scaling[adapter] * (up @ down)
 
 
-def merged_unet(base, unet):
-    """The base U-Net read again in fp32 with every LoRA delta added in fp32: fused into the bf16
-    training copy, a small delta would mostly round away (a bf16 weight keeps 8 bits)."""
-    from diffusers import UNet2DConditionModel
-    merged = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32)
+def merged_unet(base, denoiser, subfolder="unet"):
+    """The base's denoiser (U-Net; SD3: subfolder "transformer") read again in fp32 with every
+    LoRA delta added in fp32: fused into the bf16 training copy, a small delta would mostly round
+    away (a bf16 weight keeps 8 bits)."""
+    merged = type(denoiser).from_pretrained(base, subfolder=subfolder, torch_dtype=torch.float32)
     targets = dict(merged.named_modules())
-    for name, layer in unet.named_modules():
+    for name, layer in denoiser.named_modules():
         if hasattr(layer, "lora_A"):
             targets[name].weight.data += lora_delta(layer).cpu()
     return merged
 
 
-def save_merged_unet(base, unet, out):
-    """{out}/unet, a plain diffusers U-Net folder, replaced whole."""
-    folder = os.path.join(out, "unet")
-    merged = merged_unet(base, unet)
+def save_merged_unet(base, denoiser, out, subfolder="unet"):
+    """{out}/unet (SD3: {out}/transformer), a plain diffusers model folder, replaced whole."""
+    folder = os.path.join(out, subfolder)
+    merged = merged_unet(base, denoiser, subfolder)
     write_or_fail(folder, merged.save_pretrained, folder + ".tmp")
-    kill_point("mid unet")
+    kill_point("mid " + subfolder)
     if os.path.isdir(folder):
         shutil.rmtree(folder)
     os.replace(folder + ".tmp", folder)
@@ -709,16 +912,17 @@ TUPLE_KEYS = ("x_t", "x_w", "x_l", "t", "t_prev", "prompt_ids")
 
 
 @torch.no_grad()
-def sample_tuples(unet, lrm, cond, lrm_text, prompt_ids, schedule, cfg, generator, seconds,
+def sample_tuples(denoiser, lrm, cond, lrm_text, prompt_ids, schedule, cfg, generator, seconds,
                   autocast):
-    """Step 1: DDIM (eta 1) + CFG from noise; every step K children of one parent, scored by the
-    LRM; keep (x_t, x_w, x_l, t, t_prev, prompt id) where the pair clears th_t; go on from a
-    uniformly random child. Returns the kept tuples and the LRM's scores of all children."""
+    """Step 1: DDIM (eta 1; SD3: DDIM in flow form) + CFG from noise; every step K children of one
+    parent, scored by the LRM; keep (x_t, x_w, x_l, t, t_prev, prompt id) where the pair clears
+    th_t; go on from a uniformly random child. Returns the kept tuples and the LRM's scores of all
+    children."""
     count = len(prompt_ids)  # B prompts
     children = cfg.num_children  # K
-    device = schedule.alphas_cumprod.device
-    channels = unet.config.in_channels
-    size = schedule.latent_size or unet.config.sample_size
+    device = schedule.device
+    channels = denoiser.config.in_channels
+    size = schedule.latent_size or denoiser.config.sample_size
     # the LRM's text for B x K children: each prompt K times
     repeat = torch.arange(count).repeat_interleave(children)
     lrm_text = dict(lrm_text, cond=take_rows(lrm_text["cond"], repeat))
@@ -730,8 +934,8 @@ def sample_tuples(unet, lrm, cond, lrm_text, prompt_ids, schedule, cfg, generato
                 schedule.thresholds.tolist())
     for t, t_prev, threshold in steps:
         with timed(seconds, "sample"), autocast:
-            eps = guided_eps(unet, x, t, cond, cfg.guidance_scale)  # (B, C, h, w)
-            mean, std = ddim_step(eps, x, t, t_prev, schedule.alphas_cumprod, cfg.eta)
+            prediction = guided_prediction(denoiser, x, t, cond, cfg.guidance_scale)  # eps or v
+            mean, std = schedule.step(prediction, x, t, t_prev, cfg.eta)  # (B, C, h, w), (1, ...)
             shape = (count, children, channels, size, size)
             noise = torch.randn(*shape, generator=generator, device=device)  # (B, K, C, h, w)
             kids = mean[:, None] + std[:, None] * noise  # (B, K, C, h, w)
@@ -743,6 +947,8 @@ def sample_tuples(unet, lrm, cond, lrm_text, prompt_ids, schedule, cfg, generato
             lrm_scores = lrm_scores.view(count, children)  # (B, K)
             reward = -lrm_scores if cfg.negate_reward else lrm_scores
             win, lose, ok = select_pairs(reward, threshold)  # (B,) each
+            # a deterministic step (SD3's last, to x_0) has K equal children: no pair there
+            ok = ok & (std.flatten() > 0)
         scores.append(lrm_scores.flatten())
         found = dict(x_t=x, x_w=kids[rows, win], x_l=kids[rows, lose],
                      t=torch.full((count,), t, device=device),
@@ -784,20 +990,21 @@ def pool_tuples(tuples, world, rank, seed, round_index):
     return {key: value[mine.to(value.device)] for key, value in pooled.items()}, count
 
 
-def pair_logprobs(unet, minibatch, cond, schedule, cfg, autocast):
+def pair_logprobs(denoiser, minibatch, cond, schedule, cfg, autocast):
     """log p of winner and loser (fp32) under the policy, then under the reference = the same
-    U-Net with its adapters off; both with the CFG-combined eps. [logp_w, logp_l, ref_w, ref_l]"""
+    denoiser with its adapters off; both with the CFG-combined eps (SD3: velocity).
+    [logp_w, logp_l, ref_w, ref_l]"""
     x_t = minibatch["x_t"]
     t = minibatch["t"]
-    chain = (t, minibatch["t_prev"], schedule.alphas_cumprod, cfg.eta)  # ddim_step's other inputs
+    chain = (t, minibatch["t_prev"], cfg.eta)  # the step's other inputs
     with autocast:
-        eps = guided_eps(unet, x_t, t, cond, cfg.guidance_scale)
-        mean, std = ddim_step(eps, x_t, *chain)
+        prediction = guided_prediction(denoiser, x_t, t, cond, cfg.guidance_scale)
+        mean, std = schedule.step(prediction, x_t, *chain)
         with torch.no_grad():
-            unet.disable_adapters()
-            eps_ref = guided_eps(unet, x_t, t, cond, cfg.guidance_scale)
-            mean_ref, _ = ddim_step(eps_ref, x_t, *chain)
-            unet.enable_adapters()
+            denoiser.disable_adapters()
+            prediction_ref = guided_prediction(denoiser, x_t, t, cond, cfg.guidance_scale)
+            mean_ref, _ = schedule.step(prediction_ref, x_t, *chain)
+            denoiser.enable_adapters()
     logp_w = step_logprob(minibatch["x_w"], mean, std)  # (B,)
     logp_l = step_logprob(minibatch["x_l"], mean, std)  # (B,)
     ref_w = step_logprob(minibatch["x_w"], mean_ref, std)  # (B,)
@@ -831,7 +1038,7 @@ def apply_update(params, optimizer, loss, world, max_norm=1.0):
     return norm.item()
 
 
-def train_on_pairs(unet, pipe, params, optimizer, mine, prompts, schedule, cfg, world,
+def train_on_pairs(denoiser, pipe, params, optimizer, mine, prompts, schedule, cfg, world,
                    autocast):
     """Step 3: the step DPO loss on this rank's share, train_batch_size tuples a forward,
     grad_accum forwards an update. An update's gradient is that of the mean loss over its pairs:
@@ -845,7 +1052,7 @@ def train_on_pairs(unet, pipe, params, optimizer, mine, prompts, schedule, cfg, 
         minibatch = {key: value[start:start + cfg.train_batch_size] for key, value in mine.items()}
         captions = [prompts[i] for i in minibatch["prompt_ids"].tolist()]
         cond = encode_for_cfg(pipe, captions, cfg.resolution)
-        logprobs = pair_logprobs(unet, minibatch, cond, schedule, cfg, autocast)
+        logprobs = pair_logprobs(denoiser, minibatch, cond, schedule, cfg, autocast)
         loss, stats = lpo_loss(*logprobs, cfg.beta, cfg.clip_eps)
         pairs = len(minibatch["t"])
         update_start = start - start % per_update
@@ -880,7 +1087,8 @@ def peak_mem_mb():
 
 def round_row(tuples, scores, count, sums, seconds, schedule, cfg, world):
     """The logged numbers of a round, summed over all ranks with one all_reduce (module doc)."""
-    bucket_of_tuple = (tuples["t"] * 4 // 1000).clamp(0, 3)  # t: [0, 250) ... [750, 1000)
+    # t: [0, 250) ... [750, 1000) (SD3: s x 1000, s = 1 in the last)
+    bucket_of_tuple = (tuples["t"] * 4 // 1000).long().clamp(0, 3)
     buckets = torch.bincount(bucket_of_tuple, minlength=4)  # (4,)
     scores = scores.double()  # fp64 sums: no cancellation in the variance
     groups = scores.view(len(schedule.timesteps), -1, cfg.num_children)  # (T, B, K)
@@ -1024,7 +1232,7 @@ def restore(checkpoint, params, optimizer, cfg):
 
 def save_checkpoint(cfg, pipe, params, optimizer, step, next_round, world, prompts):
     """The LoRA first, the checkpoint last: a ckpt.pt that exists means its LoRA is on disk."""
-    save_lora(pipe, pipe.unet, cfg.out)
+    save_lora(pipe, getattr(pipe, denoiser_name(pipe)), cfg.out)
     kill_point("before ckpt")
     lora = torch.nn.utils.parameters_to_vector(params).cpu()
     # next_round is the whole RNG state: every round reseeds from (seed, rank, round)
@@ -1052,6 +1260,14 @@ def round_prompt_ids(num_prompts, cfg, world, rank, epoch, position):
     return order[(torch.arange(cfg.sample_batch_size) + first) % num_prompts]
 
 
+def sampler_options(pipe, cfg):
+    """The pipeline call's options that differ by family: DDIM's eta (SD1.5, SDXL, the sampler
+    LPO trains); SD3's T5 length (its pipeline samples with its own Euler ODE, it has no eta)."""
+    if denoiser_name(pipe) == "transformer":
+        return dict(max_sequence_length=t5_length(pipe))
+    return dict(eta=cfg.eta)
+
+
 @torch.no_grad()
 def generate(pipe, captions, cfg):
     """Images of the captions, caption i on the held-out seed 10^6 + i, 100 a call."""
@@ -1060,28 +1276,28 @@ def generate(pipe, captions, cfg):
         chunk = captions[start:start + 100]
         seeds = range(10**6 + start, 10**6 + start + len(chunk))
         generators = [torch.Generator(pipe.device).manual_seed(seed) for seed in seeds]
-        output = pipe(chunk, num_inference_steps=cfg.num_inference_steps, eta=cfg.eta,
+        output = pipe(chunk, num_inference_steps=cfg.num_inference_steps,
                       guidance_scale=cfg.guidance_scale, generator=generators,
-                      height=cfg.resolution, width=cfg.resolution)
+                      height=cfg.resolution, width=cfg.resolution, **sampler_options(pipe, cfg))
         images += output.images
     return images
 
 
 @torch.no_grad()
-def evaluate(cfg, pipe, unet):
+def evaluate(cfg, pipe, denoiser):
     """Tiny world only: the judge's win-rate of tuned over base, the same seeds, sampler, steps
     and guidance for both (the official script mixed guidance scales), every image judged."""
     from diffusers import DiffusionPipeline
     from tiny.world import judge_win_rate
     parts = {name: part for name, part in pipe.components.items() if name != "vae"}
     pipe = DiffusionPipeline.from_pretrained(cfg.base, **parts)  # the same modules, plus the VAE
-    pipe.to(unet.device)
+    pipe.to(denoiser.device)
     pipe.set_progress_bar_config(disable=True)
     captions = load_prompts(cfg.prompts, "validation_unique", cfg.eval_samples, unique=False)
     captions = [captions[i % len(captions)] for i in range(cfg.eval_samples)]
-    unet.disable_adapters()
+    denoiser.disable_adapters()
     images_base = generate(pipe, captions, cfg)
-    unet.enable_adapters()
+    denoiser.enable_adapters()
     images_tuned = generate(pipe, captions, cfg)
     return judge_win_rate(images_tuned, images_base, captions)
 
@@ -1113,10 +1329,10 @@ def main(cfg):
     gpu = device.type == "cuda"
     lrm = load_lrm(cfg, device, torch.float16 if gpu else torch.float32)
     pipe = load_pipeline(cfg, device, torch.bfloat16 if gpu else torch.float32)
-    unet = pipe.unet
+    denoiser = getattr(pipe, denoiser_name(pipe))  # U-Net, or SD3's transformer
     schedule = make_schedule(pipe.scheduler.config, cfg.num_inference_steps, cfg.th_min,
                              cfg.th_max, device, latent_size)
-    params = add_lora(unet, cfg.lora_rank, cfg.seed, cfg.grad_ckpt)
+    params = add_lora(denoiser, cfg.lora_rank, cfg.seed, cfg.grad_ckpt)
     # paper: AdamW (0.9, 0.999), weight decay 1e-4, eps 1e-8, constant lr
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4,
                                   eps=1e-8)
@@ -1155,7 +1371,7 @@ def main(cfg):
         lrm_text = lrm.encode_text(captions)  # the LRM's own tokenizer(s)
         generator = torch.Generator(device)
         generator.manual_seed((cfg.seed * world + rank) * 1_000_003 + round_index)
-        tuples, scores = sample_tuples(unet, lrm, cond, lrm_text, prompt_ids, schedule, cfg,
+        tuples, scores = sample_tuples(denoiser, lrm, cond, lrm_text, prompt_ids, schedule, cfg,
                                        generator, seconds, autocast)
 
         # 2. pool the pairs of all ranks: one shared shuffle, an equal share each
@@ -1164,7 +1380,7 @@ def main(cfg):
         # 3. train the LoRA on this rank's share
         try:
             with timed(seconds, "train"):
-                sums = train_on_pairs(unet, pipe, params, optimizer, mine, prompts, schedule,
+                sums = train_on_pairs(denoiser, pipe, params, optimizer, mine, prompts, schedule,
                                       cfg, world, autocast)
         except NonFiniteUpdate as error:
             fail(stop_advice(cfg, str(error), round_index))
@@ -1194,7 +1410,7 @@ def main(cfg):
 
     if master and start >= total:
         # a finished run resumed: its final files derive again from its checkpoint, so they agree
-        save_lora(pipe, unet, cfg.out)
+        save_lora(pipe, denoiser, cfg.out)
     vector = torch.nn.utils.parameters_to_vector(params).double()
     fingerprint = torch.stack([vector.sum(), vector.square().sum()])[None]  # (1, 2)
     fingerprint = all_gather_cat(fingerprint, world)  # (world, 2): equal rows
@@ -1205,12 +1421,12 @@ def main(cfg):
         fail(no_update_message(history, cfg))
     if master and cfg.eval_samples > 0:  # rank 0 only, no collectives inside
         with autocast:
-            result.update(evaluate(cfg, pipe, unet))
+            result.update(evaluate(cfg, pipe, denoiser))
         print("judge win-rate tuned vs base: {win_rate:.3f} [95% CI {win_low:.3f}, "
               "{win_high:.3f}] over {n} held-out samples; caption match {match_base:.3f} -> "
               "{match_tuned:.3f}".format(**result), flush=True)
     if master and cfg.save_merged:
-        save_merged_unet(cfg.base, unet, cfg.out)
+        save_merged_unet(cfg.base, denoiser, cfg.out, denoiser_name(pipe))
     if master:
         write_or_fail(log_path, log_jsonl, log_path, dict(final=result))
         print(f"{PROG}: {step} updates; LoRA in {cfg.out} ({LORA_FILE}), log in {log_path}",

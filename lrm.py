@@ -7,9 +7,12 @@ a Bradley-Terry loss on the LRM's scores of both images of a pair, noised to one
     torchrun --nproc_per_node=2 lrm.py --model tiny --resume        # CPU (gloo): continue a run
     torchrun --nproc_per_node=8 lrm.py --model sd15 --keep runs/mpcf-sd15/keep.json
     torchrun --nproc_per_node=8 lrm.py --model sdxl --keep runs/mpcf-sd15/keep.json
+    python lrm.py --model tiny-sd3              # CPU: ~2.5 min of one core -> runs/lrm-tiny-sd3
+    torchrun --nproc_per_node=8 lrm.py --model sd3 --keep runs/mpcf-sd15/keep.json  # SD3-Medium
     torchrun --nproc_per_node=8 lrm.py --model ./my-sd15 --data /data/pickapic_v1  # paper settings
---out gets the final LRM (unet/, text_encoder*/, tokenizer*/, state_dict.pt, lrm_config.json;
-load it with LatentRewardModel.from_pretrained), best/ (the best validation accuracy at the first
+--out gets the final LRM (unet/, text_encoder*/, tokenizer*/, state_dict.pt, lrm_config.json; SD3:
+transformer/, state_dict.pt, lrm_config.json, its frozen text encoders being the base's; load it
+with LatentRewardModel.from_pretrained), best/ (the best validation accuracy at the first
 --eval_timesteps), train_state.pt (the checkpoint) and metrics.jsonl (rank 0; one JSON object a
 line, null where a number does not exist):
   each step: step, loss (the global batch's weighted Bradley-Terry loss), acc (share of its decisive
@@ -31,9 +34,16 @@ keep.json (a JSON list of train-row indices) or a parquet / CSV file with an `in
 Training: AdamW, bf16 autocast on CUDA, a global batch of --train_batch_size pairs split over the
 ranks and, within a rank, into micro-batches of --micro_batch_size pairs (gradient accumulation;
 0 = auto: the whole share on CPU, on CUDA the most that fits the GPU by the estimate
-ACTIVATION_GB_PER_PAIR below; the choice is printed). Each pair draws one t from the 20-step DDIM
-grid {1, 51, ..., 951} for both its images, with independent noise per image; its loss weight is
-1 / num_example_per_prompt, normalised over the global batch.
+ACTIVATION_GB_PER_PAIR below; the choice is printed). Each pair draws one t for both its images,
+with independent noise per image, from the noise levels of the base's 20-step sampling schedule;
+its loss weight is 1 / num_example_per_prompt, normalised over the global batch. t is in the
+denoiser's own unit (paper: the 20-step DDIM grid):
+- SD1.5, SDXL: DDPM's t in {1, 51, ..., 951} (DDIMScheduler), x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) e.
+- SD3 (flow matching): t = 1000 sigma, sigma the FlowMatchEulerDiscreteScheduler's 20 noise levels
+  (the base's shift; 3.0: t in {8.9, 149.8, 266.3, ..., 981.9, 1000}), x_t = (1 - sigma) x_0 +
+  sigma e (rectified flow); latents as SD3's pipeline, (z - shift_factor) x scaling_factor.
+--eval_timesteps '' (the default) validates at the grid's t nearest 0, 250, 500, 750, 1000: low to
+high noise (DDPM: 1, 251, 501, 751, 951; SD3 with shift 3: 8.9, 266.3, 520.1, 731.0, 1000).
 
 Resume: a checkpoint that exists means everything it covers (best/, the final LRM) is on disk;
 --resume continues bit for bit and refuses other settings (model, data, batch, seed...) in one
@@ -58,6 +68,10 @@ Choices and deviations:
    the totals at each epoch's end (the whole data) and at the last step.
 7. deviation (tiny world only): lr 1e-3, weight decay 0.01, 400 steps x 32 pairs of MPCF's kept
    rows (tiny/pickapic/mpcf_keep.json, made by `python mpcf.py --model tiny`), one CPU thread.
+8. SD3: the LRM reads the first --lrm_blocks MMDiT blocks (paper: 18 of SD3-Medium's 24) and its
+   text encoders stay frozen (paper), so train_state.pt leaves them out (T5-XXL: 19 GB in fp32):
+   they are the base's. The paper gives no SD3 training recipe: the sd3 / sd35 presets take
+   SDXL's (the same 1024 px, batch 32, 8,000 steps).
 """
 import argparse
 import datetime
@@ -79,11 +93,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import transformers
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler,
+                       FlowMatchEulerDiscreteScheduler)
 from PIL import Image
 from tqdm import tqdm
 
-from lrm_model import MODELS, ROOT, LatentRewardModel, resolve_model
+from lrm_model import (MODELS, ROOT, LatentRewardModel, load_denoiser_config, mmdit_blocks,
+                       resolve_model)
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "num_example_per_prompt",
            "has_label", "are_different")
@@ -102,7 +118,7 @@ MECHANICS = ("out", "resume", "micro_batch_size", "vae_batch_size", "workers", "
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    model: str = "tiny"  # sd15 | sdxl | tiny | tiny-xl (preset and base), or a pipeline folder / id
+    model: str = "tiny"  # sd15 | sdxl | sd3 | sd35 | tiny | tiny-xl | tiny-sd3, or a pipeline / id
     base: str = ""  # base pipeline (hub id or folder) instead of --model's; then --data too
     data: str = "yuvalkirstain/pickapic_v1"  # preference pairs: hub id or folder (see above)
     keep: str = ""  # rows kept by mpcf.py: JSON list of train rows, or parquet / CSV `index`
@@ -115,9 +131,10 @@ class Config:
     weight_decay: float = 0.3  # AdamW weight decay of matrices; paper: 0.3
     warmup: int = 500  # log warm-up steps, then linear decay to 0; paper: 500 / 1000 (SDXL)
     grad_clip: float = 1.0  # max global gradient norm; paper: 1.0
-    vfe_scale: float = 7.5  # VFE's g on the mid feature; paper: 7.5 (1 disables VFE)
-    resolution: int = 0  # image side in px; 0 = the base's (U-Net sample_size x VAE factor)
-    eval_timesteps: str = "1,251,501,751,951"  # validation t's; the first one picks best/
+    vfe_scale: float = 7.5  # VFE's g on the mid (SD3: block N) feature; paper: 7.5 (1: no VFE)
+    lrm_blocks: int = 0  # SD3: MMDiT blocks the LRM runs; 0 = round(0.75 x its); paper: 18 of 24
+    resolution: int = 0  # image side in px; 0 = the base's (denoiser sample_size x VAE factor)
+    eval_timesteps: str = ""  # validation t's (denoiser's unit); '' = grid's nearest 0..1000 by 250
     eval_every: int = 500  # steps between validations (each followed by a checkpoint)
     eval_max_pairs: int = 0  # validation pairs used, 0 = the whole split
     save_every: int = 500  # steps between checkpoints (train_state.pt)
@@ -142,6 +159,10 @@ PRESETS = {
                  save_every=100, workers=0, threads=1),
 }
 PRESETS["tiny-xl"] = PRESETS["tiny"]
+PRESETS["tiny-sd3"] = PRESETS["tiny"]
+# the paper gives no SD3 LRM recipe: SDXL's (the same 1024 px)
+PRESETS["sd3"] = PRESETS["sdxl"]
+PRESETS["sd35"] = PRESETS["sdxl"]
 
 
 # ----------------------------------------------------------------------------- boilerplate
@@ -279,6 +300,13 @@ def option_given(argv, name):
     return any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in argv)
 
 
+def parse_timesteps(text):
+    """'1,251' -> [1, 251]; '8.93,1000' -> [8.93, 1000]: whole numbers as int (a DDPM t indexes
+    its schedule), others float (SD3's 1000 sigma); '' -> []. Raises ValueError."""
+    numbers = [float(part) for part in text.split(",")] if text.strip() else []
+    return [int(t) if t.is_integer() else t for t in numbers]
+
+
 def get_config(argv=None):
     """The Config of a command line: Config's defaults, then --model's preset, then the options.
     Beyond the preset, two rules about the data:
@@ -318,16 +346,17 @@ def get_config(argv=None):
         (cfg.resolution < 0, "--resolution must be 0 (the base's) or a positive size"),
         (cfg.vae_batch_size < 1, "--vae_batch_size must be at least 1"),
         (cfg.threads < 0, "--threads must be 0 (torch's default) or more"),
+        (cfg.lrm_blocks < 0, "--lrm_blocks must be 0 (the default share) or more"),
     ]
     for broken, message in checks:
         if broken:
             fail(message)
     try:
-        timesteps = [int(t) for t in cfg.eval_timesteps.split(",")]
+        timesteps = parse_timesteps(cfg.eval_timesteps)
     except ValueError:
-        fail(f"--eval_timesteps {cfg.eval_timesteps!r}: comma-separated integers, e.g. 1,501,951")
-    if not all(0 <= t < 1000 for t in timesteps):
-        fail(f"--eval_timesteps {cfg.eval_timesteps!r}: each t in 0..999")
+        fail(f"--eval_timesteps {cfg.eval_timesteps!r}: comma-separated numbers, e.g. 1,501,951")
+    if not all(0 <= t <= 1000 for t in timesteps):
+        fail(f"--eval_timesteps {cfg.eval_timesteps!r}: each t in 0..1000 (DDPM: 0..999)")
     cfg.out = cfg.out or f"runs/lrm-{os.path.basename(cfg.model.rstrip('/'))}"
     return cfg
 
@@ -340,6 +369,14 @@ def pair_loss(s0, s1, label_0, label_1, weight, total_weight=None):
     nll = -(label_0 * logp[:, 0] + label_1 * logp[:, 1])  # (B,)
     total = weight.sum() if total_weight is None else total_weight
     return (weight / total.clamp_min(1e-12) * nll).sum()
+
+
+def flow_noise(latents, noise, sigma):
+    """Rectified flow's forward process (SD3): x_sigma = (1 - sigma) x_0 + sigma e, sigma in [0, 1]
+    per row (diffusers: FlowMatchEulerDiscreteScheduler.scale_noise). (B, C, h, w), (B, C, h, w),
+    (B,) -> (B, C, h, w)"""
+    sigma = sigma.to(latents.dtype).view(-1, *[1] * (latents.ndim - 1))  # (B, 1, 1, 1)
+    return (1 - sigma) * latents + sigma * noise
 
 
 def learning_rate(step, cfg):
@@ -500,15 +537,17 @@ def steps_sampler(n, global_batch, rank, world, seed, start, steps):
 
 @torch.no_grad()
 def encode_images(vae, pixels, noise, vae_batch_size=8):
-    """latent_dist.sample() with the given noise, times vae.config.scaling_factor (not 0.18215),
-    vae_batch_size images per VAE call: the VAE's memory does not grow with the batch."""
+    """latent_dist.sample() with the given noise, as the pipeline scales it: (z - shift_factor) x
+    scaling_factor (not 0.18215; SD1.5 and SDXL have no shift, SD3 has), vae_batch_size images per
+    VAE call: the VAE's memory does not grow with the batch."""
     latents = []
     for start in range(0, len(pixels), vae_batch_size):
         chunk = pixels[start:start + vae_batch_size].to(vae.device, vae.dtype)  # (c, 3, H, W)
         posterior = vae.encode(chunk).latent_dist
         chunk_noise = noise[start:start + vae_batch_size].to(posterior.mean)
         latents.append(posterior.mean + posterior.std * chunk_noise)  # (c, C, h, w)
-    return torch.cat(latents) * vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (torch.cat(latents) - shift) * vae.config.scaling_factor
 
 
 def pair_latents(vae, batch, device, vae_batch_size=8):
@@ -518,6 +557,36 @@ def pair_latents(vae, batch, device, vae_batch_size=8):
     pixels = batch["px"].flatten(0, 1)  # (2b, 3, H, W)
     latents = encode_images(vae, pixels, eps[:, 0], vae_batch_size).to(device)
     return latents, eps[:, 1]
+
+
+def noise_schedule(base):
+    """The base's noising and its grid of training t's, the noise levels of its 20-step sampling
+    schedule (paper: the 20-step DDIM grid): DDPM (SD1.5, SDXL: t in {1, 51, ..., 951}), or
+    flow matching (SD3: t = 1000 sigma, the FlowMatchEulerDiscreteScheduler's 20 sigmas)."""
+    config = DDPMScheduler.load_config(base, subfolder="scheduler")
+    if config["_class_name"] == "FlowMatchEulerDiscreteScheduler":
+        noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        sampler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    else:
+        noise_scheduler = DDPMScheduler.from_config(config)
+        sampler = DDIMScheduler.from_config(config)
+    sampler.set_timesteps(20)
+    return noise_scheduler, sorted(sampler.timesteps.tolist())
+
+
+def add_noise(noise_scheduler, latents, noise, timesteps):
+    """x_t of clean latents at (B,) t's in the denoiser's unit: DDPM's sqrt(a_t) x_0 +
+    sqrt(1 - a_t) e, or rectified flow's (1 - sigma) x_0 + sigma e with sigma = t / 1000."""
+    if isinstance(noise_scheduler, FlowMatchEulerDiscreteScheduler):
+        sigma = timesteps / noise_scheduler.config.num_train_timesteps  # (B,)
+        return flow_noise(latents, noise, sigma)
+    return noise_scheduler.add_noise(latents, noise, timesteps)
+
+
+def default_eval_timesteps(grid):
+    """The grid's t nearest 0, 250, 500, 750 and 1000: low to high noise."""
+    nearest = [min(grid, key=lambda t: abs(t - target)) for target in (0, 250, 500, 750, 1000)]
+    return list(dict.fromkeys(nearest))
 
 
 def latent_shape(vae, resolution):
@@ -533,7 +602,7 @@ def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pa
     tie scoring 0.5}}. Sharded over ranks when torch.distributed is initialised."""
     base = resolve_model(lrm.config["base"])
     vae = vae or AutoencoderKL.from_pretrained(base, subfolder="vae")
-    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    noise_scheduler, _ = noise_schedule(base)
     device = lrm.logit_scale.device
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -559,8 +628,9 @@ def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pa
         good = ~batch["bad"]  # an undecodable pair casts no vote
         decisive = (label_0 != label_1) & good
         for t in timesteps:
-            t_batch = torch.full((len(latents),), t, dtype=torch.long, device=device)
-            noisy = noise_scheduler.add_noise(latents, noise, t_batch)
+            # an int t (DDPM) gives a long tensor, a float one (SD3) a float tensor
+            t_batch = torch.full((len(latents),), t, device=device)  # (2b,)
+            noisy = add_noise(noise_scheduler, latents, noise, t_batch)
             with autocast:
                 scores = lrm.score(noisy, t_batch, text=text).float().cpu()  # (2b,)
             s0 = scores[0::2]
@@ -647,7 +717,7 @@ def train_step(lrm, vae, noise_scheduler, batch, micro_batch_size, device, vae_b
         micro = {key: value[part] for key, value in batch.items()}
         latents, noise = pair_latents(vae, micro, device, vae_batch_size)  # (2m, C, h, w)
         t = micro["t"].to(device).repeat_interleave(2)  # (2m,): one t for both images of a pair
-        noisy = noise_scheduler.add_noise(latents, noise, t)  # independent noise per image
+        noisy = add_noise(noise_scheduler, latents, noise, t)  # independent noise per image
         prompts = [caption for caption in micro["caption"] for _ in range(2)]
         with autocast:
             scores = lrm.score(noisy, t, prompts=prompts).view(-1, 2)  # (m, 2)
@@ -732,11 +802,21 @@ def publish_lrm(lrm, folder, staging, name):
     os.rmdir(staging)
 
 
+def checkpoint_weights(lrm):
+    """The LRM's tensors for train_state.pt, without frozen text encoders (SD3's; its T5-XXL is
+    19 GB in fp32): from_base loads those as they were."""
+    weights = lrm.state_dict()
+    if lrm.text_trained:
+        return weights
+    return {name: value for name, value in weights.items()
+            if not name.startswith("text_encoders.")}
+
+
 def save_checkpoint(path, lrm, optimizer, counters, cfg, world):
     """train_state.pt: weights, AdamW's state, the counters, the settings and the world size. No
     RNG state: every random draw comes from generators seeded by (seed, epoch, row)."""
-    checkpoint = {"model": lrm.state_dict(), "optimizer": optimizer.state_dict(), **counters,
-                  "cfg": asdict(cfg), "world": world}
+    checkpoint = {"model": checkpoint_weights(lrm), "optimizer": optimizer.state_dict(),
+                  **counters, "cfg": asdict(cfg), "world": world}
     kill_point("before train_state.pt")
     write_or_fail(path, atomic_torch_save, checkpoint, path)
     kill_point("after train_state.pt")
@@ -754,7 +834,8 @@ def load_train_state(path):
 
 def restore(state, lrm, optimizer):
     """Weights and AdamW's state from a checkpoint -> its counters."""
-    lrm.load_state_dict(state["model"])
+    # what checkpoint_weights left out (frozen text encoders) stays as from_base loaded it
+    lrm.load_state_dict({**lrm.state_dict(), **state["model"]})
     optimizer.load_state_dict(state["optimizer"])
     return {key: state[key] for key in ("step", "best", "n_bad", "n_seen")}
 
@@ -779,16 +860,25 @@ def check_resume(state, cfg, world):
 
 
 def pick_resolution(base, requested):
-    """--resolution, or the base's own (U-Net sample_size x VAE factor); refuse sizes that the
-    VAE and the U-Net's downsampling cannot produce."""
+    """--resolution, or the base's own (denoiser sample_size x VAE factor); refuse sizes that the
+    VAE and the U-Net's downsampling (the MMDiT's patches and positions) cannot take."""
     vae_config = AutoencoderKL.load_config(base, subfolder="vae")
-    unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")
+    subfolder, config = load_denoiser_config(base)
     vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    multiple = vae_factor * 2 ** (len(unet_config["block_out_channels"]) - 1)
-    resolution = requested or unet_config["sample_size"] * vae_factor
+    resolution = requested or config["sample_size"] * vae_factor
+    if subfolder == "unet":
+        multiple = vae_factor * 2 ** (len(config["block_out_channels"]) - 1)
+        largest = resolution
+        what = "VAE factor x U-Net downsampling"
+    else:
+        multiple = vae_factor * config["patch_size"]
+        largest = multiple * config["pos_embed_max_size"]
+        what = "VAE factor x MMDiT patch size"
     if resolution % multiple:
         fail(f"--resolution {requested}: {base} needs a multiple of {multiple} px "
-             "(VAE factor x U-Net downsampling), or 0 for its own size")
+             f"({what}), or 0 for its own size")
+    if resolution > largest:
+        fail(f"--resolution {requested}: {base}'s position embedding covers at most {largest} px")
     return resolution
 
 
@@ -807,30 +897,40 @@ def evaluate(lrm, pairs, timesteps, vae, cfg):
                          vae_batch_size=cfg.vae_batch_size)
 
 
+def by_label(tree):
+    """A (nested) table keyed by t, keyed by t's label instead: 251 -> "251", SD3's
+    266.3297119140625 -> "266.33" (6 significant digits)."""
+    if not isinstance(tree, dict):
+        return tree
+    return {f"{key:g}" if isinstance(key, (int, float)) else key: by_label(value)
+            for key, value in tree.items()}
+
+
 def log_validation(log_path, step, accuracy):
     """One metrics.jsonl row with both accuracies at each t, and a line on the console."""
     row = {"step": step}
-    for t, value in accuracy["decisive"].items():
+    for t, value in by_label(accuracy["decisive"]).items():
         row[f"val_acc@{t}"] = value
-    for t, value in accuracy["ties_half"].items():
+    for t, value in by_label(accuracy["ties_half"]).items():
         row[f"val_acc_ties_half@{t}"] = value
     log_jsonl(log_path, row)
-    shown = " ".join(f"t={t}: {a:.3f}" for t, a in accuracy["decisive"].items())
+    shown = " ".join(f"t={t:g}: {a:.3f}" for t, a in accuracy["decisive"].items())
     tqdm.write(f"step {step} validation accuracy (decisive pairs) {shown}")
 
 
 def print_table(table, timesteps):
     """The accuracy-vs-t table of the final LRM: noise awareness at a glance."""
     splits = list(table)
+    width = max(4, *[len(f"{t:g}") for t in timesteps])
     print("\naccuracy: decisive pairs / official (every pair, a tie scoring 0.5)")
-    print("   t | " + " | ".join(f"{split:^17}" for split in splits))
+    print(f"{'t':>{width}} | " + " | ".join(f"{split:^17}" for split in splits))
     for t in timesteps:
         cells = []
         for split in splits:
             decisive = table[split]["decisive"][t]
             official = table[split]["ties_half"][t]
             cells.append(f"{decisive:.3f} / {official:.3f}")
-        print(f"{t:4d} | " + " | ".join(f"{cell:^17}" for cell in cells))
+        print(f"{t:>{width}g} | " + " | ".join(f"{cell:^17}" for cell in cells))
 
 
 # ----------------------------------------------------------------------------- main, its parts
@@ -859,6 +959,7 @@ def read_inputs(cfg):
     try:
         base = resolve_model(cfg.base or cfg.model)
         resolution = pick_resolution(base, cfg.resolution)
+        mmdit_blocks(*load_denoiser_config(base), cfg.lrm_blocks)
         splits = {"train": load_pairs(cfg.data, "train", cfg.keep)}
         for split in ("validation_unique", "test_unique"):
             splits[split] = load_pairs(cfg.data, split)
@@ -876,26 +977,38 @@ def read_inputs(cfg):
     return base, resolution, splits
 
 
+def read_schedule(cfg, base):
+    """-> (the base's noising, its grid of training t's, the validation t's); a missing
+    scheduler or validation t's the base cannot take end in one line, before any heavy loading."""
+    try:
+        noise_scheduler, timestep_grid = noise_schedule(base)
+    except (ValueError, OSError) as error:
+        fail(f"cannot load the scheduler of {base}: {first_line(error)}")
+    timesteps = parse_timesteps(cfg.eval_timesteps) or default_eval_timesteps(timestep_grid)
+    ddpm = isinstance(noise_scheduler, DDPMScheduler)
+    if ddpm and not all(isinstance(t, int) and t < 1000 for t in timesteps):
+        fail(f"--eval_timesteps {cfg.eval_timesteps!r}: {base} is a DDPM model, its t's are "
+             "integers in 0..999")
+    return noise_scheduler, timestep_grid, timesteps
+
+
 def build_models(cfg, base, resolution, device):
-    """The LRM to train (fresh heads from --seed: the same on every rank), the frozen fp32 VAE
-    (SDXL's overflows in fp16), the DDPM noising and the grid of training t's."""
+    """The LRM to train (fresh heads from --seed: the same on every rank) and the frozen fp32
+    VAE (SDXL's overflows in fp16)."""
     torch.manual_seed(cfg.seed)
     try:
         lrm = LatentRewardModel.from_base(cfg.base or cfg.model, g=cfg.vfe_scale,
                                           resolution=resolution,
-                                          text_projection_init=cfg.text_projection_init)
+                                          text_projection_init=cfg.text_projection_init,
+                                          lrm_blocks=cfg.lrm_blocks)
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
-        noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
-        ddim = DDIMScheduler.from_pretrained(base, subfolder="scheduler")
     except (ValueError, OSError) as error:
-        fail(f"cannot load the LRM and its VAE and scheduler from {base}: {first_line(error)}")
+        fail(f"cannot load the LRM and its VAE from {base}: {first_line(error)}")
     lrm.to(device).train()
     if cfg.grad_ckpt:
-        lrm.unet.enable_gradient_checkpointing()
+        lrm.denoiser.enable_gradient_checkpointing()
     vae.to(device).requires_grad_(False)
-    ddim.set_timesteps(20)
-    timestep_grid = sorted(ddim.timesteps.tolist())  # paper: the 20-step grid 1, 51, ..., 951
-    return lrm, vae, noise_scheduler, timestep_grid
+    return lrm, vae
 
 
 def make_optimizer(lrm, cfg):
@@ -965,10 +1078,11 @@ def main(cfg):
         changes = check_resume(state, cfg, world)
     prepare_run_folder(cfg.out, cfg.resume)
     base, resolution, splits = read_inputs(cfg)
+    noise_scheduler, timestep_grid, timesteps = read_schedule(cfg, base)
     transformers.utils.logging.disable_progress_bar()
     threads_before = torch.get_num_threads()  # restored at the end: main() may run in a program
     torch.set_num_threads(cfg.threads or threads_before)
-    lrm, vae, noise_scheduler, timestep_grid = build_models(cfg, base, resolution, device)
+    lrm, vae = build_models(cfg, base, resolution, device)
     params, optimizer = make_optimizer(lrm, cfg)
     counters = dict(step=0, best=-1.0, n_bad=0, n_seen=0)
     if state is not None:
@@ -995,7 +1109,6 @@ def main(cfg):
     loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, num_workers=cfg.workers,
                                          sampler=sampler)
     steps_per_epoch = len(train) // cfg.train_batch_size
-    timesteps = [int(t) for t in cfg.eval_timesteps.split(",")]
     last_val = None
     progress = tqdm(total=cfg.max_train_steps, initial=step, disable=rank != 0, desc="lrm")
     start_time = time.perf_counter()
@@ -1056,7 +1169,7 @@ def main(cfg):
     test = evaluate(lrm, splits["test_unique"], timesteps, vae, cfg)
     table = {"validation_unique": last_val, "test_unique": test}
     if rank == 0:
-        log_jsonl(log_path, {"step": step, "final": table})
+        log_jsonl(log_path, {"step": step, "final": by_label(table)})
         print_table(table, timesteps)
         print(f"pairs skipped for an undecodable image: {n_bad} of {n_seen}")
         print(f"LRM -> {cfg.out}")

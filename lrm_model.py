@@ -1,18 +1,33 @@
-"""The Latent Reward Model (LRM): a diffusion model's own U-Net and text encoder(s) scoring *noisy
-latents* against a prompt (arXiv 2502.01051v3, Sec. "Latent Reward Model"). Training: lrm.py.
+"""The Latent Reward Model (LRM): a diffusion model's own denoiser (U-Net or MMDiT) and text
+encoder(s) scoring *noisy latents* against a prompt (arXiv 2502.01051v3, Sec. "Latent Reward
+Model"). Training: lrm.py.
     lrm = LatentRewardModel.from_pretrained("runs/lrm-sd15", base="sd15")  # refuses another VAE
     # (also reads the official release's folders, casiatao/LRM, given base=)
-    s = lrm.score(latents, t, text=lrm.encode_text(prompts))  # latents x scaling_factor -> (B,)
+    s = lrm.score(latents, t, text=lrm.encode_text(prompts))  # latents as the pipeline's -> (B,)
 The score S(prompt, x_t, t) = exp(logit_scale) * cos(V, T): V projects the pooled outputs of the
 down stages and the mid block of the U-Net at x_t, t (the mid one enhanced by VFE: CFG on the
 feature, scale g = 7.5), T the prompt's pooled text feature (SD1.5: CLIP-L's EOS state through a
 768 x 768 projection; SDXL: text_encoder_2's projected text_embeds). Widths: SD1.5 320 + 640 +
 1280 + 1280 + mid 1280 = 4800 -> 768; SDXL 320 + 640 + 1280 + mid 1280 = 3520 -> 1280.
+SD3 (the paper's MMDiT version, on SD3-Medium): V projects the mean image token after joint block
+N of the MMDiT (lrm_config.json's lrm_blocks; paper: 18 of 24; default round(0.75 x blocks)),
+enhanced by VFE, 1536 -> 2048; T = the pipeline's pooled projections (CLIP-L's and bigG's
+projected pooled outputs, 768 + 1280), no text projection (as SDXL).
+Units: latents as the pipeline's (z x scaling_factor; SD3 (z - shift_factor) x scaling_factor);
+t the denoiser's own (U-Net: the DDPM t, an integer in 0..999; SD3: sigma x 1000, a float, for
+x_sigma = (1 - sigma) x_0 + sigma e).
 Choices:
 - The U-Net keeps its (frozen) up blocks so unet/ stays a stock diffusers folder; they never run.
   for_scoring() drops them from a frozen LRM (half of SDXL's U-Net: 1.32B parameters, 2.6 GB fp16).
+  The same for the MMDiT's blocks N.., norm_out and proj_out.
 - VFE's unconditional pass encodes "" on SDXL too (as the official LRM-XL), though SDXL's own CFG
-  uses zeros.
+  uses zeros. SD3's own CFG uses "" too.
+- SD3's text encoders are frozen (paper) and not saved: an SD3 LRM folder is transformer/,
+  state_dict.pt and lrm_config.json; the text encoders and tokenizers come from its base, as the
+  official release leaves out its frozen encoders (T5-XXL alone is 9.5 GB in fp16). SD1.5's and
+  SDXL's text encoders train, and are saved.
+- SD3 prompts: T5's sequence length is min(256, tokenizer_3.model_max_length), 256 being the SD3
+  pipeline's default max_sequence_length (pipelines called with it give the same embeddings).
 """
 import json
 import os
@@ -20,12 +35,19 @@ import os
 import torch
 import torch.nn.functional as F
 import transformers
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel,
+                       UNet2DConditionModel)
+from torch.utils.checkpoint import checkpoint
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-MODELS = {"tiny": "tiny/sd15", "tiny-xl": "tiny/sdxl",
+MODELS = {"tiny": "tiny/sd15", "tiny-xl": "tiny/sdxl", "tiny-sd3": "tiny/sd3",
           "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-          "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+          "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+          "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
+          "sd35": "stabilityai/stable-diffusion-3.5-medium"}
+# the denoiser's subfolder in a pipeline (and an LRM folder) -> its class
+DENOISERS = {"unet": UNet2DConditionModel, "transformer": SD3Transformer2DModel}
+SD3_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
 
 
 # ----------------------------------------------------------------------------- math
@@ -49,6 +71,19 @@ def feature_widths(unet_config):
     return channels + channels[-1:]
 
 
+def head_sizes(denoiser, text_encoders):
+    """(width of the pooled visual feature, width of the text feature T): SD1.5 4800, 768 (CLIP-L's
+    pooled EOS state); SDXL 3520, 1280 (text_embeds); SD3-Medium 1536 (the MMDiT's inner width),
+    2048 (the pooled projections)."""
+    if isinstance(denoiser, SD3Transformer2DModel):
+        config = denoiser.config
+        return config.num_attention_heads * config.attention_head_dim, config.pooled_projection_dim
+    text_config = text_encoders[-1].config
+    xl = len(text_encoders) > 1
+    dim = text_config.projection_dim if xl else text_config.hidden_size
+    return sum(feature_widths(denoiser.config)), dim
+
+
 # ----------------------------------------------------------------------------- models
 def resolve_model(name):
     """--model name, local folder or hub id -> what from_pretrained takes; says what it tried."""
@@ -65,10 +100,25 @@ def resolve_model(name):
     return path
 
 
+def denoiser_subfolder(path):
+    """"unet" (SD1.5, SDXL) or "transformer" (SD3): the denoiser of a pipeline or LRM folder, or
+    of a hub id (read from its model_index.json)."""
+    if os.path.isdir(path):
+        has_transformer = os.path.isdir(os.path.join(path, "transformer"))
+        return "transformer" if has_transformer else "unet"
+    return "transformer" if "transformer" in DiffusionPipeline.load_config(path) else "unet"
+
+
+def load_denoiser_config(path):
+    """(subfolder, config) of the denoiser of a pipeline or LRM folder or hub id."""
+    subfolder = denoiser_subfolder(path)
+    return subfolder, DENOISERS[subfolder].load_config(path, subfolder=subfolder)
+
+
 def load_text_encoders(path, classes, fallback=None):
     """{"text_encoder": "CLIPTextModel", ...} -> (encoders, tokenizers) from a folder or hub id.
     A subfolder that path lacks comes from fallback, the base pipeline: the official LRM saves no
-    tokenizers, and no text encoders when they were frozen."""
+    tokenizers, and no text encoders when they were frozen (as ours for SD3)."""
     def folder_with(subfolder):
         if fallback is None or os.path.isdir(os.path.join(path, subfolder)):
             return path
@@ -86,7 +136,7 @@ def load_text_encoders(path, classes, fallback=None):
     return encoders, tokenizers
 
 
-def base_config(base, unet_config, g=7.5, resolution=None):
+def base_config(base, denoiser_config, g=7.5, resolution=None):
     """lrm_config.json's fields that come from the base pipeline: text encoders, resolution,
     latent space, and the base itself as a name that loads from any working directory: a preset's
     (tiny/... resolves against this repository), a hub id as given, a local folder absolute."""
@@ -97,19 +147,22 @@ def base_config(base, unet_config, g=7.5, resolution=None):
     index = DiffusionPipeline.load_config(path)
     vae = AutoencoderKL.load_config(path, subfolder="vae")
     classes = {}
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if (index.get(name) or [None])[0]:
             classes[name] = index[name][1]
     vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
     return dict(base=stored_base, g=g, text_encoders=classes,
-                resolution=resolution or unet_config["sample_size"] * vae_factor,
+                resolution=resolution or denoiser_config["sample_size"] * vae_factor,
                 latent_space=[vae["latent_channels"], vae["scaling_factor"],
                               vae.get("shift_factor")])
 
 
 def encode_prompt(text_encoders, tokenizers, prompts, resolution):
     """SD1.5: last hidden state, pooled EOS state. SDXL: concat of both penultimate states, pooled =
-    text_encoder_2's projected text_embeds, added conditions with time_ids = (H, W, 0, 0, H, W)."""
+    text_encoder_2's projected text_embeds, added conditions with time_ids = (H, W, 0, 0, H, W).
+    SD3 (three encoders): encode_sd3_prompt."""
+    if len(text_encoders) == 3:
+        return encode_sd3_prompt(text_encoders, tokenizers, prompts)
     xl = len(text_encoders) > 1
     states = []
     for encoder, tokenizer in zip(text_encoders, tokenizers):
@@ -131,6 +184,38 @@ def encode_prompt(text_encoders, tokenizers, prompts, resolution):
     return {"encoder_hidden_states": context, "added_cond_kwargs": added, "pooled": pooled}
 
 
+def t5_sequence_length(tokenizer):
+    """T5's token count for SD3 prompts: the pipeline's default 256, or fewer if the tokenizer
+    says so (the tiny world's: 16)."""
+    return min(SD3_MAX_SEQUENCE_LENGTH, tokenizer.model_max_length)
+
+
+def encode_sd3_prompt(text_encoders, tokenizers, prompts):
+    """StableDiffusion3Pipeline.encode_prompt's prompt_embeds and pooled_prompt_embeds: CLIP-L's
+    and bigG's penultimate hidden states concatenated (768 + 1280), zero-padded to T5's width
+    (4096) and followed by T5's states along the sequence (77 + 256 tokens); pooled = the two CLIP
+    projected pooled outputs concatenated (768 + 1280). Both CLIPs tokenize to the first
+    tokenizer's length, as the pipeline."""
+    clip_length = tokenizers[0].model_max_length
+    clip_states = []
+    pooled = []
+    for encoder, tokenizer in zip(text_encoders[:2], tokenizers[:2]):
+        tokens = tokenizer(prompts, padding="max_length", max_length=clip_length,
+                           truncation=True, return_tensors="pt")
+        output = encoder(tokens.input_ids.to(encoder.device), output_hidden_states=True)
+        clip_states.append(output.hidden_states[-2])  # (B, 77, D_i)
+        pooled.append(output.text_embeds)  # (B, P_i)
+    t5 = text_encoders[2]
+    tokens = tokenizers[2](prompts, padding="max_length", truncation=True, return_tensors="pt",
+                           max_length=t5_sequence_length(tokenizers[2]))
+    t5_states = t5(tokens.input_ids.to(t5.device)).last_hidden_state  # (B, L_T5, D_T5)
+    clip_states = torch.cat(clip_states, -1)  # (B, 77, D_1 + D_2)
+    clip_states = F.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
+    context = torch.cat([clip_states, t5_states], -2)  # (B, 77 + L_T5, D_T5)
+    pooled = torch.cat(pooled, -1)  # (B, P_1 + P_2)
+    return {"encoder_hidden_states": context, "pooled_projections": pooled, "pooled": pooled}
+
+
 def take_rows(tree, rows):
     """Rows `rows` (a (B,) index tensor) of every tensor in a (nested) dict of batch tensors;
     None stays None."""
@@ -139,6 +224,17 @@ def take_rows(tree, rows):
     if tree is None:
         return None
     return tree[rows.to(tree.device)]
+
+
+def cond_then_uncond(cond, uncond, batch_size):
+    """VFE's batch: every tensor of the B prompts' encoding, then the one of "" repeated B times
+    (a (nested) dict of tensors; None stays None)."""
+    if isinstance(cond, dict):
+        return {key: cond_then_uncond(value, uncond[key], batch_size)
+                for key, value in cond.items()}
+    if cond is None:
+        return None
+    return torch.cat([cond, uncond.expand(batch_size, *uncond.shape[1:])])  # (2B, ...)
 
 
 def cross_attention_kwargs(block, context):
@@ -174,53 +270,133 @@ def down_mid_features(unet, x, t, context, added_cond_kwargs):
     return features + [mid.mean((2, 3))]  # + (B, C_mid)
 
 
+def mmdit_features(transformer, x, timestep, context, pooled, blocks):
+    """Mean image token after the first `blocks` joint blocks of a stock SD3Transformer2DModel, in
+    its forward() order: patch embedding with positions, time + pooled text embedding, context
+    embedder, joint blocks. The later blocks, norm_out and proj_out never run. x (B, C, h, w)
+    latents, timestep (B,) sigma x 1000, context (B, L, D_joint), pooled (B, D_pooled)
+    -> (B, inner)."""
+    hidden = transformer.pos_embed(x).contiguous()  # (B, h w / p^2, inner)
+    time_text = transformer.time_text_embed(timestep, pooled)  # (B, inner)
+    context = transformer.context_embedder(context)  # (B, L, inner)
+    # gradient checkpointing lives in the transformer's forward loop, which this replaces
+    recompute = torch.is_grad_enabled() and transformer.gradient_checkpointing
+    for block in transformer.transformer_blocks[:blocks]:
+        if recompute:
+            context, hidden = checkpoint(block, hidden, context, time_text, use_reentrant=False)
+        else:
+            context, hidden = block(hidden_states=hidden, encoder_hidden_states=context,
+                                    temb=time_text)
+    return hidden.mean(1)  # (B, inner)
+
+
+def mmdit_blocks(subfolder, denoiser_config, lrm_blocks):
+    """The MMDiT blocks an LRM runs: lrm_blocks, or for 0 round(0.75 x its blocks) (paper: 18 of
+    SD3-Medium's 24); 0 for a U-Net LRM (it reads its down and mid blocks). subfolder: "unet" or
+    "transformer"."""
+    if subfolder == "unet" and lrm_blocks:
+        raise ValueError(f"lrm_blocks {lrm_blocks}: only an MMDiT (SD3) LRM has blocks to choose; "
+                         "a U-Net LRM reads its down and mid blocks")
+    if subfolder == "unet":
+        return 0
+    layers = denoiser_config["num_layers"]
+    blocks = lrm_blocks or round(0.75 * layers)
+    if not 1 <= blocks <= layers:
+        raise ValueError(f"lrm_blocks {lrm_blocks}: the MMDiT has {layers} joint blocks (choose "
+                         f"1..{layers}, or 0 for {round(0.75 * layers)})")
+    return blocks
+
+
 HEADS = ("visual_projection", "text_projection")
 
 
 class LatentRewardModel(torch.nn.Module):
-    def __init__(self, unet, text_encoders, tokenizers, config):
+    def __init__(self, denoiser, text_encoders, tokenizers, config):
         super().__init__()
-        self.unet = unet
+        sd3 = isinstance(denoiser, SD3Transformer2DModel)
+        self.denoiser_name = "transformer" if sd3 else "unet"
+        self.unet = None if sd3 else denoiser
+        self.transformer = denoiser if sd3 else None
         self.text_encoders = torch.nn.ModuleList(text_encoders)
         self.tokenizers = tokenizers
-        xl = len(text_encoders) > 1
-        text_config = text_encoders[-1].config
-        # SDXL: 1280-d text_embeds; SD1.5: 768-d pooled EOS state
-        dim = text_config.projection_dim if xl else text_config.hidden_size
-        width = sum(feature_widths(unet.config))
+        self.blocks = mmdit_blocks(self.denoiser_name, denoiser.config, config.get("lrm_blocks", 0))
+        width, dim = head_sizes(denoiser, text_encoders)
         self.visual_projection = torch.nn.Linear(width, dim, bias=False)
-        self.text_projection = None if xl else torch.nn.Linear(dim, dim, bias=False)
+        # SD1.5 projects CLIP-L's pooled state; SDXL's text_embeds and SD3's pooled projections
+        # are projected already
+        self.text_projection = None
+        if len(text_encoders) == 1:
+            self.text_projection = torch.nn.Linear(dim, dim, bias=False)
         for head in self.heads().values():
             torch.nn.init.normal_(head.weight, std=0.02)
         self.logit_scale = torch.nn.Parameter(torch.tensor(2.6592))  # ln(1/0.07), as CLIP
-        for module in (unet.up_blocks, unet.conv_norm_out, unet.conv_out):
-            if module is not None:
-                module.requires_grad_(False)  # never run: out of training
-        self.config = {**config, "feature_width": width, "text_dim": dim}
+        for module in self.unused_parts():
+            module.requires_grad_(False)  # never run: out of training
+        self.text_trained = not sd3  # paper: SD3's text encoders frozen
+        if not self.text_trained:
+            self.text_encoders.requires_grad_(False)
+        self.config = {key: value for key, value in config.items() if key != "lrm_blocks"}
+        self.config.update(feature_width=width, text_dim=dim)
+        if sd3:
+            self.config["lrm_blocks"] = self.blocks
         self.g = config["g"]
         self.resolution = config["resolution"]
         self.scoring_only = False
+
+    @property
+    def denoiser(self):
+        """The U-Net (SD1.5, SDXL) or the MMDiT (SD3)."""
+        return self.unet if self.transformer is None else self.transformer
+
+    def unused_parts(self):
+        """The denoiser's modules that score() never runs: the U-Net's up blocks and output convs,
+        the MMDiT's blocks N.., norm_out and proj_out."""
+        if self.transformer is not None:
+            model = self.transformer
+            return [model.transformer_blocks[self.blocks:], model.norm_out, model.proj_out]
+        parts = [self.unet.up_blocks, self.unet.conv_norm_out, self.unet.conv_out]
+        return [module for module in parts if module is not None]
+
+    def train(self, mode=True):
+        """nn.Module.train, but frozen text encoders stay in eval mode: T5's dropout (0.1 in SD3's
+        config) would otherwise perturb the text states at random."""
+        super().train(mode)
+        if not self.text_trained:
+            self.text_encoders.eval()
+        return self
 
     def heads(self):
         """{name: Linear} of the projection heads this LRM has (SDXL has no text projection)."""
         return {name: getattr(self, name) for name in HEADS if getattr(self, name) is not None}
 
     def for_scoring(self):
-        """Frozen and in eval mode, without the U-Net parts score() never runs (up blocks, output
-        convs): the same scores in about half the memory, but no longer savable or trainable."""
+        """Frozen and in eval mode, without the denoiser parts score() never runs (U-Net: up
+        blocks, output convs; MMDiT: blocks N.., norm_out, proj_out): the same scores in about
+        half the memory, but no longer savable or trainable."""
         self.scoring_only = True
-        self.unet.up_blocks = torch.nn.ModuleList()
-        self.unet.conv_norm_out = None
-        self.unet.conv_act = None
-        self.unet.conv_out = None
+        if self.transformer is not None:
+            blocks = self.transformer.transformer_blocks
+            self.transformer.transformer_blocks = blocks[:self.blocks]
+            self.transformer.norm_out = None
+            self.transformer.proj_out = None
+        else:
+            self.unet.up_blocks = torch.nn.ModuleList()
+            self.unet.conv_norm_out = None
+            self.unet.conv_act = None
+            self.unet.conv_out = None
         return self.requires_grad_(False).eval()
 
     @classmethod
-    def from_base(cls, model_id_or_path, g=7.5, resolution=None, text_projection_init=None):
+    def from_base(cls, model_id_or_path, g=7.5, resolution=None, text_projection_init=None,
+                  lrm_blocks=0):
+        """A fresh LRM (random heads) over a pipeline's denoiser and text encoders; lrm_blocks:
+        the MMDiT blocks an SD3 LRM runs (0: round(0.75 x blocks))."""
         path = resolve_model(model_id_or_path)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-        config = base_config(model_id_or_path, unet.config, g, resolution)
-        lrm = cls(unet, *load_text_encoders(path, config["text_encoders"]), config)
+        subfolder = denoiser_subfolder(path)
+        denoiser = DENOISERS[subfolder].from_pretrained(path, subfolder=subfolder)
+        config = base_config(model_id_or_path, denoiser.config, g, resolution)
+        config["lrm_blocks"] = lrm_blocks
+        lrm = cls(denoiser, *load_text_encoders(path, config["text_encoders"]), config)
         if text_projection_init and lrm.text_projection is not None:
             clip = transformers.CLIPTextModelWithProjection.from_pretrained(text_projection_init)
             lrm.text_projection.weight.data.copy_(clip.text_projection.weight)
@@ -228,13 +404,16 @@ class LatentRewardModel(torch.nn.Module):
 
     def save_pretrained(self, out_dir):
         """The official LRM layout (unet/, text_encoder*/, state_dict.pt), the tokenizers, and
-        lrm_config.json written last: a folder with lrm_config.json is complete."""
+        lrm_config.json written last: a folder with lrm_config.json is complete. SD3: transformer/,
+        state_dict.pt, lrm_config.json (its frozen text encoders and tokenizers are the base's)."""
         if self.scoring_only:
             raise ValueError("this LRM went through for_scoring() (no up blocks): save the full "
                              "model instead")
-        self.unet.save_pretrained(os.path.join(out_dir, "unet"))
+        self.denoiser.save_pretrained(os.path.join(out_dir, self.denoiser_name))
         parts = zip(self.config["text_encoders"], self.text_encoders, self.tokenizers)
         for name, encoder, tokenizer in parts:
+            if not self.text_trained:  # SD3: frozen, the base's
+                continue
             encoder.save_pretrained(os.path.join(out_dir, name))
             tokenizer_name = name.replace("text_encoder", "tokenizer")
             tokenizer.save_pretrained(os.path.join(out_dir, tokenizer_name))
@@ -251,10 +430,11 @@ class LatentRewardModel(torch.nn.Module):
         With `base`, refuse an LRM of another latent space unless force. Refuses non-finite
         weights (a diverged training run)."""
         official = not os.path.exists(os.path.join(lrm_dir, "lrm_config.json"))
-        # save_pretrained always writes tokenizers, the release never does: a folder with them and
-        # no lrm_config.json is a save cut short (lrm_config.json is written last)
+        # save_pretrained always writes tokenizers (SD3: a transformer/), the release never does:
+        # such a folder without lrm_config.json is a save cut short (lrm_config.json is last)
         entries = os.listdir(lrm_dir) if os.path.isdir(lrm_dir) else []
-        if official and any(name.startswith("tokenizer") for name in entries):
+        ours = [name for name in entries if name.startswith(("tokenizer", "transformer"))]
+        if official and ours:
             raise ValueError(f"incomplete LRM folder (no lrm_config.json): {lrm_dir} (a save cut "
                              "short: continue its lrm.py run with --resume, or save it again)")
         has_heads = os.path.exists(os.path.join(lrm_dir, "state_dict.pt"))
@@ -269,10 +449,13 @@ class LatentRewardModel(torch.nn.Module):
                 config = json.load(config_file)
         if base is not None:  # (an official LRM's latent space is its base's: nothing to check)
             check_latent_space(lrm_dir, config, base, force)
-        unet = UNet2DConditionModel.from_pretrained(lrm_dir, subfolder="unet")
-        fallback = resolve_model(config["base"]) if official else None
+        subfolder = denoiser_subfolder(lrm_dir)
+        denoiser = DENOISERS[subfolder].from_pretrained(lrm_dir, subfolder=subfolder)
+        # the release's tokenizers and frozen encoders, and all of SD3's, are the base's
+        from_base = official or subfolder == "transformer"
+        fallback = resolve_model(config["base"]) if from_base else None
         encoders = load_text_encoders(lrm_dir, config["text_encoders"], fallback)
-        lrm = cls(unet, *encoders, config)
+        lrm = cls(denoiser, *encoders, config)
         state_path = os.path.join(lrm_dir, "state_dict.pt")
         heads = torch.load(state_path, map_location="cpu", weights_only=True)
         want = {name: head.weight.shape for name, head in lrm.heads().items()}
@@ -303,31 +486,35 @@ class LatentRewardModel(torch.nn.Module):
             uncond = encode_prompt(encoders, self.tokenizers, [""], self.resolution)
         return {"cond": take_rows(distinct, rows), "uncond": uncond}
 
+    def features(self, x, t, cond):
+        """The denoiser's pooled features [(B, C_i)] at x, t, the last one VFE's: the U-Net's down
+        stages and mid block, or the MMDiT's image tokens after block N."""
+        context = cond["encoder_hidden_states"]  # (B, L, D)
+        if self.transformer is None:
+            return down_mid_features(self.unet, x, t.long(), context, cond["added_cond_kwargs"])
+        # SD3's t is sigma x 1000, a float: not rounded
+        pooled = cond["pooled_projections"]  # (B, D_pooled)
+        return [mmdit_features(self.transformer, x, t.float(), context, pooled, self.blocks)]
+
     def score(self, latents, timesteps, prompts=None, text=None):
-        """latents (B, C, h, w) already times the VAE scaling factor, timesteps int or (B,)
-        -> scores (B,)."""
+        """latents (B, C, h, w) as the pipeline's (scaled, SD3 also shifted), timesteps a number
+        or (B,) in the denoiser's unit -> scores (B,)."""
         text = self.encode_text(prompts) if text is None else text
         cond = text["cond"]
         uncond = text["uncond"]
         batch_size = latents.shape[0]
-        t = torch.as_tensor(timesteps, device=latents.device).long().expand(batch_size)  # (B,)
-        x = latents.to(self.unet.dtype)
-        context = cond["encoder_hidden_states"]  # (B, L, D)
-        added = cond["added_cond_kwargs"]
+        t = torch.as_tensor(timesteps, device=latents.device).expand(batch_size)  # (B,)
+        x = latents.to(self.denoiser.dtype)
+        inputs = cond
         # VFE: one batched pass, the B conditional rows first, then the B with ""
         if uncond is not None:
             x = torch.cat([x, x])  # (2B, C, h, w)
             t = torch.cat([t, t])
-            empty_context = uncond["encoder_hidden_states"].expand(batch_size, -1, -1)
-            context = torch.cat([context, empty_context])  # (2B, L, D)
-            if added is not None:
-                empty_added = uncond["added_cond_kwargs"]
-                added = {key: torch.cat([value, empty_added[key].expand(batch_size, -1)])
-                         for key, value in added.items()}
-        features = down_mid_features(self.unet, x, t, context, added)  # [(2B, C_i)]
-        if uncond is not None:  # down-stage features from the conditional pass only, VFE on the mid
-            mid = features[-1]  # (2B, C_mid)
-            enhanced = vfe(mid[:batch_size], mid[batch_size:], self.g)  # (B, C_mid)
+            inputs = cond_then_uncond(cond, uncond, batch_size)
+        features = self.features(x, t, inputs)  # [(2B, C_i)]
+        if uncond is not None:  # earlier features from the conditional pass only, VFE on the last
+            last = features[-1]  # (2B, C_last)
+            enhanced = vfe(last[:batch_size], last[batch_size:], self.g)  # (B, C_last)
             features = [feature[:batch_size] for feature in features[:-1]] + [enhanced]
         pooled = torch.cat(features, -1).to(self.visual_projection.weight.dtype)  # (B, sum C_i)
         visual = self.visual_projection(pooled)  # (B, D)

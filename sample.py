@@ -1,15 +1,18 @@
 """Generate paired images from a base model and its tuned version (a LoRA from lpo.py, or a merged
-U-Net), for eval.py and for looking at.
+U-Net / SD3 transformer), for eval.py and for looking at.
 
 Image i (a global index) gets prompts[i // seeds_per_prompt] and seed + i; base and tuned share
-them and the sampler (DDIM, 20 steps, CFG 5.0, as the evaluation of arXiv 2502.01051v3),
-so image i of one is the pair of image i of the other.
+them and the sampler (SD1.5 / SDXL: DDIM, 20 steps, CFG 5.0, as the evaluation of arXiv
+2502.01051v3; SD3: its own flow-matching Euler sampler, 28 steps, CFG 7.0, its pipeline's
+defaults), so image i of one is the pair of image i of the other.
 
     python sample.py --model tiny --lora runs/lpo-tiny        # CPU, ~1 min: 15 captions x 10 seeds
     python sample.py --model tiny --prompt "a red circle" --seeds_per_prompt 8
     python sample.py --model sd15 --lora runs/lpo-sd15      # Pick-a-Pic v1 validation_unique
     python sample.py --model sd15 --unet casiatao/LPO/lpo_sd15_merge/unet   # the released LPO U-Net
     torchrun --nproc_per_node=8 sample.py --model sdxl --unet casiatao/LPO/lpo_sdxl_merge/unet
+    python sample.py --model tiny-sd3 --lora runs/lpo-tiny-sd3   # the flow-matching tiny world
+    python sample.py --model sd3 --unet runs/lpo-sd3/transformer  # lpo.py --save_merged's MMDiT
     python sample.py --model sd15 --prompts parti.tsv --lora runs/lpo-sd15 --resume  # any prompts
 
 Writes OUT/base/ and OUT/tuned/ (ImageFolder layout: {index:05d}_{seed}.png, metadata.jsonl with
@@ -17,6 +20,11 @@ file_name, prompt, seed, index; sampling.json = the settings), log.jsonl and gri
 side by side, caption under each pair). eval.py scores them. Choices:
 - eta 0 (deterministic DDIM) by default; with --eta > 0 the step noise also comes from the image's
   own CPU generator, so pairs still share it, on any GPU, CPU or number of ranks.
+- A flow-matching base (SD3) keeps its FlowMatchEulerDiscreteScheduler: the Euler ODE its pipeline
+  samples with, so the images are the pipeline's own. It has no eta: --eta > 0 is refused rather
+  than silently ignored (LPO's stochastic flow step is a training device, not the evaluated
+  sampler). Its T5 prompts are encoded at min(256, tokenizer_3.model_max_length) tokens, the
+  length lpo.py and the LRM use, so all three see the same embeddings.
 - Unique prompts in first-seen order (a *_unique split is one row per prompt already).
 - Ranks take every world-th missing image; PNGs are written atomically, so --resume generates
   only the missing ones (and refuses a folder sampled with other settings). A rerun into a folder
@@ -41,7 +49,8 @@ import huggingface_hub
 import torch
 import torch.distributed as dist
 from datasets.exceptions import DatasetGenerationError
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, SD3Transformer2DModel,
+                       UNet2DConditionModel)
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
@@ -51,10 +60,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    model: str = "sd15"  # preset: sd15 | sdxl | tiny | tiny-xl, or a pipeline folder / hub id
+    model: str = "sd15"  # preset: sd15 | sdxl | sd3 | tiny | tiny-xl | tiny-sd3, or a pipeline
     base: str = ""  # base pipeline, folder or hub id ("" = the preset's)
     lora: str = ""  # tuned = base + this LoRA (lpo.py's output folder, diffusers format)
-    unet: str = ""  # ... or a merged U-Net: folder, or hub "owner/repo/sub/folder"
+    unet: str = ""  # ... or a merged U-Net (SD3: transformer): folder, or hub "owner/repo/sub/dir"
     vae: str = ""  # VAE for both models instead of the base's (SDXL: the fp16-fix VAE)
     prompts: str = ""  # dataset (hub id / folder) or a .txt / .json / .tsv / .csv / .parquet file
     split: str = "validation_unique"  # split of a --prompts dataset
@@ -62,10 +71,10 @@ class Config:
     num_prompts: int = 0  # first N unique prompts; 0 = all
     seeds_per_prompt: int = 1  # images per prompt (the tiny world's 15 captions need several)
     seed: int = 0  # image i uses seed + i, for base and tuned alike
-    num_inference_steps: int = 20  # DDIM steps (paper: 20)
+    num_inference_steps: int = 20  # sampler steps (paper, DDIM: 20; SD3's pipeline: 28)
     guidance_scale: float = 5.0  # classifier-free guidance, the same for both models (paper: 5.0)
-    eta: float = 0.0  # DDIM eta; 0 = deterministic
-    resolution: int = 0  # image side in pixels; 0 = the pipeline's (U-Net size x VAE factor)
+    eta: float = 0.0  # DDIM eta; 0 = deterministic (a flow model's Euler sampler has none)
+    resolution: int = 0  # image side in pixels; 0 = the pipeline's (denoiser size x VAE factor)
     batch_size: int = 8  # images per forward pass per rank
     dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32
     out: str = ""  # run folder; "" = runs/samples/{name of the LoRA or U-Net, or base}
@@ -88,6 +97,12 @@ PRESETS = {
                  vae="madebyollin/sdxl-vae-fp16-fix"),
     "tiny": dict(TINY, base=os.path.join(ROOT, "tiny/sd15")),
     "tiny-xl": dict(TINY, base=os.path.join(ROOT, "tiny/sdxl")),
+    # SD3's pipeline defaults (28 steps, CFG 7.0): the paper does not give its SD3 sampler
+    "sd3": dict(base="stabilityai/stable-diffusion-3-medium-diffusers", prompts=PICKAPIC,
+                batch_size=4, num_inference_steps=28, guidance_scale=7.0),
+    # 20 steps, CFG 5.0 as the other tiny presets: tiny/make_world.py measured its caption match
+    # there (CFG 3 matches more, 7 less; the world's choice)
+    "tiny-sd3": dict(TINY, base=os.path.join(ROOT, "tiny/sd3")),
 }
 
 
@@ -98,13 +113,20 @@ def get_config(argv=None):
     model = peek.parse_known_args(argv)[0].model
     preset = PRESETS.get(model)
     if preset is None:  # a pipeline folder or hub id: the preset of its family
-        family = "sdxl" if "xl" in model.lower() else "sd15"
-        preset = dict(PRESETS[family], base=model)
+        preset = dict(PRESETS[family_of(model)], base=model)
     defaults = {**asdict(Config()), **preset, "model": model}
     parser = build_parser(Config, defaults, __doc__)
     cfg = Config(**vars(parser.parse_args(argv)))
     check_settings(cfg)
     return cfg
+
+
+def family_of(model):
+    """The preset family a pipeline's name suggests: sd3, sdxl or sd15."""
+    name = model.lower()
+    if "sd3" in name or "diffusion-3" in name:
+        return "sd3"
+    return "sdxl" if "xl" in name else "sd15"
 
 
 def check_settings(cfg):
@@ -162,17 +184,37 @@ def lora_error(path):
             "lora_A / lora_B weights, as lpo.py saves it)")
 
 
-def pipeline_sizes(base, vae):
+def pipeline_sizes(base, index, vae):
     """(the pipeline's own resolution, the multiple every resolution must be) from the configs:
-    the VAE's downsampling factor times the U-Net's."""
-    unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")
+    the VAE's downsampling factor times the denoiser's (U-Net: its down blocks; SD3's MMDiT: its
+    patch size)."""
+    name, model_class = denoiser_of(index)
+    denoiser = model_class.load_config(base, subfolder=name)
     if vae:
         vae_config = AutoencoderKL.load_config(vae)
     else:
         vae_config = AutoencoderKL.load_config(base, subfolder="vae")
     vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    unet_factor = 2 ** (len(unet_config["down_block_types"]) - 1)
-    return unet_config["sample_size"] * vae_factor, vae_factor * unet_factor
+    if name == "transformer":
+        factor = denoiser["patch_size"]
+    else:
+        factor = 2 ** (len(denoiser["down_block_types"]) - 1)
+    return denoiser["sample_size"] * vae_factor, vae_factor * factor
+
+
+def merged_error(path, index):
+    """Why --unet does not hold a denoiser of the base's kind (read from its config), or None."""
+    name, model_class = denoiser_of(index)
+    folder, subfolder = denoiser_location(path, name)
+    try:
+        config = model_class.load_config(folder, subfolder=subfolder)
+    except (OSError, ValueError) as error:
+        return (f"--unet {path}: no {name} config.json there ({type(error).__name__}); the "
+                f"base's denoiser is a {model_class.__name__}")
+    if config.get("_class_name") != model_class.__name__:
+        return (f"--unet {path} holds a {config.get('_class_name')}, but the base's denoiser is "
+                f"a {model_class.__name__}: pass lpo.py --save_merged's {name}/ folder")
+    return None
 
 
 def check_sampling_inputs(cfg):
@@ -197,10 +239,17 @@ def check_sampling_inputs(cfg):
         has_vae = has_vae and os.path.isdir(os.path.join(cfg.base, "vae"))
     if not (has_vae or cfg.vae):
         raise ValueError(f"--base {cfg.base} has no VAE: give a whole pipeline, or --vae")
+    sampler = sampler_of(cfg.base)
+    if cfg.eta and sampler != "DDIMScheduler":
+        raise ValueError(f"--eta {cfg.eta}: {cfg.base} samples with its {sampler}, the "
+                         "deterministic Euler ODE of its flow, which has no eta: pass --eta 0")
+    error = merged_error(cfg.unet, index) if cfg.unet else None
+    if error:
+        raise ValueError(error)
     try:
-        native, multiple = pipeline_sizes(cfg.base, cfg.vae)
+        native, multiple = pipeline_sizes(cfg.base, index, cfg.vae)
     except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"--base {cfg.base}: cannot read its U-Net and VAE configs "
+        raise ValueError(f"--base {cfg.base}: cannot read its denoiser and VAE configs "
                          f"({type(error).__name__})") from None
     cfg.resolution = cfg.resolution or native
     if cfg.resolution % multiple:
@@ -215,9 +264,10 @@ def check_sampling_inputs(cfg):
 
 
 def default_out(cfg):
-    """runs/samples/{name}: the LoRA folder's name, the merged U-Net's repo/folder name, or base."""
+    """runs/samples/{name}: the LoRA folder's name, the merged denoiser's repo/folder name, or
+    base."""
     parts = (cfg.lora or cfg.unet or "base").rstrip("/").split("/")
-    names = [part for part in parts if part not in ("unet", ".")]
+    names = [part for part in parts if part not in ("unet", "transformer", ".")]
     return os.path.join("runs", "samples", names[-1] if names else "base")
 
 
@@ -344,8 +394,30 @@ def torch_dtype(name, device):
     return DTYPES[name]
 
 
+FLOW_SAMPLER = "FlowMatchEulerDiscreteScheduler"
+# SD3's pipeline encodes T5 prompts at 256 tokens by default; a shorter tokenizer (the tiny
+# world's) caps it, as everywhere in this repository
+T5_TOKENS = 256
+
+
+def denoiser_of(index):
+    """(component name, class) of a pipeline's denoiser, from its model_index.json: SD1.5 / SDXL's
+    U-Net, or SD3's MMDiT."""
+    if (index.get("transformer") or [None])[0]:
+        return "transformer", SD3Transformer2DModel
+    return "unet", UNet2DConditionModel
+
+
+def sampler_of(base):
+    """The scheduler sample.py samples `base` with: a flow-matching base (SD3) keeps its own Euler
+    sampler (the ODE its pipeline runs); SD1.5 and SDXL get DDIM (the paper's evaluation)."""
+    scheduler = DiffusionPipeline.load_config(base).get("scheduler") or [None, None]
+    return FLOW_SAMPLER if scheduler[1] == FLOW_SAMPLER else "DDIMScheduler"
+
+
 def load_pipeline(cfg, device, dtype):
-    """The base pipeline (SD1.5 or SDXL: DiffusionPipeline picks the class) with a DDIM sampler."""
+    """The base pipeline (DiffusionPipeline picks SD1.5's, SDXL's or SD3's class) with the sampler
+    of sampler_of."""
     index = DiffusionPipeline.load_config(cfg.base)
     options = {}
     if "safety_checker" in index:
@@ -353,25 +425,47 @@ def load_pipeline(cfg, device, dtype):
     if cfg.vae:
         options["vae"] = AutoencoderKL.from_pretrained(cfg.vae, dtype=dtype)
     pipe = DiffusionPipeline.from_pretrained(cfg.base, dtype=dtype, **options)
-    # one sampler for every model: DDIM on the base's own betas (leading spacing, steps_offset 1);
-    # no x0 clipping to [-1, 1] (a pixel-space default: SD latents are wider than that)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    if sampler_of(cfg.base) == "DDIMScheduler":
+        # one sampler for every U-Net: DDIM on the base's own betas (leading spacing, steps_offset
+        # 1); no x0 clipping to [-1, 1] (a pixel-space default: SD latents are wider than that)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     pipe.set_progress_bar_config(disable=True)
     # the VAE decodes one image at a time: its memory does not grow with the batch
     pipe.vae.enable_slicing()
     return pipe.to(device)
 
 
-def load_unet(path, dtype):
-    """A merged U-Net: a unet folder, a pipeline folder, or hub "owner/repo[/sub/folder]"."""
+def t5_length(pipe):
+    """SD3's T5 sequence length: min(256, the T5 tokenizer's own maximum)."""
+    tokenizer = getattr(pipe, "tokenizer_3", None)
+    if tokenizer is None:  # an SD3 pipeline loaded without T5: the pipeline's zeros
+        return T5_TOKENS
+    return min(T5_TOKENS, tokenizer.model_max_length)
+
+
+def sampler_options(pipe, cfg):
+    """The pipeline-call options of each family: DDIM's eta; SD3's T5 sequence length."""
+    if isinstance(pipe.scheduler, DDIMScheduler):
+        return dict(eta=cfg.eta)
+    return dict(max_sequence_length=t5_length(pipe))
+
+
+def denoiser_location(path, name):
+    """(folder or repo, subfolder) of a merged denoiser: its own folder, a folder holding
+    {name}/ (a pipeline, or lpo.py's run folder), or hub "owner/repo[/sub/folder]"."""
     if os.path.isdir(path):
-        has_unet = os.path.exists(os.path.join(path, "unet", "config.json"))
-        subfolder = "unet" if has_unet else None
-        return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, dtype=dtype)
+        inside = os.path.exists(os.path.join(path, name, "config.json"))
+        subfolder = name if inside else None
+        return path, subfolder
     parts = path.split("/")
-    subfolder = "/".join(parts[2:]) or "unet"
-    repo = "/".join(parts[:2])
-    return UNet2DConditionModel.from_pretrained(repo, subfolder=subfolder, dtype=dtype)
+    return "/".join(parts[:2]), "/".join(parts[2:]) or name
+
+
+def load_denoiser(path, index, dtype):
+    """A merged U-Net or SD3 transformer (the base's kind), from denoiser_location(path)."""
+    name, model_class = denoiser_of(index)
+    folder, subfolder = denoiser_location(path, name)
+    return model_class.from_pretrained(folder, subfolder=subfolder, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- boilerplate
@@ -523,7 +617,7 @@ def gather_objects(obj):
 def sampling_settings(cfg):
     """sampling.json: what makes two folders comparable (eval.py refuses pairs sampled otherwise)
     and what --resume must find unchanged."""
-    return dict(base=cfg.base, tuned=None, vae=cfg.vae or None, scheduler="DDIMScheduler",
+    return dict(base=cfg.base, tuned=None, vae=cfg.vae or None, scheduler=sampler_of(cfg.base),
                 num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                 eta=cfg.eta, resolution=cfg.resolution, dtype=cfg.dtype,
                 prompts=cfg.prompt or cfg.prompts, split=cfg.split, num_prompts=cfg.num_prompts,
@@ -568,8 +662,8 @@ def sample_folder(pipe, jobs, folder, settings, cfg, rank, world):
         generators = [torch.Generator().manual_seed(seed) for _, _, seed in batch]
         prompts = [prompt for _, prompt, _ in batch]
         images = pipe(prompts, generator=generators, num_inference_steps=cfg.num_inference_steps,
-                      guidance_scale=cfg.guidance_scale, eta=cfg.eta, height=cfg.resolution,
-                      width=cfg.resolution).images
+                      guidance_scale=cfg.guidance_scale, height=cfg.resolution,
+                      width=cfg.resolution, **sampler_options(pipe, cfg)).images
         for (index, _, seed), image in zip(batch, images):
             save_png(image, os.path.join(folder, file_name(index, seed)))
     done = gather_objects([index for index, _, _ in mine])
@@ -597,20 +691,23 @@ def sample_models(cfg, prompts, rank, world, device):
     jobs = [(i, prompts[i // per_prompt], cfg.seed + i) for i in range(count)]
     dtype = torch_dtype(cfg.dtype, device)
     pipe = load_pipeline(cfg, device, dtype)
+    settings = sampling_settings(cfg)
     if rank == 0:
         print(f"{len(prompts)} prompts x {per_prompt} seeds = {count} images per model on {world} "
-              f"rank(s): DDIM {cfg.num_inference_steps} steps, CFG {cfg.guidance_scale}, "
-              f"eta {cfg.eta}, {cfg.resolution} px", flush=True)
-    settings = sampling_settings(cfg)
+              f"rank(s): {settings['scheduler']} {cfg.num_inference_steps} steps, "
+              f"CFG {cfg.guidance_scale}, eta {cfg.eta}, {cfg.resolution} px", flush=True)
     base_dir = os.path.join(cfg.out, "base")
     sample_folder(pipe, jobs, base_dir, settings, cfg, rank, world)
     if not (cfg.lora or cfg.unet):
         return base_dir, None
-    # base -> tuned in place: the diffusers way for a LoRA, or swap in a merged U-Net
+    # base -> tuned in place: the diffusers way for a LoRA (SD3: transformer_lora_layers), or
+    # swap in a merged denoiser (pipe.unet, or SD3's pipe.transformer)
     if cfg.lora:
         pipe.load_lora_weights(cfg.lora)
     else:
-        pipe.unet = load_unet(cfg.unet, dtype).to(device)
+        index = DiffusionPipeline.load_config(cfg.base)
+        denoiser = load_denoiser(cfg.unet, index, dtype).to(device)
+        setattr(pipe, denoiser_of(index)[0], denoiser)
     tuned_dir = os.path.join(cfg.out, "tuned")
     settings["tuned"] = cfg.lora or cfg.unet
     sample_folder(pipe, jobs, tuned_dir, settings, cfg, rank, world)

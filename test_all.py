@@ -11,9 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import (AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler,
+                       StableDiffusion3Pipeline, UNet2DConditionModel)
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel,
+                          CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
@@ -29,8 +31,10 @@ import lrm_model as M  # noqa: E402
 import mpcf  # noqa: E402
 import sample  # noqa: E402
 from mpcf import STRATEGIES, get_config, main, mpcf_keep, pair_gaps  # noqa: E402
-from tiny.world import (CAPTIONS, COLORS, SHAPES, draw, from_jpeg, human_labels,  # noqa: E402
-                        judge_scores, to_jpeg)
+from tiny import make_world  # noqa: E402
+from tiny.make_world import images_to_tensor  # noqa: E402
+from tiny.world import (CAPTIONS, COLORS, RES, SHAPES, draw, from_jpeg,  # noqa: E402
+                        human_labels, judge_scores, random_drawing, to_jpeg)
 
 
 # ============================================================================ fixtures
@@ -2929,7 +2933,7 @@ def test_classic_attention_setting_changes_kernels_not_results(tiny):
     with torch.no_grad():
         want = run(stage.pipe.unet, px.vae, px.vit)
         mods = [copy.deepcopy(mod) for mod in (stage.pipe.unet, px.vae, px.vit)]
-        bench.speedups(bench.get_config(["--tiny", "--attn", "classic"]), *mods)
+        bench.speedups(bench.get_config(["--tiny", "--model", "tiny,tiny-xl", "--attn", "classic"]), *mods)
         got = run(*mods)
     assert {type(p).__name__ for mod in mods[:2] for p in mod.attn_processors.values()} == {"AttnProcessor"}
     assert {type(p).__name__ for p in stage.pipe.unet.attn_processors.values()} == {"AttnProcessor2_0"}
@@ -3050,7 +3054,7 @@ def test_modes_set_their_presets_and_flags_read_both_spellings():
     smoke = bench.get_config(["--smoke"])
     assert (smoke.model, smoke.device, smoke.resolution, smoke.dpo, smoke.vqa) == ("sd15", "cpu", 64, False, False)
     tiny = bench.get_config(["--tiny", "--no-dpo", "--num-children", "3"])
-    assert (tiny.model, tiny.device, tiny.threads, tiny.dpo, tiny.num_children) == ("tiny,tiny-xl", "cpu", 1, False, 3)
+    assert (tiny.model, tiny.device, tiny.threads, tiny.dpo, tiny.num_children) == ("tiny,tiny-xl,tiny-sd3", "cpu", 1, False, 3)
     assert bench.get_config(["--tiny", "--resume"]).resume and not bench.get_config(["--tiny"]).resume
 
 
@@ -3312,3 +3316,1006 @@ def test_bad_input_catalogue_is_large_and_covers_every_stage():
     stages = {module_name for module_name, _, _ in BAD_INPUTS}
     assert len(BAD_INPUTS) >= 35, len(BAD_INPUTS)
     assert stages >= {"lrm", "mpcf", "lpo", "sample", "eval"}, stages
+
+
+# ============================================================================ SD3: the tiny world (tiny/sd3)
+SD3 = os.path.join(ROOT, "tiny", "sd3")
+
+
+T5_LEN = 16  # min(256, tokenizer_3.model_max_length): the T5 length every stage uses
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    pipe = DiffusionPipeline.from_pretrained(SD3)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_tiny_sd3_loads_as_sd3_pipeline_and_generates(sd3):
+    assert isinstance(sd3, StableDiffusion3Pipeline)
+    cfg = sd3.transformer.config
+    inner = cfg.num_attention_heads * cfg.attention_head_dim
+    assert cfg.joint_attention_dim == sd3.text_encoder_3.config.d_model
+    assert cfg.caption_projection_dim == inner
+    proj = sd3.text_encoder.config.projection_dim + sd3.text_encoder_2.config.projection_dim
+    assert cfg.pooled_projection_dim == proj
+    assert sd3.transformer.dtype == torch.float32  # stored fp16, loaded fp32
+    world = json.load(open(os.path.join(ROOT, "tiny", "world.json")))
+    assert sd3.scheduler.config.shift == world["sd3_scheduler_shift"]
+    gen = torch.Generator().manual_seed(0)
+    out = sd3(
+        ["a red circle", "a blue square"],
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        generator=gen,
+        max_sequence_length=T5_LEN,
+        output_type="np",
+    ).images
+    assert out.shape == (2, RES, RES, 3) and np.isfinite(out).all()
+    assert out.std() > 0.01  # not a blank picture
+
+
+def test_t5_tokenizer_makes_each_caption_word_one_token():
+    path = os.path.join(SD3, "tokenizer_3")
+    for tok in (T5TokenizerFast.from_pretrained(path), AutoTokenizer.from_pretrained(path)):
+        assert tok.model_max_length == T5_LEN
+        assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)  # as T5
+        for caption in CAPTIONS:
+            pieces = tok.convert_ids_to_tokens(tok(caption).input_ids)
+            assert pieces == ["\u2581" + w for w in caption.split()] + ["</s>"]
+        assert tok("").input_ids == [tok.eos_token_id]  # the CFG uncond: </s> alone
+        padded = tok("a red", padding="max_length", max_length=T5_LEN).input_ids
+        assert padded[3:] == [0] * (T5_LEN - 3)
+        assert tok.decode(tok("a red circle").input_ids, skip_special_tokens=True) == "a red circle"
+        assert tok.unk_token_id not in tok("a dog").input_ids  # unknown words fall back to letters
+
+
+def test_pipeline_prompt_encoding_has_the_designed_shapes(sd3):
+    emb, neg, pooled, neg_pooled = sd3.encode_prompt(
+        CAPTIONS[:2], None, None, max_sequence_length=T5_LEN
+    )
+    assert emb.shape == (2, 2 * T5_LEN, 64) and pooled.shape == (2, 64)  # CLIP 16 + T5 16 tokens
+    ids = sd3.tokenizer_3([""], padding="max_length", max_length=T5_LEN, return_tensors="pt")
+    t5_empty = sd3.text_encoder_3(ids.input_ids)[0]  # the empty prompt, encoded as the pipeline
+    torch.testing.assert_close(neg[:, T5_LEN:], t5_empty.expand(2, -1, -1))
+
+
+def test_vae_is_the_sd15_vae_with_measured_shift_and_scale():
+    vae = AutoencoderKL.from_pretrained(os.path.join(SD3, "vae"))
+    sd15 = AutoencoderKL.from_pretrained(os.path.join(ROOT, "tiny", "sd15", "vae"))
+    for (name, p), q in zip(vae.state_dict().items(), sd15.state_dict().values()):
+        assert torch.equal(p, q), name
+    rng = np.random.default_rng(123)  # fresh drawings, not the training ones
+    x = images_to_tensor([random_drawing(rng)[0] for _ in range(512)])  # (512, 3, 32, 32)
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean.double()  # (512, 4, 8, 8)
+    assert abs(z.mean().item() - vae.config.shift_factor) < 0.02
+    assert abs(z.std().item() * vae.config.scaling_factor - 1) < 0.03
+    latents = (z - vae.config.shift_factor) * vae.config.scaling_factor  # SD3's normalisation
+    assert abs(latents.mean().item()) < 0.03 and abs(latents.std().item() - 1) < 0.03
+
+
+def test_make_world_sd3_only_quick_build(tmp_path):
+    os.makedirs(tmp_path / "sd15")
+    shutil.copytree(os.path.join(ROOT, "tiny", "sd15", "vae"), tmp_path / "sd15" / "vae")
+    json.dump({"kept": 1}, open(tmp_path / "world.json", "w"))
+    make_world.main(make_world.get_args(["--sd3-only", "--quick", "--out", str(tmp_path)]))
+    info = json.load(open(tmp_path / "world.json"))
+    assert info["kept"] == 1 and info["sd3_steps"] == 10  # earlier keys kept
+    assert set(os.listdir(tmp_path)) == {"sd15", "sd3", "world.json"}  # nothing else rebuilt
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "sd3"))
+    assert isinstance(pipe, StableDiffusion3Pipeline)
+    assert pipe.vae.config.shift_factor == info["sd3_vae_shift_factor"]
+    # the quick build's caption match, recomputed on the saved folder (fp16 on disk)
+    pipe.set_progress_bar_config(disable=True)
+    match = make_world.caption_match(pipe, n=30, cfg=info["sd3_guidance_scale"])
+    assert round(match, 4) == info["sd3_caption_match"]
+
+
+# ============================================================================ SD3: the LRM over MMDiT (lrm_model.py, lrm.py)
+SD3_PROMPTS = ["a red circle", "a blue square", "a green triangle"]
+
+
+@pytest.fixture(scope="module")
+def sd3_lrm():
+    """An untrained LRM over tiny/sd3, its heads and first blocks moved off their init."""
+    torch.manual_seed(0)
+    lrm = M.LatentRewardModel.from_base("tiny-sd3")
+    with torch.no_grad():
+        lrm.logit_scale.fill_(3.0)
+        for p in lrm.transformer.transformer_blocks[:lrm.blocks].parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return lrm.eval()
+
+
+def _sd3_inputs(n=3, seed=0):
+    """Latents (n, 4, 8, 8) and SD3 timesteps (sigma x 1000, floats) from low to pure noise."""
+    x = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    t = torch.tensor([8.928571701049805, 520.0741577148438, 1000.0])[:n]
+    return x, t
+
+
+# ----------------------------------------------------------------------------- features, encoding
+@pytest.mark.parametrize("blocks", [1, 3, 4])
+def test_mmdit_features_are_the_transformers_forward_up_to_block_n(sd3_lrm, blocks):
+    """Oracle: the stock SD3Transformer2DModel.forward, observed by a hook on block N-1 (block 4 of
+    4 is the last, context_pre_only one)."""
+    model = sd3_lrm.transformer
+    x, t = _sd3_inputs()
+    text = M.encode_prompt(list(sd3_lrm.text_encoders), sd3_lrm.tokenizers, SD3_PROMPTS, 32)
+    seen = []
+    hook = model.transformer_blocks[blocks - 1].register_forward_hook(
+        lambda module, args, output: seen.append(output[1]))
+    with torch.no_grad():
+        model(x, encoder_hidden_states=text["encoder_hidden_states"], timestep=t,
+              pooled_projections=text["pooled_projections"])
+        ours = M.mmdit_features(model, x, t, text["encoder_hidden_states"],
+                                text["pooled_projections"], blocks)
+    hook.remove()
+    assert ours.shape == (3, 64)
+    torch.testing.assert_close(ours, seen[0].mean(1), rtol=1e-5, atol=1e-6)
+    # gradient checkpointing (lrm.py --grad_ckpt) recomputes the same features
+    model.enable_gradient_checkpointing()
+    again = M.mmdit_features(model, x, t, text["encoder_hidden_states"],
+                             text["pooled_projections"], blocks)
+    model.disable_gradient_checkpointing()
+    assert again.requires_grad
+    torch.testing.assert_close(again.detach(), ours, rtol=1e-5, atol=1e-6)
+
+
+def test_score_runs_blocks_up_to_n_only_and_freezes_the_rest(sd3_lrm):
+    assert sd3_lrm.blocks == 3 == round(0.75 * 4) and sd3_lrm.config["lrm_blocks"] == 3
+    model = sd3_lrm.transformer
+    calls = []
+    watched = list(model.transformer_blocks) + [model.norm_out, model.proj_out]
+    hooks = [module.register_forward_hook(lambda *args, i=i: calls.append(i))
+             for i, module in enumerate(watched)]
+    x, t = _sd3_inputs()
+    with torch.no_grad():
+        scores = sd3_lrm.score(x, t, SD3_PROMPTS)
+    for hook in hooks:
+        hook.remove()
+    assert scores.shape == (3,) and torch.isfinite(scores).all()
+    assert calls == [0, 1, 2], "blocks 4.., norm_out and proj_out must never run"
+    unused = [model.transformer_blocks[3], model.norm_out, model.proj_out, sd3_lrm.text_encoders]
+    assert not any(p.requires_grad for module in unused for p in module.parameters())
+    assert all(p.requires_grad for p in model.transformer_blocks[2].parameters())
+    sd3_lrm.train()   # frozen encoders stay in eval mode: T5's dropout would draw noise
+    assert model.training and not any(encoder.training for encoder in sd3_lrm.text_encoders)
+    sd3_lrm.eval()
+    assert sd3_lrm.text_projection is None and sd3_lrm.visual_projection.weight.shape == (64, 64)
+    with pytest.raises(ValueError, match="the MMDiT has 4 joint blocks"):
+        M.LatentRewardModel.from_base("tiny-sd3", lrm_blocks=5)
+
+
+SD3_MEDIUM_CONFIG = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+    attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+    caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192)
+
+
+SD35_MEDIUM_CONFIG = dict(SD3_MEDIUM_CONFIG, dual_attention_layers=tuple(range(13)),
+                          qk_norm="rms_norm", pos_embed_max_size=384)
+
+
+@pytest.mark.parametrize("config", [SD3_MEDIUM_CONFIG, SD35_MEDIUM_CONFIG], ids=["sd3", "sd3.5"])
+def test_real_sd3_medium_widths_and_block_18_on_meta_device(config):
+    from diffusers import SD3Transformer2DModel
+    with torch.device("meta"):   # the published configs, no weights, no memory
+        transformer = SD3Transformer2DModel(**config)
+        encoders = [CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=width, projection_dim=width, num_hidden_layers=1, num_attention_heads=4))
+            for width in (768, 1280)]
+        encoders.append(T5EncoderModel(T5Config(d_model=4096, num_layers=1, num_heads=4)))
+        lrm = M.LatentRewardModel(transformer, encoders, [None] * 3,
+                                  dict(base="x", g=7.5, resolution=1024))
+        x = torch.randn(1, 16, 128, 128)
+        feature = M.mmdit_features(transformer, x, torch.tensor([500.0]),
+                                   torch.randn(1, 77 + 256, 4096), torch.randn(1, 2048), lrm.blocks)
+    assert lrm.blocks == 18 and lrm.config["lrm_blocks"] == 18   # paper: joint block 18 of 24
+    assert feature.shape == (1, 1536) and lrm.visual_projection.weight.shape == (2048, 1536)
+    before = sum(p.numel() for p in transformer.parameters())
+    lrm.for_scoring()
+    assert len(transformer.transformer_blocks) == 18
+    assert sum(p.numel() for p in transformer.parameters()) < 0.8 * before
+
+
+def _sd3_tokenizer(subfolder):
+    return AutoTokenizer.from_pretrained(SD3, subfolder=subfolder)
+
+
+def test_sd3_prompt_encoding_is_the_pipelines_encode_prompt():
+    """Oracle: StableDiffusion3Pipeline.encode_prompt, on text encoders whose CLIP states (32 + 48)
+    are narrower than T5's (96): the zero padding shows."""
+    torch.manual_seed(0)
+    clip_tokenizer = _sd3_tokenizer("tokenizer")
+    t5_tokenizer = _sd3_tokenizer("tokenizer_3")
+    clips = []
+    for hidden, projection in ((32, 16), (48, 24)):
+        config = CLIPTextConfig(vocab_size=len(clip_tokenizer), hidden_size=hidden,
+                                intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                max_position_embeddings=clip_tokenizer.model_max_length,
+                                projection_dim=projection, bos_token_id=clip_tokenizer.bos_token_id,
+                                eos_token_id=clip_tokenizer.eos_token_id,
+                                pad_token_id=clip_tokenizer.pad_token_id)
+        clips.append(CLIPTextModelWithProjection(config).eval())
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=96, d_kv=16, d_ff=64,
+                                 num_layers=1, num_heads=4)).eval()
+    base = StableDiffusion3Pipeline.from_pretrained(SD3)
+    pipe = StableDiffusion3Pipeline(
+        transformer=base.transformer, scheduler=base.scheduler, vae=base.vae,
+        text_encoder=clips[0], tokenizer=clip_tokenizer, text_encoder_2=clips[1],
+        tokenizer_2=_sd3_tokenizer("tokenizer_2"), text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+    encoders = [clips[0], clips[1], t5]
+    tokenizers = [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3]
+    length = M.t5_sequence_length(t5_tokenizer)
+    assert length == min(256, t5_tokenizer.model_max_length)
+    prompts = SD3_PROMPTS + ["a very long caption " * 10]   # truncated by every tokenizer
+    with torch.no_grad():
+        want = pipe.encode_prompt(prompts, None, None, device="cpu", max_sequence_length=length)
+        got = M.encode_prompt(encoders, tokenizers, prompts, 32)
+        empty = M.encode_prompt(encoders, tokenizers, [""] * 4, 32)   # the pipeline's batch
+    context, uncond_context, pooled, uncond_pooled = want
+    assert got["encoder_hidden_states"].shape == (4, clip_tokenizer.model_max_length + length, 96)
+    torch.testing.assert_close(got["encoder_hidden_states"], context, rtol=0, atol=0)
+    torch.testing.assert_close(got["pooled_projections"], pooled, rtol=0, atol=0)
+    assert got["pooled"] is got["pooled_projections"] and pooled.shape == (4, 16 + 24)
+    assert (got["encoder_hidden_states"][:, :clip_tokenizer.model_max_length, 80:] == 0).all()
+    # the CFG uncond is "" encoded the same way (VFE's unconditional pass)
+    torch.testing.assert_close(empty["encoder_hidden_states"], uncond_context, rtol=0, atol=0)
+    torch.testing.assert_close(empty["pooled_projections"], uncond_pooled, rtol=0, atol=0)
+
+
+def test_score_is_vfe_on_the_mmdit_feature_by_hand(sd3_lrm):
+    x, t = _sd3_inputs()
+    encoders = list(sd3_lrm.text_encoders)
+    with torch.no_grad():
+        cond = M.encode_sd3_prompt(encoders, sd3_lrm.tokenizers, SD3_PROMPTS)
+        empty = M.encode_sd3_prompt(encoders, sd3_lrm.tokenizers, [""] * 3)
+        features = [M.mmdit_features(sd3_lrm.transformer, x, t, text["encoder_hidden_states"],
+                                     text["pooled_projections"], 3) for text in (cond, empty)]
+        visual = sd3_lrm.visual_projection(features[1] + 7.5 * (features[0] - features[1]))
+        text_feature = cond["pooled_projections"]
+        cosine = torch.nn.functional.cosine_similarity(visual, text_feature, dim=-1)
+        want = torch.exp(torch.tensor(3.0)) * cosine
+        got = sd3_lrm.score(x, t, SD3_PROMPTS)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # t is SD3's float sigma x 1000, not rounded: 8.93 and 8 score differently
+    with torch.no_grad():
+        rounded = sd3_lrm.score(x, 8, SD3_PROMPTS)
+        assert not torch.equal(sd3_lrm.score(x, t[0], SD3_PROMPTS), rounded)
+
+
+# ----------------------------------------------------------------------------- save, load, score
+def test_save_load_round_trip_scores_identically_without_copying_the_text_encoders(sd3_lrm,
+                                                                                    tmp_path):
+    out = tmp_path / "lrm"
+    sd3_lrm.save_pretrained(str(out))
+    assert sorted(os.listdir(out)) == ["lrm_config.json", "state_dict.pt", "transformer"]
+    config = json.load(open(out / "lrm_config.json"))
+    assert config["base"] == "tiny/sd3" and config["lrm_blocks"] == 3
+    assert config["latent_space"][2] is not None   # SD3's VAE has a shift_factor
+    back = M.LatentRewardModel.from_pretrained(str(out), base="tiny-sd3").eval()
+    x, t = _sd3_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(back.score(x, t, SD3_PROMPTS), sd3_lrm.score(x, t, SD3_PROMPTS),
+                                   rtol=0, atol=0)
+    base_t5 = M.load_text_encoders(SD3, {"text_encoder_3": "T5EncoderModel"})[0][0]
+    for a, b in zip(back.text_encoders[2].parameters(), base_t5.parameters()):
+        assert torch.equal(a, b)   # frozen: the base's
+    # another latent space is refused both ways (an LRM does not transfer across VAEs)
+    with pytest.raises(ValueError, match="latent space"):
+        M.LatentRewardModel.from_pretrained(str(out), base="tiny")
+    with pytest.raises(ValueError, match="latent space"):
+        M.LatentRewardModel.from_pretrained("tiny/lrm", base="tiny-sd3")
+    # a save cut short (no lrm_config.json) is refused, not read as the official U-Net layout
+    os.remove(out / "lrm_config.json")
+    with pytest.raises(ValueError, match="^incomplete LRM folder"):
+        M.LatentRewardModel.from_pretrained(str(out), base="tiny-sd3")
+
+
+def test_for_scoring_same_scores_without_the_unused_blocks(tmp_path):
+    lrm = M.LatentRewardModel.from_base("tiny-sd3", lrm_blocks=2).eval()
+    model = lrm.transformer
+    unused = list(model.transformer_blocks[2:]) + [model.norm_out, model.proj_out]
+    dropped = sum(p.numel() for module in unused for p in module.parameters())
+    total = sum(p.numel() for p in lrm.parameters())
+    x, t = _sd3_inputs()
+    with torch.no_grad():
+        want = lrm.score(x, t, SD3_PROMPTS)
+        got = lrm.for_scoring().score(x, t, SD3_PROMPTS)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(model.transformer_blocks) == 2 and model.norm_out is None
+    assert sum(p.numel() for p in lrm.parameters()) == total - dropped and dropped > 0
+    with pytest.raises(ValueError, match="for_scoring"):
+        lrm.save_pretrained(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- flow-matching noise
+def test_flow_noising_and_grid_match_the_flow_scheduler():
+    """Oracle: FlowMatchEulerDiscreteScheduler.scale_noise at each of its 20 steps."""
+    noise_scheduler, grid = L.noise_schedule(SD3)
+    sampler = FlowMatchEulerDiscreteScheduler.from_pretrained(SD3, subfolder="scheduler")
+    sampler.set_timesteps(20)
+    assert grid == sorted(sampler.timesteps.tolist()) and len(grid) == 20
+    torch.testing.assert_close(torch.tensor(grid), sampler.sigmas[:-1].flip(0) * 1000)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    e = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    for t in sampler.timesteps:
+        want = sampler.scale_noise(x, t[None], e)
+        got = L.add_noise(noise_scheduler, x, e, torch.full((2,), t.item(), dtype=torch.float64))
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert got.dtype == torch.float32
+    # defaults: the grid's t nearest 0, 250, 500, 750, 1000 (DDPM: the old 1, 251, 501, 751, 951)
+    assert noise_scheduler.config.shift == 3.0   # SD3's: the grid crowds the high noise levels
+    want = [8.928571701049805, 266.3297119140625, 520.0741577148438, 730.9743041992188, 1000.0]
+    assert L.default_eval_timesteps(grid) == want
+    ddpm, ddpm_grid = L.noise_schedule(os.path.join(ROOT, "tiny/sd15"))
+    assert ddpm_grid == list(range(1, 1000, 50))
+    assert L.default_eval_timesteps(ddpm_grid) == [1, 251, 501, 751, 951]
+    assert L.parse_timesteps("1,251") == [1, 251] and L.parse_timesteps("8.5,1000") == [8.5, 1000]
+
+
+def test_images_are_encoded_shifted_then_scaled():
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(SD3, subfolder="vae")
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    noise = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+    z = posterior.mean + posterior.std * noise
+    want = (z - vae.config.shift_factor) * vae.config.scaling_factor   # SD3's pipeline
+    torch.testing.assert_close(L.encode_images(vae, pixels, noise), want)
+
+
+# ----------------------------------------------------------------------------- lrm.py
+def test_shipped_tiny_sd3_lrm_is_small_and_noise_aware():
+    """tiny/lrm-sd3 (python lrm.py --model tiny-sd3): no text encoders copied, and its validation
+    accuracy falls from ~0.72 at the lowest noise level of the grid to chance at pure noise."""
+    assert sorted(os.listdir("tiny/lrm-sd3")) == ["lrm_config.json", "state_dict.pt",
+                                                 "transformer"]
+    lrm = M.LatentRewardModel.from_pretrained("tiny/lrm-sd3", base="tiny-sd3")  # same VAE
+    assert lrm.config["base"] == "tiny/sd3" and lrm.blocks == 3 and lrm.g == 7.5
+    pairs = L.load_pairs("tiny/pickapic", "validation_unique")
+    accuracy = L.pair_accuracy(lrm, pairs, [8.928571701049805, 1000])["decisive"]
+    assert accuracy[8.928571701049805] > 0.68 and accuracy[1000] < 0.56   # 191 decisive pairs
+
+
+def _sd3_lrm_args(out, *extra):
+    return ["--model", "tiny-sd3", "--out", str(out), "--max_train_steps", "3",
+            "--train_batch_size", "4", "--eval_every", "3", "--save_every", "2",
+            "--eval_max_pairs", "4", "--warmup", "1", *map(str, extra)]
+
+
+def test_tiny_sd3_run_trains_logs_and_resumes_bitwise(tmp_path, monkeypatch):
+    preset = L.get_config(["--model", "tiny-sd3"])
+    assert (preset.max_train_steps, preset.train_batch_size, preset.lr) == (400, 32, 1e-3)
+    assert (preset.threads, preset.keep) == (1, "tiny/pickapic/mpcf_keep.json")
+    table = L.main(L.get_config(_sd3_lrm_args(tmp_path / "a")))
+    grid = L.noise_schedule(SD3)[1]
+    assert list(table["test_unique"]["decisive"]) == L.default_eval_timesteps(grid)
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert "val_acc@8.92857" in rows[3] and "val_acc_ties_half@1000" in rows[3]
+    assert set(rows[-1]["final"]["test_unique"]["decisive"]) == {
+        "8.92857", "266.33", "520.074", "730.974", "1000"}
+    a = torch.load(tmp_path / "a" / "train_state.pt", weights_only=False)["model"]
+    assert not any(key.startswith("text_encoders.") for key in a)   # frozen: the base's
+    assert any(key.startswith("transformer.") for key in a)
+    assert sorted(os.listdir(tmp_path / "a" / "best")) == ["lrm_config.json", "state_dict.pt",
+                                                          "transformer"]
+    # killed after step 3's update, before its checkpoint; resumed from step 2's: bit for bit
+    real_log = L.log_jsonl
+
+    def crash_at_step_3(path, row):
+        real_log(path, row)
+        if row.get("step") == 3 and "loss" in row:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(L, "log_jsonl", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        L.main(L.get_config(_sd3_lrm_args(tmp_path / "b")))
+    monkeypatch.setattr(L, "log_jsonl", real_log)
+    L.main(L.get_config(_sd3_lrm_args(tmp_path / "b", "--resume")))
+    b = torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)
+    assert b["step"] == 3 and a.keys() == b["model"].keys()
+    for key in a:
+        assert torch.equal(a[key], b["model"][key]), key
+    init = M.LatentRewardModel.from_base("tiny-sd3").state_dict()
+    assert not torch.equal(a["visual_projection.weight"], init["visual_projection.weight"])
+
+
+def _sd3_rank_main(rank, port, args):
+    """lrm.main as rank `rank` of 2 (gloo), in a forked child; exits 0 on success."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    code = 1
+    try:
+        L.main(L.get_config(args))
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def test_two_gloo_ranks_train_as_one_process_with_their_batch(tmp_path):
+    import multiprocessing
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    common = ("--max_train_steps", 2, "--train_batch_size", 8, "--eval_every", 100,
+              "--eval_max_pairs", 2, "--eval_timesteps", "8.93", "--lr", 1e-4)
+    fork = multiprocessing.get_context("fork")
+    two_args = _sd3_lrm_args(tmp_path / "two", *common)
+    ranks = [fork.Process(target=_sd3_rank_main, args=(rank, port, two_args)) for rank in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(120)
+    assert [process.exitcode for process in ranks] == [0, 0]
+    L.main(L.get_config(_sd3_lrm_args(tmp_path / "one", *common)))
+    two = torch.load(tmp_path / "two" / "train_state.pt", weights_only=False)["model"]
+    one = torch.load(tmp_path / "one" / "train_state.pt", weights_only=False)["model"]
+    init = M.LatentRewardModel.from_base("tiny-sd3").state_dict()
+    moved = sum((value - init[key]).abs().sum().item() for key, value in one.items())
+    diff = sum((two[key] - value).abs().sum().item() for key, value in one.items())
+    assert moved > 0.1 and diff < 1e-3 * moved, (diff, moved)
+    logs = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")
+             if '"loss"' in line] for run in ("two", "one")]
+    for two_row, one_row in zip(*logs):   # the global batch's loss and gradient norm
+        assert two_row["loss"] == pytest.approx(one_row["loss"], rel=1e-5)
+        assert two_row["grad_norm"] == pytest.approx(one_row["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("argv,word", [
+    (["--model", "tiny-sd3", "--lrm_blocks", "5"], "lrm_blocks 5: the MMDiT has 4"),
+    (["--model", "tiny", "--lrm_blocks", "2"], "only an MMDiT"),
+    (["--model", "tiny-sd3", "--lrm_blocks", "-1"], "lrm_blocks"),
+    (["--model", "tiny-sd3", "--resolution", "36"], "multiple of 8"),
+    (["--model", "tiny-sd3", "--resolution", "256"], "position embedding"),
+    (["--model", "tiny", "--eval_timesteps", "1,8.5"], "integers"),
+    (["--model", "tiny-sd3", "--eval_timesteps", "1001"], "0..1000"),
+])
+def test_bad_inputs_fail_in_one_line(argv, word, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        L.main(L.get_config(argv + ["--out", str(tmp_path / "run")]))
+    message = str(exit_info.value.code)
+    assert message.startswith("lrm.py: error:") and "\n" not in message and word in message
+
+
+# ============================================================================ SD3: sample.py, eval.py, bench.py
+STEPS = 8  # fewer than the preset's 20: the same code, a quarter of the time
+
+
+# 2 prompts x 2 seeds, CPU, few steps; the tiny-sd3 preset's prompts, seeds and guidance
+ARGV = ["--model", "tiny-sd3", "--num_prompts", "2", "--seeds_per_prompt", "2",
+        "--num_inference_steps", str(STEPS)]
+
+
+def pipeline():
+    from diffusers import StableDiffusion3Pipeline
+    pipe = StableDiffusion3Pipeline.from_pretrained(SD3)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vae.enable_slicing()  # as sample.py decodes (a batched decode can differ by 1 level)
+    return pipe
+
+
+def pipeline_images(pipe, rows):
+    """The SD3 pipeline's own images of metadata rows: each image's seed, the preset's guidance,
+    T5 at min(256, tokenizer_3.model_max_length) tokens (the repository's rule)."""
+    length = min(256, pipe.tokenizer_3.model_max_length)
+    generators = [torch.Generator().manual_seed(row["seed"]) for row in rows]
+    guidance = sample.get_config(ARGV).guidance_scale  # the preset's: the world's choice, 5.0
+    output = pipe([row["prompt"] for row in rows], generator=generators, height=32, width=32,
+                  num_inference_steps=STEPS, guidance_scale=guidance, max_sequence_length=length,
+                  output_type="np")
+    return np.round(output.images * 255).astype(np.int16)  # (N, H, W, 3), as the PIL path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """sample.py on tiny-sd3 with a LoRA made by peft on the transformer's attention projections
+    and saved by StableDiffusion3Pipeline.save_lora_weights (transformer_lora_layers, as lpo.py)."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    tmp = tmp_path_factory.mktemp("sd3-tools")
+    pipe = pipeline()
+    torch.manual_seed(0)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
+    with torch.no_grad():
+        for name, parameter in pipe.transformer.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: an untrained LoRA changes nothing
+                parameter.normal_(0, 0.3)
+    lora = str(tmp / "lora")
+    layers = get_peft_model_state_dict(pipe.transformer)
+    StableDiffusion3Pipeline.save_lora_weights(lora, transformer_lora_layers=layers)
+    out = str(tmp / "samples")
+    sample.main(sample.get_config(ARGV + ["--lora", lora, "--out", out]))
+    return dict(tmp=tmp, lora=lora, out=out)
+
+
+def test_sample_sd3_is_the_pipelines_own_sampling_and_the_lora_moves_tuned_only(run):
+    base_dir = os.path.join(run["out"], "base")
+    tuned_dir = os.path.join(run["out"], "tuned")
+    rows = [json.loads(line) for line in open(os.path.join(base_dir, "metadata.jsonl"))]
+    assert [row["seed"] for row in rows] == [1_000_000 + i for i in range(4)]
+    for folder, tuned in ((base_dir, None), (tuned_dir, run["lora"])):
+        settings = json.load(open(os.path.join(folder, "sampling.json")))
+        assert settings["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+        assert (settings["tuned"], settings["num_inference_steps"], settings["eta"]) == (
+            tuned, STEPS, 0.0)
+    pipe = pipeline()
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"   # kept, not DDIM
+    base = np.stack([pixels(os.path.join(base_dir, row["file_name"])) for row in rows])
+    tuned = np.stack([pixels(os.path.join(tuned_dir, row["file_name"])) for row in rows])
+    # the same seed -> the pipeline's own image, exactly; the base untouched by the LoRA
+    assert np.array_equal(base, pipeline_images(pipe, rows))
+    pipe.load_lora_weights(run["lora"])   # diffusers' own LoRA loading: the tuned oracle
+    assert np.array_equal(tuned, pipeline_images(pipe, rows))
+    assert np.abs(tuned - base).mean() > 1.0
+
+
+def test_sample_takes_a_merged_transformer_folder_as_unet(run):
+    """lpo.py --save_merged writes {out}/transformer: --unet takes it (or its parent) for an SD3
+    base; the LoRA fused in gives the LoRA's images."""
+    pipe = pipeline()
+    pipe.load_lora_weights(run["lora"])
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    merged = run["tmp"] / "merged"
+    pipe.transformer.save_pretrained(str(merged / "transformer"))
+    out = str(run["tmp"] / "merged-samples")
+    sample.main(sample.get_config(ARGV + ["--unet", str(merged), "--out", out]))
+    for name in os.listdir(os.path.join(run["out"], "tuned")):
+        if name.endswith(".png"):
+            fused = pixels(os.path.join(out, "tuned", name))
+            unfused = pixels(os.path.join(run["out"], "tuned", name))
+            assert np.abs(fused - unfused).max() <= 1, name
+
+
+def flow_shift(sigma, shift=3.0):
+    """FlowMatchEulerDiscreteScheduler's shift: s -> shift s / (1 + (shift - 1) s)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def test_eval_scores_sd3_samples_with_an_sd3_lrm_at_the_grids_last_level(run):
+    from diffusers import AutoencoderKL
+    from diffusers.image_processor import VaeImageProcessor
+    from lrm_model import LatentRewardModel
+    torch.manual_seed(0)
+    lrm_dir = str(run["tmp"] / "lrm")
+    LatentRewardModel.from_base(SD3).save_pretrained(lrm_dir)
+    base_dir = os.path.join(run["out"], "base")
+    tuned_dir = os.path.join(run["out"], "tuned")
+    out = str(run["tmp"] / "eval")
+    argv = ["--model", "tiny-sd3", "--base_dir", base_dir, "--tuned_dir", tuned_dir, "--lrm",
+            lrm_dir, "--scorers", "judge,lrm", "--n_boot", "200", "--out", out]
+    ev.main(ev.get_config(argv))
+    report = json.load(open(os.path.join(out, "eval.json")))
+    assert report["settings"]["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    assert {"lrm", "judge:human"} <= set(report["scores"]) and report["n"] == 4
+    # the grid's last level: training sigmas shifted once (sigma_min), the grid shifted again
+    last = 1000 * flow_shift(flow_shift(1 / 1000))
+    assert ev.final_timestep(SD3, STEPS) == pytest.approx(last, rel=1e-5)   # 8.93, not 0
+    assert ev.final_timestep(os.path.join(ROOT, "tiny", "sd15"), 20) == 1   # DDIM: unchanged
+    # the LRM column: diffusers' VAE preprocessing, SD3's latents (z - shift) x scale, at `last`
+    scores = [json.loads(line) for line in open(os.path.join(out, "scores.jsonl"))]
+    rows = [json.loads(line) for line in open(os.path.join(tuned_dir, "metadata.jsonl"))]
+    images = [Image.open(os.path.join(tuned_dir, row["file_name"])) for row in rows]
+    vae = AutoencoderKL.from_pretrained(SD3, subfolder="vae")
+    assert vae.config.shift_factor   # an SD3-style VAE: the shift matters
+    lrm = LatentRewardModel.from_pretrained(lrm_dir, base=SD3).eval()
+    with torch.no_grad():
+        z = vae.encode(VaeImageProcessor().preprocess(images)).latent_dist.mean
+        latents = (z - vae.config.shift_factor) * vae.config.scaling_factor
+        want = lrm.score(latents, last, prompts=[row["prompt"] for row in rows]).numpy()
+    np.testing.assert_allclose([s["lrm/tuned"] for s in scores], want, rtol=1e-4, atol=1e-4)
+
+
+def test_estimate_counts_sd3_medium_as_a_meta_device_instantiation():
+    """--estimate's SD3 rows: the published SD3-Medium parts built here from their numbers
+    (independently of bench.py's tables) on the meta device."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, T5Config,
+                              T5EncoderModel)
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+    with torch.device("meta"):
+        mmdit = SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+            attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+            caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                            down_block_types=("DownEncoderBlock2D",) * 4, latent_channels=16,
+                            up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False,
+                            use_post_quant_conv=False)
+        clip_l = CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            projection_dim=768))
+        clip_g = CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+            num_attention_heads=20, projection_dim=1280))
+        t5 = T5EncoderModel(T5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                     num_heads=64, feed_forward_proj="gated-gelu"))
+    parts = [count(module) for module in (mmdit, vae, clip_l, clip_g, t5)]
+    # SD3-Medium's published sizes: MMDiT 2.03B, VAE 83.8M, T5-v1.1-XXL encoder 4.76B
+    assert parts[0] == 2_028_328_000 and parts[1] == 83_819_683 and parts[4] == 4_762_310_656
+    pipe = bench.full_size("sd3", "meta")
+    assert bench.default_resolution(pipe) == 1024 and pipe.vae.config.shift_factor == 0.0609
+    (row,) = bench.estimate_eval("sd3", pipe, 1024)
+    assert row["parameters"] == sum(parts) and row["weights_gb"] == 2 * sum(parts) / 1e9
+    assert row["batch"] == "4 images" and row["activations_gb"] > 0
+    # the default --model, and so --estimate, includes SD3
+    assert "sd3" in bench.Config.model.split(",") and "sd3" in bench.FULL_SIZE
+
+
+def test_bench_tiny_sd3_runs_lpo_through_lpos_flow_step(tmp_path):
+    """--tiny includes tiny-sd3; its LPO phases run lpo.py's generic functions, which pick the
+    flow step from the schedule; the pixel reward's x0 is the Euler step to sigma 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    import lpo
+    assert "tiny-sd3" in bench.get_config(["--tiny"]).model.split(",")
+    out = str(tmp_path / "bench")
+    argv = ["--model", "tiny-sd3", "--device", "cpu", "--warmup", "0", "--repeats", "1",
+            "--no-dpo", "--no-stages", "--out", out, "--sample_batch_size", "2",
+            "--train_batch_size", "2"]
+    results = bench.main(bench.get_config(argv))["tiny-sd3"]
+    assert results["lpo_step_s"] > 0 and results["lpo_update_s"] > 0 and results["ratio_step"]
+    stage = bench.load_lpo_stage("tiny-sd3", bench.get_config(argv), torch.device("cpu"))
+    assert isinstance(stage.schedule, lpo.FlowSchedule)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(SD3, subfolder="scheduler")
+    scheduler.set_timesteps(sigmas=[0.6], device="cpu")   # one step: sigma (0.6 shifted) -> 0
+    x = torch.randn(2, 4, 8, 8)
+    velocity = torch.randn(2, 4, 8, 8)
+    want = scheduler.step(velocity, scheduler.timesteps[0], x).prev_sample
+    level = scheduler.sigmas[0].item()
+    torch.testing.assert_close(bench.predict_x0_flow(x, velocity, level), want)
+
+
+@pytest.mark.parametrize("module,argv,word", [
+    (sample, ["--model", "tiny-sd3", "--eta", "0.5"], "eta"),
+    (ev, ["--model", "tiny-sd3", "--unet", SD3, "--eta", "0.5", "--scorers", "judge"], "eta"),
+    (sample, ["--model", "tiny-sd3", "--unet", os.path.join(ROOT, "tiny", "sd15")], "transformer"),
+    (bench, ["--smoke", "--model", "sd3"], "sd3"),
+    (bench, ["--model", "tiny-sd3", "--device", "cpu", "--attn", "classic"], "classic"),
+])
+def test_bad_sd3_inputs_fail_in_one_line(module, argv, word, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(module.get_config(argv + ["--out", str(tmp_path / "out")]))
+    message = str(exit_info.value.code)
+    assert message.startswith(f"{module.PROG}: error:") and "\n" not in message, message
+    assert word in message and not os.path.exists(tmp_path / "out"), message
+
+
+# ============================================================================ SD3: flow step and LPO (lpo.py)
+SD3_BASE = os.path.join(ROOT, "tiny", "sd3")
+
+
+if not os.path.isdir(SD3_BASE):  # DEV-ONLY
+    SD3_BASE = open("/tmp/sd3_world_quick_ready").read().strip()  # DEV-ONLY
+
+
+def flow_scheduler(shift, steps):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def toy_velocity(x, s):
+    """Some smooth field of x and the noise level s (not a flow's): the Euler parity needs none."""
+    return torch.tanh(1.5 * x.flip(-1)) - 0.7 * s * x + s**2
+
+
+# ----------------------------------------------------------------------------- math
+@pytest.mark.parametrize("shift", [1.0, 3.0, 6.0])
+def test_flow_step_at_eta_0_is_the_schedulers_euler_step(shift):
+    """eta 0: flow_step (std exactly 0) and FlowSchedule.step give FlowMatchEulerDiscreteScheduler
+    .step over whole chains, any shift and step count; the schedule is the scheduler's grid."""
+    for steps in (1, 4, 28, 50):
+        scheduler = flow_scheduler(shift, steps)
+        schedule = lpo.make_schedule(dict(scheduler.config), steps, 0.1, 0.2, CPU)
+        assert torch.equal(schedule.timesteps, scheduler.timesteps)
+        assert torch.equal(schedule.prev_timesteps[:-1], scheduler.timesteps[1:])
+        assert schedule.prev_timesteps[-1] == 0
+        x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
+        ours = x.clone()
+        by_schedule = x.clone()
+        for i, t in enumerate(scheduler.timesteps):
+            sigma = scheduler.sigmas[i].item()
+            x = scheduler.step(toy_velocity(x, sigma), t, x).prev_sample
+            level, level_prev = t.item() / 1000, scheduler.sigmas[i + 1].item()
+            mean, std = lpo.flow_step(toy_velocity(ours, sigma), ours, level, level_prev, 0.0)
+            assert torch.all(std == 0)
+            ours = mean
+            t_prev = schedule.prev_timesteps[i].item()
+            mean, std = schedule.step(toy_velocity(by_schedule, sigma), by_schedule, t.item(),
+                                      t_prev, 0.0)
+            by_schedule = mean
+            torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(by_schedule, x, rtol=1e-5, atol=1e-5)
+
+
+def gaussian_velocity(x, s, mu, scale):
+    """The flow's true velocity E[e - x_0 | x_s] for data N(mu, scale^2) per dimension:
+    v*(x, s) = (s - (1 - s) scale^2) / V_s (x - (1 - s) mu) - mu, V_s = (1 - s)^2 scale^2 + s^2."""
+    variance = (1 - s) ** 2 * scale**2 + s**2
+    return (s - (1 - s) * scale**2) / variance * (x - (1 - s) * mu) - mu
+
+
+def worst_marginal_errors(steps, std_factor=1.0, euler_mean=False, samples=40_000):
+    """Sample the chain from N(0, I) with the true velocity; at every step compare the samples with
+    the flow's marginal N((1 - s') mu, V_s'): (largest |mean error| in standard errors of the
+    mean, largest |sample var / V_s' - 1|). Controls: std x std_factor; euler_mean: the eta = 0
+    mean with the eta = 1 noise added (a naive "noisy ODE")."""
+    mu = torch.tensor([1.0, -0.5, 0.0, 0.3])
+    scale = torch.tensor([0.5, 1.0, 1.5, 0.8])
+    generator = torch.Generator().manual_seed(steps)
+    scheduler = flow_scheduler(3.0, steps)  # SD3's shift
+    levels = scheduler.sigmas.tolist()
+    x = torch.randn(samples, 4, generator=generator)
+    worst_mean = worst_var = 0.0
+    for s, s_prev in zip(levels[:-1], levels[1:]):
+        v = gaussian_velocity(x, s, mu, scale)
+        mean, std = lpo.flow_step(v, x, s, s_prev, 1.0)
+        if euler_mean:
+            mean, _ = lpo.flow_step(v, x, s, s_prev, 0.0)
+        x = mean + std_factor * std * torch.randn(x.shape, generator=generator)
+        variance = (1 - s_prev) ** 2 * scale**2 + s_prev**2
+        error = (x.mean(0) - (1 - s_prev) * mu) / (variance / samples).sqrt()
+        worst_mean = max(worst_mean, error.abs().max().item())
+        worst_var = max(worst_var, (x.var(0) / variance - 1).abs().max().item())
+    return worst_mean, worst_var
+
+
+def test_flow_step_at_eta_1_keeps_the_flows_gaussian_marginals():
+    """eta 1 on Gaussian data (true velocity in closed form), SD3's shift 3: on a fine grid (400
+    steps) every step's samples have the flow's marginal: mean within 5 standard errors, variance
+    within 7.5% = the grid's own first-order error (3.7% at 400 steps, computed exactly for this
+    linear chain; 22% at 50: it shrinks as the grid refines) + 5 standard errors of a
+    40,000-sample variance (0.7% each). Controls
+    that must fail (100 steps): a std 1.2x too large (47% off); the Euler mean plus eta 1 noise
+    (more than 10x off)."""
+    mean_error, var_error = worst_marginal_errors(400)
+    assert mean_error < 5 and var_error < 0.075, (mean_error, var_error)
+    _, coarse_error = worst_marginal_errors(50)
+    assert 2 * var_error < coarse_error < 0.3, (coarse_error, var_error)
+    _, wrong_std = worst_marginal_errors(100, std_factor=1.2)
+    assert wrong_std > 0.2, wrong_std
+    _, noisy_ode = worst_marginal_errors(100, euler_mean=True)
+    assert noisy_ode > 1.0, noisy_ode
+
+
+def test_flow_sigma_by_hand_and_the_flow_thresholds():
+    """flow_sigma = the posterior std of the chain with marginals N((1 - s) x_0, s^2) by Gaussian
+    conditioning (x_s = c x_s' + sqrt(s^2 - c^2 s'^2) n, c = (1 - s) / (1 - s'): Var(x_s' | x_s)
+    = s'^2 - c^2 s'^4 / s^2); s' at s = 1; 0 at s' = 0; linear in eta. The SD3 schedule (shift 3,
+    28 steps): thresholds from th_max at the first step to th_min at the last (std 0), linear in
+    the std."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(50, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    s_prev = s * torch.rand(50, generator=g, dtype=torch.float64)
+    c = (1 - s) / (1 - s_prev)
+    want = (s_prev**2 - c**2 * s_prev**4 / s**2).sqrt()
+    torch.testing.assert_close(lpo.flow_sigma(s, s_prev, 1.0), want)
+    torch.testing.assert_close(lpo.flow_sigma(s, s_prev, 0.3), 0.3 * want)
+    assert lpo.flow_sigma(1.0, 0.7, 1.0).item() == pytest.approx(0.7)
+    assert lpo.flow_sigma(0.2, 0.0, 1.0).item() == 0.0
+    scheduler = flow_scheduler(3.0, 28)
+    schedule = lpo.make_schedule(dict(scheduler.config), 28, 0.45, 0.6, CPU)
+    levels = scheduler.sigmas.double()
+    c = (1 - levels[:-1]) / (1 - levels[1:])
+    want = (levels[1:] ** 2 - c**2 * levels[1:] ** 4 / levels[:-1] ** 2).clamp(min=0).sqrt()
+    torch.testing.assert_close(schedule.sigmas, want, rtol=1e-5, atol=1e-6)
+    # by hand: s' at s = 1 (0.9874, SD3's second level at 28 steps), 0 into x_0
+    assert abs(schedule.sigmas[0] - 0.9874) < 1e-4 and schedule.sigmas[-1] == 0
+    th = schedule.thresholds
+    assert th[0] == pytest.approx(0.6) and th[-1] == pytest.approx(0.45)
+    torch.testing.assert_close(th, 0.45 + schedule.sigmas / schedule.sigmas.max() * 0.15)
+
+
+def test_step_logprob_of_flow_step_matches_torch_normal():
+    g = torch.Generator().manual_seed(1)
+    v, x_t, x_prev = (torch.randn(5, 4, 8, 8, generator=g) for _ in range(3))
+    s = torch.tensor([1.0, 0.9, 0.6, 0.3, 0.05])
+    s_prev = torch.tensor([0.95, 0.7, 0.5, 0.1, 0.01])
+    mean, std = lpo.flow_step(v, x_t, s, s_prev, 1.0)
+    assert std.shape == (5, 1, 1, 1) and (std > 0).all()
+    want = torch.distributions.Normal(mean, std).log_prob(x_prev).mean((1, 2, 3))
+    torch.testing.assert_close(lpo.step_logprob(x_prev, mean, std), want)
+    # the mean by hand: x_0 = x_t - s v, e = x_t + (1 - s) v, (1 - s') x_0 + sqrt(s'^2 - sig^2) e
+    shape = (-1, 1, 1, 1)
+    keep = (s_prev.view(shape) ** 2 - std**2).sqrt()
+    x0 = x_t - s.view(shape) * v
+    noise = x_t + (1 - s.view(shape)) * v
+    torch.testing.assert_close(mean, (1 - s_prev.view(shape)) * x0 + keep * noise)
+
+
+# ----------------------------------------------------------------------------- models
+@pytest.fixture(scope="module")
+def sd3_pipe():
+    cfg = lpo.get_config(["--model", SD3_BASE, "--eval-samples", "0"])
+    cfg.resolution, latent = lpo.base_geometry(cfg)
+    return lpo.load_pipeline(cfg, CPU, torch.float32), latent
+
+
+def test_sd3_encoding_guidance_and_schedule_reproduce_the_sd3_pipeline(sd3_pipe):
+    """lpo's SD3 parts against StableDiffusion3Pipeline itself: encode_for_cfg equals its
+    encode_prompt with CFG ([uncond = "" encoded the same way; cond]); and our chain at eta 0
+    (guided_prediction + the FlowSchedule's step) from the same latents ends on the pipeline's
+    own output latents (its Euler sampler), with the pipeline's T5 length."""
+    pipe, latent = sd3_pipe
+    assert pipe.vae is None and lpo.denoiser_name(pipe) == "transformer" and latent == 8
+    assert len(lpo.text_encoders(pipe)) == 3
+    prompts = ["a red circle", "a blue square"]
+    length = lpo.t5_length(pipe)
+    cond = lpo.encode_for_cfg(pipe, prompts, 32)
+    states, empty, pooled, empty_pooled = pipe.encode_prompt(prompts, None, None,
+                                                             max_sequence_length=length)
+    torch.testing.assert_close(cond["encoder_hidden_states"], torch.cat([empty, states]))
+    torch.testing.assert_close(cond["pooled_projections"], torch.cat([empty_pooled, pooled]))
+    assert cond["encoder_hidden_states"][0].abs().sum() > 0  # "" encoded, not zeros
+    steps, guidance = 6, 4.0
+    x = torch.randn(2, 4, latent, latent, generator=torch.Generator().manual_seed(0))
+    want = pipe(prompts, latents=x.clone(), num_inference_steps=steps, guidance_scale=guidance,
+                output_type="latent", max_sequence_length=length).images
+    schedule = lpo.make_schedule(pipe.scheduler.config, steps, 0.1, 0.2, CPU, latent)
+    with torch.no_grad():
+        for t, t_prev in zip(schedule.timesteps.tolist(), schedule.prev_timesteps.tolist()):
+            velocity = lpo.guided_prediction(pipe.transformer, x, t, cond, guidance)
+            x, _ = schedule.step(velocity, x, t, t_prev, 0.0)
+    torch.testing.assert_close(x, want, rtol=1e-4, atol=1e-4)
+
+
+def test_sd3_lora_loads_with_the_sd3_pipelines_loader(sd3_pipe, tmp_path):
+    """add_lora puts LoRA on to_q, to_k, to_v, to_out.0 of every joint block (not on the text
+    stream's add_*_proj / to_add_out); save_lora's file loads with StableDiffusion3Pipeline
+    .load_lora_weights and gives the trained transformer's output."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+    pipe = StableDiffusion3Pipeline.from_pretrained(SD3_BASE, vae=None)
+    lpo.add_lora(pipe.transformer, 4, 0, False)
+    with torch.no_grad():
+        for name, param in pipe.transformer.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: an untrained LoRA changes nothing
+                param.normal_(0, 0.3)
+    lpo.save_lora(pipe, pipe.transformer, str(tmp_path))
+    keys = load_file(tmp_path / lpo.LORA_FILE)
+    blocks = pipe.transformer.config.num_layers
+    assert len(keys) == blocks * 4 * 2 and all(key.startswith("transformer.") for key in keys)
+    assert not any("add_" in key for key in keys)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([700.0, 30.5])
+    cond = lpo.encode_for_cfg(pipe, ["a red circle"], 32)
+    with torch.no_grad():
+        want = pipe.transformer(x, timestep=t, **cond).sample
+        pipe.transformer.disable_adapters()
+        plain = pipe.transformer(x, timestep=t, **cond).sample
+    fresh = StableDiffusion3Pipeline.from_pretrained(SD3_BASE, vae=None)
+    fresh.load_lora_weights(str(tmp_path))
+    with torch.no_grad():
+        got = fresh.transformer(x, timestep=t, **cond).sample
+    assert (want - plain).abs().max() > 0.01
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sd3_geometry_scheduler_checks_and_presets(tmp_path):
+    """base_geometry reads transformer/ (sample_size x VAE factor; multiples of VAE factor x
+    patch size); a flow scheduler with a dynamic shift is refused; an SD3 folder or hub id takes
+    the sd3 preset (pipeline defaults 28 steps, CFG 7.0; SDXL's rank, lr, batches, thresholds)."""
+    cfg = lpo.get_config(["--model", SD3_BASE, "--eval-samples", "0"])
+    assert lpo.base_geometry(cfg) == (32, 8)
+    cfg.resolution = 40
+    assert lpo.base_geometry(cfg) == (40, 10)
+    cfg.resolution = 36
+    with pytest.raises(SystemExit, match="multiple of 8"):
+        lpo.base_geometry(cfg)
+    for name in ("stabilityai/stable-diffusion-3-medium-diffusers", "someone/sd3-finetune",
+                 SD3_BASE):
+        preset = lpo.preset_of(name)
+        assert (preset["num_inference_steps"], preset["guidance_scale"], preset["lora_rank"],
+                preset["th_min"], preset["base"]) == (28, 7.0, 64, 0.45, name), name
+    sd35 = lpo.get_config(["--model", "sd35"])
+    assert (sd35.num_inference_steps, sd35.guidance_scale, sd35.lora_rank) == (40, 4.5, 64)
+    tiny = lpo.get_config(["--model", "tiny-sd3"])
+    assert tiny.base.endswith(os.path.join("tiny", "sd3")) and tiny.lrm.endswith("lrm-sd3")
+    assert tiny.threads == 1 and tiny.eval_samples > 0
+    import shutil
+    for part in ("transformer", "vae", "scheduler"):
+        shutil.copytree(os.path.join(SD3_BASE, part), tmp_path / part,
+                        ignore=shutil.ignore_patterns("*.safetensors"))
+    config_path = tmp_path / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(config, use_dynamic_shifting=True)))
+    out = str(tmp_path / "out")
+    bad = [(["--model", str(tmp_path), "--eval-samples", "0"], "use_dynamic_shifting"),
+           (["--model", "tiny-sd3", "--base", SD3_BASE, "--resolution", "36"], "multiple of 8"),
+           (["--model", "sd3", "--eval-samples", "10"], "eval.py")]
+    for argv, word in bad:  # one line each, before any weight is read
+        with pytest.raises(SystemExit) as stop:
+            lpo.main(lpo.get_config([*argv, "--out", out]))
+        message = str(stop.value)
+        assert message.startswith("lpo.py: error:") and "\n" not in message, message
+        assert word in message and not os.path.exists(out), message
+
+
+# ----------------------------------------------------------------------------- the loop
+@pytest.fixture(scope="module")
+def sd3_lrm_folder(tmp_path_factory):
+    """An untrained LRM on the tiny SD3 base: enough for the code paths (not for learning)."""
+    from lrm_model import LatentRewardModel
+    torch.manual_seed(0)
+    out = str(tmp_path_factory.mktemp("lrm-sd3"))
+    LatentRewardModel.from_base(SD3_BASE).save_pretrained(out)
+    return out
+
+
+def test_tiny_sd3_run_resumes_bitwise_keeps_no_pair_at_the_last_step(sd3_lrm_folder, tmp_path,
+                                                                   monkeypatch):
+    """lpo.main on the tiny SD3 world: 2 rounds in one go == 1 round, stop, --resume, 1 more
+    (LoRA bitwise); no kept tuple comes from the last step (to x_0, std 0) even at thresholds 0,
+    while every other step keeps all its groups; the LRM is told the child's level s' x 1000;
+    --save_merged writes {out}/transformer; the built-in evaluation runs the SD3 pipeline."""
+    seen = []
+    sample = lpo.sample_tuples
+
+    def sample_spy(*args):
+        tuples, scores = sample(*args)
+        seen.append(tuples)
+        return tuples, scores
+    monkeypatch.setattr(lpo, "sample_tuples", sample_spy)
+    told = []
+    from lrm_model import LatentRewardModel
+    score = LatentRewardModel.score
+
+    def score_spy(self, latents, timesteps, *args, **kwargs):
+        told.append(timesteps[0].item())
+        return score(self, latents, timesteps, *args, **kwargs)
+    monkeypatch.setattr(LatentRewardModel, "score", score_spy)
+    common = ["--model", "tiny-sd3", "--base", SD3_BASE, "--lrm", sd3_lrm_folder, "--num-prompts", "8",
+              "--sample-batch-size", "4", "--train-batch-size", "16", "--th-min", "0",
+              "--th-max", "0", "--ckpt-every", "1", "--num-inference-steps", "8",
+              "--eval-samples", "0"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    result = lpo.main(lpo.get_config([*common, "--out", a, "--max-rounds", "2", "--save-merged"]))
+    schedule = lpo.make_schedule(json.load(open(os.path.join(SD3_BASE, "scheduler",
+                                                              "scheduler_config.json"))),
+                                 8, 0, 0, CPU)
+    assert told[:8] == pytest.approx(schedule.prev_timesteps.tolist())
+    for tuples in seen:
+        assert (tuples["t_prev"] > 0).all() and len(tuples["t"]) == 4 * 7  # 7 of 8 steps
+    lpo.main(lpo.get_config([*common, "--out", b, "--max-rounds", "1"]))
+    lpo.main(lpo.get_config([*common, "--out", b, "--max-rounds", "2", "--resume",
+                             "--eval-samples", "4"]))
+    ckpt_a, ckpt_b = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False) for d in (a, b))
+    assert result["step"] == ckpt_a["step"] == ckpt_b["step"] > 1
+    assert torch.equal(ckpt_a["lora"], ckpt_b["lora"])
+    lora = lpo.LORA_FILE
+    assert open(os.path.join(a, lora), "rb").read() == open(os.path.join(b, lora), "rb").read()
+    rows = [row for row in read_log(a) if "round" in row]
+    assert all(row["kept_frac"] == pytest.approx(7 / 8) for row in rows)
+    assert os.path.exists(os.path.join(a, "transformer", "config.json"))
+    final = read_log(b)[-1]["final"]
+    assert final["n"] == 4 and 0 <= final["win_rate"] <= 1
+
+
+def test_two_gloo_ranks_end_with_one_sd3_lora(sd3_lrm_folder, tmp_path):
+    """torchrun, 2 CPU processes (gloo), tiny SD3: both ranks end with the same LoRA (~25 s, most
+    of it two imports of torch and diffusers)."""
+    import subprocess
+    out = str(tmp_path / "ddp")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "lpo.py", "--model", "tiny-sd3", "--base", SD3_BASE, "--lrm", sd3_lrm_folder, "--out", out,
+               "--num-prompts", "8", "--sample-batch-size", "4", "--train-batch-size", "16",
+               "--th-min", "0", "--th-max", "0", "--num-inference-steps", "6", "--max-rounds", "1",
+               "--eval-samples", "0"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = read_log(out)
+    fingerprint = rows[-1]["final"]["lora_fingerprint"]
+    assert rows[0]["tuples"] == 2 * 4 * 5 and rows[-1]["final"]["step"] >= 1  # 5 of 6 steps
+    assert len(fingerprint) == 2 and fingerprint[0] == fingerprint[1]

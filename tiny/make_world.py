@@ -1,13 +1,17 @@
 """Build the embedded tiny world that every stage runs on without downloads.
 
-    python tiny/make_world.py                 # full world into tiny/ (~10 min on 2 CPU cores)
+    python tiny/make_world.py                 # full world into tiny/ (~40 min on 2 CPU cores)
     python tiny/make_world.py --quick --out /tmp/w   # seconds; untrained-ish, for the tests
+    python tiny/make_world.py --sd3-only      # only sd3/ on the sd15/vae in --out (~8-13 min)
 
 Writes, all in Hugging Face formats, loaded by the stages through the same calls as the
 real checkpoints:
     sd15/       StableDiffusionPipeline folder (CLIPTokenizer written here, a frozen random
                 CLIPTextModel, AutoencoderKL and UNet2DConditionModel trained here, DDIMScheduler)
     sdxl/       StableDiffusionXLPipeline folder (two text encoders, text_time conditions)
+    sd3/        StableDiffusion3Pipeline folder (two CLIP encoders with projection, a T5 encoder
+                with a T5 tokenizer written here, the sd15 VAE with a measured shift and scale,
+                an MMDiT trained here with the rectified-flow loss, FlowMatchEulerDiscreteScheduler)
     pickapic/   Pick-a-Pic v1 schema parquet dataset (train / validation_unique / test_unique),
                 image pairs sampled from sd15/ and labelled by the judge in world.py
     world.json  what was built, the base model's caption-match rate, the times
@@ -15,9 +19,11 @@ Deterministic for a given machine and torch build (fixed seeds, fixed thread cou
 """
 
 import argparse
+import functools
 import json
 import os
 import shutil
+import string
 import sys
 import time
 
@@ -28,16 +34,30 @@ from datasets import Dataset
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tiny.world import CAPTIONS, RES, WORDS, human_labels, judge_scores, random_drawing, to_jpeg  # noqa: E402
 
-MAX_LEN = 16  # tokenizer/text-encoder context (SD: 77); every tiny caption fits
+MAX_LEN = 16  # tokenizer/text-encoder context (SD: 77; T5: 256 in SD3); every tiny caption fits
+SD3_SHIFT = 3.0  # FlowMatchEulerDiscreteScheduler shift of SD3-Medium's scheduler config
+SD3_CFG = 5.0  # the tiny SD3 base's guidance scale (SD3: 7.0; see make_sd3)
 
 
 # ----------------------------------------------------------------------------- text side
@@ -82,6 +102,49 @@ def text_config(tok, **kw):
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         **kw,
+    )
+
+
+def write_t5_tokenizer(path):
+    """A real T5 tokenizer (SentencePiece-style Unigram, T5's <pad> 0, </s> 1, <unk> 2) in which
+    each caption word is one piece; any other lowercase word falls back to letters."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + w, -1.0) for w in WORDS]  # "\u2581red": T5's word-start marker
+    pieces += [(c, -10.0) for c in "\u2581" + string.ascii_lowercase]  # letters cost more
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    metaspace = dict(replacement="\u2581", prepend_scheme="always", split=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(**metaspace)]
+    )
+    tokenizer.decoder = decoders.Metaspace(**metaspace)
+    tokenizer.post_processor = processors.TemplateProcessing(  # T5 appends </s>, no BOS
+        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)]
+    )
+    tok = T5TokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,  # T5's 100 <extra_id_*> sentinels are for span corruption, unused here
+        model_max_length=MAX_LEN,
+    )
+    tok.save_pretrained(path)
+    return T5TokenizerFast.from_pretrained(path)
+
+
+def t5_config(tok):
+    """T5-v1.1 (gated-GELU) encoder, SD3's text_encoder_3, at the tiny width 64."""
+    return T5Config(
+        vocab_size=len(tok),
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
     )
 
 
@@ -183,21 +246,85 @@ def train_unet(pipe, latents, captions, steps, bs, seed, log_every=200, eval_fn=
     unet.eval()
 
 
+def shifted_sigma(u, shift):
+    """SD3's timestep shift (FlowMatchEulerDiscreteScheduler): more time at high noise."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def rectified_flow_sample(x0, noise, sigma):
+    """x_s = (1 - s) x_0 + s e: the straight path from data (s = 0) to noise (s = 1)."""
+    s = sigma.view(-1, 1, 1, 1)
+    return (1 - s) * x0 + s * noise
+
+
+def rectified_flow_target(x0, noise):
+    """The velocity dx_s/ds = e - x_0, what the SD3 transformer predicts."""
+    return noise - x0
+
+
+def train_transformer(pipe, latents, captions, steps, bs, seed, log_every=200, eval_fn=None):
+    """SD3's rectified-flow loss: sigma logit-normal(0, 1) (the SD3 paper's rf/lognorm(0, 1))
+    then shifted as the scheduler (diffusers' SD3 training scripts draw sigmas from the shifted
+    table), 10% caption dropout to the empty prompt (SD3's CFG uncond)."""
+    torch.manual_seed(seed)
+    model = pipe.transformer
+    with torch.no_grad():  # every caption and the empty one, encoded once as the pipeline does
+        emb, _, pooled, _ = pipe.encode_prompt(
+            CAPTIONS, None, None, do_classifier_free_guidance=False, max_sequence_length=MAX_LEN
+        )  # (15, 2 * MAX_LEN, 64), (15, 64)
+        null, _, null_pooled, _ = pipe.encode_prompt(
+            [""], None, None, do_classifier_free_guidance=False, max_sequence_length=MAX_LEN
+        )
+    cap_idx = torch.tensor([CAPTIONS.index(c) for c in captions])
+    shift = pipe.scheduler.config.shift
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        i = torch.randint(len(latents), (bs,), generator=g)
+        x0, c = latents[i], cap_idx[i]  # (B, 4, 8, 8), (B,)
+        noise = torch.randn(x0.shape, generator=g)
+        sigma = shifted_sigma(torch.sigmoid(torch.randn(bs, generator=g)), shift)  # (B,)
+        drop = torch.rand(bs, generator=g) < 0.1
+        cond = dict(
+            encoder_hidden_states=torch.where(drop.view(-1, 1, 1), null, emb[c]),
+            pooled_projections=torch.where(drop.view(-1, 1), null_pooled, pooled[c]),
+        )
+        xs = rectified_flow_sample(x0, noise, sigma)
+        pred = model(xs, timestep=sigma * 1000, **cond).sample  # the model's unit: sigma * 1000
+        loss = F.mse_loss(pred, rectified_flow_target(x0, noise))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        lr.step()
+        if (step + 1) % log_every == 0 or step == steps - 1:
+            msg = f"  transformer step {step + 1:5d}  loss {loss.item():.4f}"
+            if eval_fn is not None:
+                model.eval()
+                msg += f"  caption match {eval_fn(pipe):.3f}"
+                model.train()
+            print(msg, flush=True)
+    model.eval()
+
+
 def save_pipeline(pipe, path):
     shutil.rmtree(path, ignore_errors=True)
     pipe.save_pretrained(path)
-    for name in (
-        "unet",
-        "vae",
-    ):  # fp16 on disk; text encoders stay fp32 (transformers loads dtype as saved)
-        getattr(pipe, name).half().save_pretrained(os.path.join(path, name))
-        getattr(pipe, name).float()
+    for name in ("unet", "transformer", "vae"):
+        if name in pipe.components:  # fp16 on disk; text encoders stay fp32 (loaded as saved)
+            pipe.components[name].half().save_pretrained(os.path.join(path, name))
+            pipe.components[name].float()
 
 
 @torch.no_grad()
 def generate(pipe, captions, seed, cfg=5.0, bs=150):
-    """PIL images, one per caption, DDIM 20 steps, the per-image seed = seed + index."""
+    """PIL images, one per caption, 20 steps (DDIM eta 0 / flow Euler), the per-image seed =
+    seed + index."""
     out = []
+    # SD3: the T5 length every stage uses, min(256, tokenizer_3.model_max_length)
+    kw = dict(max_sequence_length=MAX_LEN) if isinstance(pipe, StableDiffusion3Pipeline) else {}
     for i in range(0, len(captions), bs):
         gens = [
             torch.Generator().manual_seed(seed + j) for j in range(i, min(i + bs, len(captions)))
@@ -209,22 +336,102 @@ def generate(pipe, captions, seed, cfg=5.0, bs=150):
             generator=gens,
             height=RES,
             width=RES,
+            **kw,
         ).images
     return out
 
 
 def fp16_round_trip(*models):
     """The world is stored in fp16 (half the bytes; diffusers loads it back as fp32): round
-    every weight now, so the numbers measured here are those of the saved models."""
+    every weight and float buffer (SD3's fixed sin-cos position table is one) now, so the
+    numbers measured here are those of the saved models."""
     with torch.no_grad():
         for m in models:
-            for p in m.parameters():
-                p.copy_(p.half().float())
+            for p in [*m.parameters(), *m.buffers()]:
+                if p.is_floating_point():
+                    p.copy_(p.half().float())
 
 
-def caption_match(pipe, n=150, seed=10_000):
+def caption_match(pipe, n=150, seed=10_000, cfg=5.0):
     caps = [CAPTIONS[i % len(CAPTIONS)] for i in range(n)]
-    return judge_scores(generate(pipe, caps, seed), caps)["match"].mean()
+    return judge_scores(generate(pipe, caps, seed, cfg=cfg), caps)["match"].mean()
+
+
+# ----------------------------------------------------------------------------- SD3
+def measure_latent_stats(vae, images):
+    """SD3's VAE normalisation, latents = (z - shift) * scale: shift the mean and scale 1 / std
+    of the encoded drawings (SD3's own VAE: 0.0609 and 1.5305). Returns the normalised latents."""
+    x_all = images_to_tensor(images)
+    with torch.no_grad():
+        z = torch.cat(
+            [vae.encode(x_all[i : i + 512]).latent_dist.mean for i in range(0, len(x_all), 512)]
+        )  # (N, 4, 8, 8)
+    shift = round(z.mean().item(), 4)
+    vae.register_to_config(shift_factor=shift, scaling_factor=round(1 / z.std().item(), 4))
+    return (z - shift) * vae.config.scaling_factor
+
+
+def make_sd3(out, images, captions, quick, steps, info):
+    """The SD3-architecture pipeline (MMDiT, three text encoders, flow matching) into out/sd3,
+    on the VAE saved in out/sd15/vae, so it can be rebuilt alone (--sd3-only)."""
+    t0 = time.time()
+    vae = AutoencoderKL.from_pretrained(os.path.join(out, "sd15", "vae"))
+    latents = measure_latent_stats(vae, images)
+    tmp = os.path.join(out, "_tok_sd3")
+    tok = write_tokenizer(os.path.join(tmp, "tokenizer"), pad_token="<|endoftext|>")
+    tok2 = write_tokenizer(os.path.join(tmp, "tokenizer_2"), pad_token="!")  # as SD3's second
+    tok3 = write_t5_tokenizer(os.path.join(tmp, "tokenizer_3"))
+    shutil.rmtree(tmp)
+    torch.manual_seed(7)
+    te = CLIPTextModelWithProjection(text_config(tok)).eval()
+    te2 = CLIPTextModelWithProjection(text_config(tok2)).eval()
+    te3 = T5EncoderModel(t5_config(tok3)).eval()
+    torch.manual_seed(8)
+    transformer = SD3Transformer2DModel(
+        sample_size=RES // 4,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=4,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=te3.config.d_model,  # CLIP states (32 + 32) padded to T5's width
+        caption_projection_dim=64,  # = the inner width, heads x head dim
+        pooled_projection_dim=2 * te.config.projection_dim,  # the two CLIP pooled, concatenated
+        pos_embed_max_size=16,  # up to 16x16 patches: 128 px
+    )
+    sd3 = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=SD3_SHIFT),
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tok,
+        text_encoder_2=te2,
+        tokenizer_2=tok2,
+        text_encoder_3=te3,
+        tokenizer_3=tok3,
+    )
+    sd3.set_progress_bar_config(disable=True)
+    eval_fn = functools.partial(caption_match, cfg=SD3_CFG)
+    t_train = time.time()
+    bs = 32 if quick else 128  # quick: seconds in the tests, not a model
+    train_transformer(
+        sd3, latents, captions, steps=steps, bs=bs, seed=9, eval_fn=None if quick else eval_fn
+    )
+    fp16_round_trip(transformer)
+    info["sd3_seconds_train"] = round(time.time() - t_train, 1)  # with the evaluations in it
+    info["sd3_steps"] = steps
+    info["sd3_scheduler_shift"] = SD3_SHIFT
+    info["sd3_vae_shift_factor"] = vae.config.shift_factor
+    info["sd3_vae_scaling_factor"] = vae.config.scaling_factor
+    info["sd3_guidance_scale"] = SD3_CFG
+    for cfg in (3.0, 5.0, 7.0) if not quick else ():  # the base's match against guidance
+        info[f"sd3_caption_match_cfg{cfg:g}"] = round(caption_match(sd3, n=300, cfg=cfg), 4)
+    match = caption_match(sd3, n=30 if quick else 300, cfg=SD3_CFG)
+    info["sd3_caption_match"] = round(match, 4)
+    print(f"  sd3 base caption match {info['sd3_caption_match']:.3f}", flush=True)
+    save_pipeline(sd3, os.path.join(out, "sd3"))
+    info["sd3_seconds"] = round(time.time() - t0, 1)
 
 
 # ----------------------------------------------------------------------------- preference data
@@ -297,7 +504,7 @@ Generated by `tiny/make_world.py`.
 def main(args):
     torch.set_num_threads(1)  # one thread: the same numbers on any machine, and no OMP thrashing
     q = args.quick
-    t0, info = time.time(), ({} if args.data_only else {"quick": q})
+    t0, info = time.time(), ({} if args.data_only or args.sd3_only else {"quick": q})
     out = args.out
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -308,6 +515,10 @@ def main(args):
         return make_data(
             StableDiffusionPipeline.from_pretrained(os.path.join(out, "sd15")), out, q, info, t0
         )
+    if args.sd3_only:  # rebuild sd3/ alone, on the same drawings and the saved sd15 VAE
+        print("== SD3-architecture transformer", flush=True)
+        make_sd3(out, images, captions, q, 10 if q else args.sd3_steps, info)
+        return update_world_json(out, info)
     print("== VAE", flush=True)
     vae, latents = train_vae(images, steps=20 if q else 800, bs=64, seed=1)
     fp16_round_trip(vae)
@@ -406,6 +617,9 @@ def main(args):
     print(f"  sdxl base caption match {info['sdxl_caption_match']:.3f}", flush=True)
     save_pipeline(xl, os.path.join(out, "sdxl"))
 
+    print("== SD3-architecture transformer", flush=True)
+    make_sd3(out, images, captions, q, 10 if q else args.sd3_steps, info)
+
     make_data(sd, out, q, info, t0)
 
 
@@ -426,21 +640,21 @@ def make_data(sd, out, quick, info, t0):
         info[f"pairs_{split}"] = n
     with open(os.path.join(data, "README.md"), "w") as f:
         f.write(DATASET_CARD)
+    seconds = "seconds_data" if "vae_scaling_factor" not in info else "seconds"
+    update_world_json(out, {**info, seconds: round(time.time() - t0, 1)})
+
+
+def update_world_json(out, info):
+    """world.json keeps the keys of earlier builds that this run did not remake."""
     path = os.path.join(out, "world.json")
     old = json.load(open(path)) if os.path.exists(path) else {}
-    info = {
-        **old,
-        **info,
-        ("seconds_data" if "vae_scaling_factor" not in info else "seconds"): round(
-            time.time() - t0, 1
-        ),
-    }
+    info = {**old, **info}
     with open(path, "w") as f:
         json.dump(info, f, indent=2)
     print(json.dumps(info, indent=2))
 
 
-if __name__ == "__main__":
+def get_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -450,4 +664,14 @@ if __name__ == "__main__":
     p.add_argument(
         "--data-only", action="store_true", help="only regenerate pickapic/ from the sd15/ in --out"
     )
-    main(p.parse_args())
+    p.add_argument(
+        "--sd3-steps", type=int, default=1600, help="MMDiT steps (1600: caption match ~0.73)"
+    )
+    p.add_argument(
+        "--sd3-only", action="store_true", help="only rebuild sd3/ on the sd15/vae in --out"
+    )
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(get_args())
