@@ -1726,6 +1726,264 @@ def test_apply_update_clips_for_real_and_stops_on_nan():
     assert torch.equal(p.detach(), before) and not issubclass(lpo.NonFiniteUpdate, SystemExit)
 
 
+# ----------------------------------------------------------------------------- lpo.py: the method against independent oracles
+@pytest.mark.parametrize("th", [0.1, 0.35, 0.5, 0.6])
+def test_select_pairs_threshold_is_the_softmax_gap(th):
+    """A pair is kept where softmax([s_w, s_l]) gives p_w - p_l > th (paper: the dynamic threshold on
+    the preference probability), i.e. a logit gap above 2 atanh(th): gaps between atanh(th) and
+    2 atanh(th) separate the two, and random groups are judged as the softmax oracle judges them."""
+    half, full = math.atanh(th), 2 * math.atanh(th)
+    gaps = torch.tensor([0.5 * half, 0.5 * (half + full), 0.99 * full, 1.01 * full, 2 * full])
+    scores = torch.stack([torch.zeros(5), gaps, gaps / 3, torch.zeros(5)], 1) - 0.25  # (5, 4)
+    win, lose, ok = lpo.select_pairs(scores, th)
+    assert win.tolist() == [1] * 5 and ok.tolist() == [False, False, False, True, True]
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(2000, 4, generator=g) * full / 2   # gaps around the threshold
+    win, lose, ok = lpo.select_pairs(scores, torch.tensor(th))
+    rows = torch.arange(2000)
+    probs = torch.softmax(torch.stack([scores[rows, win], scores[rows, lose]], 1), 1)  # (N, 2)
+    assert torch.equal(scores[rows, win], scores.max(1).values) and torch.equal(scores[rows, lose], scores.min(1).values)
+    assert torch.equal(ok, probs[:, 0] - probs[:, 1] > th) and 0.2 < ok.float().mean() < 0.95
+
+
+@pytest.mark.parametrize("base", ["tiny/sd15", "tiny/sdxl"])
+def test_make_schedule_is_the_ddim_schedulers_grid(base):
+    """make_schedule's timesteps are DDIMScheduler.set_timesteps' (SD configs: leading spacing,
+    steps_offset 1, so 20 steps run t = 951, 901, ..., 1), each step goes to the next one (the last to
+    a_0), and its sigma is the scheduler's eta = 1 std; thresholds run th_max -> th_min."""
+    from diffusers import DDIMScheduler
+    config = DDIMScheduler.load_config(base, subfolder="scheduler")
+    for steps in (20, 10, 7):
+        s = lpo.make_schedule(config, steps, 0.35, 0.5, "cpu")
+        ref = DDIMScheduler.from_pretrained(base, subfolder="scheduler")
+        ref.set_timesteps(steps)
+        assert s.timesteps.tolist() == ref.timesteps.tolist()
+        stride = 1000 // steps
+        assert s.prev_timesteps.tolist() == [max(t - stride, -1) for t in ref.timesteps.tolist()]
+        want = torch.stack([ref._get_variance(t, t - stride).sqrt() for t in ref.timesteps.tolist()])
+        torch.testing.assert_close(s.sigmas.float(), want.float(), rtol=1e-5, atol=1e-6)
+        assert abs(s.thresholds[0] - 0.5) < 1e-9 and abs(s.thresholds[-1] - 0.35) < 1e-9
+    assert lpo.make_schedule(config, 20, 0.35, 0.5, "cpu").timesteps.tolist() == list(range(951, 0, -50))
+
+
+def _lora_pipe(model, lora_scale=0.3):
+    """The tiny pipeline of a preset (no VAE) with a LoRA whose B is non-zero, as after training."""
+    cfg = lpo.get_config(["--model", model])
+    cfg.resolution, latent = lpo.base_geometry(cfg)
+    pipe = lpo.load_pipeline(cfg, torch.device("cpu"), torch.float32)
+    params = lpo.add_lora(pipe.unet, 4, 0, False)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, lora_scale, generator=torch.Generator().manual_seed(len(name)))
+    return cfg, pipe, params, latent
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
+def test_pair_logprobs_equal_two_denoiser_calls_mixed_at_the_guidance_scale(model):
+    """pair_logprobs (the inputs of the LPO loss) against an oracle built apart: the uncond and cond
+    halves of the CFG batch through separate U-Net calls, eps = eps_u + w (eps_c - eps_u), the mean
+    from DDIMScheduler.step(eta=1) without noise and its std from the scheduler's variance, log N
+    from torch.distributions (mean over C x H x W); the reference through a fresh base U-Net with
+    no LoRA at all (not the adapters switched off)."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    cfg, pipe, _, latent = _lora_pipe(model)
+    steps, w = 10, 3.0
+    schedule = lpo.make_schedule(pipe.scheduler.config, steps, 0.1, 0.2, "cpu", latent)
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    cond = lpo.encode_for_cfg(pipe, prompts, cfg.resolution)
+    g = torch.Generator().manual_seed(0)
+    picks = [0, 4, 9]
+    mb = dict(x_t=torch.randn(3, 4, latent, latent, generator=g), x_w=torch.randn(3, 4, latent, latent, generator=g),
+              x_l=torch.randn(3, 4, latent, latent, generator=g), t=schedule.timesteps[picks],
+              t_prev=schedule.prev_timesteps[picks])
+    run_cfg = SimpleNamespace(guidance_scale=w, eta=1.0)
+    got = lpo.pair_logprobs(pipe.unet, mb, cond, schedule, run_cfg, nullcontext())
+    base_unet = UNet2DConditionModel.from_pretrained(cfg.base, subfolder="unet")
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(steps)
+
+    def half(tree, part):   # rows of the uncond (0) or cond (1) half of the [uncond; cond] batch
+        if isinstance(tree, dict):
+            return {k: half(v, part) for k, v in tree.items()}
+        return tree.chunk(2)[part]
+
+    def oracle_logprobs(unet):
+        out = []
+        with torch.no_grad():
+            e_u = unet(mb["x_t"], mb["t"], **half(cond, 0)).sample
+            e_c = unet(mb["x_t"], mb["t"], **half(cond, 1)).sample
+        eps = e_u + w * (e_c - e_u)
+        for i, t in enumerate(mb["t"].tolist()):
+            mean = scheduler.step(eps[i:i + 1], t, mb["x_t"][i:i + 1], eta=1.0,
+                                  variance_noise=torch.zeros(1, 4, latent, latent)).prev_sample
+            std = scheduler._get_variance(t, t - 1000 // steps).sqrt()
+            normal = torch.distributions.Normal(mean[0], std)
+            out.append([normal.log_prob(mb[k][i]).mean() for k in ("x_w", "x_l")])
+        return torch.tensor(out)   # (3, 2)
+
+    ref = oracle_logprobs(base_unet)
+    torch.testing.assert_close(torch.stack(got[2:], 1), ref, rtol=1e-5, atol=1e-5)
+    policy = oracle_logprobs(pipe.unet)
+    torch.testing.assert_close(torch.stack(got[:2], 1).detach(), policy, rtol=1e-5, atol=1e-5)
+    assert (policy - ref).abs().max() > 1e-3   # the LoRA moves the policy: the two checks differ
+
+
+class FakeLRM:
+    """A stand-in LRM: seeded random scores for the B x K children it is shown; records its inputs."""
+
+    def __init__(self, seed=0):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.calls = []
+
+    def score(self, latents, t, text):
+        scores = torch.randn(len(latents), generator=self.generator)
+        self.calls.append(dict(latents=latents.clone(), t=t.clone(), scores=scores))
+        return scores
+
+
+def _sample_with_fake_lrm(pipe, latent, prompts, steps, eta, seed=0, lrm_t="child", thresholds=0.0):
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(num_children=4, guidance_scale=5.0, eta=eta, lrm_t=lrm_t, negate_reward=False)
+    schedule = lpo.make_schedule(pipe.scheduler.config, steps, 0.1, 0.2, "cpu", latent)
+    schedule.thresholds = torch.full_like(schedule.thresholds, thresholds)   # keep every pair
+    cond = lpo.encode_for_cfg(pipe, prompts, 32)
+    lrm = FakeLRM(seed)
+    text = dict(cond=torch.zeros(len(prompts), 1))
+    generator = torch.Generator().manual_seed(seed)
+    tuples, scores = lpo.sample_tuples(pipe.unet, lrm, cond, text, torch.arange(len(prompts)), schedule, cfg,
+                                       generator, {}, nullcontext())
+    return tuples, scores, lrm, schedule
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
+def test_sampling_chain_equals_the_stock_pipelines_latents(model):
+    """sample_tuples' trajectory (CFG 5, DDIM, eta 0 so that the chain is deterministic) visits the
+    latents of the stock diffusers pipeline with a DDIMScheduler, step by step, from the same initial
+    noise: the grid, the guidance and the step are the pipeline's."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+    base = "tiny/sd15" if model == "tiny" else "tiny/sdxl"
+    pipe = DiffusionPipeline.from_pretrained(base)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red circle", "a blue square"]
+    steps = 10
+    _, _, lrm, schedule = _sample_with_fake_lrm(pipe, 8, prompts, steps, eta=0.0)
+    x_start = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))   # sample_tuples' first draw
+    seen = []
+
+    def record(_pipe, i, t, kwargs):
+        seen.append(kwargs["latents"].clone())
+        return kwargs
+    pipe(prompts, num_inference_steps=steps, guidance_scale=5.0, eta=0.0, latents=x_start.clone(), output_type="latent",
+         height=32, width=32, callback_on_step_end=record)
+    assert len(lrm.calls) == len(seen) == steps
+    for i, call in enumerate(lrm.calls):   # the LRM sees each step's K children: at eta 0, K copies of one latent
+        kids = call["latents"].view(2, 4, 4, 8, 8)
+        assert torch.equal(kids, kids[:, :1].expand_as(kids))
+        torch.testing.assert_close(kids[:, 0], seen[i], rtol=1e-4, atol=1e-4)
+    assert schedule.timesteps.tolist() == pipe.scheduler.timesteps.tolist()
+
+
+def test_trajectory_continues_from_a_uniformly_random_child():
+    """The paper continues each trajectory from a uniformly random child, not the best: over 32 prompts
+    x 9 steps the continued child is the LRM's best about 1/K of the time, and each child index about
+    1/K; the LRM is shown the children at their own noise level t_prev (or the parent's t with
+    --lrm_t parent); winner and loser are the best and worst child."""
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained("tiny/sd15")
+    prompts = ["a red circle"] * 32
+    tuples, _, lrm, schedule = _sample_with_fake_lrm(pipe, 8, prompts, 10, eta=1.0)
+    chain = tuples["x_t"].view(10, 32, 4, 8, 8)
+    best = 0
+    index_counts = torch.zeros(4)
+    for i, call in enumerate(lrm.calls[:-1]):
+        kids = call["latents"].view(32, 4, -1)
+        scores = call["scores"].view(32, 4)
+        match = (kids - chain[i + 1].flatten(1)[:, None]).abs().amax(2) == 0   # (32, 4): which child went on
+        assert match.sum(1).eq(1).all()
+        picked = match.float().argmax(1)
+        index_counts += torch.bincount(picked, minlength=4)
+        best += (picked == scores.argmax(1)).sum().item()
+        rows = torch.arange(32)
+        torch.testing.assert_close(tuples["x_w"].view(10, 32, -1)[i], kids[rows, scores.argmax(1)])
+        torch.testing.assert_close(tuples["x_l"].view(10, 32, -1)[i], kids[rows, scores.argmin(1)])
+    n = 9 * 32
+    assert 0.15 < best / n < 0.35, best / n                       # winner-continuation: 1.0
+    assert ((index_counts / n - 0.25).abs() < 0.1).all(), index_counts
+    t_prev = schedule.prev_timesteps.clamp(min=0).tolist()
+    assert [call["t"].unique().tolist() for call in lrm.calls] == [[t] for t in t_prev]
+    _, _, parent_lrm, _ = _sample_with_fake_lrm(pipe, 8, prompts[:2], 10, eta=1.0, lrm_t="parent")
+    assert [call["t"].unique().tolist() for call in parent_lrm.calls] == [[t] for t in schedule.timesteps.tolist()]
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pooled_update(rank, world, port, tuples, out):
+    """Step 2 + step 3 of an LPO round (pool_tuples, train_on_pairs with SGD) on this rank's tuples;
+    writes the LoRA after the update and the round's sums to out."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+    import torch.distributed as tdist
+    torch.set_num_threads(1)
+    if world > 1:
+        tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cfg, pipe, params, latent = _lora_pipe("tiny", lora_scale=0.05)
+    schedule = lpo.make_schedule(pipe.scheduler.config, 10, 0.1, 0.2, "cpu", latent)
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    mine, count = lpo.pool_tuples(tuples, world, rank, seed=5, round_index=3)
+    run_cfg = SimpleNamespace(train_batch_size=8, grad_accum=1, guidance_scale=5.0, eta=1.0, beta=2.0,
+                              clip_eps=0.1, resolution=32)
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    sums = lpo.train_on_pairs(pipe.unet, pipe, params, optimizer, mine, prompts, schedule, run_cfg, world,
+                              nullcontext())
+    torch.save(dict(lora=torch.nn.utils.parameters_to_vector(params).detach(), sums=sums, count=count,
+                    ids=mine["prompt_ids"].tolist()), out)
+    if world > 1:
+        tdist.destroy_process_group()
+
+
+def test_two_ranks_train_like_one_process_on_the_pooled_pairs(tmp_path):
+    """Two gloo ranks holding 5 and 3 pairs (counts differ) pool them, take equal shares of one shared
+    permutation and average their gradients: the LoRA after the update equals one process trained on all
+    8 pairs at once (a per-rank permutation, an unaveraged or a per-rank gradient would not)."""
+    import multiprocessing
+    g = torch.Generator().manual_seed(0)
+    schedule_t = torch.tensor([951, 701, 451, 201, 51, 901, 501, 101])
+    every = dict(x_t=torch.randn(8, 4, 8, 8, generator=g), x_w=torch.randn(8, 4, 8, 8, generator=g) * 0.6,
+                 x_l=torch.randn(8, 4, 8, 8, generator=g) * 0.6, t=schedule_t, t_prev=(schedule_t - 100).clamp(min=-1),
+                 prompt_ids=torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    shards = [{k: v[:5] for k, v in every.items()}, {k: v[5:] for k, v in every.items()}]
+    port = _free_port()
+    context = multiprocessing.get_context("fork")
+    ranks = [context.Process(target=_pooled_update, args=(r, 2, port, shards[r], str(tmp_path / f"r{r}.pt")))
+             for r in range(2)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=180)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in ranks] == [0, 0]
+    _pooled_update(0, 1, None, every, str(tmp_path / "one.pt"))
+    r0, r1, one = (torch.load(tmp_path / f"{name}.pt") for name in ("r0", "r1", "one"))
+    assert r0["count"] == r1["count"] == one["count"] == 8
+    assert sorted(r0["ids"] + r1["ids"]) == sorted(one["ids"]) and r0["ids"] + r1["ids"] == one["ids"]
+    assert one["sums"]["updates"] == r0["sums"]["updates"] == 1 and one["sums"]["grad_norm"] < 1   # no clipping
+    torch.testing.assert_close(r0["lora"], r1["lora"], rtol=0, atol=0)
+    torch.testing.assert_close(r0["lora"], one["lora"], rtol=1e-5, atol=1e-7)
+    start = _lora_pipe("tiny", lora_scale=0.05)[2]
+    assert (one["lora"] - torch.nn.utils.parameters_to_vector(start)).abs().max() > 1e-4   # it moved
+
+
 # ----------------------------------------------------------------------------- lpo.py: models and data
 def test_sdxl_encoding_uses_zero_uncond_and_real_time_ids():
     cfg = lpo.get_config(["--model", "tiny-xl"])
@@ -2464,6 +2722,34 @@ def test_win_rate_interval_matches_normal_approximation():
     assert r1 == r2 and (h2 - l2) > 2.5 * (h1 - l1) and l2 <= r2 <= h2
     # one prompt, many seeds: the seeds are the only resampling unit left (not a zero-width interval)
     assert ev.win_rate(tuned, base, seed=1, groups=[7] * n) == (rate, low, high)
+
+
+def _binomial_quantile(n, p, q):
+    """The smallest k with P(Binomial(n, p) <= k) >= q, summed exactly (math.comb)."""
+    total = 0.0
+    for k in range(n + 1):
+        total += math.comb(n, k) * p**k * (1 - p) ** (n - k)
+        if total >= q:
+            return k
+    return n
+
+
+def test_win_rate_interval_is_the_exact_binomial_quantiles():
+    """Wins 0 / 1 over n independent pairs: the bootstrap distribution of the mean is Binomial(n, rate) / n,
+    so a 95% percentile interval must sit on its exact 2.5% and 97.5% quantiles (within one step 1 / n);
+    a 90% interval is ~3 steps inside (n = 400). Both implementations: eval.py's and the tiny world's."""
+    from tiny.world import bootstrap_win_rate
+    rng = np.random.default_rng(0)
+    n = 400
+    wins = rng.random(n) < 0.7
+    tuned, base = np.where(wins, 1.0, 0.0), np.full(n, 0.5)
+    rate = wins.mean()
+    want_low = _binomial_quantile(n, rate, 0.025) / n
+    want_high = _binomial_quantile(n, rate, 0.975) / n
+    for fn in (ev.win_rate, bootstrap_win_rate):
+        got_rate, low, high = fn(tuned, base, n_boot=20_000, seed=1)
+        assert got_rate == rate
+        assert abs(low - want_low) <= 1 / n and abs(high - want_high) <= 1 / n, (fn.__module__, low, high, want_low, want_high)
 
 
 def test_non_finite_scores_are_refused_or_left_out_and_counted():
