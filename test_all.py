@@ -1,11 +1,19 @@
 """All tests: CPU only, no network, on the embedded tiny world (python -m pytest -q test_all.py)."""
+import os
+
+# the same suite on any machine: CPU (a GPU runner would try cuda:1 in the 2-rank tests), the hub
+# offline (read by huggingface_hub at import), both before torch / diffusers are imported; every
+# subprocess inherits them
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import atexit
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
-import time
+import tempfile
 
 import numpy as np
 import pandas as pd
@@ -20,8 +28,10 @@ from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel,
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 os.chdir(ROOT)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(1)  # the tiny networks' ops are too small to split across threads
+torch.set_num_threads(1)
+# one scratch folder for the inputs made at collection (bad-input files), removed at exit
+SCRATCH = tempfile.mkdtemp(prefix="lpo-minimal-tests-")
+atexit.register(shutil.rmtree, SCRATCH, True)  # the tiny networks' ops are too small to split across threads
 
 import bench  # noqa: E402
 import eval as ev  # noqa: E402
@@ -546,7 +556,7 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
     common = ("--max_train_steps", 3, "--train_batch_size", 8, "--eval_every", 100, "--save_every", 2,
               "--eval_max_pairs", 2, "--eval_timesteps", 1, "--warmup", 1, "--lr", 1e-4)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                     "lrm.py", *_run_args(tmp_path / "two", *common)], cwd=ROOT, env=env, check=True, capture_output=True)
     L.main(L.get_config(_run_args(tmp_path / "one", *common)))   # in this process (one thread)
     two, one = _state(tmp_path / "two"), _state(tmp_path / "one")
@@ -562,7 +572,7 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
     for r2, r1 in zip(*logs):   # global loss and pre-clip gradient norm: catches a gradient scaled by world size
         assert math.isclose(r2["loss"], r1["loss"], rel_tol=1e-5) and math.isclose(r2["grad_norm"], r1["grad_norm"], rel_tol=1e-4)
     # killed at step 3 (after the step-2 checkpoint), both ranks; resumed on 2 ranks: bitwise the same
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534", "lrm.py"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "lrm.py"]
     killed = subprocess.run(launch + _run_args(tmp_path / "killed", *common), cwd=ROOT, capture_output=True,
                             env={**env, "LPO_KILL_AT": "step 3"})
     assert killed.returncode != 0 and _state(tmp_path / "killed")["step"] == 2
@@ -1021,8 +1031,7 @@ def test_logged_numbers_match_independent_computations(tmp_path, monkeypatch):
 def _lrm_bad_files():
     """Files for the bad-input catalogue: a keep list out of range, a damaged checkpoint, a split
     with a label column of strings, a data folder without its held-out splits."""
-    import tempfile
-    folder = tempfile.mkdtemp(prefix="lrm-bad-")
+    folder = tempfile.mkdtemp(prefix="lrm-bad-", dir=SCRATCH)
     json.dump([0, 5, 99999], open(os.path.join(folder, "keep_out_of_range.json"), "w"))
     json.dump({"rows": [1, 2]}, open(os.path.join(folder, "keep_not_a_list.json"), "w"))
     os.makedirs(os.path.join(folder, "damaged"))
@@ -1507,7 +1516,7 @@ def test_lrm_on_mpcf_pairs_agrees_with_the_judge_at_least_as_often(tmp_path):
           f"{counts['ties']} ties; LRM (30 steps x 32 pairs) agreement with the clean judge on {len(caps)} held-out "
           "pairs at t=1: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     assert acc["mpcf"] > acc["untrained"] + 0.05 and acc["unfiltered"] > acc["untrained"] + 0.03  # both learned
-    assert acc["mpcf"] >= acc["unfiltered"] - 0.03
+    assert acc["mpcf"] > acc["unfiltered"] + 0.02   # MPCF helps (0.697 vs 0.640 on 383 pairs)
 
 
 # ----------------------------------------------------------------------------- mpcf.py: logged numbers, refusals, kill and resume
@@ -1578,17 +1587,10 @@ def test_mpcf_and_eval_share_one_definition_of_each_scorer():
 
 
 def _made_once(name, make):
-    """A folder of test inputs under the system's temp folder, made by make(folder) once for all
-    sessions (built aside, then renamed into place: concurrent sessions never see half of it)."""
-    import tempfile
-    target = os.path.join(tempfile.gettempdir(), f"lpo-minimal-{name}")
-    if not os.path.isdir(target):
-        building = tempfile.mkdtemp(prefix=f"lpo-minimal-{name}-building-")
-        make(building)
-        try:
-            os.rename(building, target)
-        except OSError:  # another session got there first
-            shutil.rmtree(building)
+    """A folder of test inputs in this session's scratch folder, made by make(folder)."""
+    target = os.path.join(SCRATCH, name)
+    os.makedirs(target)
+    make(target)
     return target
 
 
@@ -2490,8 +2492,7 @@ def test_lpo_kill_anywhere_then_resume_is_bitwise(tmp_path):
 # bad inputs of lpo.py, for the catalogue at the end of this file: each fails in one line before any
 # heavy loading; "{tmp}" is a fresh empty folder, "{run}" an existing run folder
 def lpo_make_bad_files():
-    import tempfile
-    folder = tempfile.mkdtemp(prefix="lpo-bad-")
+    folder = tempfile.mkdtemp(prefix="lpo-bad-", dir=SCRATCH)
     with open(os.path.join(folder, "blank.txt"), "w") as blank:
         blank.write("\n  \n\n")
     pd.DataFrame(dict(text=["a red circle"])).to_parquet(os.path.join(folder, "nocaption.parquet"))
@@ -3306,18 +3307,21 @@ def test_dpo_update_trains_the_whole_unet_not_the_reference(tiny):
     assert type(bench.make_dpo(tiny["tiny"][0], "tiny")[1]).__name__ == "AdamW"
 
 
-def test_timed_reports_the_median_after_warmup():
+def test_timed_reports_the_median_after_warmup(monkeypatch):
+    """A fake clock that each call of fn advances by its own duration (no wall-clock reading)."""
+    clock = [100.0]
     calls = []
-    sleeps = iter([0.5, 0.02, 0.4, 0.12])      # warm-up, then the timed runs
+    durations = iter([0.5, 0.02, 0.4, 0.12])   # warm-up, then the timed runs
 
     def fn():
         calls.append(1)
-        s = next(sleeps)
-        time.sleep(s)
+        s = next(durations)
+        clock[0] += s
         return {"part": s / 2}                 # what the phase reports about itself: medians per key
+    monkeypatch.setattr(bench, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])}))
     med, peak, split = bench.timed(fn, CPU, warmup=1, repeats=3)
     assert len(calls) == 4 and peak is None and split == {"part": 0.06}
-    assert 0.115 < med < 0.17                  # median 0.12; the mean 0.18, or with the warm-up 0.26, fail
+    assert med == pytest.approx(0.12)          # the median; the mean 0.18, or with the warm-up 0.26, fail
 
 
 def test_bad_input_fails_in_one_line(monkeypatch):
@@ -3454,7 +3458,7 @@ def test_tiny_run_writes_table_json_log_and_resumes(tmp_path, capsys, monkeypatc
         for k in phases:
             assert 0.05 < r[k + "_rss_gb"] < 100, k   # a CPU's memory: the process's peak RSS
         # lpo.py's own split of a step adds up to (a little less than) the whole step
-        assert 0.5 < (r["lpo_step_sample_s"] + r["lpo_step_score_s"]) / r["lpo_step_s"] <= 1.0
+        assert 0 < (r["lpo_step_sample_s"] + r["lpo_step_score_s"]) / r["lpo_step_s"] <= 1.0   # parts of the step
         assert r["ratio_step"] == pytest.approx(r["pixel_step_s"] / r["lpo_step_s"])
         assert r["ratio_dpo"] == pytest.approx(r["dpo_update_s"] / r["lpo_update_s"])
         assert r["iteration_batches"] == "2x4 / 3" and "lpo_iteration_reserved_gb" in r
@@ -3567,10 +3571,25 @@ def _tree_hash(folder):
 BAD_INPUTS = globals().get("BAD_INPUTS", [])
 
 
+def _count_weight_loads(monkeypatch):
+    """Record every from_pretrained of a diffusers / transformers model or pipeline (a list, filled in place)."""
+    from diffusers import DiffusionPipeline, ModelMixin
+    from transformers import PreTrainedModel
+    loaded = []
+    for owner in (DiffusionPipeline, ModelMixin, PreTrainedModel):
+        original = owner.from_pretrained.__func__
+
+        def recording(cls, *args, _original=original, **kwargs):
+            loaded.append(f"{cls.__name__}({args[0] if args else ''})")
+            return _original(cls, *args, **kwargs)
+        monkeypatch.setattr(owner, "from_pretrained", classmethod(recording))
+    return loaded
+
+
 @pytest.mark.parametrize("module_name,argv,word", BAD_INPUTS,
                          ids=[f"{m}:{' '.join(a)[:40]}" for m, a, _ in BAD_INPUTS])
-def test_bad_input_catalogue(module_name, argv, word, tmp_path):
-    """Each bad input ends in one line `<script>: error: ...` naming it, in seconds, no traceback,
+def test_bad_input_catalogue(module_name, argv, word, tmp_path, monkeypatch):
+    """Each bad input ends in one line `<script>: error: ...` naming it, before any other weight is read, no traceback,
     and an existing run folder ({run}) is left byte for byte as it was."""
     import importlib
     module = importlib.import_module(module_name)
@@ -3588,13 +3607,15 @@ def test_bad_input_catalogue(module_name, argv, word, tmp_path):
             arg = arg.replace(key, value)
         filled.append(arg)
     before = _tree_hash(run)
-    started = time.time()
+    loaded = _count_weight_loads(monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         module.main(module.get_config(filled))
     message = str(exit_info.value.code)
     assert message.startswith(f"{module_name}.py: error:"), message
     assert "\n" not in message.strip() and word.lower() in message.lower(), message
-    assert time.time() - started < 30, "a bad input must fail before heavy work"
+    # what may be read is the bad artifact itself (a truncated LRM is found by reading it), no other weight
+    others = [entry for entry in loaded if not any(arg in entry for arg in filled if os.sep in arg)]
+    assert others == [], f"a bad input must fail before any other weight is read: {others}"
     assert _tree_hash(run) == before, "a refused run changed an existing run folder"
 
 
@@ -4583,7 +4604,10 @@ def test_tiny_sd3_run_resumes_bitwise_keeps_no_pair_at_the_last_step(sd3_lrm_fol
     assert all(row["kept_frac"] == pytest.approx(7 / 8) for row in rows)
     assert os.path.exists(os.path.join(a, "transformer", "config.json"))
     final = read_log(b)[-1]["final"]
-    assert final["n"] == 4 and 0 <= final["win_rate"] <= 1
+    # 4 pairs: wins, ties and losses give a multiple of 1/8, inside its own bootstrap interval
+    assert final["n"] == 4 and (final["win_rate"] * 8) % 1 == 0
+    assert final["win_low"] <= final["win_rate"] <= final["win_high"]
+    assert (final["match_base"] * 4) % 1 == 0 and (final["match_tuned"] * 4) % 1 == 0
 
 
 def test_two_gloo_ranks_end_with_one_sd3_lora(sd3_lrm_folder, tmp_path):
