@@ -68,25 +68,19 @@ Deviations:
 """
 import argparse
 import copy
-import datetime
 import gc
-import inspect
 import json
 import os
 import platform
-import re
 import resource
-import shutil
-import signal
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import diffusers
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline,
@@ -111,6 +105,7 @@ from lpo import (FlowSchedule, NonFiniteUpdate, add_lora, apply_update, denoiser
                  sample_tuples, t5_length, text_encoders, uncond_then_cond)
 from lrm_model import LatentRewardModel
 from tiny.world import CAPTIONS
+from runs import (build_parser, command_line, fail, log_jsonl, prepare_run_folder, write_text)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -177,139 +172,9 @@ USABLE_SHARE = 0.9
 GPU_SIZES_GB = (24, 40, 80)
 
 
-# ----------------------------------------------------------------------------- boilerplate
-# The same lines in every stage file (test_all.py checks they stay identical): the CLI made from
-# the Config dataclass, torchrun setup, one-line errors, the run-folder guard, atomic writes, and
-# the kill points that the resume tests use.
-PROG = os.path.basename(__file__)
-
-
-def fail(message):
-    """Bad input or a refused state: one line, `<script>: error: ...`, exit status 1."""
-    raise SystemExit(f"{PROG}: error: {message}")
-
-
-def snake_case_options(argv):
-    """--lora-rank 8, --lora-rank=8 and --no-grad-ckpt read as --lora_rank and --no-grad_ckpt."""
-    fixed = []
-    for arg in argv:
-        if arg.startswith("--"):
-            name, sep, value = arg[2:].partition("=")
-            prefix = "no-" if name.startswith("no-") else ""
-            arg = "--" + prefix + name[len(prefix):].replace("-", "_") + sep + value
-        fixed.append(arg)
-    return fixed
-
-
-def build_parser(config_class, defaults, doc):
-    """One option per Config field; its trailing comment is the --help line, with the default."""
-    helps = {}
-    for line in inspect.getsource(config_class).splitlines():
-        match = re.match(r"\s+(\w+): [^#]*#\s*(.*)", line)
-        if match:
-            helps[match[1]] = match[2]
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in fields(config_class):
-        default = defaults[field.name]
-        help_line = f"{helps.get(field.name, '')} (default: {default!r})"
-        if isinstance(default, bool):
-            action = argparse.BooleanOptionalAction
-            parser.add_argument(f"--{field.name}", default=default, action=action, help=help_line)
-        else:
-            kind = type(default)
-            parser.add_argument(f"--{field.name}", default=default, type=kind, help=help_line)
-    return parser
-
-
-def setup_distributed(timeout_minutes):
-    """torchrun sets RANK and LOCAL_RANK; a plain `python` run is rank 0 of 1."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if "RANK" in os.environ and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(device)
-        # explicit: NCCL's default (10 min) is shorter than a rank-0 save of an SDXL checkpoint
-        timeout = datetime.timedelta(minutes=timeout_minutes)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, device
-
-
-def prepare_run_folder(out, resume):
-    """Refuse to write over a run unless resuming; create the folder; drop killed writes' *.tmp."""
-    if not resume and os.path.isdir(out) and os.listdir(out):
-        fail(f"{out} already holds a run: continue it with --resume, or pass another --out")
-    if dist.is_initialized():
-        dist.barrier()  # every rank has looked before rank 0 writes anything
-    if dist.is_initialized() and dist.get_rank() > 0:
-        return
-    try:
-        os.makedirs(out, exist_ok=True)
-        for name in os.listdir(out):
-            if name.endswith(".tmp"):
-                leftover = os.path.join(out, name)
-                if os.path.isdir(leftover):
-                    shutil.rmtree(leftover)
-                else:
-                    os.remove(leftover)
-        with open(os.path.join(out, ".write-test.tmp"), "w"):
-            pass
-        os.remove(os.path.join(out, ".write-test.tmp"))
-    except OSError as error:
-        fail(f"cannot write to {out} ({error.strerror}): pass another --out")
-
-
-def kill_point(name):
-    """Test hook: SIGKILL this process where LPO_KILL_AT names this point (the resume tests)."""
-    if os.environ.get("LPO_KILL_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def atomic_torch_save(obj, path):
-    """torch.save to path.tmp, then rename: a file that exists at path is always complete."""
-    torch.save(obj, path + ".tmp")
-    kill_point("mid " + os.path.basename(path))
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path):
-    """torch.load, or one line naming the file and the way out when it is damaged."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        fail(f"{path} is damaged ({type(error).__name__}): delete it to restart the run, "
-             "or pass another --out")
-
-
-def log_jsonl(path, row):
-    with open(path, "a") as log_file:
-        log_file.write(json.dumps(row) + "\n")
-
-
-def truncate_log(path, last, key="step"):
-    """On resume: keep the log rows up to the checkpoint, row[key] <= last (the rest run again)."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path) as log_file:
-        for line in log_file:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if row.get(key, 0) <= last and "final" not in row:
-                kept.append(row)
-    with open(path + ".tmp", "w") as log_file:
-        log_file.writelines(json.dumps(row) + "\n" for row in kept)
-    os.replace(path + ".tmp", path)
-
-
 # ----------------------------------------------------------------------------- command line
 def get_config(argv=None):
-    argv = snake_case_options(sys.argv[1:] if argv is None else argv)
+    argv = command_line(__file__, argv)
     modes = argparse.ArgumentParser(add_help=False)
     modes.add_argument("--tiny", action="store_true")
     modes.add_argument("--smoke", action="store_true")
@@ -1312,12 +1177,6 @@ def table(results, env):
     return "\n".join(lines)
 
 
-def write_json(path, data):
-    with open(path + ".tmp", "w") as json_file:
-        json.dump(data, json_file, indent=2)
-    os.replace(path + ".tmp", path)   # a crash never leaves a half-written bench.json
-
-
 # ----------------------------------------------------------------------------- --estimate
 class FusedAttention(torch.autograd.Function):
     """Attention that saves what fused kernels (flash, memory-efficient) save: q, k, v, output."""
@@ -1666,7 +1525,8 @@ def run_bench(cfg):
     for name in tqdm(names, desc="bench", disable=not sys.stderr.isatty()):
         if name not in results:
             results[name] = bench_model(name, cfg, device, log)
-            write_json(path, dict(environment=env, results=results, table=table(results, env)))
+            report = dict(environment=env, results=results, table=table(results, env))
+            write_text(path, json.dumps(report, indent=2))
     print(table(results, env))
     if device.type == "cpu":
         print("(CPU: times and ratios say nothing about a GPU; memory rows are the process's RSS)")

@@ -44,18 +44,13 @@ Deviations from the paper's code:
   2. Rows with are_different False (identical images) are dropped and counted.
 """
 import argparse
-import datetime
 import glob
-import inspect
 import io
 import json
 import os
-import re
 import shutil
-import signal
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
@@ -65,6 +60,8 @@ import torch.nn.functional as F
 from datasets import DatasetDict, load_dataset, load_from_disk
 from PIL import Image
 from tqdm import tqdm
+from runs import (barrier, build_parser, command_line, fail, kill_point, log_jsonl,
+                  prepare_run_folder, setup_distributed, write_text)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 STEPS = ("score", "filter", "all")
@@ -102,7 +99,7 @@ PRESETS = {"tiny": TINY, "tiny-xl": TINY, "sd15": REAL, "sdxl": REAL}
 
 
 def get_config(argv=None):
-    argv = snake_case_options(sys.argv[1:] if argv is None else argv)
+    argv = command_line(__file__, argv)
     peek = argparse.ArgumentParser(add_help=False)
     peek.add_argument("--model", default=Config.model)
     model = peek.parse_known_args(argv)[0].model
@@ -264,7 +261,7 @@ def load_scorers(cfg, device):
     try:
         head = load_aesthetic_head(cfg.aesthetic_mlp).to(device)  # fp32: a tiny head
     except (OSError, ValueError) as error:
-        fail(f"--aesthetic_mlp {cfg.aesthetic_mlp}: {first_line(error)}")
+        fail(f"--aesthetic_mlp {cfg.aesthetic_mlp}: {error_line(error)}")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     try:
         aesthetic_processor = AutoProcessor.from_pretrained(cfg.aesthetic_clip)
@@ -274,7 +271,7 @@ def load_scorers(cfg, device):
         clip = CLIPModel.from_pretrained(cfg.clip_model, dtype=dtype)
         vlm = AutoModelForImageTextToText.from_pretrained(cfg.vqa_model, dtype=dtype)
     except (OSError, ValueError) as error:
-        fail(f"cannot load a scorer ({first_line(error)}): check --aesthetic_clip, "
+        fail(f"cannot load a scorer ({error_line(error)}): check --aesthetic_clip, "
              "--clip_model and --vqa_model")
     vision = vision.to(device).eval()
     clip = clip.to(device).eval()
@@ -313,7 +310,7 @@ def load_pairs(path, split):
     try:
         pairs = read_split(path, split)
     except (FileNotFoundError, ValueError, KeyError) as error:  # incl. DatasetNotFoundError
-        fail(f"cannot load split {split!r} of --data {path} ({first_line(error)}): check "
+        fail(f"cannot load split {split!r} of --data {path} ({error_line(error)}): check "
              "--data and --split")
     missing = sorted(PICKAPIC_COLUMNS - set(pairs.features))
     if missing:
@@ -334,7 +331,8 @@ def read_split(path, split):
     return load_dataset(path, split=split)  # a hub id or a load_dataset folder
 
 
-def first_line(error):
+def error_line(error):
+    """An exception as `Type: its first line` (200 characters at most), for a scorer's load error."""
     lines = str(error).strip().splitlines() or [""]
     return f"{type(error).__name__}: {lines[0][:200]}"
 
@@ -373,154 +371,10 @@ def decode(jpeg):
 
 
 
-# ----------------------------------------------------------------------------- boilerplate
-# The same lines in every stage file (test_all.py checks they stay identical): the CLI made from
-# the Config dataclass, torchrun setup, one-line errors, the run-folder guard, atomic writes, and
-# the kill points that the resume tests use.
-PROG = os.path.basename(__file__)
-
-
-def fail(message):
-    """Bad input or a refused state: one line, `<script>: error: ...`, exit status 1."""
-    raise SystemExit(f"{PROG}: error: {message}")
-
-
-def snake_case_options(argv):
-    """--lora-rank 8, --lora-rank=8 and --no-grad-ckpt read as --lora_rank and --no-grad_ckpt."""
-    fixed = []
-    for arg in argv:
-        if arg.startswith("--"):
-            name, sep, value = arg[2:].partition("=")
-            prefix = "no-" if name.startswith("no-") else ""
-            arg = "--" + prefix + name[len(prefix):].replace("-", "_") + sep + value
-        fixed.append(arg)
-    return fixed
-
-
-def build_parser(config_class, defaults, doc):
-    """One option per Config field; its trailing comment is the --help line, with the default."""
-    helps = {}
-    for line in inspect.getsource(config_class).splitlines():
-        match = re.match(r"\s+(\w+): [^#]*#\s*(.*)", line)
-        if match:
-            helps[match[1]] = match[2]
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in fields(config_class):
-        default = defaults[field.name]
-        help_line = f"{helps.get(field.name, '')} (default: {default!r})"
-        if isinstance(default, bool):
-            action = argparse.BooleanOptionalAction
-            parser.add_argument(f"--{field.name}", default=default, action=action, help=help_line)
-        else:
-            kind = type(default)
-            parser.add_argument(f"--{field.name}", default=default, type=kind, help=help_line)
-    return parser
-
-
-def setup_distributed(timeout_minutes):
-    """torchrun sets RANK and LOCAL_RANK; a plain `python` run is rank 0 of 1."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if "RANK" in os.environ and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(device)
-        # explicit: NCCL's default (10 min) is shorter than a rank-0 save of an SDXL checkpoint
-        timeout = datetime.timedelta(minutes=timeout_minutes)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, device
-
-
-def prepare_run_folder(out, resume):
-    """Refuse to write over a run unless resuming; create the folder; drop killed writes' *.tmp."""
-    if not resume and os.path.isdir(out) and os.listdir(out):
-        fail(f"{out} already holds a run: continue it with --resume, or pass another --out")
-    if dist.is_initialized():
-        dist.barrier()  # every rank has looked before rank 0 writes anything
-    if dist.is_initialized() and dist.get_rank() > 0:
-        return
-    try:
-        os.makedirs(out, exist_ok=True)
-        for name in os.listdir(out):
-            if name.endswith(".tmp"):
-                leftover = os.path.join(out, name)
-                if os.path.isdir(leftover):
-                    shutil.rmtree(leftover)
-                else:
-                    os.remove(leftover)
-        with open(os.path.join(out, ".write-test.tmp"), "w"):
-            pass
-        os.remove(os.path.join(out, ".write-test.tmp"))
-    except OSError as error:
-        fail(f"cannot write to {out} ({error.strerror}): pass another --out")
-
-
-def kill_point(name):
-    """Test hook: SIGKILL this process where LPO_KILL_AT names this point (the resume tests)."""
-    if os.environ.get("LPO_KILL_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def atomic_torch_save(obj, path):
-    """torch.save to path.tmp, then rename: a file that exists at path is always complete."""
-    torch.save(obj, path + ".tmp")
-    kill_point("mid " + os.path.basename(path))
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path):
-    """torch.load, or one line naming the file and the way out when it is damaged."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        fail(f"{path} is damaged ({type(error).__name__}): delete it to restart the run, "
-             "or pass another --out")
-
-
-def log_jsonl(path, row):
-    with open(path, "a") as log_file:
-        log_file.write(json.dumps(row) + "\n")
-
-
-def truncate_log(path, last, key="step"):
-    """On resume: keep the log rows up to the checkpoint, row[key] <= last (the rest run again)."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path) as log_file:
-        for line in log_file:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if row.get(key, 0) <= last and "final" not in row:
-                kept.append(row)
-    with open(path + ".tmp", "w") as log_file:
-        log_file.writelines(json.dumps(row) + "\n" for row in kept)
-    os.replace(path + ".tmp", path)
-
-
 # ----------------------------------------------------------------------------- the two steps
 # different_flag: 1 win-lose, 0 tie, -1 unlabelled;
 # status: ok | unreadable | no_label | identical | unscored
 HEADER = "index,different_flag,aesthetic_gap,clip_gap,vqa_gap,status\n"
-
-
-def barrier():
-    """Every rank calls it, in the same order."""
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def write_atomically(path, text):
-    """Write path.tmp, then rename: a file that exists at path is always complete."""
-    with open(path + ".tmp", "w") as file:
-        file.write(text)
-    kill_point("mid " + os.path.basename(path))
-    os.replace(path + ".tmp", path)
 
 
 def repair_parts(out):
@@ -619,7 +473,7 @@ def merge_parts(cfg, labels):
         table[column] = scored[column].to_numpy(dtype=np.float64)
     status = np.where(labels.usable, scored["status"].fillna("unscored"), "identical")
     table["status"] = np.where(labels.labelled, status, "no_label")
-    write_atomically(cfg.gaps, table.to_csv(index=False))
+    write_text(cfg.gaps, table.to_csv(index=False))
     counts = table["status"].value_counts().to_dict()
     print(f"mpcf score -> {cfg.gaps}: rows by status {counts}")
 
@@ -629,7 +483,7 @@ def read_gaps(path, num_rows):
     try:
         table = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
     except (OSError, ValueError, UnicodeDecodeError) as error:
-        fail(f"--gaps {path}: cannot read it ({first_line(error)})")
+        fail(f"--gaps {path}: cannot read it ({error_line(error)})")
     missing = [c for c in GAP_COLS if c not in table.columns]
     if missing:
         fail(f"--gaps {path} lacks the gap columns {missing}")
@@ -674,7 +528,7 @@ def filter_pairs(cfg, pairs):
     counts = filter_counts(labels, keep, gaps)
     kept = np.flatnonzero(keep).tolist()
     path = os.path.join(cfg.out, "keep.json")
-    write_atomically(path, json.dumps(kept))
+    write_text(path, json.dumps(kept))
     if cfg.save_dataset:
         pairs.select(kept).save_to_disk(cfg.save_dataset + ".tmp")
         shutil.rmtree(cfg.save_dataset, ignore_errors=True)

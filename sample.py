@@ -33,17 +33,11 @@ side by side, caption under each pair). eval.py scores them. Choices:
   --batch_size (an fp32 1024 px SDXL decode needs several GB per image).
 """
 import argparse
-import datetime
 import glob
-import inspect
 import json
 import os
-import re
-import shutil
-import signal
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import huggingface_hub
 import torch
@@ -53,6 +47,8 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, SD3Trans
                        UNet2DConditionModel)
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
+from runs import (barrier, build_parser, command_line, fail, gather_objects, kill_point, log_jsonl,
+                  prepare_run_folder, setup_distributed, write_text)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -107,7 +103,7 @@ PRESETS = {
 
 
 def get_config(argv=None):
-    argv = snake_case_options(sys.argv[1:] if argv is None else argv)
+    argv = command_line(__file__, argv)
     peek = argparse.ArgumentParser(add_help=False)
     peek.add_argument("--model", default=Config.model)
     model = peek.parse_known_args(argv)[0].model
@@ -342,14 +338,6 @@ def save_png(image, path):
     os.replace(path + ".tmp", path)
 
 
-def write_text(path, text):
-    """Atomic, as the images."""
-    with open(path + ".tmp", "w") as file:
-        file.write(text)
-    kill_point("mid " + "/".join(path.split(os.sep)[-2:]))
-    os.replace(path + ".tmp", path)
-
-
 def make_grid(columns, captions, cell=256, notes=None, per_row=2):
     """columns: {"base": [PIL], "tuned": [PIL]} -> one image: per_row pairs side by side per row,
     caption under each pair; notes: optional {"base": [str], ...} printed on each image."""
@@ -468,152 +456,7 @@ def load_denoiser(path, index, dtype):
     return model_class.from_pretrained(folder, subfolder=subfolder, dtype=dtype)
 
 
-# ----------------------------------------------------------------------------- boilerplate
-# The same lines in every stage file (test_all.py checks they stay identical): the CLI made from
-# the Config dataclass, torchrun setup, one-line errors, the run-folder guard, atomic writes, and
-# the kill points that the resume tests use.
-PROG = os.path.basename(__file__)
-
-
-def fail(message):
-    """Bad input or a refused state: one line, `<script>: error: ...`, exit status 1."""
-    raise SystemExit(f"{PROG}: error: {message}")
-
-
-def snake_case_options(argv):
-    """--lora-rank 8, --lora-rank=8 and --no-grad-ckpt read as --lora_rank and --no-grad_ckpt."""
-    fixed = []
-    for arg in argv:
-        if arg.startswith("--"):
-            name, sep, value = arg[2:].partition("=")
-            prefix = "no-" if name.startswith("no-") else ""
-            arg = "--" + prefix + name[len(prefix):].replace("-", "_") + sep + value
-        fixed.append(arg)
-    return fixed
-
-
-def build_parser(config_class, defaults, doc):
-    """One option per Config field; its trailing comment is the --help line, with the default."""
-    helps = {}
-    for line in inspect.getsource(config_class).splitlines():
-        match = re.match(r"\s+(\w+): [^#]*#\s*(.*)", line)
-        if match:
-            helps[match[1]] = match[2]
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in fields(config_class):
-        default = defaults[field.name]
-        help_line = f"{helps.get(field.name, '')} (default: {default!r})"
-        if isinstance(default, bool):
-            action = argparse.BooleanOptionalAction
-            parser.add_argument(f"--{field.name}", default=default, action=action, help=help_line)
-        else:
-            kind = type(default)
-            parser.add_argument(f"--{field.name}", default=default, type=kind, help=help_line)
-    return parser
-
-
-def setup_distributed(timeout_minutes):
-    """torchrun sets RANK and LOCAL_RANK; a plain `python` run is rank 0 of 1."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if "RANK" in os.environ and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(device)
-        # explicit: NCCL's default (10 min) is shorter than a rank-0 save of an SDXL checkpoint
-        timeout = datetime.timedelta(minutes=timeout_minutes)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, device
-
-
-def prepare_run_folder(out, resume):
-    """Refuse to write over a run unless resuming; create the folder; drop killed writes' *.tmp."""
-    if not resume and os.path.isdir(out) and os.listdir(out):
-        fail(f"{out} already holds a run: continue it with --resume, or pass another --out")
-    if dist.is_initialized():
-        dist.barrier()  # every rank has looked before rank 0 writes anything
-    if dist.is_initialized() and dist.get_rank() > 0:
-        return
-    try:
-        os.makedirs(out, exist_ok=True)
-        for name in os.listdir(out):
-            if name.endswith(".tmp"):
-                leftover = os.path.join(out, name)
-                if os.path.isdir(leftover):
-                    shutil.rmtree(leftover)
-                else:
-                    os.remove(leftover)
-        with open(os.path.join(out, ".write-test.tmp"), "w"):
-            pass
-        os.remove(os.path.join(out, ".write-test.tmp"))
-    except OSError as error:
-        fail(f"cannot write to {out} ({error.strerror}): pass another --out")
-
-
-def kill_point(name):
-    """Test hook: SIGKILL this process where LPO_KILL_AT names this point (the resume tests)."""
-    if os.environ.get("LPO_KILL_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def atomic_torch_save(obj, path):
-    """torch.save to path.tmp, then rename: a file that exists at path is always complete."""
-    torch.save(obj, path + ".tmp")
-    kill_point("mid " + os.path.basename(path))
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path):
-    """torch.load, or one line naming the file and the way out when it is damaged."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        fail(f"{path} is damaged ({type(error).__name__}): delete it to restart the run, "
-             "or pass another --out")
-
-
-def log_jsonl(path, row):
-    with open(path, "a") as log_file:
-        log_file.write(json.dumps(row) + "\n")
-
-
-def truncate_log(path, last, key="step"):
-    """On resume: keep the log rows up to the checkpoint, row[key] <= last (the rest run again)."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path) as log_file:
-        for line in log_file:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if row.get(key, 0) <= last and "final" not in row:
-                kept.append(row)
-    with open(path + ".tmp", "w") as log_file:
-        log_file.writelines(json.dumps(row) + "\n" for row in kept)
-    os.replace(path + ".tmp", path)
-
-
 # ----------------------------------------------------------------------------- sampling
-def barrier():
-    """Every rank calls it, in the same order."""
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def gather_objects(obj):
-    """Every rank's obj, in rank order (a collective: call it on every rank)."""
-    if not dist.is_initialized():
-        return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
 def sampling_settings(cfg):
     """sampling.json: what makes two folders comparable (eval.py refuses pairs sampled otherwise)
     and what --resume must find unchanged."""
