@@ -100,9 +100,9 @@ import lpo
 import lrm as lrm_script
 import mpcf
 import sample
-from lpo import (FlowSchedule, NonFiniteUpdate, add_lora, apply_update, denoiser_name,
-                 encode_for_cfg, guided_prediction, lpo_loss, make_schedule, pair_logprobs,
-                 sample_tuples, t5_length, text_encoders, uncond_then_cond)
+from lpo import (FlowSchedule, NonFiniteUpdate, add_lora, apply_update, guided_prediction,
+                 lpo_loss, make_schedule, pair_logprobs, sample_tuples)
+from models import denoiser_name, encode_for_cfg, t5_length, text_encoders, uncond_then_cond
 from lrm_model import LatentRewardModel
 from tiny.world import CAPTIONS
 from runs import (build_parser, command_line, fail, log_jsonl, prepare_run_folder, write_text)
@@ -1272,7 +1272,7 @@ def meta_conditioning(pipe, rows, dtype):
     256) of the joint width, and the pooled projections."""
     config = denoiser(pipe).config
     if denoiser_name(pipe) == "transformer":
-        tokens = 77 + t5_length(pipe)
+        tokens = 77 + t5_length(pipe.tokenizer_3)
         states = torch.zeros(rows, tokens, config.joint_attention_dim, device="meta", dtype=dtype)
         pooled = torch.zeros(rows, config.pooled_projection_dim, device="meta", dtype=dtype)
         return dict(encoder_hidden_states=states, pooled_projections=pooled)

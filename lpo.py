@@ -91,7 +91,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lrm_model import LatentRewardModel, encode_prompt, take_rows
+from lrm_model import LatentRewardModel, take_rows
+from models import (denoiser_name, encode_for_cfg, family, geometry, is_flow_matching,
+                    load_pipeline, t5_length)
 from runs import (atomic_torch_save, build_parser, command_line, fail, kill_point, load_checkpoint,
                   log_jsonl, prepare_run_folder, setup_distributed, truncate_log, warn,
                   write_or_fail, write_safetensors)
@@ -169,30 +171,12 @@ PRESETS = {
 }
 
 
-def model_family(model):
-    """sd15, sdxl or sd3, from the configs of a local pipeline folder (SD3: a transformer/;
-    SDXL: a U-Net taking the pooled text and size conditions, addition_embed_type "text_time");
-    a hub id (its config may not be readable offline), by its name."""
-    if os.path.isdir(model):
-        try:
-            denoiser, subfolder = denoiser_config(model)
-            if subfolder == "transformer":
-                return "sd3"
-            return "sdxl" if denoiser.get("addition_embed_type") == "text_time" else "sd15"
-        except (OSError, ValueError):  # no unet/: base_geometry refuses it in one line
-            pass
-    name = model.lower()
-    if "stable-diffusion-3" in name or "sd3" in name:
-        return "sd3"
-    return "sdxl" if "xl" in name else "sd15"
-
-
 def preset_of(model):
     """The preset of a name; any other model takes its family's (SD1.5, SDXL or SD3), with itself
     as base."""
     if model in PRESETS:
         return PRESETS[model]
-    return dict(PRESETS[model_family(model)], base=model)
+    return dict(PRESETS[family(model)], base=model)
 
 
 def get_config(argv=None):
@@ -401,16 +385,6 @@ class FlowSchedule:
         return flow_step(velocity, x_t, noise_levels(t) / scale, noise_levels(t_prev) / scale, eta)
 
 
-def is_flow_matching(scheduler_config):
-    """SD3's FlowMatchEulerDiscreteScheduler rather than a DDPM-family scheduler: by the class
-    a config file names, or, for a scheduler made in memory (its config names no class), by
-    having no beta schedule."""
-    name = scheduler_config.get("_class_name")
-    if name:
-        return name == "FlowMatchEulerDiscreteScheduler"
-    return "beta_schedule" not in scheduler_config
-
-
 def make_schedule(scheduler_config, num_inference_steps, th_min, th_max, device, latent_size=0):
     """The schedule the sampler runs: a flow-matching base's own (SD3), else DDIM with `leading`
     spacing, steps_offset 1 (the SD configs)."""
@@ -510,44 +484,6 @@ def load_prompts(source, split, n, unique=True, seed=None):
     return chosen
 
 
-def denoiser_config(base):
-    """(config, subfolder) of the base's denoising network: transformer/ (SD3's MMDiT) where the
-    base has one, else unet/ (SD1.5, SDXL); read without any weight."""
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
-    try:
-        return SD3Transformer2DModel.load_config(base, subfolder="transformer"), "transformer"
-    except (OSError, ValueError):
-        return UNet2DConditionModel.load_config(base, subfolder="unet"), "unet"
-
-
-def base_geometry(cfg):
-    """(resolution, latent side) of the run from the base's configs, before any weight is read:
-    --resolution 0 is the pipeline's own (denoiser sample_size x VAE factor); other sizes must be
-    multiples of the VAE factor x the U-Net's downsampling (SD3: x the transformer's patch size),
-    or the latent could not be sampled."""
-    from diffusers import AutoencoderKL
-    try:
-        vae = AutoencoderKL.load_config(cfg.base, subfolder="vae")
-        denoiser, subfolder = denoiser_config(cfg.base)
-    except (OSError, ValueError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        fail(f"cannot read the base pipeline {cfg.base} ({reason}): pass --base (or --model) "
-             "naming a diffusers pipeline folder or hub id with vae/ and unet/ (or transformer/)")
-    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    if subfolder == "transformer":
-        downsampling = denoiser["patch_size"]
-        name = "transformer patch size"
-    else:
-        downsampling = 2 ** (len(denoiser["down_block_types"]) - 1)
-        name = "U-Net downsampling"
-    multiple = vae_factor * downsampling
-    resolution = cfg.resolution or denoiser["sample_size"] * vae_factor
-    if resolution % multiple:
-        fail(f"--resolution {resolution}: {cfg.base} needs a positive multiple of {multiple} "
-             f"(VAE factor {vae_factor} x {name} {downsampling}); 0 takes its own size")
-    return resolution, resolution // vae_factor
-
-
 def check_scheduler(cfg):
     """Refuse, before any weight is read, a base whose scheduler LPO's step math does not cover:
     DDIM needs epsilon prediction, a_0 at the chain's end and at least --num_inference_steps
@@ -595,85 +531,6 @@ def load_lrm(cfg, device, dtype):
     return lrm.for_scoring().to(device, dtype)
 
 
-def load_pipeline(cfg, device, dtype):
-    """The base pipeline without its VAE (only the evaluation decodes); frozen weights in dtype."""
-    from diffusers import DiffusionPipeline
-    components = DiffusionPipeline.load_config(cfg.base)
-    optional = ("vae", "safety_checker", "feature_extractor", "image_encoder")
-    skipped = {name: None for name in optional if name in components}
-    pipe = DiffusionPipeline.from_pretrained(cfg.base, **skipped).to(device)
-    if dtype != torch.float32:  # frozen weights in bf16 on a GPU; the LoRA weights stay fp32
-        pipe.to(dtype=dtype)
-    for encoder in text_encoders(pipe):
-        encoder.requires_grad_(False)
-    return pipe
-
-
-def denoiser_name(pipe):
-    """The pipeline's denoising network: "unet" (SD1.5, SDXL) or "transformer" (SD3's MMDiT)."""
-    return "transformer" if "transformer" in pipe.components else "unet"
-
-
-def text_encoders(pipe):
-    """SD1.5: [CLIP-L]; SDXL: [CLIP-L, OpenCLIP bigG]; SD3: [CLIP-L, OpenCLIP bigG, T5]."""
-    encoders = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
-                getattr(pipe, "text_encoder_3", None)]
-    return [encoder for encoder in encoders if encoder is not None]
-
-
-def uncond_then_cond(uncond, cond):
-    """[uncond; cond] along the batch, for tensors and (nested) dicts of tensors."""
-    if isinstance(cond, dict):
-        return {key: uncond_then_cond(uncond[key], cond[key]) for key in cond}
-    return torch.cat([uncond.expand_as(cond), cond])
-
-
-def t5_length(pipe):
-    """SD3's T5 sequence length: its pipeline's default 256, or the tokenizer's own limit where
-    that is shorter (the tiny world's T5: 16). Every SD3 encoding here and in the pipeline calls
-    uses it, so the pipeline and these encoders give the same embeddings."""
-    return min(256, pipe.tokenizer_3.model_max_length)
-
-
-@torch.no_grad()
-def encode_for_cfg_sd3(pipe, prompts):
-    """Transformer kwargs of the CFG batch [uncond; cond] (2B), through the SD3 pipeline's own
-    encode_prompt: encoder_hidden_states (CLIP-L + bigG penultimate states, zero-padded to T5's
-    width, then T5's, along the sequence) and pooled_projections (the CLIP pooled projections);
-    the uncond is the empty prompt encoded the same way, as in the SD3 pipeline (no zeros)."""
-    length = t5_length(pipe)
-    states, _, pooled, _ = pipe.encode_prompt(prompts, None, None, max_sequence_length=length,
-                                              do_classifier_free_guidance=False)
-    empty, _, empty_pooled, _ = pipe.encode_prompt([""], None, None, max_sequence_length=length,
-                                                   do_classifier_free_guidance=False)
-    return dict(encoder_hidden_states=uncond_then_cond(empty, states),
-                pooled_projections=uncond_then_cond(empty_pooled, pooled))
-
-
-@torch.no_grad()
-def encode_for_cfg(pipe, prompts, resolution):
-    """Denoiser kwargs of the CFG batch [uncond; cond] (2B): encoder_hidden_states, and on SDXL
-    added_cond_kwargs. With lrm_model.encode_prompt, the one place where SD1.5 (one text encoder,
-    uncond = the empty prompt) and SDXL (two; uncond = zeros, as its pipeline does) differ; SD3
-    (three) goes through its pipeline's encode_prompt (encode_for_cfg_sd3)."""
-    if denoiser_name(pipe) == "transformer":
-        return encode_for_cfg_sd3(pipe, prompts)
-    tokenizers = [pipe.tokenizer, getattr(pipe, "tokenizer_2", None)]
-    tokenizers = [tokenizer for tokenizer in tokenizers if tokenizer is not None]
-    cond = encode_prompt(text_encoders(pipe), tokenizers, prompts, resolution)
-    uncond = encode_prompt(text_encoders(pipe), tokenizers, [""], resolution)
-    if pipe.config.get("force_zeros_for_empty_prompt", False):
-        # zeros, but the real size conditions (time_ids), as in the SDXL pipeline
-        added = cond["added_cond_kwargs"]
-        if added:
-            added = dict(added, text_embeds=added["text_embeds"] * 0)
-        uncond = dict(encoder_hidden_states=cond["encoder_hidden_states"] * 0,
-                      added_cond_kwargs=added)
-    names = ("encoder_hidden_states", "added_cond_kwargs")
-    return {name: uncond_then_cond(uncond[name], cond[name]) for name in names if cond[name]
-            is not None}
-
-
 def guided_prediction(denoiser, x, t, cond, guidance_scale):
     """Classifier-free guidance (Ho & Salimans 2022) on the denoiser's output: eps = eps_u +
     w (eps_c - eps_u) for a U-Net; the same line on the velocity for SD3's transformer (as its
@@ -683,9 +540,6 @@ def guided_prediction(denoiser, x, t, cond, guidance_scale):
     output = denoiser(torch.cat([x, x]), timestep=torch.cat([t, t]), **cond).sample  # (2B, ...)
     uncond, conditional = output.float().chunk(2)  # (B, C, h, w) each
     return uncond + guidance_scale * (conditional - uncond)
-
-
-guided_eps = guided_prediction  # its name before SD3, for the callers written then
 
 
 def add_lora(denoiser, lora_rank, seed, grad_ckpt):
@@ -1112,7 +966,7 @@ def sampler_options(pipe, cfg):
     """The pipeline call's options that differ by family: DDIM's eta (SD1.5, SDXL, the sampler
     LPO trains); SD3's T5 length (its pipeline samples with its own Euler ODE, it has no eta)."""
     if denoiser_name(pipe) == "transformer":
-        return dict(max_sequence_length=t5_length(pipe))
+        return dict(max_sequence_length=t5_length(pipe.tokenizer_3))
     return dict(eta=cfg.eta)
 
 
@@ -1157,7 +1011,7 @@ def main(cfg):
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     # bad input: one line each, before anything is written or any weight is read
-    cfg.resolution, latent_size = base_geometry(cfg)
+    cfg.resolution, latent_size = geometry(cfg.base, cfg.resolution)
     check_scheduler(cfg)
     if not os.path.isdir(cfg.lrm):
         fail(f"no LRM at {cfg.lrm}: train one ({lrm_hint(cfg)}) and pass its --out as --lrm")
@@ -1176,7 +1030,7 @@ def main(cfg):
     # models: GPU: frozen weights bf16 + autocast (paper), LRM fp16; CPU: everything fp32
     gpu = device.type == "cuda"
     lrm = load_lrm(cfg, device, torch.float16 if gpu else torch.float32)
-    pipe = load_pipeline(cfg, device, torch.bfloat16 if gpu else torch.float32)
+    pipe = load_pipeline(cfg.base, device, torch.bfloat16 if gpu else torch.float32, vae=False)
     denoiser = getattr(pipe, denoiser_name(pipe))  # U-Net, or SD3's transformer
     schedule = make_schedule(pipe.scheduler.config, cfg.num_inference_steps, cfg.th_min,
                              cfg.th_max, device, latent_size)

@@ -94,8 +94,8 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler,
 from PIL import Image
 from tqdm import tqdm
 
-from lrm_model import (MODELS, ROOT, LatentRewardModel, load_denoiser_config, mmdit_blocks,
-                       resolve_model)
+from lrm_model import LatentRewardModel, mmdit_blocks
+from models import BASES, ROOT, load_denoiser_config, resolve_model
 from runs import (atomic_torch_save, build_parser, command_line, fail, first_line, kill_point,
                   load_checkpoint, log_jsonl, prepare_run_folder, setup_distributed, truncate_log,
                   write_or_fail)
@@ -197,7 +197,7 @@ def get_config(argv=None):
     if cfg.model not in PRESETS and not local and cfg.model.count("/") != 1:
         fail(f"--model {cfg.model!r}: expected one of {list(PRESETS)}, a pipeline folder, or a hub "
              "id like owner/name")
-    own_base = cfg.base in ("", cfg.model, MODELS.get(cfg.model))
+    own_base = cfg.base in ("", cfg.model, BASES.get(cfg.model))
     if not own_base and cfg.data.startswith("tiny/") and not option_given(argv, "data"):
         fail(f"--base {cfg.base}: pass --data too (the {cfg.model} preset's pairs were drawn "
              "for its own base)")

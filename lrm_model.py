@@ -39,15 +39,7 @@ from diffusers import (AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel,
                        UNet2DConditionModel)
 from torch.utils.checkpoint import checkpoint
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-MODELS = {"tiny": "tiny/sd15", "tiny-xl": "tiny/sdxl", "tiny-sd3": "tiny/sd3",
-          "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-          "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-          "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
-          "sd35": "stabilityai/stable-diffusion-3.5-medium"}
-# the denoiser's subfolder in a pipeline (and an LRM folder) -> its class
-DENOISERS = {"unet": UNet2DConditionModel, "transformer": SD3Transformer2DModel}
-SD3_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
+from models import BASES, DENOISERS, denoiser_subfolder, encode_prompt, resolve_model
 
 
 # ----------------------------------------------------------------------------- math
@@ -85,36 +77,6 @@ def head_sizes(denoiser, text_encoders):
 
 
 # ----------------------------------------------------------------------------- models
-def resolve_model(name):
-    """--model name, local folder or hub id -> what from_pretrained takes; says what it tried."""
-    path = MODELS.get(name, name)
-    local = os.path.join(ROOT, path) if path.startswith("tiny/") else path
-    if os.path.isdir(local):
-        return local
-    try:
-        DiffusionPipeline.load_config(path)
-    except Exception as error:
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:150]}"
-        raise ValueError(f"model {name!r}: no local folder {os.path.abspath(local)}, and hub id "
-                         f"{path!r} failed ({reason})") from None
-    return path
-
-
-def denoiser_subfolder(path):
-    """"unet" (SD1.5, SDXL) or "transformer" (SD3): the denoiser of a pipeline or LRM folder, or
-    of a hub id (read from its model_index.json)."""
-    if os.path.isdir(path):
-        has_transformer = os.path.isdir(os.path.join(path, "transformer"))
-        return "transformer" if has_transformer else "unet"
-    return "transformer" if "transformer" in DiffusionPipeline.load_config(path) else "unet"
-
-
-def load_denoiser_config(path):
-    """(subfolder, config) of the denoiser of a pipeline or LRM folder or hub id."""
-    subfolder = denoiser_subfolder(path)
-    return subfolder, DENOISERS[subfolder].load_config(path, subfolder=subfolder)
-
-
 def load_text_encoders(path, classes, fallback=None):
     """{"text_encoder": "CLIPTextModel", ...} -> (encoders, tokenizers) from a folder or hub id.
     A subfolder that path lacks comes from fallback, the base pipeline: the official LRM saves no
@@ -141,7 +103,7 @@ def base_config(base, denoiser_config, g=7.5, resolution=None):
     latent space, and the base itself as a name that loads from any working directory: a preset's
     (tiny/... resolves against this repository), a hub id as given, a local folder absolute."""
     path = resolve_model(base)
-    stored_base = MODELS.get(base, base)
+    stored_base = BASES.get(base, base)
     if not stored_base.startswith("tiny/") and os.path.isdir(path):
         stored_base = os.path.abspath(path)
     index = DiffusionPipeline.load_config(path)
@@ -155,65 +117,6 @@ def base_config(base, denoiser_config, g=7.5, resolution=None):
                 resolution=resolution or denoiser_config["sample_size"] * vae_factor,
                 latent_space=[vae["latent_channels"], vae["scaling_factor"],
                               vae.get("shift_factor")])
-
-
-def encode_prompt(text_encoders, tokenizers, prompts, resolution):
-    """SD1.5: last hidden state, pooled EOS state. SDXL: concat of both penultimate states, pooled =
-    text_encoder_2's projected text_embeds, added conditions with time_ids = (H, W, 0, 0, H, W).
-    SD3 (three encoders): encode_sd3_prompt."""
-    if len(text_encoders) == 3:
-        return encode_sd3_prompt(text_encoders, tokenizers, prompts)
-    xl = len(text_encoders) > 1
-    states = []
-    for encoder, tokenizer in zip(text_encoders, tokenizers):
-        tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt")
-        output = encoder(tokens.input_ids.to(encoder.device), output_hidden_states=xl)
-        if xl:
-            states.append(output.hidden_states[-2])  # (B, L, D_i)
-            pooled = getattr(output, "text_embeds", None)  # (B, D_text), the last encoder's
-        else:
-            states.append(output.last_hidden_state)  # (B, L, D)
-            pooled = output.pooler_output  # (B, D)
-    added = None
-    if xl:
-        size = [resolution, resolution, 0, 0, resolution, resolution]
-        time_ids = torch.tensor([size], device=pooled.device).to(pooled.dtype)  # (1, 6)
-        added = dict(text_embeds=pooled, time_ids=time_ids.expand(len(prompts), 6))
-    context = torch.cat(states, -1)  # (B, L, sum D_i)
-    return {"encoder_hidden_states": context, "added_cond_kwargs": added, "pooled": pooled}
-
-
-def t5_sequence_length(tokenizer):
-    """T5's token count for SD3 prompts: the pipeline's default 256, or fewer if the tokenizer
-    says so (the tiny world's: 16)."""
-    return min(SD3_MAX_SEQUENCE_LENGTH, tokenizer.model_max_length)
-
-
-def encode_sd3_prompt(text_encoders, tokenizers, prompts):
-    """StableDiffusion3Pipeline.encode_prompt's prompt_embeds and pooled_prompt_embeds: CLIP-L's
-    and bigG's penultimate hidden states concatenated (768 + 1280), zero-padded to T5's width
-    (4096) and followed by T5's states along the sequence (77 + 256 tokens); pooled = the two CLIP
-    projected pooled outputs concatenated (768 + 1280). Both CLIPs tokenize to the first
-    tokenizer's length, as the pipeline."""
-    clip_length = tokenizers[0].model_max_length
-    clip_states = []
-    pooled = []
-    for encoder, tokenizer in zip(text_encoders[:2], tokenizers[:2]):
-        tokens = tokenizer(prompts, padding="max_length", max_length=clip_length,
-                           truncation=True, return_tensors="pt")
-        output = encoder(tokens.input_ids.to(encoder.device), output_hidden_states=True)
-        clip_states.append(output.hidden_states[-2])  # (B, 77, D_i)
-        pooled.append(output.text_embeds)  # (B, P_i)
-    t5 = text_encoders[2]
-    tokens = tokenizers[2](prompts, padding="max_length", truncation=True, return_tensors="pt",
-                           max_length=t5_sequence_length(tokenizers[2]))
-    t5_states = t5(tokens.input_ids.to(t5.device)).last_hidden_state  # (B, L_T5, D_T5)
-    clip_states = torch.cat(clip_states, -1)  # (B, 77, D_1 + D_2)
-    clip_states = F.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
-    context = torch.cat([clip_states, t5_states], -2)  # (B, 77 + L_T5, D_T5)
-    pooled = torch.cat(pooled, -1)  # (B, P_1 + P_2)
-    return {"encoder_hidden_states": context, "pooled_projections": pooled, "pooled": pooled}
 
 
 def take_rows(tree, rows):

@@ -332,7 +332,7 @@ def read_split(path, split):
 
 
 def error_line(error):
-    """An exception as `Type: its first line` (200 characters at most), for a scorer's load error."""
+    """An exception as `Type: its first line` (200 characters at most): a scorer's load error."""
     lines = str(error).strip().splitlines() or [""]
     return f"{type(error).__name__}: {lines[0][:200]}"
 

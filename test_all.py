@@ -38,6 +38,7 @@ import eval as ev  # noqa: E402
 import lpo  # noqa: E402
 import lrm as L  # noqa: E402
 import lrm_model as M  # noqa: E402
+import models  # noqa: E402
 import mpcf  # noqa: E402
 import sample  # noqa: E402
 from mpcf import STRATEGIES, get_config, main, mpcf_keep, pair_gaps  # noqa: E402
@@ -315,7 +316,7 @@ def test_score_runs_down_and_mid_only_and_matches_stock_unet(model):
     widths = [c for c in unet.config.block_out_channels] + [unet.config.block_out_channels[-1]]
     assert lrm.visual_projection.in_features == sum(widths) == sum(M.feature_widths(unet.config))
     # oracle: the stock UNet2DConditionModel.forward, observed through hooks on its own blocks
-    text = M.encode_prompt(list(lrm.text_encoders), lrm.tokenizers, PROMPTS, lrm.resolution)
+    text = models.encode_prompt(list(lrm.text_encoders), lrm.tokenizers, PROMPTS, lrm.resolution)
     seen = []
     hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o[1][len(m.resnets) - 1])) for b in unet.down_blocks]
     hooks.append(unet.mid_block.register_forward_hook(lambda m, i, o: seen.append(o)))
@@ -375,7 +376,7 @@ def test_encode_text_encodes_each_distinct_prompt_once(model):
         got = lrm.encode_text(prompts)
         for h in hooks:
             h.remove()
-        want = M.encode_prompt(list(lrm.text_encoders), lrm.tokenizers, prompts, lrm.resolution)   # one row each
+        want = models.encode_prompt(list(lrm.text_encoders), lrm.tokenizers, prompts, lrm.resolution)   # one row each
     assert seen == [3] * len(lrm.text_encoders) + [1] * len(lrm.text_encoders)   # 3 distinct, then "" for VFE
     torch.testing.assert_close(got["cond"], want)
 
@@ -437,7 +438,7 @@ def test_save_load_round_trip_and_latent_space_refusal(tmp_path):
         back = M.LatentRewardModel.from_pretrained(str(tmp_path / model), base=model)
         with torch.no_grad():
             torch.testing.assert_close(back.score(x, 251, PROMPTS), lrm.score(x, 251, PROMPTS))
-        assert back.config["base"] == M.MODELS[model] and back.g == 7.5
+        assert back.config["base"] == models.BASES[model] and back.g == 7.5
     # a base with another latent space (here: another VAE scaling factor) is refused unless forced
     other = tmp_path / "other_base"
     shutil.copytree(os.path.join(ROOT, "tiny/sd15"), other)
@@ -467,13 +468,13 @@ def test_official_release_layout_loads_with_its_base(model, tmp_path):
         M.LatentRewardModel.from_pretrained(str(off), base={"tiny": "tiny-xl", "tiny-xl": "tiny"}[model])
     x, t = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 501, 951])
     got = M.LatentRewardModel.from_pretrained(str(off), base=model).eval()
-    assert got.config["base"] == M.MODELS[model] and got.g == 7.5 and got.resolution == ours.resolution == 32
+    assert got.config["base"] == models.BASES[model] and got.g == 7.5 and got.resolution == ours.resolution == 32
     with torch.no_grad():
         torch.testing.assert_close(got.score(x, t, PROMPTS), ours.score(x, t, PROMPTS))
     shutil.rmtree(off / encs[-1])                                   # as if that encoder had been frozen
     got = M.LatentRewardModel.from_pretrained(str(off), base=model)
     base = getattr(__import__("transformers"), ours.config["text_encoders"][encs[-1]]).from_pretrained(
-        M.resolve_model(model), subfolder=encs[-1])
+        models.resolve_model(model), subfolder=encs[-1])
     for a, b, c in zip(got.text_encoders[-1].parameters(), base.parameters(), ours.text_encoders[-1].parameters()):
         assert torch.equal(a, b)
     assert not all(torch.equal(b, c) for b, c in zip(base.parameters(), ours.text_encoders[-1].parameters()))
@@ -481,7 +482,7 @@ def test_official_release_layout_loads_with_its_base(model, tmp_path):
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="no local folder .*nowhere"):
-        M.resolve_model("/nowhere/model")
+        models.resolve_model("/nowhere/model")
     import datasets
     ds = datasets.load_dataset(os.path.join(ROOT, "tiny/pickapic"), split="train").select(range(16))
     os.makedirs(tmp_path / "nolabel"), os.makedirs(tmp_path / "broken")
@@ -809,7 +810,7 @@ def test_split_files_by_name_and_base_needs_data(tmp_path):
     assert L.get_config(["--model", "tiny", "--base", "tiny/sd15"]).data == "tiny/pickapic"
     # --resolution: 0 is the pipeline's own (sample_size x VAE factor); refused unless a multiple of
     # VAE factor x U-Net downsampling (tiny: 4 x 2)
-    tiny_base = M.resolve_model("tiny")
+    tiny_base = models.resolve_model("tiny")
     assert L.pick_resolution(tiny_base, 0) == 32 and L.pick_resolution(tiny_base, 64) == 64
     with pytest.raises(SystemExit, match="multiple of 8"):
         L.pick_resolution(tiny_base, 36)
@@ -829,7 +830,7 @@ def test_tiny_preset_is_the_shipped_recipe(tmp_path):
     assert json.load(open(tmp_path / "mpcf" / "keep.json")) == json.load(open(os.path.join(ROOT, cfg.keep)))
     assert len(L.load_pairs(cfg.data, "train", cfg.keep)) == 877 + 39
     shipped = json.load(open("tiny/lrm/lrm_config.json"))
-    assert shipped["base"] == M.MODELS["tiny"] and shipped["resolution"] == 32 and shipped["g"] == cfg.vfe_scale
+    assert shipped["base"] == models.BASES["tiny"] and shipped["resolution"] == 32 and shipped["g"] == cfg.vfe_scale
 
 
 def test_learning_rate_is_deepspeed_warmup_decay_with_log_warmup():
@@ -1771,8 +1772,8 @@ def test_make_schedule_is_the_ddim_schedulers_grid(base):
 def _lora_pipe(model, lora_scale=0.3):
     """The tiny pipeline of a preset (no VAE) with a LoRA whose B is non-zero, as after training."""
     cfg = lpo.get_config(["--model", model])
-    cfg.resolution, latent = lpo.base_geometry(cfg)
-    pipe = lpo.load_pipeline(cfg, torch.device("cpu"), torch.float32)
+    cfg.resolution, latent = models.geometry(cfg.base, cfg.resolution)
+    pipe = models.load_pipeline(cfg.base, torch.device("cpu"), torch.float32, vae=False)
     params = lpo.add_lora(pipe.unet, 4, 0, False)
     with torch.no_grad():
         for name, p in pipe.unet.named_parameters():
@@ -1795,7 +1796,7 @@ def test_pair_logprobs_equal_two_denoiser_calls_mixed_at_the_guidance_scale(mode
     steps, w = 10, 3.0
     schedule = lpo.make_schedule(pipe.scheduler.config, steps, 0.1, 0.2, "cpu", latent)
     prompts = ["a red circle", "a blue square", "a green triangle"]
-    cond = lpo.encode_for_cfg(pipe, prompts, cfg.resolution)
+    cond = models.encode_for_cfg(pipe, prompts, cfg.resolution)
     g = torch.Generator().manual_seed(0)
     picks = [0, 4, 9]
     mb = dict(x_t=torch.randn(3, 4, latent, latent, generator=g), x_w=torch.randn(3, 4, latent, latent, generator=g),
@@ -1852,7 +1853,7 @@ def _sample_with_fake_lrm(pipe, latent, prompts, steps, eta, seed=0, lrm_t="chil
     cfg = SimpleNamespace(num_children=4, guidance_scale=5.0, eta=eta, lrm_t=lrm_t, negate_reward=False)
     schedule = lpo.make_schedule(pipe.scheduler.config, steps, 0.1, 0.2, "cpu", latent)
     schedule.thresholds = torch.full_like(schedule.thresholds, thresholds)   # keep every pair
-    cond = lpo.encode_for_cfg(pipe, prompts, 32)
+    cond = models.encode_for_cfg(pipe, prompts, 32)
     lrm = FakeLRM(seed)
     text = dict(cond=torch.zeros(len(prompts), 1))
     generator = torch.Generator().manual_seed(seed)
@@ -1989,16 +1990,16 @@ def test_two_ranks_train_like_one_process_on_the_pooled_pairs(tmp_path):
 # ----------------------------------------------------------------------------- lpo.py: models and data
 def test_sdxl_encoding_uses_zero_uncond_and_real_time_ids():
     cfg = lpo.get_config(["--model", "tiny-xl"])
-    cfg.resolution, latent = lpo.base_geometry(cfg)
-    pipe = lpo.load_pipeline(cfg, torch.device("cpu"), torch.float32)
+    cfg.resolution, latent = models.geometry(cfg.base, cfg.resolution)
+    pipe = models.load_pipeline(cfg.base, torch.device("cpu"), torch.float32, vae=False)
     assert pipe.vae is None and latent == 8
-    kw = lpo.encode_for_cfg(pipe, ["a red circle", "a blue square"], cfg.resolution)
+    kw = models.encode_for_cfg(pipe, ["a red circle", "a blue square"], cfg.resolution)
     ctx, add = kw["encoder_hidden_states"], kw["added_cond_kwargs"]
     assert ctx.shape[0] == 4 and ctx[:2].abs().sum() == 0 and ctx[2:].abs().sum() > 0
     assert add["text_embeds"][:2].abs().sum() == 0 and add["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 4
     cfg = lpo.get_config(["--model", "tiny"])
-    pipe = lpo.load_pipeline(cfg, torch.device("cpu"), torch.float32)
-    kw = lpo.encode_for_cfg(pipe, ["a red circle"], 32)  # SD1.5: the uncond is the encoding of "" (not zeros)
+    pipe = models.load_pipeline(cfg.base, torch.device("cpu"), torch.float32, vae=False)
+    kw = models.encode_for_cfg(pipe, ["a red circle"], 32)  # SD1.5: the uncond is the encoding of "" (not zeros)
     assert kw["encoder_hidden_states"][0].abs().sum() > 0 and "added_cond_kwargs" not in kw
 
 
@@ -2383,9 +2384,9 @@ def test_resolution_threads_max_rounds_and_lrm_hint(tmp_path, fresh_lrm, capsys,
     presets use one thread; the missing-LRM hint for a pipeline folder is a command lrm.py takes."""
     folder = os.path.join(ROOT, "tiny", "sd15")
     cfg = lpo.get_config(["--model", folder])
-    assert cfg.resolution == 0 and lpo.base_geometry(cfg) == (32, 8)
+    assert cfg.resolution == 0 and models.geometry(cfg.base, cfg.resolution) == (32, 8)
     cfg.resolution = 64
-    assert lpo.base_geometry(cfg) == (64, 16)
+    assert models.geometry(cfg.base, cfg.resolution) == (64, 16)
     for size in ("33", "36", "-8"):
         assert "resolution" in lpo_error(*LPO_TINY_RUN, "--out", str(tmp_path / "o"), "--resolution", size)
     message = lpo_error("--model", folder, "--lrm", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
@@ -3130,12 +3131,12 @@ def test_full_size_networks_are_the_published_architectures():
     meta = torch.device("meta")
     sd, xl = bench.full_size("sd15", meta), bench.full_size("sdxl", meta)
     assert n(sd.unet) == 859_520_964 and n(xl.unet) == 2_567_463_684
-    assert [n(e) for e in lpo.text_encoders(sd)] == [123_060_480]
-    assert [n(e) for e in lpo.text_encoders(xl)] == [123_060_480, 694_659_840]
+    assert [n(e) for e in models.text_encoders(sd)] == [123_060_480]
+    assert [n(e) for e in models.text_encoders(xl)] == [123_060_480, 694_659_840]
     assert n(sd.vae) == 83_653_863 and n(xl.vae) == 83_653_863
     with meta:
         assert n(CLIPVisionModelWithProjection(CLIPVisionConfig(**bench.VIT_H))) == 632_076_800
-        widths = [LatentRewardModel(p.unet, lpo.text_encoders(p), bench.tokenizers(p),
+        widths = [LatentRewardModel(p.unet, models.text_encoders(p), bench.tokenizers(p),
                                     dict(resolution=r, g=7.5)).visual_projection
                   for p, r in ((sd, 512), (xl, 1024))]
     assert [(w.in_features, w.out_features) for w in widths] == [(4800, 768), (3520, 1280)]
@@ -3156,11 +3157,11 @@ def test_cfg_condition_matches_diffusers_pipelines(tiny):
     prompts = ["a red circle", "a blue square"]
     stage = tiny["tiny"][0]
     c, u = stage.pipe.encode_prompt(prompts, CPU, 1, True)
-    got = lpo.encode_for_cfg(stage.pipe, prompts, 32)
+    got = models.encode_for_cfg(stage.pipe, prompts, 32)
     torch.testing.assert_close(got["encoder_hidden_states"], torch.cat([u, c]))
     stage = tiny["tiny-xl"][0]
     c, u, pc, pu = stage.pipe.encode_prompt(prompts, device=CPU, do_classifier_free_guidance=True)
-    got = lpo.encode_for_cfg(stage.pipe, prompts, 32)
+    got = models.encode_for_cfg(stage.pipe, prompts, 32)
     assert u.abs().sum() == 0 and pu.abs().sum() == 0   # the oracle really is SDXL's zero uncond
     torch.testing.assert_close(got["encoder_hidden_states"], torch.cat([u, c]))
     torch.testing.assert_close(got["added_cond_kwargs"]["text_embeds"], torch.cat([pu, pc]))
@@ -3175,14 +3176,14 @@ def test_schedule_conditioning_and_pixel_reward_match_oracles(tiny, name):
     prompts or noise levels fails here."""
     stage, b, px = tiny[name]
     settings = stage.settings
-    pipe = lpo.load_pipeline(settings, CPU, torch.float32)
+    pipe = models.load_pipeline(settings.base, CPU, torch.float32, vae=False)
     want_schedule = lpo.make_schedule(pipe.scheduler.config, 20, settings.th_min, settings.th_max,
                                       CPU, 8)
     for k in ("timesteps", "prev_timesteps", "thresholds", "alphas_cumprod", "sigmas"):
         torch.testing.assert_close(getattr(stage.schedule, k), getattr(want_schedule, k),
                                    check_dtype=False)
     assert stage.schedule.latent_size == stage.latent_size == 8
-    torch.testing.assert_close(b.cond, lpo.encode_for_cfg(pipe, b.prompts, 32))
+    torch.testing.assert_close(b.cond, models.encode_for_cfg(pipe, b.prompts, 32))
 
     prompts = [p for p in b.prompts for _ in range(settings.num_children)]   # child i: prompt i // K
     kids = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(2))
@@ -3192,7 +3193,7 @@ def test_schedule_conditioning_and_pixel_reward_match_oracles(tiny, name):
     sched.set_timesteps(20)
     embeddings = px.encode_text(prompts)["cond"]["emb"]
     for i, p in enumerate(prompts):
-        c = lpo.encode_for_cfg(stage.pipe, [p], 32)
+        c = models.encode_for_cfg(stage.pipe, [p], 32)
         halves = [{k: (v.chunk(2)[j] if torch.is_tensor(v) else {a: w.chunk(2)[j] for a, w in v.items()})
                    for k, v in c.items()} for j in (0, 1)]
         with torch.no_grad():
@@ -3262,7 +3263,7 @@ def test_lpo_update_trains_the_lora_toward_the_winner_and_control(tiny):
     acp = stage.schedule.alphas_cumprod
 
     def step_mean(bb):
-        eps = lpo.guided_eps(unet, bb.x_t, bench.T, bb.cond, 5.0)
+        eps = lpo.guided_prediction(unet, bb.x_t, bench.T, bb.cond, 5.0)
         return lpo.ddim_step(eps, bb.x_t, bench.T, bench.T_PREV, acp, 1.0)
 
     def margin(bb):
@@ -3745,7 +3746,7 @@ def test_mmdit_features_are_the_transformers_forward_up_to_block_n(sd3_lrm, bloc
     4 is the last, context_pre_only one)."""
     model = sd3_lrm.transformer
     x, t = _sd3_inputs()
-    text = M.encode_prompt(list(sd3_lrm.text_encoders), sd3_lrm.tokenizers, SD3_PROMPTS, 32)
+    text = models.encode_prompt(list(sd3_lrm.text_encoders), sd3_lrm.tokenizers, SD3_PROMPTS, 32)
     seen = []
     hook = model.transformer_blocks[blocks - 1].register_forward_hook(
         lambda module, args, output: seen.append(output[1]))
@@ -3851,13 +3852,13 @@ def test_sd3_prompt_encoding_is_the_pipelines_encode_prompt():
         tokenizer_2=_sd3_tokenizer("tokenizer_2"), text_encoder_3=t5, tokenizer_3=t5_tokenizer)
     encoders = [clips[0], clips[1], t5]
     tokenizers = [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3]
-    length = M.t5_sequence_length(t5_tokenizer)
+    length = models.t5_length(t5_tokenizer)
     assert length == min(256, t5_tokenizer.model_max_length)
     prompts = SD3_PROMPTS + ["a very long caption " * 10]   # truncated by every tokenizer
     with torch.no_grad():
         want = pipe.encode_prompt(prompts, None, None, device="cpu", max_sequence_length=length)
-        got = M.encode_prompt(encoders, tokenizers, prompts, 32)
-        empty = M.encode_prompt(encoders, tokenizers, [""] * 4, 32)   # the pipeline's batch
+        got = models.encode_prompt(encoders, tokenizers, prompts, 32)
+        empty = models.encode_prompt(encoders, tokenizers, [""] * 4, 32)   # the pipeline's batch
     context, uncond_context, pooled, uncond_pooled = want
     assert got["encoder_hidden_states"].shape == (4, clip_tokenizer.model_max_length + length, 96)
     torch.testing.assert_close(got["encoder_hidden_states"], context, rtol=0, atol=0)
@@ -3873,8 +3874,8 @@ def test_score_is_vfe_on_the_mmdit_feature_by_hand(sd3_lrm):
     x, t = _sd3_inputs()
     encoders = list(sd3_lrm.text_encoders)
     with torch.no_grad():
-        cond = M.encode_sd3_prompt(encoders, sd3_lrm.tokenizers, SD3_PROMPTS)
-        empty = M.encode_sd3_prompt(encoders, sd3_lrm.tokenizers, [""] * 3)
+        cond = models.encode_sd3_prompt(encoders, sd3_lrm.tokenizers, SD3_PROMPTS)
+        empty = models.encode_sd3_prompt(encoders, sd3_lrm.tokenizers, [""] * 3)
         features = [M.mmdit_features(sd3_lrm.transformer, x, t, text["encoder_hidden_states"],
                                      text["pooled_projections"], 3) for text in (cond, empty)]
         visual = sd3_lrm.visual_projection(features[1] + 7.5 * (features[0] - features[1]))
@@ -4435,8 +4436,8 @@ def test_step_logprob_of_flow_step_matches_torch_normal():
 @pytest.fixture(scope="module")
 def sd3_pipe():
     cfg = lpo.get_config(["--model", SD3_BASE, "--eval-samples", "0"])
-    cfg.resolution, latent = lpo.base_geometry(cfg)
-    return lpo.load_pipeline(cfg, CPU, torch.float32), latent
+    cfg.resolution, latent = models.geometry(cfg.base, cfg.resolution)
+    return models.load_pipeline(cfg.base, CPU, torch.float32, vae=False), latent
 
 
 def test_sd3_encoding_guidance_and_schedule_reproduce_the_sd3_pipeline(sd3_pipe):
@@ -4445,11 +4446,11 @@ def test_sd3_encoding_guidance_and_schedule_reproduce_the_sd3_pipeline(sd3_pipe)
     (guided_prediction + the FlowSchedule's step) from the same latents ends on the pipeline's
     own output latents (its Euler sampler), with the pipeline's T5 length."""
     pipe, latent = sd3_pipe
-    assert pipe.vae is None and lpo.denoiser_name(pipe) == "transformer" and latent == 8
-    assert len(lpo.text_encoders(pipe)) == 3
+    assert pipe.vae is None and models.denoiser_name(pipe) == "transformer" and latent == 8
+    assert len(models.text_encoders(pipe)) == 3
     prompts = ["a red circle", "a blue square"]
-    length = lpo.t5_length(pipe)
-    cond = lpo.encode_for_cfg(pipe, prompts, 32)
+    length = models.t5_length(pipe.tokenizer_3)
+    cond = models.encode_for_cfg(pipe, prompts, 32)
     states, empty, pooled, empty_pooled = pipe.encode_prompt(prompts, None, None,
                                                              max_sequence_length=length)
     torch.testing.assert_close(cond["encoder_hidden_states"], torch.cat([empty, states]))
@@ -4487,7 +4488,7 @@ def test_sd3_lora_loads_with_the_sd3_pipelines_loader(sd3_pipe, tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g)
     t = torch.tensor([700.0, 30.5])
-    cond = lpo.encode_for_cfg(pipe, ["a red circle"], 32)
+    cond = models.encode_for_cfg(pipe, ["a red circle"], 32)
     with torch.no_grad():
         want = pipe.transformer(x, timestep=t, **cond).sample
         pipe.transformer.disable_adapters()
@@ -4505,12 +4506,12 @@ def test_sd3_geometry_scheduler_checks_and_presets(tmp_path):
     patch size); a flow scheduler with a dynamic shift is refused; an SD3 folder or hub id takes
     the sd3 preset (pipeline defaults 28 steps, CFG 7.0; SDXL's rank, lr, batches, thresholds)."""
     cfg = lpo.get_config(["--model", SD3_BASE, "--eval-samples", "0"])
-    assert lpo.base_geometry(cfg) == (32, 8)
+    assert models.geometry(cfg.base, cfg.resolution) == (32, 8)
     cfg.resolution = 40
-    assert lpo.base_geometry(cfg) == (40, 10)
+    assert models.geometry(cfg.base, cfg.resolution) == (40, 10)
     cfg.resolution = 36
     with pytest.raises(SystemExit, match="multiple of 8"):
-        lpo.base_geometry(cfg)
+        models.geometry(cfg.base, cfg.resolution)
     for name in ("stabilityai/stable-diffusion-3-medium-diffusers", "someone/sd3-finetune",
                  SD3_BASE):
         preset = lpo.preset_of(name)

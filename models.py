@@ -1,0 +1,239 @@
+"""Model families, the one place that knows them: SD1.5-like U-Nets (one CLIP text encoder), SDXL
+(two, and size conditions) and SD3 (an MMDiT, three text encoders, flow matching). Which family a
+base is, where its denoiser lives, its geometry, loading its pipeline, and encoding prompts for
+classifier-free guidance. The stages call `denoiser(x, timestep=t, **cond)` for every family."""
+import os
+
+import torch
+import torch.nn.functional as F
+from diffusers import (AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel,
+                       UNet2DConditionModel)
+
+from runs import fail, first_line
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# --model names -> base pipelines (tiny/...: the embedded tiny worlds, in this repository)
+BASES = {"tiny": "tiny/sd15", "tiny-xl": "tiny/sdxl", "tiny-sd3": "tiny/sd3",
+         "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+         "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+         "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
+         "sd35": "stabilityai/stable-diffusion-3.5-medium"}
+# the denoiser's subfolder in a pipeline (and an LRM folder) -> its class
+DENOISERS = {"unet": UNet2DConditionModel, "transformer": SD3Transformer2DModel}
+T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
+
+
+# ----------------------------------------------------------------------------- which family
+def resolve_model(name):
+    """--model name, local folder or hub id -> what from_pretrained takes; says what it tried."""
+    path = BASES.get(name, name)
+    local = os.path.join(ROOT, path) if path.startswith("tiny/") else path
+    if os.path.isdir(local):
+        return local
+    try:
+        DiffusionPipeline.load_config(path)
+    except Exception as error:
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:150]}"
+        raise ValueError(f"model {name!r}: no local folder {os.path.abspath(local)}, and hub id "
+                         f"{path!r} failed ({reason})") from None
+    return path
+
+
+def denoiser_subfolder(path):
+    """"unet" (SD1.5, SDXL) or "transformer" (SD3): the denoiser of a pipeline or LRM folder, or
+    of a hub id (read from its model_index.json)."""
+    if os.path.isdir(path):
+        has_transformer = os.path.isdir(os.path.join(path, "transformer"))
+        return "transformer" if has_transformer else "unet"
+    return "transformer" if "transformer" in DiffusionPipeline.load_config(path) else "unet"
+
+
+def load_denoiser_config(path):
+    """(subfolder, config) of the denoiser of a pipeline or LRM folder or hub id."""
+    subfolder = denoiser_subfolder(path)
+    return subfolder, DENOISERS[subfolder].load_config(path, subfolder=subfolder)
+
+
+def family(model):
+    """"sd15", "sdxl" or "sd3" of a pipeline: from its configs (SD3: an MMDiT transformer/; SDXL:
+    a U-Net taking pooled text and size conditions, addition_embed_type "text_time"), or, where
+    they cannot be read (a hub id offline), from its name."""
+    try:
+        subfolder, config = load_denoiser_config(resolve_model(model))
+        if subfolder == "transformer":
+            return "sd3"
+        return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd15"
+    except (OSError, ValueError):
+        name = model.lower()
+        if "stable-diffusion-3" in name or "sd3" in name:
+            return "sd3"
+        return "sdxl" if "xl" in name else "sd15"
+
+
+def is_flow_matching(scheduler_config):
+    """SD3's FlowMatchEulerDiscreteScheduler rather than a DDPM-family scheduler: by the class
+    a config file names, or, for a scheduler made in memory (its config names no class), by
+    having no beta schedule."""
+    name = scheduler_config.get("_class_name")
+    if name:
+        return name == "FlowMatchEulerDiscreteScheduler"
+    return "beta_schedule" not in scheduler_config
+
+
+def geometry(base, resolution=0, vae=None):
+    """(resolution, latent side) from the base's configs, before any weight is read: resolution 0
+    is the pipeline's own (denoiser sample_size x VAE factor); other sizes must be multiples of
+    the VAE factor x the U-Net's downsampling (SD3: x the transformer's patch size), or the latent
+    could not be sampled. vae: another VAE folder to read the factor from."""
+    try:
+        vae_config = AutoencoderKL.load_config(vae or base, subfolder=None if vae else "vae")
+        subfolder, denoiser = load_denoiser_config(base)
+    except (OSError, ValueError) as error:
+        fail(f"cannot read the base pipeline {base} ({first_line(error)}): pass --base (or "
+             "--model) naming a diffusers pipeline folder or hub id with vae/ and unet/ (or "
+             "transformer/)")
+    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    if subfolder == "transformer":
+        downsampling = denoiser["patch_size"]
+        name = "transformer patch size"
+    else:
+        downsampling = 2 ** (len(denoiser["down_block_types"]) - 1)
+        name = "U-Net downsampling"
+    multiple = vae_factor * downsampling
+    resolution = resolution or denoiser["sample_size"] * vae_factor
+    if resolution % multiple:
+        fail(f"--resolution {resolution}: {base} needs a positive multiple of {multiple} "
+             f"(VAE factor {vae_factor} x {name} {downsampling}); 0 takes its own size")
+    return resolution, resolution // vae_factor
+
+
+# ----------------------------------------------------------------------------- loading
+def load_pipeline(base, device, dtype, vae=True):
+    """The base pipeline (DiffusionPipeline picks SD1.5's, SDXL's or SD3's class) with frozen text
+    encoders, without its safety checker and image encoders (and VAE with vae=False: only images
+    need it); frozen weights in dtype."""
+    components = DiffusionPipeline.load_config(base)
+    optional = ["safety_checker", "feature_extractor", "image_encoder"] + ([] if vae else ["vae"])
+    skipped = {name: None for name in optional if name in components}
+    if "safety_checker" in skipped:
+        skipped["requires_safety_checker"] = False
+    pipe = DiffusionPipeline.from_pretrained(base, **skipped).to(device)
+    if dtype != torch.float32:  # frozen weights in bf16 on a GPU; a LoRA's weights stay fp32
+        pipe.to(dtype=dtype)
+    for encoder in text_encoders(pipe):
+        encoder.requires_grad_(False)
+    return pipe
+
+
+def denoiser_name(pipe):
+    """The pipeline's denoising network: "unet" (SD1.5, SDXL) or "transformer" (SD3's MMDiT)."""
+    return "transformer" if "transformer" in pipe.components else "unet"
+
+
+def text_encoders(pipe):
+    """SD1.5: [CLIP-L]; SDXL: [CLIP-L, OpenCLIP bigG]; SD3: [CLIP-L, OpenCLIP bigG, T5]."""
+    encoders = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
+                getattr(pipe, "text_encoder_3", None)]
+    return [encoder for encoder in encoders if encoder is not None]
+
+
+def tokenizers(pipe):
+    """The tokenizers of text_encoders(pipe), in the same order."""
+    found = [pipe.tokenizer, getattr(pipe, "tokenizer_2", None), getattr(pipe, "tokenizer_3", None)]
+    return [tokenizer for tokenizer in found if tokenizer is not None]
+
+
+def t5_length(tokenizer):
+    """SD3's T5 token count: the pipeline's default 256, or the tokenizer's own limit where that
+    is shorter (the tiny world's T5: 16); every SD3 encoding here and every SD3 pipeline call uses
+    it, so they give the same embeddings."""
+    return min(T5_TOKENS, tokenizer.model_max_length)
+
+
+# ----------------------------------------------------------------------------- prompt encoding
+def encode_prompt(encoders, tokenizers, prompts, resolution):
+    """SD1.5: last hidden state, pooled EOS state. SDXL: concat of both penultimate states, pooled =
+    text_encoder_2's projected text_embeds, added conditions with time_ids = (H, W, 0, 0, H, W).
+    SD3 (three encoders): encode_sd3_prompt."""
+    if len(encoders) == 3:
+        return encode_sd3_prompt(encoders, tokenizers, prompts)
+    xl = len(encoders) > 1
+    states = []
+    for encoder, tokenizer in zip(encoders, tokenizers):
+        tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt")
+        output = encoder(tokens.input_ids.to(encoder.device), output_hidden_states=xl)
+        if xl:
+            states.append(output.hidden_states[-2])  # (B, L, D_i)
+            pooled = getattr(output, "text_embeds", None)  # (B, D_text), the last encoder's
+        else:
+            states.append(output.last_hidden_state)  # (B, L, D)
+            pooled = output.pooler_output  # (B, D)
+    added = None
+    if xl:
+        size = [resolution, resolution, 0, 0, resolution, resolution]
+        time_ids = torch.tensor([size], device=pooled.device).to(pooled.dtype)  # (1, 6)
+        added = dict(text_embeds=pooled, time_ids=time_ids.expand(len(prompts), 6))
+    context = torch.cat(states, -1)  # (B, L, sum D_i)
+    return {"encoder_hidden_states": context, "added_cond_kwargs": added, "pooled": pooled}
+
+
+def encode_sd3_prompt(encoders, tokenizers, prompts):
+    """StableDiffusion3Pipeline.encode_prompt's prompt_embeds and pooled_prompt_embeds: CLIP-L's
+    and bigG's penultimate hidden states concatenated (768 + 1280), zero-padded to T5's width
+    (4096) and followed by T5's states along the sequence (77 + 256 tokens); pooled = the two CLIP
+    projected pooled outputs concatenated (768 + 1280). Both CLIPs tokenize to the first
+    tokenizer's length, as the pipeline."""
+    clip_length = tokenizers[0].model_max_length
+    clip_states = []
+    pooled = []
+    for encoder, tokenizer in zip(encoders[:2], tokenizers[:2]):
+        tokens = tokenizer(prompts, padding="max_length", max_length=clip_length,
+                           truncation=True, return_tensors="pt")
+        output = encoder(tokens.input_ids.to(encoder.device), output_hidden_states=True)
+        clip_states.append(output.hidden_states[-2])  # (B, 77, D_i)
+        pooled.append(output.text_embeds)  # (B, P_i)
+    t5 = encoders[2]
+    tokens = tokenizers[2](prompts, padding="max_length", truncation=True, return_tensors="pt",
+                           max_length=t5_length(tokenizers[2]))
+    t5_states = t5(tokens.input_ids.to(t5.device)).last_hidden_state  # (B, L_T5, D_T5)
+    clip_states = torch.cat(clip_states, -1)  # (B, 77, D_1 + D_2)
+    clip_states = F.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
+    context = torch.cat([clip_states, t5_states], -2)  # (B, 77 + L_T5, D_T5)
+    pooled = torch.cat(pooled, -1)  # (B, P_1 + P_2)
+    return {"encoder_hidden_states": context, "pooled_projections": pooled, "pooled": pooled}
+
+
+def uncond_then_cond(uncond, cond):
+    """The CFG batch [uncond; cond] along the batch, for tensors and (nested) dicts of tensors;
+    an uncond of one row (the empty prompt) is repeated for every prompt."""
+    if isinstance(cond, dict):
+        return {key: uncond_then_cond(uncond[key], cond[key]) for key in cond}
+    return torch.cat([uncond.expand_as(cond), cond])
+
+
+@torch.no_grad()
+def encode_for_cfg(pipe, prompts, resolution):
+    """Denoiser kwargs of the CFG batch [uncond; cond] (2B). SD1.5: one text encoder, uncond = the
+    empty prompt. SDXL: two, uncond = zeros with the real size conditions, as its pipeline does.
+    SD3: the pipeline's own encode_prompt (CLIP-L + bigG states zero-padded to T5's width, then
+    T5's; pooled CLIP projections), uncond = the empty prompt encoded the same way."""
+    if denoiser_name(pipe) == "transformer":
+        length = t5_length(pipe.tokenizer_3)
+        states, _, pooled, _ = pipe.encode_prompt(prompts, None, None, max_sequence_length=length,
+                                                  do_classifier_free_guidance=False)
+        empty, _, empty_pooled, _ = pipe.encode_prompt([""], None, None, max_sequence_length=length,
+                                                       do_classifier_free_guidance=False)
+        return dict(encoder_hidden_states=uncond_then_cond(empty, states),
+                    pooled_projections=uncond_then_cond(empty_pooled, pooled))
+    cond = encode_prompt(text_encoders(pipe), tokenizers(pipe), prompts, resolution)
+    uncond = encode_prompt(text_encoders(pipe), tokenizers(pipe), [""], resolution)
+    if pipe.config.get("force_zeros_for_empty_prompt", False):
+        added = cond["added_cond_kwargs"]
+        if added:
+            added = dict(added, text_embeds=added["text_embeds"] * 0)
+        uncond = dict(encoder_hidden_states=cond["encoder_hidden_states"] * 0,
+                      added_cond_kwargs=added)
+    names = [name for name in ("encoder_hidden_states", "added_cond_kwargs") if cond[name]
+             is not None]
+    return {name: uncond_then_cond(uncond[name], cond[name]) for name in names}
