@@ -57,9 +57,6 @@ from runs import (NonFiniteUpdate, all_gather_cat, all_reduce_sums, apply_update
                   write_checkpoint)
 from tiny.world import judge_lora, win_rate_line
 
-# a round's seed in a random stream (the seed; seed and rank) is stream x this + round: a prime
-SEED_STRIDE = 1_000_003  # above any round count, so that no two streams share a seed
-
 
 # ----------------------------------------------------------------------------- config
 @dataclass
@@ -328,6 +325,8 @@ def make_schedule(scheduler_config, num_inference_steps, th_min, th_max, device,
 
 # ----------------------------------------------------------------------------- one round
 TUPLE_KEYS = ("x_t", "x_w", "x_l", "t", "t_prev", "prompt_ids")
+# a round's seed in a random stream (the seed; seed and rank) is stream x this + round: a prime
+SEED_STRIDE = 1_000_003  # above any round count, so that no two streams share a seed
 
 
 @torch.no_grad()
@@ -389,8 +388,8 @@ def pool_tuples(tuples, world, rank, seed, round_index):
     pairs = len(pooled["t"])
     generator = torch.Generator().manual_seed(seed * SEED_STRIDE + round_index)
     order = torch.randperm(pairs, generator=generator)
-    share = pairs // world
-    mine = order[rank * share:(rank + 1) * share]
+    per_rank = pairs // world
+    mine = order[rank * per_rank:(rank + 1) * per_rank]
     return {key: value[mine.to(value.device)] for key, value in pooled.items()}, pairs
 
 
@@ -420,9 +419,9 @@ def train_on_pairs(denoiser, pipe, optimizer, share, prompts, schedule, cfg, wor
     update's pairs (a last, shorter group too). -> this rank's sums over its pairs, for the log"""
     params = optimizer.param_groups[0]["params"]
     sums = dict(pairs=0.0, loss=0.0, acc=0.0, clipfrac=0.0, grad_norm=0.0, updates=0)
-    total = len(share["t"])
+    share_pairs = len(share["t"])
     per_update = cfg.train_batch_size * cfg.grad_accum
-    starts = range(0, total, cfg.train_batch_size)
+    starts = range(0, share_pairs, cfg.train_batch_size)
     for index, start in enumerate(starts):
         minibatch = {key: value[start:start + cfg.train_batch_size] for key, value in share.items()}
         captions = [prompts[i] for i in minibatch["prompt_ids"].tolist()]
@@ -431,7 +430,7 @@ def train_on_pairs(denoiser, pipe, optimizer, share, prompts, schedule, cfg, wor
         loss, stats = lpo_loss(*logprobs, cfg.beta, cfg.clip_eps)
         pairs = len(minibatch["t"])
         update_start = start - start % per_update
-        pairs_in_update = min(per_update, total - update_start)
+        pairs_in_update = min(per_update, share_pairs - update_start)
         (loss * (pairs / pairs_in_update)).backward()  # weight 1 with one forward an update
         sums["pairs"] += pairs
         for key in ("loss", "acc", "clipfrac"):
@@ -443,7 +442,7 @@ def train_on_pairs(denoiser, pipe, optimizer, share, prompts, schedule, cfg, wor
     return sums
 
 
-def round_figures(kept_t, scores, pooled, sums, children, world):
+def round_figures(kept_t, scores, pooled_pairs, sums, children, world):
     """A round's logged figures over all ranks (fields: README), from this rank's kept tuples' t,
     its LRM scores and loss sums: this rank's sums, by name, added up over the ranks by one
     all_reduce. Kept pairs are counted by t in [0, 250) ... [750, 1000) (SD3: s x 1000, s = 1 in
@@ -457,17 +456,17 @@ def round_figures(kept_t, scores, pooled, sums, children, world):
                  gap_sum=gaps.sum().item())
     for key in ("pairs", "loss", "acc", "clipfrac"):
         local[key] = sums[key]
-    for bucket, kept in enumerate(buckets.tolist()):
-        local[f"bucket_{bucket}"] = kept
-    total = all_reduce_sums(local, world, scores.device)
-    score_mean = total["score_sum"] / total["n_scores"]
-    variance = max(total["score_squares"] / total["n_scores"] - score_mean**2, 0.0)
-    figures = dict(tuples=pooled, kept_frac=pooled / total["n_groups"],
-                   valid_per_bucket=[int(total[f"bucket_{bucket}"]) for bucket in range(4)],
+    for bucket, pairs in enumerate(buckets.tolist()):
+        local[f"bucket_{bucket}"] = pairs
+    summed = all_reduce_sums(local, world, scores.device)
+    score_mean = summed["score_sum"] / summed["n_scores"]
+    variance = max(summed["score_squares"] / summed["n_scores"] - score_mean**2, 0.0)
+    figures = dict(tuples=pooled_pairs, kept_frac=pooled_pairs / summed["n_groups"],
+                   valid_per_bucket=[int(summed[f"bucket_{bucket}"]) for bucket in range(4)],
                    lrm_mean=score_mean, lrm_std=math.sqrt(variance),
-                   lrm_gap=total["gap_sum"] / total["n_groups"])
+                   lrm_gap=summed["gap_sum"] / summed["n_groups"])
     for key in ("loss", "acc", "clipfrac"):
-        figures[key] = total[key] / total["pairs"] if total["pairs"] else None
+        figures[key] = summed[key] / summed["pairs"] if summed["pairs"] else None
     figures["grad_norm"] = sums["grad_norm"] / sums["updates"] if sums["updates"] else None
     if not math.isfinite(score_mean):  # every rank sees it: the sums are everyone's
         raise NonFiniteUpdate("non-finite LRM scores (diverged samples)")
@@ -493,11 +492,11 @@ def warn_if_stuck(history, cfg):
     """Warn, with the figures, when the first rounds kept few pairs (too few updates to move the
     model), and when every likelihood ratio has left the clip band two rounds running (the loss
     then passes no gradient: the policy has left the reference behind)."""
-    kept = float(np.mean([row["kept_frac"] for row in history]))
-    if len(history) == KEPT_WARN_ROUNDS and kept < KEPT_WARN_FRACTION:
-        warn(f"only {kept:.1%} of the step groups kept a pair in the first {len(history)} rounds: "
-             f"{gap_shortfall(history, cfg)}, so few updates will happen; train a stronger LRM "
-             "(more steps, on MPCF-kept pairs) or lower the thresholds")
+    kept_frac = float(np.mean([row["kept_frac"] for row in history]))
+    if len(history) == KEPT_WARN_ROUNDS and kept_frac < KEPT_WARN_FRACTION:
+        warn(f"only {kept_frac:.1%} of the step groups kept a pair in the first {len(history)} "
+             f"rounds: {gap_shortfall(history, cfg)}, so few updates will happen; train a "
+             "stronger LRM (more steps, on MPCF-kept pairs) or lower the thresholds")
     clipped = [(row["clipfrac"] or 0.0) >= 0.99 for row in history[-3:]]
     if clipped[-2:] == [True, True] and clipped[:-2] != [True]:  # a streak's start
         warn(f"every likelihood ratio left the clip band [{1 - cfg.clip_eps:g}, "
@@ -509,8 +508,8 @@ def no_update_message(history, cfg):
     """Why a run ended without a single update, with the figures of its rounds."""
     if not history:
         return f"no update in this run (step 0): see {cfg.out}/log.jsonl"
-    kept = sum(row["tuples"] for row in history)
-    return (f"no update in {len(history)} rounds: {kept} pairs kept (too few to share among the "
+    pairs = sum(row["tuples"] for row in history)
+    return (f"no update in {len(history)} rounds: {pairs} pairs kept (too few to share among the "
             f"ranks, or none) because {gap_shortfall(history, cfg)}: use a stronger LRM "
             f"({lrm_hint(cfg)}) or lower thresholds, with another --out")
 
@@ -583,6 +582,7 @@ def main(cfg):
     master = rank == 0
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    # setup: bad input first, one line each (nothing written yet, no weight read)
     cfg.resolution, latent_size = geometry(cfg.base, cfg.resolution)
     check_scheduler(cfg.base, cfg.num_inference_steps)
     if not os.path.isdir(cfg.lrm):
@@ -594,6 +594,7 @@ def main(cfg):
         kind = "distinct captions" if cfg.unique_prompts else "captions"
         warn(f"--num_prompts {cfg.num_prompts} but {cfg.prompts} has only {len(prompts)} {kind} "
              f"(train split): training on {len(prompts)}")
+    # the models, the LoRA and AdamW, restored where a --resume continues a checkpoint
     gpu = device.type == "cuda"
     lrm = load_lrm(cfg.lrm, cfg.base, device, torch.float16 if gpu else torch.float32,
                    lrm_hint(cfg))
@@ -610,7 +611,7 @@ def main(cfg):
     if master:
         restart_log(log_path, start, step, changes)
     per_round = cfg.sample_batch_size * world
-    rounds_per_epoch, total, available = plan_rounds(len(prompts), per_round, cfg.epochs,
+    rounds_per_epoch, rounds, available = plan_rounds(len(prompts), per_round, cfg.epochs,
                                                      cfg.max_rounds)
     if master and cfg.max_rounds > available:
         warn(f"--max_rounds {cfg.max_rounds} but {len(prompts)} prompts x {cfg.epochs} epochs, "
@@ -618,7 +619,7 @@ def main(cfg):
              f"{available} rounds: running {available} (more --epochs or --num_prompts give more)")
 
     history = []  # this run's log rows
-    bar = tqdm(range(start, total), initial=start, total=total, disable=not master, desc="lpo")
+    bar = tqdm(range(start, rounds), initial=start, total=rounds, disable=not master, desc="lpo")
     for round_index in bar:
         epoch, position = divmod(round_index, rounds_per_epoch)
 
@@ -633,14 +634,15 @@ def main(cfg):
                                                 schedule, cfg, generator)
 
         # 2. pool the pairs of all ranks: one shared shuffle, an equal share each
-        share, pooled = pool_tuples(tuples, world, rank, cfg.seed, round_index)
+        share, pooled_pairs = pool_tuples(tuples, world, rank, cfg.seed, round_index)
 
         # 3. train the LoRA on this rank's share
         try:
             with timing(seconds, "train"):
                 sums = train_on_pairs(denoiser, pipe, optimizer, share, prompts, schedule, cfg,
                                       world)
-            figures = round_figures(tuples["t"], scores, pooled, sums, cfg.num_children, world)
+            figures = round_figures(tuples["t"], scores, pooled_pairs, sums, cfg.num_children,
+                                    world)
         except NonFiniteUpdate as error:
             stop_non_finite(cfg.out, str(error), f"round {round_index}", "--lr (or --beta)")
         step += sums["updates"]
@@ -656,7 +658,7 @@ def main(cfg):
             warn_if_stuck(history, cfg)
         # deviation: checkpoints at round ends only (a round's tuples are never saved)
         crossed = step // cfg.ckpt_every > (step - sums["updates"]) // cfg.ckpt_every
-        if crossed or position == rounds_per_epoch - 1 or round_index == total - 1:
+        if crossed or position == rounds_per_epoch - 1 or round_index == rounds - 1:
             if master:
                 save_checkpoint(cfg, pipe, optimizer, step, round_index + 1, prompts, world)
             barrier()  # nobody goes on while a checkpoint is being written
@@ -664,7 +666,7 @@ def main(cfg):
     bar.close()
 
     # finish: the final files (a finished run resumed: again from its checkpoint, so they agree)
-    if master and start >= total:
+    if master and start >= rounds:
         save_lora(pipe, denoiser, cfg.out)
     fingerprint = weights_fingerprint(params, world).tolist()  # equal rows: equal LoRAs
     result = dict(step=step, out=cfg.out, lora_fingerprint=fingerprint)
