@@ -1,15 +1,21 @@
 """Model families, the one place that knows them: SD1.5-like U-Nets (one CLIP text encoder), SDXL
 (two, and size conditions) and SD3 (an MMDiT, three text encoders, flow matching). Which family a
-base is, where its denoiser lives, its geometry, loading its pipeline, and encoding prompts for
-classifier-free guidance. The stages call `denoiser(x, timestep=t, **cond)` for every family."""
+base is, where its denoiser lives, its geometry, which schedulers the samplers' steps cover,
+loading its pipeline (and a Latent Reward Model for scoring), encoding prompts for
+classifier-free guidance and the guided output, a LoRA on its denoiser (added, saved, merged in
+fp32), and reading the prompts the stages train on. The stages call
+`denoiser(x, timestep=t, **cond)` for every family."""
+import itertools
 import os
+import shutil
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import (AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel,
                        UNet2DConditionModel)
 
-from runs import fail, first_line
+from runs import fail, first_line, kill_point, write_or_fail, write_safetensors
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # --model names -> base pipelines (tiny/...: the embedded tiny worlds, in this repository)
@@ -107,6 +113,32 @@ def geometry(base, resolution=0, vae=None):
     return resolution, resolution // vae_factor
 
 
+def check_scheduler(base, num_inference_steps):
+    """Refuse, before any weight is read, a base whose scheduler the step maths of lpo.py does not
+    cover: DDIM needs epsilon prediction, a_0 at the chain's end and at least num_inference_steps
+    training timesteps; a flow-matching one (SD3) needs a grid fixed by the step count alone
+    (no resolution-dependent dynamic shift) that runs from noise to data (not inverted)."""
+    from diffusers import DDIMScheduler
+    try:
+        scheduler = DDIMScheduler.load_config(base, subfolder="scheduler")
+    except (OSError, ValueError) as error:
+        fail(f"cannot read the scheduler of {base} ({first_line(error)}): pass --base (or --model) "
+             "naming a diffusers pipeline with scheduler/")
+    if is_flow_matching(scheduler):
+        if scheduler.get("use_dynamic_shifting") or scheduler.get("invert_sigmas"):
+            fail(f"{base}: need a flow-matching scheduler without use_dynamic_shifting and "
+                 "invert_sigmas (SD3's)")
+        return
+    epsilon = scheduler.get("prediction_type", "epsilon") == "epsilon"
+    if not epsilon or scheduler.get("set_alpha_to_one"):
+        fail(f"{base}: need an epsilon-prediction base with set_alpha_to_one=False "
+             "(SD1.5, SDXL) or a flow-matching one (SD3)")
+    timesteps = scheduler.get("num_train_timesteps", 1000)
+    if num_inference_steps > timesteps:
+        fail(f"--num_inference_steps {num_inference_steps}: {base} has {timesteps} "
+             "training timesteps, the most DDIM can take")
+
+
 # ----------------------------------------------------------------------------- loading
 def load_pipeline(base, device, dtype, vae=True):
     """The base pipeline (DiffusionPipeline picks SD1.5's, SDXL's or SD3's class) with frozen text
@@ -123,6 +155,21 @@ def load_pipeline(base, device, dtype, vae=True):
     for encoder in text_encoders(pipe):
         encoder.requires_grad_(False)
     return pipe
+
+
+def load_lrm(folder, base, device, dtype, hint):
+    """A frozen Latent Reward Model for scoring (lrm_model's, without the parts score() never
+    runs), or one line. from_pretrained reads lrm_config.json first and refuses another latent
+    space than base's before loading weights; it also refuses non-finite weights (saved by a
+    diverged training run: such an LRM would keep no pair). hint: a command that trains one."""
+    from lrm_model import LatentRewardModel  # (it imports this module)
+    try:
+        lrm = LatentRewardModel.from_pretrained(folder, base=base)
+    except (ValueError, OSError, RuntimeError, KeyError) as error:
+        reason = str(error).splitlines()[0] if str(error) else "incomplete folder"
+        fail(f"--lrm {folder}: not a readable LRM ({type(error).__name__}): {reason}; train one "
+             f"({hint}) and pass its --out as --lrm")
+    return lrm.for_scoring().to(device, dtype)
 
 
 def denoiser_name(pipe):
@@ -150,7 +197,7 @@ def t5_length(tokenizer):
     return min(T5_TOKENS, tokenizer.model_max_length)
 
 
-# ----------------------------------------------------------------------------- prompt encoding
+#------------------------------------------------------------------------ prompt encoding, guidance
 def encode_prompt(encoders, tokenizers, prompts, resolution):
     """SD1.5: last hidden state, pooled EOS state. SDXL: concat of both penultimate states, pooled =
     text_encoder_2's projected text_embeds, added conditions with time_ids = (H, W, 0, 0, H, W).
@@ -237,3 +284,150 @@ def encode_for_cfg(pipe, prompts, resolution):
     names = [name for name in ("encoder_hidden_states", "added_cond_kwargs") if cond[name]
              is not None]
     return {name: uncond_then_cond(uncond[name], cond[name]) for name in names}
+
+
+def guided_prediction(denoiser, x, t, cond, guidance_scale):
+    """Classifier-free guidance (Ho & Salimans 2022) on the denoiser's output: eps = eps_u +
+    w (eps_c - eps_u) for a U-Net; the same line on the velocity for SD3's transformer (as its
+    pipeline: the guidance is linear in the output). (B, C, h, w) fp32"""
+    t = torch.as_tensor(t, device=x.device).reshape(-1).expand(len(x))  # (B,)
+    # timestep by name: the U-Net takes it second, SD3's transformer fourth
+    output = denoiser(torch.cat([x, x]), timestep=torch.cat([t, t]), **cond).sample  # (2B, ...)
+    uncond, conditional = output.float().chunk(2)  # (B, C, h, w) each
+    return uncond + guidance_scale * (conditional - uncond)
+
+
+# ----------------------------------------------------------------------------- LoRA
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what pipe.load_lora_weights(folder) reads
+
+
+def add_lora(denoiser, lora_rank, seed, grad_ckpt):
+    """LoRA on the attention projections (LPO paper: to_q, to_k, to_v, to_out.0; alpha = rank);
+    returns the trainable parameters, in fp32 even where the frozen weights are bf16.
+    SD3 (a choice): the same four names, which in an MMDiT joint block are the image stream's
+    projections (and those of SD3.5's second, image-only attention). The text stream's add_q_proj,
+    add_k_proj, add_v_proj and to_add_out stay frozen: the paper names only the four, and the joint
+    attention mixes both streams, so the adapted image projections still change how the image
+    attends to the prompt. Flow-GRPO and diffusers' SD3 LoRA script adapt the text stream too."""
+    from peft import LoraConfig
+    torch.manual_seed(seed)  # the same LoRA init on every rank
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    lora = LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                      target_modules=targets)
+    denoiser.requires_grad_(False)
+    denoiser.add_adapter(lora)
+    params = [param for param in denoiser.parameters() if param.requires_grad]
+    for param in params:
+        param.data = param.data.float()
+    if grad_ckpt:
+        denoiser.enable_gradient_checkpointing()
+    return params
+
+
+def save_lora(pipe, denoiser, out):
+    """The LoRA in diffusers format (`pipe.load_lora_weights(out)` reads it), moved in whole."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+    kill_point("before lora")
+    # unet_lora_layers= (SD1.5, SDXL) or transformer_lora_layers= (SD3)
+    named_layers = {f"{denoiser_name(pipe)}_lora_layers": layers}
+    write_or_fail(os.path.join(out, LORA_FILE), type(pipe).save_lora_weights, out,
+                  weight_name=LORA_FILE + ".tmp", save_function=write_safetensors, **named_layers)
+    kill_point("mid " + LORA_FILE)
+    os.replace(os.path.join(out, LORA_FILE + ".tmp"), os.path.join(out, LORA_FILE))
+    kill_point("after lora")
+
+
+def lora_delta(layer, adapter="default"):
+    """LoRA's weight update (alpha / r) B A (Hu et al. 2021, Eq. (3)), in fp32. (out, in)"""
+    up = layer.lora_B[adapter].weight.float()  # (out, r)
+    down = layer.lora_A[adapter].weight.float()  # (r, in)
+    return layer.scaling[adapter] * (up @ down)
+
+
+def merged_denoiser(base, denoiser, subfolder="unet"):
+    """The base's denoiser (U-Net; SD3: subfolder "transformer") read again in fp32 with every
+    LoRA delta of `denoiser` added in fp32: fused into a bf16 training copy, a small delta would
+    mostly round away (a bf16 weight keeps 8 bits)."""
+    merged = type(denoiser).from_pretrained(base, subfolder=subfolder, torch_dtype=torch.float32)
+    targets = dict(merged.named_modules())
+    for name, layer in denoiser.named_modules():
+        if hasattr(layer, "lora_A"):
+            targets[name].weight.data += lora_delta(layer).cpu()
+    return merged
+
+
+def save_merged_denoiser(base, denoiser, out, subfolder="unet"):
+    """{out}/unet (SD3: {out}/transformer), a plain diffusers model folder, replaced whole."""
+    folder = os.path.join(out, subfolder)
+    merged = merged_denoiser(base, denoiser, subfolder)
+    write_or_fail(folder, merged.save_pretrained, folder + ".tmp")
+    kill_point("mid " + subfolder)
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.replace(folder + ".tmp", folder)
+
+
+# ----------------------------------------------------------------------------- prompts
+PROMPT_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+
+
+def read_captions(source, split):
+    """Every non-empty caption of a .txt file (one a line), a .parquet / .json / .csv file with a
+    `caption` column (the official 4k_training_prompts.json: a list of {"caption", "trainset_idx"})
+    or a dataset (hub id or folder, split `split`), streamed."""
+    from datasets import load_dataset
+    extension = os.path.splitext(source)[1].lower()
+    if extension == ".txt":
+        with open(source) as text_file:
+            captions = [line.strip() for line in text_file]
+    elif extension in PROMPT_FILE_BUILDERS:
+        rows = load_dataset(PROMPT_FILE_BUILDERS[extension], data_files=source, split="train")
+        captions = (str(row["caption"] or "").strip() for row in rows)
+    else:
+        try:
+            # the parquet builder (Pick-a-Pic v1's) then reads the caption column alone; with its
+            # images the dataset is ~190 GB (select_columns would drop them only after reading)
+            rows = load_dataset(source, split=split, streaming=True, columns=["caption"])
+        except (TypeError, ValueError):  # a builder without `columns` (json, csv): whole rows
+            # (any other error comes again from this call, and is reported as it is)
+            rows = load_dataset(source, split=split, streaming=True)
+        if rows.column_names is not None and "caption" not in rows.column_names:
+            raise KeyError("caption")
+        captions = (str(row["caption"] or "").strip() for row in rows)
+    return (caption for caption in captions if caption)
+
+
+def first_distinct(captions, n):
+    """The first n distinct captions, reading no further than needed."""
+    chosen = {}  # a dict keeps the order of first appearance
+    for caption in captions:
+        if len(chosen) == n:
+            break
+        chosen[caption] = None
+    return list(chosen)
+
+
+def load_prompts(source, split, n, unique=True, seed=None):
+    """n captions of `source`: the first n rows (unique=False, the tiny preset), the first n
+    distinct captions (seed None), or a seeded uniform sample of n distinct captions, kept in the
+    order of the data (what the official 4,000 training prompts are: reads every caption)."""
+    try:
+        captions = read_captions(source, split)
+        if not unique:
+            chosen = list(itertools.islice(captions, n))
+        elif seed is None:
+            chosen = first_distinct(captions, n)
+        else:
+            distinct = list(dict.fromkeys(captions))
+            size = min(n, len(distinct))
+            picks = np.random.default_rng(seed).choice(len(distinct), size=size, replace=False)
+            chosen = [distinct[i] for i in np.sort(picks)]
+    except KeyError:
+        fail(f"prompt source {source} ({split}) has no `caption` column: pass --prompts with one")
+    except (OSError, ValueError) as error:  # no such file, dataset or split
+        fail(f"cannot read prompts from {source} ({split}): {first_line(error)}")
+    if not chosen:
+        fail(f"no prompts in {source} ({split}): pass --prompts with non-empty captions")
+    return chosen

@@ -1,17 +1,22 @@
 """What every stage's run needs, written once: the command line made from the stage's Config
 dataclass, torchrun, one-line errors, the run folder (rerun refusal, resume), atomic writes,
-checkpoints, log rows, the collectives the stages share, and the kill points the resume tests use.
-Plain functions: a stage imports the ones it uses."""
+checkpoints and what a resume may change, log rows, timings, the collectives the stages share, and
+the kill points the resume tests use. Plain functions: a stage imports the ones it uses."""
 import argparse
 import datetime
+import hashlib
 import inspect
 import json
+import math
 import os
 import re
+import resource
 import shutil
 import signal
 import sys
-from dataclasses import fields
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
@@ -27,6 +32,23 @@ def fail(message):
 
 def warn(message):
     print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+
+
+def inform(message):
+    """A line of news from the stage, `<script>: ...`."""
+    print(f"{PROG}: {message}", flush=True)
+
+
+def stop_non_finite(out, what, where, lower="--lr"):
+    """Stop a run on a non-finite loss, gradient, weight or score (what) found in `where`, before
+    anything of it is saved, with a way on that works: a lower `lower`, from the intact checkpoint
+    or from the start."""
+    path = os.path.join(out, "ckpt.pt")
+    if os.path.exists(path):
+        fail(f"{what} in {where}; {path} is intact: --resume with a lower --lr, or pass another "
+             "--out")
+    fail(f"{what} in {where}, before any checkpoint: run again with a lower {lower} and --resume "
+         "(it starts over), or another --out")
 
 
 def first_line(error):
@@ -85,6 +107,21 @@ def build_parser(config_class, defaults, doc):
     return parser
 
 
+def check_counts(cfg, positive=(), non_negative=()):
+    """One line for the first option of cfg, by name, below 1 (positive) or below 0."""
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            fail(f"--{name} {getattr(cfg, name)}: need a positive number")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            fail(f"--{name} {getattr(cfg, name)}: need 0 or more")
+
+
+def run_folder(stage, model):
+    """The default run folder of a stage for a model (a name, folder or hub id): runs/lpo-sd15."""
+    return os.path.join("runs", f"{stage}-{os.path.basename(model.rstrip('/'))}")
+
+
 def parse_config(config_class, defaults, doc, argv):
     """The Config of a command line, over the given defaults."""
     parser = build_parser(config_class, defaults, doc)
@@ -112,6 +149,70 @@ def barrier():
     """Every rank calls it, in the same order."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def all_gather_cat(x, world):
+    """Concatenate the (N_r, ...) tensors of all ranks; their lengths first, as they differ."""
+    if world == 1:
+        return x
+    lengths = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(lengths, torch.tensor([len(x)], device=x.device))
+    lengths = [int(length) for length in lengths]
+    longest = max(lengths)
+    if longest == 0:  # nobody has anything: every rank returns here, together
+        return x
+    padded = torch.cat([x, x.new_zeros(longest - len(x), *x.shape[1:])])
+    gathered = [x.new_empty(longest, *x.shape[1:]) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([part[:length] for part, length in zip(gathered, lengths)])
+
+
+def weights_fingerprint(params, world):
+    """(sum, sum of squares) in fp64 of the weights on every rank: equal rows, equal weights.
+    (world, 2)"""
+    vector = torch.nn.utils.parameters_to_vector(params).double()
+    return all_gather_cat(torch.stack([vector.sum(), vector.square().sum()])[None], world)
+
+
+def all_reduce_sums(sums, world, device=None):
+    """{name: number} summed over all ranks, by one all_reduce of their values (fp64)."""
+    values = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(values)
+    return dict(zip(sums, values.tolist()))
+
+
+class NonFiniteUpdate(Exception):
+    """A non-finite loss, gradient or weight, found before anything of it is saved; the message
+    is the reason (the stage adds where, and a way on: stop_non_finite)."""
+
+
+def apply_update(params, optimizer, loss, world, max_norm=1.0):
+    """Average the gradients of params over the ranks (one all_reduce, the loss with them), stop
+    on a non-finite loss, gradient or weight, clip the gradient norm to max_norm, step. Every
+    rank calls it in the same order: all ranks reach the same verdict. -> the pre-clip norm"""
+    flat = torch.cat([param.grad.flatten() for param in params] + [loss.detach().float()[None]])
+    if world > 1:
+        dist.all_reduce(flat)
+    flat /= world
+    if not torch.isfinite(flat).all():  # before the step: the last checkpoint stays good
+        raise NonFiniteUpdate("non-finite loss or gradient")
+    for param, grad in zip(params, flat[:-1].split([param.numel() for param in params])):
+        param.grad.copy_(grad.view_as(param))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # a list, clipped for real
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # a finite gradient can still take a weight to inf (a huge lr): stop before it is saved
+    if not all(torch.isfinite(param).all() for param in params):
+        raise NonFiniteUpdate("non-finite weights after an update")
+    return norm.item()
+
+
+def close_distributed():
+    """Every rank waits for the others, then leaves the process group (torchrun)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def gather_objects(obj):
@@ -195,7 +296,88 @@ def load_checkpoint(path):
              "or pass another --out")
 
 
-# ----------------------------------------------------------------------------- logs
+# ----------------------------------------------------------------------------- resume
+RUN_PLACE = ("out", "resume")  # where a run is and whether it goes on: never a changed setting
+
+
+def settings_changes(saved, now, may_change):
+    """A resume's settings against its checkpoint's, both {name: value}: the refused differences
+    ("name old -> new", every name outside may_change) and the applied changes ({name: [old, new]},
+    in the order of may_change)."""
+    refused = [f"{name} {saved.get(name)!r} -> {value!r}" for name, value in now.items()
+               if name not in may_change + RUN_PLACE and saved.get(name) != value]
+    applied = {name: [saved.get(name), now[name]] for name in may_change
+               if saved.get(name) != now[name]}
+    return refused, applied
+
+
+def inputs_sha1(inputs):
+    """A fingerprint of a run's inputs, a JSON list (its order too: it decides what steps read)."""
+    return hashlib.sha1(json.dumps(inputs).encode()).hexdigest()
+
+
+def check_same_inputs(checkpoint, inputs, source, out, what="prompts"):
+    """Refuse a resume whose inputs differ from those the checkpoint holds a sha1 of (under
+    "{what}_sha1"): the same source string can name a file or dataset that has changed since."""
+    saved = checkpoint.get(what + "_sha1") if checkpoint else None
+    if saved and saved != inputs_sha1(inputs):
+        fail(f"--resume of {out}: {source} now gives other {what} than the run was trained on "
+             f"({len(inputs)} now; sha1 {saved[:10]} -> {inputs_sha1(inputs)[:10]}): restore "
+             "them, or pass another --out")
+
+
+def open_run(cfg, world, may_change, read_inputs, source):
+    """A run's refusals, in the order that leaves a refused run's folder as it was, then its
+    folder. Without --resume, a folder that holds a run is refused at once. With it: the
+    checkpoint {out}/ckpt.pt, refused where saved with other settings (its config, its
+    world_size) than may change, every difference in one line; then inputs (read_inputs(), from
+    `source`) other than those it holds a sha1 of. -> (checkpoint, the changes it applies,
+    inputs); (None, None, inputs) where there is nothing to resume"""
+    if not cfg.resume:
+        prepare_run_folder(cfg.out, resume=False)
+    path = os.path.join(cfg.out, "ckpt.pt")
+    checkpoint = changes = None
+    if cfg.resume and os.path.exists(path):
+        checkpoint = load_checkpoint(path)
+        saved = dict(checkpoint["config"], world_size=checkpoint.get("world_size"))
+        refused, changes = settings_changes(saved, dict(asdict(cfg), world_size=world), may_change)
+        if refused:
+            fail(f"--resume of {cfg.out} with other settings than its checkpoint's ("
+                 f"{'; '.join(refused)}): resume with the saved ones, or pass another --out")
+    inputs = read_inputs()
+    check_same_inputs(checkpoint, inputs, source, cfg.out)
+    if cfg.resume:  # after every refusal: a refused --resume leaves the run folder as it was
+        prepare_run_folder(cfg.out, resume=True)
+    return checkpoint, changes, inputs
+
+
+def restore_training(checkpoint, optimizer, lr):
+    """write_checkpoint's parameters and optimizer state back, at this run's lr (the saved state
+    would bring the old one back). -> (step, next round); (0, 0) without a checkpoint"""
+    if not checkpoint:
+        return 0, 0
+    params = optimizer.param_groups[0]["params"]
+    torch.nn.utils.vector_to_parameters(checkpoint["lora"].to(params[0].device), params)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return checkpoint["step"], checkpoint["next_round"]
+
+
+def write_checkpoint(out, optimizer, step, next_round, **more):
+    """{out}/ckpt.pt, whole or not at all, between the kill points before ckpt and after ckpt:
+    the optimizer's parameters as one vector ("lora"), its state, the updates done, the next
+    round (which seeds all randomness), and `more`."""
+    kill_point("before ckpt")
+    lora = torch.nn.utils.parameters_to_vector(optimizer.param_groups[0]["params"]).cpu()
+    state = dict(lora=lora, optimizer=optimizer.state_dict(), step=step, next_round=next_round,
+                 **more)
+    path = os.path.join(out, "ckpt.pt")
+    write_or_fail(path, atomic_torch_save, state, path)
+    kill_point("after ckpt")
+
+
+# ----------------------------------------------------------------------------- logs, timings
 def log_jsonl(path, row):
     with open(path, "a") as log_file:
         log_file.write(json.dumps(row) + "\n")
@@ -217,3 +399,49 @@ def truncate_log(path, last, key="step"):
     with open(path + ".tmp", "w") as log_file:
         log_file.writelines(json.dumps(row) + "\n" for row in kept)
     os.replace(path + ".tmp", path)
+
+
+def log_row(path, row):
+    """One row more in the log at path, or one line saying why it cannot be written."""
+    write_or_fail(path, log_jsonl, path, row)
+
+
+def restart_log(path, start, step, changes, key="round"):
+    """Rank 0 as a run starts at `start` (its key, e.g. round), `step` updates done: the log rows
+    past the checkpoint go (they run again: all of them without one, start 0). A resume (changes
+    not None) adds a row saying so, and a line for the settings it changes."""
+    if changes:
+        inform(f"resuming at {key} {start} with {changes}")
+    write_or_fail(path, truncate_log, path, start - 1, key=key)
+    if changes is not None:
+        log_row(path, {"resume": {f"next_{key}": start, "changed": changes}, "step": step})
+
+
+def plan_rounds(items, per_round, epochs, max_rounds):
+    """(rounds an epoch, rounds of the run, rounds the items give): ceil(items / per_round) rounds
+    an epoch, epochs of them, max_rounds at most (0: no limit)."""
+    per_epoch = math.ceil(items / per_round)
+    available = epochs * per_epoch
+    return per_epoch, min(max_rounds, available) if max_rounds > 0 else available, available
+
+
+@contextmanager
+def timing(seconds, key):
+    """Add the wall time of the block (a GPU's queued work included) to seconds[key]."""
+    start = time.perf_counter()
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+
+
+def mixed_precision(device):
+    """bf16 autocast on a GPU (frozen weights bf16, trained ones fp32); none on CPU (all fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def peak_memory_mb():
+    """GPU: peak allocated; CPU: peak resident memory of this process."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1789,7 +1789,6 @@ def test_pair_logprobs_equal_two_denoiser_calls_mixed_at_the_guidance_scale(mode
     from DDIMScheduler.step(eta=1) without noise and its std from the scheduler's variance, log N
     from torch.distributions (mean over C x H x W); the reference through a fresh base U-Net with
     no LoRA at all (not the adapters switched off)."""
-    from contextlib import nullcontext
     from types import SimpleNamespace
     from diffusers import DDIMScheduler, UNet2DConditionModel
     cfg, pipe, _, latent = _lora_pipe(model)
@@ -1803,7 +1802,7 @@ def test_pair_logprobs_equal_two_denoiser_calls_mixed_at_the_guidance_scale(mode
               x_l=torch.randn(3, 4, latent, latent, generator=g), t=schedule.timesteps[picks],
               t_prev=schedule.prev_timesteps[picks])
     run_cfg = SimpleNamespace(guidance_scale=w, eta=1.0)
-    got = lpo.pair_logprobs(pipe.unet, mb, cond, schedule, run_cfg, nullcontext())
+    got = lpo.pair_logprobs(pipe.unet, mb, cond, schedule, run_cfg)
     base_unet = UNet2DConditionModel.from_pretrained(cfg.base, subfolder="unet")
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps)
@@ -1848,7 +1847,6 @@ class FakeLRM:
 
 
 def _sample_with_fake_lrm(pipe, latent, prompts, steps, eta, seed=0, lrm_t="child", thresholds=0.0):
-    from contextlib import nullcontext
     from types import SimpleNamespace
     cfg = SimpleNamespace(num_children=4, guidance_scale=5.0, eta=eta, lrm_t=lrm_t, negate_reward=False)
     schedule = lpo.make_schedule(pipe.scheduler.config, steps, 0.1, 0.2, "cpu", latent)
@@ -1857,8 +1855,8 @@ def _sample_with_fake_lrm(pipe, latent, prompts, steps, eta, seed=0, lrm_t="chil
     lrm = FakeLRM(seed)
     text = dict(cond=torch.zeros(len(prompts), 1))
     generator = torch.Generator().manual_seed(seed)
-    tuples, scores = lpo.sample_tuples(pipe.unet, lrm, cond, text, torch.arange(len(prompts)), schedule, cfg,
-                                       generator, {}, nullcontext())
+    tuples, scores, _ = lpo.sample_tuples(pipe.unet, lrm, cond, text, torch.arange(len(prompts)), schedule, cfg,
+                                          generator)
     return tuples, scores, lrm, schedule
 
 
@@ -1933,7 +1931,6 @@ def _free_port():
 def _pooled_update(rank, world, port, tuples, out):
     """Step 2 + step 3 of an LPO round (pool_tuples, train_on_pairs with SGD) on this rank's tuples;
     writes the LoRA after the update and the round's sums to out."""
-    from contextlib import nullcontext
     from types import SimpleNamespace
     import torch.distributed as tdist
     torch.set_num_threads(1)
@@ -1946,8 +1943,7 @@ def _pooled_update(rank, world, port, tuples, out):
     run_cfg = SimpleNamespace(train_batch_size=8, grad_accum=1, guidance_scale=5.0, eta=1.0, beta=2.0,
                               clip_eps=0.1, resolution=32)
     prompts = ["a red circle", "a blue square", "a green triangle"]
-    sums = lpo.train_on_pairs(pipe.unet, pipe, params, optimizer, mine, prompts, schedule, run_cfg, world,
-                              nullcontext())
+    sums = lpo.train_on_pairs(pipe.unet, pipe, optimizer, mine, prompts, schedule, run_cfg, world)
     torch.save(dict(lora=torch.nn.utils.parameters_to_vector(params).detach(), sums=sums, count=count,
                     ids=mine["prompt_ids"].tolist()), out)
     if world > 1:
@@ -2196,9 +2192,9 @@ def test_every_logged_number_matches_an_independent_recomputation(tmp_path, monk
     sample, loss, update = lpo.sample_tuples, lpo.lpo_loss, lpo.apply_update
 
     def sample_spy(*args):
-        tuples, scores = sample(*args)
+        tuples, scores, seconds = sample(*args)
         seen.append(dict(scores=scores.double().numpy(), t=tuples["t"].numpy(), logps=[], norms=[]))
-        return tuples, scores
+        return tuples, scores, seconds
 
     def loss_spy(*args):
         seen[-1]["logps"].append([a.detach().double().numpy() for a in args[:4]])
@@ -2426,7 +2422,7 @@ def test_merged_unet_is_fused_in_fp32(tmp_path):
     with torch.no_grad():
         for p, q in zip([p for p in bf16.parameters() if p.requires_grad], params):
             p.copy_(q)
-        merged = lpo.merged_unet("tiny/sd15", bf16)
+        merged = models.merged_denoiser("tiny/sd15", bf16)
         assert merged.dtype == torch.float32
         new_error = (merged(x, t, ctx).sample - base).abs().max()
         bf16.fuse_lora()            # the old --save-merged path
@@ -2592,8 +2588,9 @@ def test_lpo_write_failures_are_one_line(tmp_path, fresh_lrm, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
     common = [*LPO_TINY_RUN, "--lrm", fresh_lrm["sd"], "--th-min", "0", "--th-max", "0", "--max-rounds", "1"]
-    writes = [(lpo, "log_jsonl", "log.jsonl"), (lpo, "write_safetensors", "pytorch_lora_weights.safetensors"),
-              (lpo, "atomic_torch_save", "ckpt.pt"), (UNet2DConditionModel, "save_pretrained", "unet")]
+    import runs
+    writes = [(runs, "log_jsonl", "log.jsonl"), (models, "write_safetensors", "pytorch_lora_weights.safetensors"),
+              (runs, "atomic_torch_save", "ckpt.pt"), (UNet2DConditionModel, "save_pretrained", "unet")]
     for owner, name, file in writes:
         with monkeypatch.context() as patch:
             patch.setattr(owner, name, full)
@@ -2633,7 +2630,7 @@ def test_lpo_grad_accum_weights_each_forward_by_its_pairs(monkeypatch):
     forwards of 2, 2, 2, 1 pairs equals one big batch of each update's pairs."""
     weight = torch.nn.Parameter(torch.zeros(3))
 
-    def logprobs(unet, minibatch, cond, schedule, cfg, autocast):
+    def logprobs(unet, minibatch, cond, schedule, cfg):
         zeros = torch.zeros(len(minibatch["t"]))
         return [minibatch["x_w"] @ weight, minibatch["x_l"] @ weight, zeros, zeros]
     grads = []
@@ -2651,7 +2648,8 @@ def test_lpo_grad_accum_weights_each_forward_by_its_pairs(monkeypatch):
         mine = dict(x_w=torch.randn(count, 3, generator=generator), x_l=torch.randn(count, 3, generator=generator),
                     t=torch.zeros(count), prompt_ids=torch.zeros(count, dtype=torch.long))
         grads.clear()
-        sums = lpo.train_on_pairs(None, None, [weight], None, mine, ["a red circle"], None, cfg, 1, None)
+        optimizer = torch.optim.SGD([weight], lr=0.0)   # carries the parameters; `record` steps nothing
+        sums = lpo.train_on_pairs(None, None, optimizer, mine, ["a red circle"], None, cfg, 1)
         assert sums["updates"] == len(grads) == 2 and sums["pairs"] == count
         for got, rows in zip(grads, (slice(0, 4), slice(4, count))):
             zeros = torch.zeros(len(mine["t"][rows]))
@@ -3507,7 +3505,7 @@ def test_style_ruff_is_clean():
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-1000:]
 
 
-@pytest.mark.parametrize("path", STAGES + ["lrm_model.py", "runs.py"])
+@pytest.mark.parametrize("path", STAGES + ["lrm_model.py", "runs.py", "models.py"])
 def test_stage_files_read_like_the_anchors(path):
     """DiT train.py: 7.9 AST nodes per code line; ours at most 10, one statement a line."""
     import ast
@@ -4562,9 +4560,9 @@ def test_tiny_sd3_run_resumes_bitwise_keeps_no_pair_at_the_last_step(sd3_lrm_fol
     sample = lpo.sample_tuples
 
     def sample_spy(*args):
-        tuples, scores = sample(*args)
+        tuples, scores, seconds = sample(*args)
         seen.append(tuples)
-        return tuples, scores
+        return tuples, scores, seconds
     monkeypatch.setattr(lpo, "sample_tuples", sample_spy)
     told = []
     from lrm_model import LatentRewardModel

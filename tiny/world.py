@@ -171,3 +171,59 @@ def judge_win_rate(images_tuned, images_base, captions):
     rate, low, high = bootstrap_win_rate(tuned["human"], base["human"])
     return dict(win_rate=rate, win_low=low, win_high=high, n=len(captions),
                 match_base=float(base["match"].mean()), match_tuned=float(tuned["match"].mean()))
+
+
+# ----------------------------------------------------------------------------- lpo.py's evaluation
+HELD_OUT_SEED = 10**6  # caption i of an evaluation is sampled on seed HELD_OUT_SEED + i
+EVAL_CHUNK = 100  # captions a pipeline call
+
+
+def held_out_images(pipe, captions, sampling):
+    """Images of the captions, caption i on the held-out seed HELD_OUT_SEED + i, EVAL_CHUNK a
+    pipeline call; sampling: the call's other options."""
+    import torch
+    images = []
+    for start in range(0, len(captions), EVAL_CHUNK):
+        chunk = captions[start:start + EVAL_CHUNK]
+        seeds = range(HELD_OUT_SEED + start, HELD_OUT_SEED + start + len(chunk))
+        generators = [torch.Generator(pipe.device).manual_seed(seed) for seed in seeds]
+        images += pipe(chunk, generator=generators, **sampling).images
+    return images
+
+
+def judge_lora(pipe, cfg):
+    """lpo.py's evaluation in the tiny world: the judge's win-rate of tuned (the denoiser's LoRA
+    adapters on) over base (off), on cfg.eval_samples held-out captions of cfg.prompts (its
+    validation_unique split, repeated to that many), the same seeds, sampler, steps, guidance and
+    size for both (the official script mixed guidance scales), every image judged. pipe: lpo.py's,
+    without its VAE (read again from cfg.base). The sampler: DDIM with cfg.eta for SD1.5 / SDXL
+    (the sampler LPO trains); SD3's pipeline samples with its own Euler ODE, it has no eta."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from models import denoiser_name, load_prompts, t5_length
+    denoiser = getattr(pipe, denoiser_name(pipe))
+    parts = {name: part for name, part in pipe.components.items() if name != "vae"}
+    pipe = DiffusionPipeline.from_pretrained(cfg.base, **parts)  # the same modules, plus the VAE
+    pipe.to(denoiser.device)
+    pipe.set_progress_bar_config(disable=True)
+    sampling = dict(num_inference_steps=cfg.num_inference_steps, eta=cfg.eta,
+                    guidance_scale=cfg.guidance_scale, height=cfg.resolution, width=cfg.resolution)
+    if denoiser_name(pipe) == "transformer":  # and the T5 length of every SD3 encoding here
+        del sampling["eta"]
+        sampling["max_sequence_length"] = t5_length(pipe.tokenizer_3)
+    captions = load_prompts(cfg.prompts, "validation_unique", cfg.eval_samples, unique=False)
+    captions = [captions[i % len(captions)] for i in range(cfg.eval_samples)]
+    with torch.no_grad():
+        denoiser.disable_adapters()
+        images_base = held_out_images(pipe, captions, sampling)
+        denoiser.enable_adapters()
+        images_tuned = held_out_images(pipe, captions, sampling)
+    return judge_win_rate(images_tuned, images_base, captions)
+
+
+def win_rate_line(figures):
+    """judge_lora's figures in one line."""
+    return ("judge win-rate tuned vs base: {win_rate:.3f} [95% CI {win_low:.3f}, {win_high:.3f}] "
+            "over {n} held-out samples; caption match {match_base:.3f} -> {match_tuned:.3f}"
+            ).format(**figures)
