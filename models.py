@@ -149,9 +149,9 @@ def load_pipeline(base, device, dtype, vae=True):
     skipped = {name: None for name in optional if name in components}
     if "safety_checker" in skipped:
         skipped["requires_safety_checker"] = False
-    pipe = DiffusionPipeline.from_pretrained(base, **skipped).to(device)
-    if dtype != torch.float32:  # frozen weights in bf16 on a GPU; a LoRA's weights stay fp32
-        pipe.to(dtype=dtype)
+    # loaded straight in dtype (bf16 / fp16 on a GPU; transformers keeps T5's wo layers in fp32
+    # there): a LoRA added later keeps fp32 weights
+    pipe = DiffusionPipeline.from_pretrained(base, dtype=dtype, **skipped).to(device)
     for encoder in text_encoders(pipe):
         encoder.requires_grad_(False)
     return pipe
