@@ -16,7 +16,7 @@ max_memory_allocated / _reserved (on a CPU: the process's peak resident set so f
 
     python bench.py            # sd15 + sdxl + sd3 on one CUDA GPU
     python bench.py --tiny     # the tiny worlds on the CPU: their times mean nothing
-    python bench.py --smoke    # full-size SD1.5 at 64 px through every phase on the CPU
+    python bench.py --smoke    # full-size SD1.5 at 64 px on the CPU: the phases but the baselines
     python memory.py           # the computed memory of every stage: which GPU it fits
 Writes {out}/bench.json (table, device, versions, settings) and {out}/bench.jsonl (a row a
 phase); --resume adds models to bench.json and refuses other settings. Deviations: random
@@ -72,14 +72,14 @@ class Config:
     lrm_batch_size: int = 0  # pairs per LRM step (0 = the paper's per GPU: 16 SD1.5, 4 SDXL)
     warmup: int = 2  # untimed runs before the timed ones
     repeats: int = 5  # timed runs; the median is reported
-    dpo: bool = True  # dpo_update (a second denoiser, fp32, with its optimizer state)
+    baselines: bool = True  # pixel_step and dpo_update: what LPO is compared with
 
 
 TINY = dict(model="tiny,tiny-xl,tiny-sd3", device="cpu", warmup=1, repeats=3, threads=1,
             sample_batch_size=4, train_batch_size=4)
 SMOKE = dict(model="sd15", device="cpu", resolution=64, warmup=0, repeats=1, threads=1,
              num_children=2, sample_batch_size=1, train_batch_size=1, lrm_batch_size=2,
-             dpo=False)  # one thread (2 shared cores); no Diffusion-DPO: 14 GB of RAM
+             baselines=False)  # one thread (2 shared cores); LPO's and the LRM's code only
 FOLDERS = {"sd15": "tiny/sd15", "sdxl": "tiny/sdxl", "sd3": "tiny/sd3", "tiny": "tiny/sd15",
            "tiny-xl": "tiny/sdxl", "tiny-sd3": "tiny/sd3"}
 FULL_SIZE = ("sd15", "sdxl", "sd3")
@@ -429,11 +429,11 @@ def bench_lpo(run):
     steps = len(stage.schedule.timesteps)
     measure(run, "lpo_step", lambda: sampling_pass(stage, batch, stage.lrm), per=steps)
     measure(run, "lpo_update", lambda: lpo_update(stage, batch))
+    if not cfg.baselines:
+        return
     pixel = PixelReward(stage)
     measure(run, "pixel_step", lambda: sampling_pass(stage, batch, pixel), per=steps)
     run.results["ratio_step"] = run.results["pixel_step_s"] / run.results["lpo_step_s"]
-    if not cfg.dpo:
-        return
     stage.lrm = stage.optimizer = pixel = None  # what Diffusion-DPO does not hold
     for network in [stage.pipe.vae] + text_encoders(stage.pipe):
         network.to("cpu")
