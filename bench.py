@@ -45,10 +45,10 @@ from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjec
 
 import lpo
 import lrm
+import models
 from lpo import FlowSchedule, lpo_loss, make_schedule, pair_logprobs, sample_tuples
 from lrm_model import LatentRewardModel, take_rows
-from models import (add_lora, denoiser_name, encode_for_cfg, guided_prediction, text_encoders,
-                    uncond_then_cond)
+from models import add_lora, encode_for_cfg, guided_prediction, text_encoders, uncond_then_cond
 from runs import (apply_update, command_line, fail, log_jsonl, parse_config, prepare_run_folder,
                   write_text)
 from tiny.world import CAPTIONS
@@ -173,7 +173,7 @@ def tokenizers(pipe):
 
 def denoiser(pipe):
     """SD1.5's or SDXL's U-Net, SD3's MMDiT."""
-    return getattr(pipe, denoiser_name(pipe))
+    return getattr(pipe, models.denoiser_name(pipe))
 
 
 def default_resolution(pipe):
