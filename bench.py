@@ -18,10 +18,9 @@ max_memory_allocated / _reserved (on a CPU: the process's peak resident set so f
     python bench.py --tiny     # the tiny worlds on the CPU: their times mean nothing
     python bench.py --smoke    # full-size SD1.5 at 64 px on the CPU: the phases but the baselines
     python memory.py           # the computed memory of every stage: which GPU it fits
-Writes {out}/bench.json (table, device, versions, settings) and {out}/bench.jsonl (a row a
-phase); --resume adds models to bench.json and refuses other settings. Deviations: random
-weights; the tiny worlds' tokenizers, padded to the real 77 (T5: 256) tokens; the pixel path gets
-every advantage (K children batched, a bf16 VAE, a fixed text embedding); random LRM pairs.
+Writes {out}/bench.json and {out}/bench.jsonl; --resume adds models. Deviations: random weights;
+the tiny worlds' tokenizers, padded to the real 77 (T5: 256) tokens; the pixel path gets every
+advantage (K children batched, a bf16 VAE, a fixed text embedding); random LRM pairs.
 """
 import copy
 import gc
