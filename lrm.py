@@ -48,8 +48,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import transformers
-from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler,
-                       FlowMatchEulerDiscreteScheduler)
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from PIL import Image
 from tqdm import tqdm
 
@@ -59,20 +58,14 @@ from runs import (atomic_torch_save, barrier, command_line, fail, first_line, ga
                   kill_point, load_checkpoint, log_jsonl, parse_config, peek, prepare_run_folder,
                   setup_distributed, truncate_log, warn, write_or_fail)
 
-SPLITS = ("train", "validation_unique", "test_unique")
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "num_example_per_prompt",
            "has_label", "are_different")
 NUMERIC_COLUMNS = ("label_0", "label_1", "num_example_per_prompt")
-# Auto micro-batch (CUDA): activation memory of one pair at 512 x 512 px in bf16, without gradient
-# checkpointing: 4 U-Net down+mid passes (2 images x VFE's 2 prompts) of ~0.65 GB each (SD1.5
-# architecture; an estimate, scaled by pixel area; gradient checkpointing taken to cut it to 1/4).
-ACTIVATION_GB_PER_PAIR = 2.6
-# The settings a resumed run may change (and that then take effect); any other is refused.
-RESUMABLE = ("lr", "max_train_steps", "warmup", "eval_every", "save_every")
-# Settings that change how a run is executed, not what it computes: free to change on resume.
+ACTIVATION_GB_PER_PAIR = 2.6  # see choose_micro_batch
+RESUMABLE = ("lr", "max_train_steps", "warmup", "eval_every", "save_every")  # change on resume
+# how a run executes, not what it computes: free to change on resume (any other setting is not)
 MECHANICS = ("out", "resume", "micro_batch_size", "vae_batch_size", "workers", "threads",
              "dist_timeout", "grad_ckpt")
-COUNTERS = ("step", "best", "n_bad", "n_seen")  # train_state.pt's, besides weights and settings
 
 
 # ----------------------------------------------------------------------------- config
@@ -111,19 +104,15 @@ PRESETS = {
     "sd15": {},
     "sdxl": dict(max_train_steps=8000, train_batch_size=32, warmup=1000, grad_ckpt=True,
                  vae_batch_size=2),
-    # tiny world (1,600 pairs, 1M-parameter U-Net): the recipe of the shipped tiny/lrm; SD's lr
-    # 1e-5 would barely move it in 400 steps; one thread, as two only spend the tiny ops'
-    # time synchronising
+    # the tiny world's (1,600 pairs, 1M-parameter U-Net: SD's lr would barely move it; one
+    # thread, as two only spend the tiny ops' time synchronising): the shipped tiny/lrm's recipe
     "tiny": dict(data="tiny/pickapic", keep="tiny/pickapic/mpcf_keep.json", max_train_steps=400,
                  train_batch_size=32, lr=1e-3, weight_decay=0.01, warmup=20, eval_every=100,
                  save_every=100, workers=0, threads=1),
 }
-PRESETS["tiny-xl"] = PRESETS["tiny"]
-PRESETS["tiny-sd3"] = PRESETS["tiny"]
 # the paper gives no SD3 LRM recipe: SDXL's (the same 1024 px)
-PRESETS["sd3"] = PRESETS["sdxl"]
-PRESETS["sd35"] = PRESETS["sdxl"]
-# the least value of each integer setting
+PRESETS.update({"tiny-xl": PRESETS["tiny"], "tiny-sd3": PRESETS["tiny"], "sd3": PRESETS["sdxl"],
+                "sd35": PRESETS["sdxl"]})
 LEAST = dict(max_train_steps=1, train_batch_size=1, micro_batch_size=0, warmup=0, eval_every=1,
              save_every=1, resolution=0, vae_batch_size=1, threads=0, lrm_blocks=0)
 
@@ -275,11 +264,11 @@ def read_keep(keep, n_rows):
             rows = read(path)["index"].tolist()
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"--keep {keep}: not a list of row indices ({error!r})") from None
-    if not isinstance(rows, list) or not all(isinstance(row, int) for row in rows):
+    if not isinstance(rows, list):
         raise ValueError(f"--keep {keep}: expected a list of integer row indices")
-    outside = [row for row in rows if not 0 <= row < n_rows]
-    if outside:
-        raise ValueError(f"--keep {keep}: row {outside[0]} is outside the train split's "
+    wrong = [row for row in rows if not isinstance(row, int) or not 0 <= row < n_rows]
+    if wrong:
+        raise ValueError(f"--keep {keep}: row {wrong[0]!r} is not one of the train split's "
                          f"{n_rows} rows (a keep file of another dataset?)")
     return sorted(rows)
 
@@ -337,14 +326,13 @@ class Pairs(torch.utils.data.Dataset):
             pixels = torch.zeros(2, self.resolution, self.resolution, 3, dtype=torch.uint8)
             bad = True
         pick = torch.randint(len(self.timestep_grid), (), generator=generator)
-        # paper: each pair weighs 1 / (pairs of its prompt)
-        weight = 0.0 if bad else 1.0 / max(example["num_example_per_prompt"], 1)
         return dict(
             px=pixels.permute(0, 3, 1, 2).float() / 127.5 - 1,  # (2, 3, H, W)
             caption=example["caption"],
             bad=bad,
             label=torch.tensor([example["label_0"], example["label_1"]], dtype=torch.float32),
-            weight=torch.tensor(weight),
+            # paper: each pair weighs 1 / (pairs of its prompt)
+            weight=torch.tensor(0.0 if bad else 1.0 / max(example["num_example_per_prompt"], 1)),
             t=self.timestep_grid[pick],  # one t for both images
             # (image, VAE sample | added noise, C, h, w)
             eps=torch.randn(2, 2, *self.latent_shape, generator=generator),
@@ -388,96 +376,8 @@ def pair_latents(vae, batch, device, vae_batch_size=8):
     """A collated batch of Pairs -> clean latents and the noise to add, both (2b, C, h, w), pairs
     adjacent."""
     eps = batch["eps"].flatten(0, 1).to(device)  # (2b, VAE|noise, C, h, w)
-    pixels = batch["px"].flatten(0, 1)  # (2b, 3, H, W)
-    latents = encode_images(vae, pixels, eps[:, 0], vae_batch_size).to(device)
-    return latents, eps[:, 1]
-
-
-# ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pairs=0,
-                  vae_batch_size=8):
-    """Accuracy at each t on a split (from load_pairs), both images noised to t with fixed
-    per-pair noise, two ways: {"decisive": {t: on decisive pairs}, "ties_half": {t: official, a
-    tie scoring 0.5}}. Sharded over ranks when torch.distributed is initialised."""
-    base = resolve_model(lrm.config["base"])
-    vae = vae or AutoencoderKL.from_pretrained(base, subfolder="vae")
-    noise_scheduler = noise_schedule(base)[0]
-    device = lrm.logit_scale.device
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rows = list(range(len(pairs)))[:max_pairs or None]
-    data = Pairs(pairs, lrm.resolution, latent_shape(vae, lrm.resolution), [0], seed)
-    timesteps = list(dict.fromkeys(timesteps))  # each t once: a repeated t would count twice
-    # this rank's counts at each t: decisive pairs ranked right, official credit, decisive pairs,
-    # decodable pairs
-    sums = torch.zeros(4, len(timesteps), dtype=torch.float64)
-    was_training = lrm.training
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-    lrm.eval()
-    for start in range(rank * batch_size, len(rows), world * batch_size):
-        items = [data[(0, row)] for row in rows[start:start + batch_size]]
-        batch = torch.utils.data.default_collate(items)
-        latents, noise = pair_latents(vae, batch, device, vae_batch_size)  # (2b, C, h, w)
-        text = lrm.encode_text([caption for caption in batch["caption"] for _ in range(2)])
-        label_0, label_1 = batch["label"].unbind(1)  # (b,)
-        good = ~batch["bad"]  # an undecodable pair casts no vote
-        decisive = (label_0 != label_1) & good
-        for i, t in enumerate(timesteps):
-            # an int t (DDPM) gives a long tensor, a float one (SD3) a float tensor
-            t_batch = torch.full((len(latents),), t, device=device)  # (2b,)
-            noisy = add_noise(noise_scheduler, latents, noise, t_batch)
-            with autocast:
-                scores = lrm.score(noisy, t_batch, text=text).float().cpu()  # (2b,)
-            s0 = scores[0::2]
-            s1 = scores[1::2]
-            right = ((s0 > s1) == (label_0 > label_1)) & decisive  # (b,)
-            credit = pair_credit(s0, s1, label_0, label_1) * good
-            counts = [right.sum(), credit.sum(), decisive.sum(), good.sum()]
-            sums[:, i] += torch.tensor([count.item() for count in counts], dtype=torch.float64)
-    lrm.train(was_training)
-    sums = sum(gather_objects(sums))  # over ranks
-    decisive_acc = (sums[0] / sums[2].clamp_min(1)).tolist()
-    official_acc = (sums[1] / sums[3].clamp_min(1)).tolist()
-    return {"decisive": dict(zip(timesteps, decisive_acc)),
-            "ties_half": dict(zip(timesteps, official_acc))}
-
-
-def evaluate(lrm, pairs, timesteps, vae, cfg):
-    """pair_accuracy with the run's settings (fixed noise from --seed)."""
-    return pair_accuracy(lrm, pairs, timesteps, vae, max_pairs=cfg.eval_max_pairs, seed=cfg.seed,
-                         vae_batch_size=cfg.vae_batch_size)
-
-
-def by_label(tree):
-    """A (nested) table keyed by t, keyed by t's label instead: 251 -> "251", SD3's
-    266.3297119140625 -> "266.33" (6 significant digits)."""
-    if not isinstance(tree, dict):
-        return tree
-    return {f"{key:g}" if isinstance(key, (int, float)) else key: by_label(value)
-            for key, value in tree.items()}
-
-
-def log_validation(log_path, step, table):
-    """One metrics.jsonl row with both accuracies at each t, and a line on the console."""
-    labelled = by_label(table)
-    row = {"step": step}
-    row.update({f"val_acc@{t}": value for t, value in labelled["decisive"].items()})
-    row.update({f"val_acc_ties_half@{t}": value for t, value in labelled["ties_half"].items()})
-    log_jsonl(log_path, row)
-    shown = " ".join(f"t={t:g}: {a:.3f}" for t, a in table["decisive"].items())
-    tqdm.write(f"step {step} validation accuracy (decisive pairs) {shown}")
-
-
-def print_table(table, timesteps):
-    """The accuracy-vs-t table of the final LRM: noise awareness at a glance."""
-    width = max(4, *[len(f"{t:g}") for t in timesteps])
-    print("\naccuracy: decisive pairs / official (every pair, a tie scoring 0.5)")
-    print(f"{'t':>{width}} | " + " | ".join(f"{split:^17}" for split in table))
-    for t in timesteps:
-        cells = [f"{table[split]['decisive'][t]:.3f} / {table[split]['ties_half'][t]:.3f}"
-                 for split in table]
-        print(f"{t:>{width}g} | " + " | ".join(f"{cell:^17}" for cell in cells))
+    latents = encode_images(vae, batch["px"].flatten(0, 1), eps[:, 0], vae_batch_size)
+    return latents.to(device), eps[:, 1]
 
 
 # ----------------------------------------------------------------------------- training step
@@ -508,12 +408,10 @@ def train_step(lrm, vae, noise_scheduler, batch, micro_batch_size, device, vae_b
         noisy = add_noise(noise_scheduler, latents, noise, t)  # independent noise per image
         prompts = [caption for caption in micro["caption"] for _ in range(2)]
         with autocast:
-            scores = lrm.score(noisy, t, prompts=prompts).view(-1, 2)  # (m, 2)
-        scores = gather(scores)  # (world * m, 2)
+            scores = gather(lrm.score(noisy, t, prompts=prompts).view(-1, 2))  # (world * m, 2)
         labels = gather(micro["label"].to(device))  # (world * m, 2)
         weights = gather(micro["weight"].to(device))  # (world * m,)
-        part_loss = pair_loss(scores[:, 0], scores[:, 1], labels[:, 0], labels[:, 1], weights,
-                              total_weight)
+        part_loss = pair_loss(*scores.T, *labels.T, weights, total_weight)
         part_loss.backward()
         loss += part_loss.item()
         seen.append((scores.detach().float(), labels, weights))
@@ -543,10 +441,12 @@ def smallest_over_ranks(value, device):
 
 def choose_micro_batch(cfg, per_rank, lrm, device):
     """--micro_batch_size, or auto: on CPU the whole per-rank share; on CUDA the largest divisor
-    of it that the GPU holds by the ACTIVATION_GB_PER_PAIR estimate, after fp32 weights,
-    gradients and Adam's two moments (16 bytes per trainable parameter). With several processes,
-    the smallest choice of any rank: ranks on GPUs of other sizes must make the same number of
-    passes, as each pass has its collectives (else they wait for each other forever)."""
+    of it that the GPU holds after fp32 weights, gradients and Adam's two moments (16 bytes per
+    trainable parameter), taking ACTIVATION_GB_PER_PAIR for a pair's activations at 512 x 512 px
+    in bf16 (an estimate: 4 U-Net down+mid passes, 2 images x VFE's 2 prompts, of ~0.65 GB each,
+    SD1.5; scaled by pixel area; gradient checkpointing taken to cut it to 1/4). With several
+    processes, the smallest choice of any rank (a divisor too): each pass has its collectives,
+    so ranks on GPUs of other sizes must make the same number of passes."""
     if cfg.micro_batch_size:
         return cfg.micro_batch_size
     if device.type != "cuda":
@@ -557,11 +457,68 @@ def choose_micro_batch(cfg, per_rank, lrm, device):
     pair_gb = ACTIVATION_GB_PER_PAIR * area * (0.25 if cfg.grad_ckpt else 1.0)
     fits = max(1, int((0.85 * total_gb - fixed_gb) / pair_gb))
     mine = max(d for d in range(1, min(fits, per_rank) + 1) if per_rank % d == 0)
-    # the smallest of divisors of per_rank divides it too
     return smallest_over_ranks(mine, device)
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pairs=0,
+                  vae_batch_size=8):
+    """Accuracy at each t on a split (from load_pairs), both images noised to t with fixed
+    per-pair noise, two ways: {"decisive": {t: on decisive pairs}, "ties_half": {t: official, a
+    tie scoring 0.5}}. Sharded over ranks when torch.distributed is initialised."""
+    base = resolve_model(lrm.config["base"])
+    vae = vae or AutoencoderKL.from_pretrained(base, subfolder="vae")
+    noise_scheduler = noise_schedule(base)[0]
+    device = lrm.logit_scale.device
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rows = range(len(pairs))[:max_pairs or None]
+    data = Pairs(pairs, lrm.resolution, latent_shape(vae, lrm.resolution), [0], seed)
+    timesteps = list(dict.fromkeys(timesteps))  # each t once: a repeated t would count twice
+    # this rank's counts at each t: pairs ranked right, official credit, decisive, decodable pairs
+    sums = torch.zeros(4, len(timesteps), dtype=torch.float64)
+    was_training = lrm.training
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    lrm.eval()
+    for start in range(rank * batch_size, len(rows), world * batch_size):
+        items = [data[(0, row)] for row in rows[start:start + batch_size]]
+        batch = torch.utils.data.default_collate(items)
+        latents, noise = pair_latents(vae, batch, device, vae_batch_size)  # (2b, C, h, w)
+        text = lrm.encode_text([caption for caption in batch["caption"] for _ in range(2)])
+        label_0, label_1 = batch["label"].T  # (b,)
+        good = ~batch["bad"]  # an undecodable pair casts no vote
+        decisive = (label_0 != label_1) & good
+        for i, t in enumerate(timesteps):
+            # an int t (DDPM) gives a long tensor, a float one (SD3) a float tensor
+            t_batch = torch.full((len(latents),), t, device=device)  # (2b,)
+            noisy = add_noise(noise_scheduler, latents, noise, t_batch)
+            with autocast:
+                s0, s1 = lrm.score(noisy, t_batch, text=text).float().cpu().view(-1, 2).T
+            right = ((s0 > s1) == (label_0 > label_1)) & decisive  # (b,)
+            credit = pair_credit(s0, s1, label_0, label_1) * good
+            sums[:, i] += torch.stack([right.sum(), credit.sum(), decisive.sum(), good.sum()])
+    lrm.train(was_training)
+    right, credit, n_decisive, n_counted = sum(gather_objects(sums))  # over ranks
+    return {"decisive": dict(zip(timesteps, (right / n_decisive.clamp_min(1)).tolist())),
+            "ties_half": dict(zip(timesteps, (credit / n_counted.clamp_min(1)).tolist()))}
+
+
+def evaluate(lrm, pairs, timesteps, vae, cfg):
+    """pair_accuracy with the run's settings (fixed noise from --seed)."""
+    return pair_accuracy(lrm, pairs, timesteps, vae, max_pairs=cfg.eval_max_pairs, seed=cfg.seed,
+                         vae_batch_size=cfg.vae_batch_size)
+
+
+def by_label(tree):
+    """A (nested) table keyed by t, keyed by t's label instead: 251 -> "251", SD3's
+    266.3297119140625 -> "266.33" (6 significant digits)."""
+    if not isinstance(tree, dict):
+        return tree
+    return {f"{key:g}" if isinstance(key, (int, float)) else key: by_label(value)
+            for key, value in tree.items()}
+
+
+# ----------------------------------------------------------------------------- run files
 def publish_lrm(lrm, folder, staging, name):
     """Save an LRM to staging (a *.tmp folder), then move it into folder, lrm_config.json last: a
     kill leaves the old or the new complete LRM, or a folder without lrm_config.json and the
@@ -577,9 +534,7 @@ def publish_lrm(lrm, folder, staging, name):
         target = os.path.join(folder, entry)
         if os.path.isdir(target):
             shutil.rmtree(target)
-        elif os.path.exists(target):
-            os.remove(target)
-        os.rename(os.path.join(staging, entry), target)
+        os.replace(os.path.join(staging, entry), target)
         kill_point(f"mid {name}")
     os.rmdir(staging)
     kill_point(f"after {name}")
@@ -599,23 +554,14 @@ def save_checkpoint(path, lrm, optimizer, counters, cfg, world):
     kill_point("after train_state.pt")
 
 
-def load_train_state(path):
-    """train_state.pt memory-mapped: its tensors are read from the file as they are restored, and
-    the file's pages need not stay in RAM (SDXL's checkpoint is ~30 GB). A damaged file (or one in
-    torch's old, non-zip format) goes through load_checkpoint: one line, or the plain load."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:
-        return load_checkpoint(path)
-
-
 def check_resume(state, cfg, world):
-    """Refuse a checkpoint made with other meaning-changing settings (one line listing each);
-    return the changes of RESUMABLE settings, which take effect."""
+    """Refuse a checkpoint made with other settings than RESUMABLE and MECHANICS ones, in one line
+    listing each; -> the changed RESUMABLE settings {name: [old, new]}, which take effect."""
     saved = state["cfg"]
     now = asdict(cfg)
-    differences = [f"--{key} {saved.get(key)!r} -> {now[key]!r}" for key in now
-                   if key not in RESUMABLE + MECHANICS and saved.get(key) != now[key]]
+    changed = [key for key in now if saved.get(key) != now[key]]
+    differences = [f"--{key} {saved.get(key)!r} -> {now[key]!r}" for key in changed
+                   if key not in RESUMABLE + MECHANICS]
     if state.get("world") != world:
         differences.append(f"processes {state.get('world')} -> {world}")
     if differences:
@@ -624,7 +570,7 @@ def check_resume(state, cfg, world):
     if state["step"] > cfg.max_train_steps:
         fail(f"--resume: {cfg.out} is at step {state['step']}, past --max_train_steps "
              f"{cfg.max_train_steps}: pass --max_train_steps >= {state['step']}, or another --out")
-    return {key: [saved[key], now[key]] for key in RESUMABLE if saved.get(key) != now[key]}
+    return {key: [saved[key], now[key]] for key in RESUMABLE if key in changed}
 
 
 def pick_resolution(base, requested):
@@ -640,29 +586,31 @@ def pick_resolution(base, requested):
 
 # ----------------------------------------------------------------------------- main
 def main(cfg):
+    """Setup (each bad input refused in one line before any weight is read; the LRM, AdamW, a
+    resumed state, the data), the numbered loop of optimizer steps, then the final table."""
     rank, world, device = setup_distributed(cfg.dist_timeout)
+    per_rank = cfg.train_batch_size // world
     if cfg.train_batch_size % world:
         fail(f"--train_batch_size {cfg.train_batch_size} is not divisible by {world} processes")
-    per_rank = cfg.train_batch_size // world
     if cfg.micro_batch_size and per_rank % cfg.micro_batch_size:
         fail(f"--micro_batch_size {cfg.micro_batch_size} does not divide the {per_rank} pairs "
              "of each process")
     state_path = os.path.join(cfg.out, "train_state.pt")
     log_path = os.path.join(cfg.out, "metrics.jsonl")
-    state = None
-    changes = None  # None: a fresh run; {}: resumed with the same settings
+    state = changes = None  # changes: {} when resumed with the same settings
     if cfg.resume and os.path.exists(state_path):
-        state = load_train_state(state_path)
+        try:  # memory-mapped (SDXL's is ~30 GB); a damaged file: load_checkpoint's one line
+            state = torch.load(state_path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception:
+            state = load_checkpoint(state_path)
         changes = check_resume(state, cfg, world)
     prepare_run_folder(cfg.out, cfg.resume)
-
-    # the inputs: a bad one ends in one line, before any weight is read
     try:
         base = resolve_model(cfg.base or cfg.model)
         resolution = pick_resolution(base, cfg.resolution)
         mmdit_blocks(*load_denoiser_config(base), cfg.lrm_blocks)
-        splits = {split: load_pairs(cfg.data, split, cfg.keep if split == "train" else "")
-                  for split in SPLITS}
+        train = load_pairs(cfg.data, "train", cfg.keep)
+        val, test = [load_pairs(cfg.data, split) for split in ("validation_unique", "test_unique")]
     except (ValueError, OSError) as error:
         fail(first_line(error))
     try:
@@ -671,8 +619,8 @@ def main(cfg):
     except (ValueError, OSError) as error:
         fail(f"--text_projection_init {cfg.text_projection_init}: {first_line(error)} (a CLIP "
              "model folder or hub id, or '' for a random init)")
-    if len(splits["train"]) < cfg.train_batch_size:
-        fail(f"{cfg.data}: {len(splits['train'])} usable train pairs < --train_batch_size "
+    if len(train) < cfg.train_batch_size:
+        fail(f"{cfg.data}: {len(train)} usable train pairs < --train_batch_size "
              f"{cfg.train_batch_size}")
     try:
         noise_scheduler, grid = noise_schedule(base)
@@ -684,18 +632,16 @@ def main(cfg):
         fail(f"--eval_timesteps {cfg.eval_timesteps!r}: {base} is a DDPM model, its t's are "
              "integers in 0..999")
 
-    # the LRM (fresh heads from --seed: the same on every rank), the frozen fp32 VAE (SDXL's
-    # overflows in fp16), AdamW with weight decay on the matrices only (deviation 3)
     transformers.utils.logging.disable_progress_bar()
     threads_before = torch.get_num_threads()  # restored at the end: main() may run in a program
     torch.set_num_threads(cfg.threads or threads_before)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the heads' init: the same on every rank
     try:
         lrm = LatentRewardModel.from_base(cfg.base or cfg.model, g=cfg.vfe_scale,
                                           resolution=resolution,
                                           text_projection_init=cfg.text_projection_init,
                                           lrm_blocks=cfg.lrm_blocks)
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae")  # fp32: SDXL's overflows fp16
     except (ValueError, OSError) as error:
         fail(f"cannot load the LRM and its VAE from {base}: {first_line(error)}")
     lrm.to(device).train()
@@ -704,14 +650,13 @@ def main(cfg):
     vae.to(device).requires_grad_(False)
     params = [p for p in lrm.parameters() if p.requires_grad]
     matrices = {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay}
-    vectors = {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}
+    vectors = {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}  # deviation 3
     optimizer = torch.optim.AdamW([matrices, vectors], lr=cfg.lr)
     step, best, n_bad, n_seen = 0, -1.0, 0, 0
-    if state is not None:
-        # what save_checkpoint left out (frozen text encoders) stays as from_base loaded it
+    if state is not None:  # (what save_checkpoint left out stays as from_base loaded it)
         lrm.load_state_dict({**lrm.state_dict(), **state["model"]})
         optimizer.load_state_dict(state["optimizer"])
-        step, best, n_bad, n_seen = [state[key] for key in COUNTERS]
+        step, best, n_bad, n_seen = state["step"], state["best"], state["n_bad"], state["n_seen"]
         del state  # restored: drop the loaded copy (SDXL: ~30 GB) before training
         gc.collect()
     if cfg.resume and rank == 0:
@@ -722,21 +667,15 @@ def main(cfg):
             print(f"  {key} {old} -> {new}")
         if changes:
             log_jsonl(log_path, {"step": step, "resumed_with": changes})
-
-    # the data: each rank its share of the global batch, in micro-batches
     micro_batch = choose_micro_batch(cfg, per_rank, lrm, device)
     if rank == 0:
         print(f"{cfg.train_batch_size} pairs a step: {per_rank} per process in micro-batches of "
               f"{micro_batch} ({per_rank // micro_batch} accumulated), {world} process(es)")
-    train = splits["train"]
     dataset = Pairs(train, resolution, latent_shape(vae, resolution), grid, cfg.seed)
     sampler = steps_sampler(len(train), cfg.train_batch_size, rank, world, cfg.seed, step,
                             cfg.max_train_steps)
     loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, num_workers=cfg.workers,
                                          sampler=sampler)
-    steps_per_epoch = len(train) // cfg.train_batch_size
-    best_folder = os.path.join(cfg.out, "best")
-    final_staging = os.path.join(cfg.out, "final.tmp")
     first_step = step
     last_val = None
     progress = tqdm(total=cfg.max_train_steps, initial=step, disable=rank != 0, desc="lrm")
@@ -765,8 +704,8 @@ def main(cfg):
         kill_point(f"step {step}")
         n_bad += int((weights == 0).sum())  # weight 0 = an undecodable image
         n_seen += len(weights)
-        whole_data = step % steps_per_epoch == 0 or step == cfg.max_train_steps
-        if whole_data and n_bad > 0.01 * n_seen:
+        whole_data = step % (len(train) // cfg.train_batch_size) == 0  # an epoch's end
+        if (whole_data or step == cfg.max_train_steps) and n_bad > 0.01 * n_seen:
             fail(f"{cfg.data}: {n_bad} of {n_seen} pairs had an undecodable image (more than "
                  "1%): check the image columns")
 
@@ -784,16 +723,22 @@ def main(cfg):
         # it (paper: validation accuracy at t = 1); the final LRM at the last step (rank 0 writes)
         validate = step % cfg.eval_every == 0 or step == cfg.max_train_steps
         if validate:
-            last_val = evaluate(lrm, splits["validation_unique"], timesteps, vae, cfg)
+            last_val = evaluate(lrm, val, timesteps, vae, cfg)
             accuracy = last_val["decisive"][timesteps[0]]
-            if rank == 0:
-                log_validation(log_path, step, last_val)
-            if rank == 0 and accuracy > best:
-                write_or_fail(best_folder, publish_lrm, lrm, best_folder, best_folder + ".tmp",
-                              "best/")
+        if validate and rank == 0:
+            labelled = by_label(last_val)
+            row = {"step": step, **{f"val_acc@{t}": a for t, a in labelled["decisive"].items()}}
+            row.update({f"val_acc_ties_half@{t}": a for t, a in labelled["ties_half"].items()})
+            log_jsonl(log_path, row)
+            tqdm.write(f"validation: {row}")
+        if validate and rank == 0 and accuracy > best:
+            best_folder = os.path.join(cfg.out, "best")
+            write_or_fail(best_folder, publish_lrm, lrm, best_folder, best_folder + ".tmp", "best/")
+        if validate:
             best = max(best, accuracy)
         if rank == 0 and step == cfg.max_train_steps:
-            write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, final_staging, "final LRM")
+            staging = os.path.join(cfg.out, "final.tmp")
+            write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, staging, "final LRM")
 
         # 4. checkpoint, written last: one that exists means best/ and the final LRM are on disk
         if rank == 0 and (validate or step % cfg.save_every == 0):
@@ -803,18 +748,20 @@ def main(cfg):
     progress.close()
 
     if rank == 0 and first_step == cfg.max_train_steps:
-        # a finished run resumed: write its final LRM again from the checkpoint, so they agree
-        write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, final_staging, "final LRM")
+        # a finished run resumed: its final LRM again, from the checkpoint, so they agree
+        staging = os.path.join(cfg.out, "final.tmp")
+        write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, staging, "final LRM")
     kill_point("final table")
-    if last_val is None:
-        last_val = evaluate(lrm, splits["validation_unique"], timesteps, vae, cfg)
-    test = evaluate(lrm, splits["test_unique"], timesteps, vae, cfg)
-    table = {"validation_unique": last_val, "test_unique": test}
+    last_val = last_val or evaluate(lrm, val, timesteps, vae, cfg)
+    table = {"validation_unique": last_val, "test_unique": evaluate(lrm, test, timesteps, vae, cfg)}
     if rank == 0:
         log_jsonl(log_path, {"step": step, "final": by_label(table)})
-        print_table(table, timesteps)
-        print(f"pairs skipped for an undecodable image: {n_bad} of {n_seen}")
-        print(f"LRM -> {cfg.out}")
+        print("\naccuracy at t: decisive pairs / official (every pair, a tie scoring 0.5)")
+        for t in timesteps:
+            cells = [f"{split} {acc['decisive'][t]:.3f} / {acc['ties_half'][t]:.3f}"
+                     for split, acc in table.items()]
+            print(f"{t:>8g}: " + ", ".join(cells))
+        print(f"pairs skipped for an undecodable image: {n_bad} of {n_seen}\nLRM -> {cfg.out}")
     barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
