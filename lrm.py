@@ -63,9 +63,8 @@ COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "num_example_per_p
 NUMERIC_COLUMNS = ("label_0", "label_1", "num_example_per_prompt")
 ACTIVATION_GB_PER_PAIR = 2.6  # see choose_micro_batch
 RESUMABLE = ("lr", "max_train_steps", "warmup", "eval_every", "save_every")  # change on resume
-# how a run executes, not what it computes: free to change on resume (any other setting is not)
 MECHANICS = ("out", "resume", "micro_batch_size", "vae_batch_size", "workers", "threads",
-             "dist_timeout", "grad_ckpt")
+             "dist_timeout", "grad_ckpt")  # how a run executes: free to change on resume too
 
 
 # ----------------------------------------------------------------------------- config
@@ -177,8 +176,7 @@ def learning_rate(step, cfg):
     warmup = max(cfg.warmup, 2)  # as DeepSpeed
     if step < warmup:
         return cfg.lr * math.log(step + 1) / math.log(warmup)
-    remaining = (cfg.max_train_steps - step) / max(1, cfg.max_train_steps - warmup)
-    return cfg.lr * max(0.0, remaining)
+    return cfg.lr * max(0.0, (cfg.max_train_steps - step) / max(1, cfg.max_train_steps - warmup))
 
 
 def pair_credit(s0, s1, label_0, label_1):
@@ -205,7 +203,7 @@ def add_noise(noise_scheduler, latents, noise, timesteps):
     if not is_flow_matching(noise_scheduler.config):
         return noise_scheduler.add_noise(latents, noise, timesteps)
     sigma = timesteps / noise_scheduler.config.num_train_timesteps  # (B,)
-    sigma = sigma.to(latents.dtype).view(-1, *[1] * (latents.ndim - 1))  # (B, 1, 1, 1)
+    sigma = sigma.to(latents.dtype).view(-1, 1, 1, 1)
     return (1 - sigma) * latents + sigma * noise
 
 
@@ -214,14 +212,11 @@ def noise_schedule(base):
     schedule (paper: the 20-step DDIM grid): DDPM (SD1.5, SDXL: t in {1, 51, ..., 951}), or
     flow matching (SD3: t = 1000 sigma, the FlowMatchEulerDiscreteScheduler's 20 sigmas)."""
     config = DDPMScheduler.load_config(base, subfolder="scheduler")
-    if is_flow_matching(config):
-        noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-        sampler = FlowMatchEulerDiscreteScheduler.from_config(config)
-    else:
-        noise_scheduler = DDPMScheduler.from_config(config)
-        sampler = DDIMScheduler.from_config(config)
+    flow = is_flow_matching(config)
+    noising = FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler
+    sampler = (FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler).from_config(config)
     sampler.set_timesteps(20)
-    return noise_scheduler, sorted(sampler.timesteps.tolist())
+    return noising.from_config(config), sorted(sampler.timesteps.tolist())
 
 
 def default_eval_timesteps(grid):
@@ -247,8 +242,8 @@ def open_split(data, split):
             return datasets.load_dataset("parquet", data_files=files, split="train")
         return datasets.load_dataset(local if os.path.isdir(local) else data, split=split)
     except Exception as error:
-        reason = f"{type(error).__name__}: {first_line(error)[:150]}"
-        raise ValueError(f"dataset {data!r} has no readable split {split!r} ({reason})") from None
+        raise ValueError(f"dataset {data!r} has no readable split {split!r} "
+                         f"({type(error).__name__}: {first_line(error)[:150]})") from None
 
 
 def read_keep(keep, n_rows):
@@ -363,11 +358,9 @@ def encode_images(vae, pixels, noise, vae_batch_size=8):
     scaling_factor (SD1.5 and SDXL have no shift, SD3 has), vae_batch_size images per VAE call:
     the VAE's memory does not grow with the batch."""
     latents = []
-    for start in range(0, len(pixels), vae_batch_size):
-        chunk = pixels[start:start + vae_batch_size].to(vae.device, vae.dtype)  # (c, 3, H, W)
-        posterior = vae.encode(chunk).latent_dist
-        chunk_noise = noise[start:start + vae_batch_size].to(posterior.mean)
-        latents.append(posterior.mean + posterior.std * chunk_noise)  # (c, C, h, w)
+    for chunk, chunk_noise in zip(pixels.split(vae_batch_size), noise.split(vae_batch_size)):
+        posterior = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist  # chunk: (c, 3, H, W)
+        latents.append(posterior.mean + posterior.std * chunk_noise.to(posterior.mean))
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (torch.cat(latents) - shift) * vae.config.scaling_factor
 
@@ -557,13 +550,11 @@ def save_checkpoint(path, lrm, optimizer, counters, cfg, world):
 def check_resume(state, cfg, world):
     """Refuse a checkpoint made with other settings than RESUMABLE and MECHANICS ones, in one line
     listing each; -> the changed RESUMABLE settings {name: [old, new]}, which take effect."""
-    saved = state["cfg"]
-    now = asdict(cfg)
+    saved = {**state["cfg"], "processes": state.get("world")}
+    now = {**asdict(cfg), "processes": world}
     changed = [key for key in now if saved.get(key) != now[key]]
     differences = [f"--{key} {saved.get(key)!r} -> {now[key]!r}" for key in changed
                    if key not in RESUMABLE + MECHANICS]
-    if state.get("world") != world:
-        differences.append(f"processes {state.get('world')} -> {world}")
     if differences:
         fail(f"--resume: {cfg.out} was trained with other settings ({'; '.join(differences)}): "
              "run with its settings, or pass another --out")
@@ -611,6 +602,7 @@ def main(cfg):
         mmdit_blocks(*load_denoiser_config(base), cfg.lrm_blocks)
         train = load_pairs(cfg.data, "train", cfg.keep)
         val, test = [load_pairs(cfg.data, split) for split in ("validation_unique", "test_unique")]
+        noise_scheduler, grid = noise_schedule(base)
     except (ValueError, OSError) as error:
         fail(first_line(error))
     try:
@@ -622,10 +614,6 @@ def main(cfg):
     if len(train) < cfg.train_batch_size:
         fail(f"{cfg.data}: {len(train)} usable train pairs < --train_batch_size "
              f"{cfg.train_batch_size}")
-    try:
-        noise_scheduler, grid = noise_schedule(base)
-    except (ValueError, OSError) as error:
-        fail(f"cannot load the scheduler of {base}: {first_line(error)}")
     timesteps = parse_timesteps(cfg.eval_timesteps) or default_eval_timesteps(grid)
     ddpm = not is_flow_matching(noise_scheduler.config)
     if ddpm and not all(isinstance(t, int) and t < 1000 for t in timesteps):
@@ -636,18 +624,13 @@ def main(cfg):
     threads_before = torch.get_num_threads()  # restored at the end: main() may run in a program
     torch.set_num_threads(cfg.threads or threads_before)
     torch.manual_seed(cfg.seed)  # the heads' init: the same on every rank
-    try:
-        lrm = LatentRewardModel.from_base(cfg.base or cfg.model, g=cfg.vfe_scale,
-                                          resolution=resolution,
-                                          text_projection_init=cfg.text_projection_init,
-                                          lrm_blocks=cfg.lrm_blocks)
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae")  # fp32: SDXL's overflows fp16
-    except (ValueError, OSError) as error:
-        fail(f"cannot load the LRM and its VAE from {base}: {first_line(error)}")
-    lrm.to(device).train()
+    lrm = LatentRewardModel.from_base(cfg.base or cfg.model, g=cfg.vfe_scale, resolution=resolution,
+                                      text_projection_init=cfg.text_projection_init,
+                                      lrm_blocks=cfg.lrm_blocks).to(device).train()
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae").to(device)  # fp32: SDXL's
+    vae.requires_grad_(False)  # overflows in fp16
     if cfg.grad_ckpt:
         lrm.denoiser.enable_gradient_checkpointing()
-    vae.to(device).requires_grad_(False)
     params = [p for p in lrm.parameters() if p.requires_grad]
     matrices = {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay}
     vectors = {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}  # deviation 3
@@ -662,25 +645,23 @@ def main(cfg):
     if cfg.resume and rank == 0:
         truncate_log(log_path, step)  # rows past the checkpoint will be logged again
     if changes is not None and rank == 0:
-        print(f"resuming {cfg.out} at step {step}")
-        for key, (old, new) in changes.items():
-            print(f"  {key} {old} -> {new}")
-        if changes:
-            log_jsonl(log_path, {"step": step, "resumed_with": changes})
+        shown = [f"{key} {old} -> {new}" for key, (old, new) in changes.items()]
+        print(f"resuming {cfg.out} at step {step}", *shown, sep="\n  ")
+    if changes and rank == 0:
+        log_jsonl(log_path, {"step": step, "resumed_with": changes})
     micro_batch = choose_micro_batch(cfg, per_rank, lrm, device)
     if rank == 0:
-        print(f"{cfg.train_batch_size} pairs a step: {per_rank} per process in micro-batches of "
-              f"{micro_batch} ({per_rank // micro_batch} accumulated), {world} process(es)")
-    dataset = Pairs(train, resolution, latent_shape(vae, resolution), grid, cfg.seed)
-    sampler = steps_sampler(len(train), cfg.train_batch_size, rank, world, cfg.seed, step,
-                            cfg.max_train_steps)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, num_workers=cfg.workers,
-                                         sampler=sampler)
+        print(f"{world} process(es), {per_rank} pairs each a step, micro-batches of {micro_batch}")
+    loader = torch.utils.data.DataLoader(
+        Pairs(train, resolution, latent_shape(vae, resolution), grid, cfg.seed), per_rank,
+        sampler=steps_sampler(len(train), cfg.train_batch_size, rank, world, cfg.seed, step,
+                              cfg.max_train_steps), num_workers=cfg.workers)
     first_step = step
     last_val = None
-    progress = tqdm(total=cfg.max_train_steps, initial=step, disable=rank != 0, desc="lrm")
+    best_folder = os.path.join(cfg.out, "best")
+    final = (cfg.out, publish_lrm, lrm, cfg.out, os.path.join(cfg.out, "final.tmp"), "final LRM")
     start_time = time.perf_counter()
-    for batch in loader:
+    for batch in tqdm(loader, "lrm", cfg.max_train_steps, initial=step, disable=rank != 0):
         # 1. one optimizer step on the global batch (micro-batches accumulate in train_step)
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
@@ -692,20 +673,20 @@ def main(cfg):
             average_gradients(params, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
         if not all(gather_objects(math.isfinite(loss) and math.isfinite(grad_norm))):
-            kept = "no checkpoint yet: start again with --resume and a lower --lr"
-            if os.path.exists(state_path):
-                kept = (f"the last good checkpoint {state_path} is kept: continue it with "
-                        "--resume and a lower --lr")
+            kept = f"the last good checkpoint {state_path} is kept: continue it"
+            if not os.path.exists(state_path):
+                kept = "no checkpoint yet: start again"
             fail(f"non-finite loss or gradient at step {step + 1} (loss {loss:.4g}, gradient "
-                 f"norm {grad_norm:.4g}); stopped before the optimizer step, nothing saved from "
-                 f"it; {kept}")
+                 f"norm {grad_norm:.4g}), stopped before its optimizer step; {kept} with "
+                 "--resume and a lower --lr")
         optimizer.step()
         step += 1
         kill_point(f"step {step}")
         n_bad += int((weights == 0).sum())  # weight 0 = an undecodable image
         n_seen += len(weights)
-        whole_data = step % (len(train) // cfg.train_batch_size) == 0  # an epoch's end
-        if (whole_data or step == cfg.max_train_steps) and n_bad > 0.01 * n_seen:
+        last_step = step == cfg.max_train_steps
+        whole_data = step % (len(train) // cfg.train_batch_size) == 0 or last_step  # epoch's end
+        if whole_data and n_bad > 0.01 * n_seen:
             fail(f"{cfg.data}: {n_bad} of {n_seen} pairs had an undecodable image (more than "
                  "1%): check the image columns")
 
@@ -716,51 +697,43 @@ def main(cfg):
                        grad_norm=grad_norm, logit_scale=lrm.logit_scale.item(),
                        pairs_per_s=pairs / (time.perf_counter() - start_time), bad_pairs=n_bad)
             log_jsonl(log_path, row)
-            progress.update(1)
-            progress.set_postfix(loss=loss, acc=row["acc"])
 
-        # 3. validate (each rank its shard), publish best/ when the accuracy at the first t beats
-        # it (paper: validation accuracy at t = 1); the final LRM at the last step (rank 0 writes)
-        validate = step % cfg.eval_every == 0 or step == cfg.max_train_steps
+        # 3. validate (each rank its shard); rank 0 publishes best/ when the accuracy at the first
+        # t beats it (paper: validation accuracy at t = 1), and the final LRM at the last step
+        validate = step % cfg.eval_every == 0 or last_step
         if validate:
             last_val = evaluate(lrm, val, timesteps, vae, cfg)
-            accuracy = last_val["decisive"][timesteps[0]]
+            improved = last_val["decisive"][timesteps[0]] > best
+            best = max(best, last_val["decisive"][timesteps[0]])
         if validate and rank == 0:
             labelled = by_label(last_val)
             row = {"step": step, **{f"val_acc@{t}": a for t, a in labelled["decisive"].items()}}
             row.update({f"val_acc_ties_half@{t}": a for t, a in labelled["ties_half"].items()})
             log_jsonl(log_path, row)
             tqdm.write(f"validation: {row}")
-        if validate and rank == 0 and accuracy > best:
-            best_folder = os.path.join(cfg.out, "best")
+        if validate and rank == 0 and improved:
             write_or_fail(best_folder, publish_lrm, lrm, best_folder, best_folder + ".tmp", "best/")
-        if validate:
-            best = max(best, accuracy)
-        if rank == 0 and step == cfg.max_train_steps:
-            staging = os.path.join(cfg.out, "final.tmp")
-            write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, staging, "final LRM")
+        if last_step and rank == 0:
+            write_or_fail(*final)
 
         # 4. checkpoint, written last: one that exists means best/ and the final LRM are on disk
         if rank == 0 and (validate or step % cfg.save_every == 0):
             counters = dict(step=step, best=best, n_bad=n_bad, n_seen=n_seen)
             save_checkpoint(state_path, lrm, optimizer, counters, cfg, world)
         barrier()  # every rank waits for the checkpoint
-    progress.close()
 
     if rank == 0 and first_step == cfg.max_train_steps:
-        # a finished run resumed: its final LRM again, from the checkpoint, so they agree
-        staging = os.path.join(cfg.out, "final.tmp")
-        write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, staging, "final LRM")
+        write_or_fail(*final)  # a finished run resumed: again, from the checkpoint, so they agree
     kill_point("final table")
-    last_val = last_val or evaluate(lrm, val, timesteps, vae, cfg)
-    table = {"validation_unique": last_val, "test_unique": evaluate(lrm, test, timesteps, vae, cfg)}
+    table = {"validation_unique": last_val or evaluate(lrm, val, timesteps, vae, cfg),
+             "test_unique": evaluate(lrm, test, timesteps, vae, cfg)}
     if rank == 0:
         log_jsonl(log_path, {"step": step, "final": by_label(table)})
         print("\naccuracy at t: decisive pairs / official (every pair, a tie scoring 0.5)")
         for t in timesteps:
             cells = [f"{split} {acc['decisive'][t]:.3f} / {acc['ties_half'][t]:.3f}"
                      for split, acc in table.items()]
-            print(f"{t:>8g}: " + ", ".join(cells))
+            print(f"{t:>8g}:", *cells)
         print(f"pairs skipped for an undecodable image: {n_bad} of {n_seen}\nLRM -> {cfg.out}")
     barrier()
     if dist.is_initialized():
