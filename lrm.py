@@ -3,7 +3,9 @@
 Paper: Zhang et al., "Diffusion Model as a Noise-Aware Latent Reward Model for Step-Level
 Preference Optimization", arXiv 2502.01051v3, Sec. "Latent Reward Model" and its training details:
 a Bradley-Terry loss on the LRM's scores of both images of a pair, noised to one shared t of the
-base's 20-step sampling grid (SD1.5, SDXL: DDPM's t; SD3: 1000 sigma of its flow matching).
+base's 20-step sampling grid (SD1.5, SDXL: DDPM's t; SD3: 1000 sigma of its flow matching). The
+validation accuracy is measured at --eval_timesteps (default: the grid's t nearest 0, 250, 500,
+750 and 1000), the paper's noise awareness; best/ keeps the LRM best at the first of them.
     python lrm.py --model tiny                  # CPU: ~4 min of one core -> runs/lrm-tiny
     torchrun --nproc_per_node=2 lrm.py --model tiny --resume        # CPU (gloo): continue a run
     torchrun --nproc_per_node=8 lrm.py --model sd15 --keep runs/mpcf-sd15/keep.json
@@ -11,9 +13,9 @@ base's 20-step sampling grid (SD1.5, SDXL: DDPM's t; SD3: 1000 sigma of its flow
     python lrm.py --model tiny-sd3              # CPU: ~2.5 min of one core -> runs/lrm-tiny-sd3
     torchrun --nproc_per_node=8 lrm.py --model sd3 --keep runs/mpcf-sd15/keep.json  # SD3-Medium
     torchrun --nproc_per_node=8 lrm.py --model ./my-sd15 --data /data/pickapic_v1  # paper settings
---out gets the final LRM (LatentRewardModel.from_pretrained reads it), best/ (the best validation
-accuracy at the first --eval_timesteps), train_state.pt and metrics.jsonl. The README's lrm.py
-section gives their contents, the --data layouts read and what --resume keeps or refuses.
+--out gets the final LRM (LatentRewardModel.from_pretrained reads it), best/, train_state.pt and
+metrics.jsonl. The README's lrm.py section gives their contents, the --data layouts read and what
+--resume keeps or refuses.
 
 Choices and deviations:
 1. deviation: all_gather gathers per-image *scores*, not features: the Bradley-Terry loss couples
@@ -70,6 +72,8 @@ MECHANICS = ("out", "resume", "micro_batch_size", "vae_batch_size", "workers", "
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
+    """A run's settings: Config's defaults, then --model's preset (PRESETS), then the command line,
+    one option per field (runs.build_parser; the comment after a field is its --help)."""
     model: str = "tiny"  # sd15 | sdxl | sd3 | sd35 | tiny | tiny-xl | tiny-sd3, or a pipeline / id
     base: str = ""  # base pipeline (hub id or folder) instead of --model's; then --data too
     data: str = "yuvalkirstain/pickapic_v1"  # preference pairs: hub id or folder (see README)
@@ -112,8 +116,8 @@ PRESETS = {
 # the paper gives no SD3 LRM recipe: SDXL's (the same 1024 px)
 PRESETS.update({"tiny-xl": PRESETS["tiny"], "tiny-sd3": PRESETS["tiny"], "sd3": PRESETS["sdxl"],
                 "sd35": PRESETS["sdxl"]})
-LEAST = dict(max_train_steps=1, train_batch_size=1, micro_batch_size=0, warmup=0, eval_every=1,
-             save_every=1, resolution=0, vae_batch_size=1, threads=0, lrm_blocks=0)
+LEAST = dict(max_train_steps=1, train_batch_size=1, micro_batch_size=0, eval_every=1, save_every=1,
+             resolution=0, vae_batch_size=1, threads=0)  # (--lrm_blocks: lrm_model.mmdit_blocks)
 
 
 def parse_timesteps(text):
@@ -131,8 +135,7 @@ def get_config(argv=None):
     preset = PRESETS.get(peek(argv, "model", Config.model), {})
     cfg = parse_config(Config, {**asdict(Config()), **preset}, __doc__, argv)
     given = {arg.split("=")[0] for arg in argv}  # the options on the command line
-    local = os.path.isdir(os.path.join(ROOT, cfg.model)) or os.path.isdir(cfg.model)
-    if cfg.model not in PRESETS and not local and cfg.model.count("/") != 1:
+    if cfg.model not in PRESETS and not os.path.isdir(cfg.model) and cfg.model.count("/") != 1:
         fail(f"--model {cfg.model!r}: expected one of {list(PRESETS)}, a pipeline folder, or a hub "
              "id like owner/name")
     own_base = cfg.base in ("", cfg.model, BASES.get(cfg.model))
@@ -149,12 +152,6 @@ def get_config(argv=None):
             fail(f"--{name} must be at least {least}")
     if not cfg.lr > 0:
         fail("--lr must be positive")
-    try:
-        timesteps = parse_timesteps(cfg.eval_timesteps)
-    except ValueError:
-        fail(f"--eval_timesteps {cfg.eval_timesteps!r}: comma-separated numbers, e.g. 1,501,951")
-    if not all(0 <= t <= 1000 for t in timesteps):
-        fail(f"--eval_timesteps {cfg.eval_timesteps!r}: each t in 0..1000 (DDPM: 0..999)")
     cfg.out = cfg.out or f"runs/lrm-{os.path.basename(cfg.model.rstrip('/'))}"
     return cfg
 
@@ -189,11 +186,12 @@ def batch_accuracy(scores, labels, weights):
     """Share of the decisive pairs whose winner scored higher, among pairs with both images
     decodable (weight > 0); None when there is no such pair (JSON null, not NaN).
     (G, 2), (G, 2), (G,) -> float or None."""
-    decisive = (labels[:, 0] != labels[:, 1]) & (weights > 0)  # (G,)
+    s0, s1 = scores.T  # (G,)
+    label_0, label_1 = labels.T
+    decisive = (label_0 != label_1) & (weights > 0)
     if not decisive.any():
         return None
-    right = (scores[:, 0] > scores[:, 1]) == (labels[:, 0] > labels[:, 1])
-    return right[decisive].sum().item() / decisive.sum().item()
+    return ((s0 > s1) == (label_0 > label_1))[decisive].sum().item() / decisive.sum().item()
 
 
 def add_noise(noise_scheduler, latents, noise, timesteps):
@@ -227,7 +225,9 @@ def default_eval_timesteps(grid):
 
 # ----------------------------------------------------------------------------- data
 def open_split(data, split):
-    """One split of --data (the layouts in the README) as a datasets.Dataset."""
+    """One split of --data as a datasets.Dataset: a save_to_disk folder, a folder of parquet files
+    named by split (train.parquet, train-*.parquet, train/*.parquet, the same under data/), or what
+    datasets.load_dataset reads with the split names (a hub id, another folder)."""
     import datasets
     datasets.disable_progress_bars()
     local = os.path.join(ROOT, data) if data.startswith("tiny/") else data
@@ -247,7 +247,8 @@ def open_split(data, split):
 
 
 def read_keep(keep, n_rows):
-    """mpcf.py's kept rows: a JSON list of row indices, or a parquet / CSV table with `index`."""
+    """mpcf.py's kept rows, sorted: a JSON list of row indices, or a parquet / CSV table with an
+    `index` column; rows of the split as published, so a row outside it is refused."""
     import pandas as pd
     path = os.path.join(ROOT, keep) if keep.startswith("tiny/") else keep
     try:
@@ -301,9 +302,10 @@ def decode_pair(example, resolution):
 
 @dataclass
 class Pairs(torch.utils.data.Dataset):
-    """(epoch, row) -> both images in [-1, 1] and the pair's own randomness, from a generator
-    seeded by (seed, epoch, row). An undecodable image gives a blank pair of weight 0 (shapes
-    must match)."""
+    """(epoch, row) -> {px: both images (2, 3, H, W) in [-1, 1], caption, label (2,), weight (the
+    paper's 1 / num_example_per_prompt), t (one for both images), eps (image, VAE sample | added
+    noise, C, h, w)} with the pair's own randomness, from a generator seeded by (seed, epoch, row).
+    An undecodable image gives a blank pair, bad and of weight 0 (shapes must match)."""
     pairs: object  # a split from load_pairs
     resolution: int
     latent_shape: tuple  # (C, h, w)
@@ -322,21 +324,20 @@ class Pairs(torch.utils.data.Dataset):
             bad = True
         pick = torch.randint(len(self.timestep_grid), (), generator=generator)
         return dict(
-            px=pixels.permute(0, 3, 1, 2).float() / 127.5 - 1,  # (2, 3, H, W)
+            px=pixels.permute(0, 3, 1, 2).float() / 127.5 - 1,
             caption=example["caption"],
             bad=bad,
             label=torch.tensor([example["label_0"], example["label_1"]], dtype=torch.float32),
-            # paper: each pair weighs 1 / (pairs of its prompt)
             weight=torch.tensor(0.0 if bad else 1.0 / max(example["num_example_per_prompt"], 1)),
-            t=self.timestep_grid[pick],  # one t for both images
-            # (image, VAE sample | added noise, C, h, w)
+            t=self.timestep_grid[pick],
             eps=torch.randn(2, 2, *self.latent_shape, generator=generator),
         )
 
 
 def steps_sampler(n, global_batch, rank, world, seed, start, steps):
-    """Global batch k = rows perm_e[k*G:(k+1)*G] of epoch e's shuffle, each rank its contiguous
-    share."""
+    """(epoch, row) keys of steps start..steps-1: global batch k = rows perm_e[k*G:(k+1)*G] of
+    epoch e's shuffle (seeded by seed + e), each rank its contiguous share: the same rows on 1
+    process or 8, fresh or resumed."""
     per_epoch = n // global_batch
     share = global_batch // world
     for step in range(start, steps):
@@ -348,6 +349,7 @@ def steps_sampler(n, global_batch, rank, world, seed, start, steps):
 
 
 def latent_shape(vae, resolution):
+    """(C, h, w) of the VAE's latents of resolution x resolution images."""
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     return (vae.config.latent_channels, resolution // factor, resolution // factor)
 
@@ -367,7 +369,7 @@ def encode_images(vae, pixels, noise, vae_batch_size=8):
 
 def pair_latents(vae, batch, device, vae_batch_size=8):
     """A collated batch of Pairs -> clean latents and the noise to add, both (2b, C, h, w), pairs
-    adjacent."""
+    adjacent (the VAE sample drawn with the batch's own VAE noise, eps[:, :, 0])."""
     eps = batch["eps"].flatten(0, 1).to(device)  # (2b, VAE|noise, C, h, w)
     latents = encode_images(vae, batch["px"].flatten(0, 1), eps[:, 0], vae_batch_size)
     return latents.to(device), eps[:, 1]
@@ -378,8 +380,9 @@ warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_g
 
 
 def gather(x):
-    """Autograd-aware all_gather: the loss sees the global batch, gradients flow back to each
-    rank."""
+    """Autograd-aware all_gather along dim 0: the loss sees the global batch, and gradients flow
+    back to each rank (its backward sums them over the ranks: see average_gradients); on one
+    process x itself."""
     if not dist.is_initialized():
         return x
     return torch.cat(torch.distributed.nn.functional.all_gather(x))
@@ -459,7 +462,10 @@ def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pa
                   vae_batch_size=8):
     """Accuracy at each t on a split (from load_pairs), both images noised to t with fixed
     per-pair noise, two ways: {"decisive": {t: on decisive pairs}, "ties_half": {t: official, a
-    tie scoring 0.5}}. Sharded over ranks when torch.distributed is initialised."""
+    tie scoring 0.5}}. Sharded over ranks when torch.distributed is initialised; each rank
+    counts at each t the decisive pairs ranked right, the official credit, the decisive and the
+    decodable pairs, summed over ranks. An int t (DDPM) makes a long tensor, a float one (SD3) a
+    float tensor."""
     base = resolve_model(lrm.config["base"])
     vae = vae or AutoencoderKL.from_pretrained(base, subfolder="vae")
     noise_scheduler = noise_schedule(base)[0]
@@ -468,7 +474,6 @@ def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pa
     rows = range(len(pairs))[:max_pairs or None]
     data = Pairs(pairs, lrm.resolution, latent_shape(vae, lrm.resolution), [0], seed)
     timesteps = list(dict.fromkeys(timesteps))  # each t once: a repeated t would count twice
-    # this rank's counts at each t: pairs ranked right, official credit, decisive, decodable pairs
     sums = torch.zeros(4, len(timesteps), dtype=torch.float64)
     was_training = lrm.training
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
@@ -482,7 +487,6 @@ def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pa
         good = ~batch["bad"]  # an undecodable pair casts no vote
         decisive = (label_0 != label_1) & good
         for i, t in enumerate(timesteps):
-            # an int t (DDPM) gives a long tensor, a float one (SD3) a float tensor
             t_batch = torch.full((len(latents),), t, device=device)  # (2b,)
             noisy = add_noise(noise_scheduler, latents, noise, t_batch)
             with autocast:
@@ -494,12 +498,6 @@ def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pa
     right, credit, n_decisive, n_counted = sum(gather_objects(sums))  # over ranks
     return {"decisive": dict(zip(timesteps, (right / n_decisive.clamp_min(1)).tolist())),
             "ties_half": dict(zip(timesteps, (credit / n_counted.clamp_min(1)).tolist()))}
-
-
-def evaluate(lrm, pairs, timesteps, vae, cfg):
-    """pair_accuracy with the run's settings (fixed noise from --seed)."""
-    return pair_accuracy(lrm, pairs, timesteps, vae, max_pairs=cfg.eval_max_pairs, seed=cfg.seed,
-                         vae_batch_size=cfg.vae_batch_size)
 
 
 def by_label(tree):
@@ -577,8 +575,11 @@ def pick_resolution(base, requested):
 
 # ----------------------------------------------------------------------------- main
 def main(cfg):
-    """Setup (each bad input refused in one line before any weight is read; the LRM, AdamW, a
-    resumed state, the data), the numbered loop of optimizer steps, then the final table."""
+    """Setup: each bad input refused in one line before any weight is read, then the LRM, AdamW,
+    the resumed state and the data. The loop, one global batch a step: 1. the optimizer step
+    (stopped before it when the loss or gradient is not finite), 2. its log row, 3. validation,
+    best/ and at the last step the final LRM, 4. the checkpoint, written last. Then the table of
+    both held-out splits, logged and printed; -> that table."""
     rank, world, device = setup_distributed(cfg.dist_timeout)
     per_rank = cfg.train_batch_size // world
     if cfg.train_batch_size % world:
@@ -601,7 +602,8 @@ def main(cfg):
         resolution = pick_resolution(base, cfg.resolution)
         mmdit_blocks(*load_denoiser_config(base), cfg.lrm_blocks)
         train = load_pairs(cfg.data, "train", cfg.keep)
-        val, test = [load_pairs(cfg.data, split) for split in ("validation_unique", "test_unique")]
+        val = load_pairs(cfg.data, "validation_unique")
+        test = load_pairs(cfg.data, "test_unique")
         noise_scheduler, grid = noise_schedule(base)
     except (ValueError, OSError) as error:
         fail(first_line(error))
@@ -614,11 +616,15 @@ def main(cfg):
     if len(train) < cfg.train_batch_size:
         fail(f"{cfg.data}: {len(train)} usable train pairs < --train_batch_size "
              f"{cfg.train_batch_size}")
-    timesteps = parse_timesteps(cfg.eval_timesteps) or default_eval_timesteps(grid)
+    try:
+        timesteps = parse_timesteps(cfg.eval_timesteps) or default_eval_timesteps(grid)
+    except ValueError:
+        fail(f"--eval_timesteps {cfg.eval_timesteps!r}: comma-separated numbers, e.g. 1,501,951")
     ddpm = not is_flow_matching(noise_scheduler.config)
-    if ddpm and not all(isinstance(t, int) and t < 1000 for t in timesteps):
-        fail(f"--eval_timesteps {cfg.eval_timesteps!r}: {base} is a DDPM model, its t's are "
-             "integers in 0..999")
+    whole = all(isinstance(t, int) and t < 1000 for t in timesteps)  # a DDPM t indexes its levels
+    if not all(0 <= t <= 1000 for t in timesteps) or ddpm and not whole:
+        fail(f"--eval_timesteps {cfg.eval_timesteps!r}: {base}'s t's are in 0..1000 (a DDPM "
+             "model's: integers in 0..999)")
 
     transformers.utils.logging.disable_progress_bar()
     threads_before = torch.get_num_threads()  # restored at the end: main() may run in a program
@@ -639,7 +645,7 @@ def main(cfg):
     if state is not None:  # (what save_checkpoint left out stays as from_base loaded it)
         lrm.load_state_dict({**lrm.state_dict(), **state["model"]})
         optimizer.load_state_dict(state["optimizer"])
-        step, best, n_bad, n_seen = state["step"], state["best"], state["n_bad"], state["n_seen"]
+        step, best, n_bad, n_seen = [state[key] for key in ("step", "best", "n_bad", "n_seen")]
         del state  # restored: drop the loaded copy (SDXL: ~30 GB) before training
         gc.collect()
     if cfg.resume and rank == 0:
@@ -652,14 +658,17 @@ def main(cfg):
     micro_batch = choose_micro_batch(cfg, per_rank, lrm, device)
     if rank == 0:
         print(f"{world} process(es), {per_rank} pairs each a step, micro-batches of {micro_batch}")
-    loader = torch.utils.data.DataLoader(
-        Pairs(train, resolution, latent_shape(vae, resolution), grid, cfg.seed), per_rank,
-        sampler=steps_sampler(len(train), cfg.train_batch_size, rank, world, cfg.seed, step,
-                              cfg.max_train_steps), num_workers=cfg.workers)
+    dataset = Pairs(train, resolution, latent_shape(vae, resolution), grid, cfg.seed)
+    sampler = steps_sampler(len(train), cfg.train_batch_size, rank, world, cfg.seed, step,
+                            cfg.max_train_steps)
+    loader = torch.utils.data.DataLoader(dataset, per_rank, sampler=sampler,
+                                         num_workers=cfg.workers)
+    evaluation = dict(seed=cfg.seed, max_pairs=cfg.eval_max_pairs,
+                      vae_batch_size=cfg.vae_batch_size)  # pair_accuracy's
     first_step = step
     last_val = None
     best_folder = os.path.join(cfg.out, "best")
-    final = (cfg.out, publish_lrm, lrm, cfg.out, os.path.join(cfg.out, "final.tmp"), "final LRM")
+    final_staging = os.path.join(cfg.out, "final.tmp")
     start_time = time.perf_counter()
     for batch in tqdm(loader, "lrm", cfg.max_train_steps, initial=step, disable=rank != 0):
         # 1. one optimizer step on the global batch (micro-batches accumulate in train_step)
@@ -702,7 +711,7 @@ def main(cfg):
         # t beats it (paper: validation accuracy at t = 1), and the final LRM at the last step
         validate = step % cfg.eval_every == 0 or last_step
         if validate:
-            last_val = evaluate(lrm, val, timesteps, vae, cfg)
+            last_val = pair_accuracy(lrm, val, timesteps, vae, **evaluation)
             improved = last_val["decisive"][timesteps[0]] > best
             best = max(best, last_val["decisive"][timesteps[0]])
         if validate and rank == 0:
@@ -714,7 +723,7 @@ def main(cfg):
         if validate and rank == 0 and improved:
             write_or_fail(best_folder, publish_lrm, lrm, best_folder, best_folder + ".tmp", "best/")
         if last_step and rank == 0:
-            write_or_fail(*final)
+            write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, final_staging, "final LRM")
 
         # 4. checkpoint, written last: one that exists means best/ and the final LRM are on disk
         if rank == 0 and (validate or step % cfg.save_every == 0):
@@ -722,11 +731,11 @@ def main(cfg):
             save_checkpoint(state_path, lrm, optimizer, counters, cfg, world)
         barrier()  # every rank waits for the checkpoint
 
-    if rank == 0 and first_step == cfg.max_train_steps:
-        write_or_fail(*final)  # a finished run resumed: again, from the checkpoint, so they agree
+    if rank == 0 and first_step == cfg.max_train_steps:  # a finished run resumed: its final
+        write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, final_staging, "final LRM")  # LRM again
     kill_point("final table")
-    table = {"validation_unique": last_val or evaluate(lrm, val, timesteps, vae, cfg),
-             "test_unique": evaluate(lrm, test, timesteps, vae, cfg)}
+    table = {"validation_unique": last_val or pair_accuracy(lrm, val, timesteps, vae, **evaluation),
+             "test_unique": pair_accuracy(lrm, test, timesteps, vae, **evaluation)}
     if rank == 0:
         log_jsonl(log_path, {"step": step, "final": by_label(table)})
         print("\naccuracy at t: decisive pairs / official (every pair, a tie scoring 0.5)")
