@@ -15,7 +15,9 @@ validation accuracy is measured at --eval_timesteps (default: the grid's t neare
     torchrun --nproc_per_node=8 lrm.py --model ./my-sd15 --data /data/pickapic_v1  # paper settings
 --out gets the final LRM (LatentRewardModel.from_pretrained reads it), best/, train_state.pt and
 metrics.jsonl. The README's lrm.py section gives their contents, the --data layouts read and what
---resume keeps or refuses.
+--resume keeps or refuses. Reading order: Config, the math (pair_loss, learning_rate, add_noise),
+the data (load_pairs, Pairs), train_step and pair_accuracy, then main: setup, the numbered loop,
+the final table.
 
 Choices and deviations:
 1. deviation: all_gather gathers per-image *scores*, not features: the Bradley-Terry loss couples
@@ -38,7 +40,6 @@ Choices and deviations:
 import gc
 import glob
 import io
-import json
 import math
 import os
 import shutil
@@ -253,15 +254,12 @@ def read_keep(keep, n_rows):
     path = os.path.join(ROOT, keep) if keep.startswith("tiny/") else keep
     try:
         if path.endswith(".json"):
-            with open(path) as keep_file:
-                rows = json.load(keep_file)
+            rows = pd.read_json(path, typ="series").tolist()
         else:
             read = pd.read_parquet if path.endswith(".parquet") else pd.read_csv
             rows = read(path)["index"].tolist()
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"--keep {keep}: not a list of row indices ({error!r})") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"--keep {keep}: expected a list of integer row indices")
     wrong = [row for row in rows if not isinstance(row, int) or not 0 <= row < n_rows]
     if wrong:
         raise ValueError(f"--keep {keep}: row {wrong[0]!r} is not one of the train split's "
