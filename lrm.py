@@ -40,6 +40,7 @@ Choices and deviations:
 import gc
 import glob
 import io
+import json
 import math
 import os
 import shutil
@@ -254,15 +255,18 @@ def read_keep(keep, n_rows):
     path = os.path.join(ROOT, keep) if keep.startswith("tiny/") else keep
     try:
         if path.endswith(".json"):
-            rows = pd.read_json(path, typ="series").tolist()
+            with open(path) as keep_file:
+                rows = json.load(keep_file)
         else:
             read = pd.read_parquet if path.endswith(".parquet") else pd.read_csv
             rows = read(path)["index"].tolist()
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"--keep {keep}: not a list of row indices ({error!r})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"--keep {keep}: expected a list of integer row indices")
     wrong = [row for row in rows if not isinstance(row, int) or not 0 <= row < n_rows]
     if wrong:
-        raise ValueError(f"--keep {keep}: row {wrong[0]!r} is not one of the train split's "
+        raise ValueError(f"--keep {keep}: row {wrong[0]!r} is outside the train split's "
                          f"{n_rows} rows (a keep file of another dataset?)")
     return sorted(rows)
 
@@ -405,7 +409,8 @@ def train_step(lrm, vae, noise_scheduler, batch, micro_batch_size, device, vae_b
             scores = gather(lrm.score(noisy, t, prompts=prompts).view(-1, 2))  # (world * m, 2)
         labels = gather(micro["label"].to(device))  # (world * m, 2)
         weights = gather(micro["weight"].to(device))  # (world * m,)
-        part_loss = pair_loss(*scores.T, *labels.T, weights, total_weight)
+        part_loss = pair_loss(scores[:, 0], scores[:, 1], labels[:, 0], labels[:, 1], weights,
+                              total_weight)  # (not scores.T: its gradient would not be contiguous)
         part_loss.backward()
         loss += part_loss.item()
         seen.append((scores.detach().float(), labels, weights))
@@ -602,9 +607,12 @@ def main(cfg):
         train = load_pairs(cfg.data, "train", cfg.keep)
         val = load_pairs(cfg.data, "validation_unique")
         test = load_pairs(cfg.data, "test_unique")
-        noise_scheduler, grid = noise_schedule(base)
     except (ValueError, OSError) as error:
         fail(first_line(error))
+    try:
+        noise_scheduler, grid = noise_schedule(base)
+    except (ValueError, OSError) as error:
+        fail(f"cannot load the scheduler of {base}: {first_line(error)}")
     try:
         if cfg.text_projection_init:
             transformers.AutoConfig.from_pretrained(cfg.text_projection_init)
