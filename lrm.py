@@ -406,7 +406,8 @@ def train_step(lrm, vae, noise_scheduler, batch, micro_batch_size, device, vae_b
         noisy = add_noise(noise_scheduler, latents, noise, t)  # independent noise per image
         prompts = [caption for caption in micro["caption"] for _ in range(2)]
         with autocast:
-            scores = gather(lrm.score(noisy, t, prompts=prompts).view(-1, 2))  # (world * m, 2)
+            scores = lrm.score(noisy, t, prompts=prompts).view(-1, 2)  # (m, 2)
+        scores = gather(scores)  # (world * m, 2)
         labels = gather(micro["label"].to(device))  # (world * m, 2)
         weights = gather(micro["weight"].to(device))  # (world * m,)
         part_loss = pair_loss(scores[:, 0], scores[:, 1], labels[:, 0], labels[:, 1], weights,
@@ -610,10 +611,6 @@ def main(cfg):
     except (ValueError, OSError) as error:
         fail(first_line(error))
     try:
-        noise_scheduler, grid = noise_schedule(base)
-    except (ValueError, OSError) as error:
-        fail(f"cannot load the scheduler of {base}: {first_line(error)}")
-    try:
         if cfg.text_projection_init:
             transformers.AutoConfig.from_pretrained(cfg.text_projection_init)
     except (ValueError, OSError) as error:
@@ -622,6 +619,10 @@ def main(cfg):
     if len(train) < cfg.train_batch_size:
         fail(f"{cfg.data}: {len(train)} usable train pairs < --train_batch_size "
              f"{cfg.train_batch_size}")
+    try:
+        noise_scheduler, grid = noise_schedule(base)
+    except (ValueError, OSError) as error:
+        fail(f"cannot load the scheduler of {base}: {first_line(error)}")
     try:
         timesteps = parse_timesteps(cfg.eval_timesteps) or default_eval_timesteps(grid)
     except ValueError:
@@ -639,8 +640,8 @@ def main(cfg):
     lrm = LatentRewardModel.from_base(cfg.base or cfg.model, g=cfg.vfe_scale, resolution=resolution,
                                       text_projection_init=cfg.text_projection_init,
                                       lrm_blocks=cfg.lrm_blocks).to(device).train()
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae").to(device)  # fp32: SDXL's
-    vae.requires_grad_(False)  # overflows in fp16
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")  # fp32: SDXL's overflows in fp16
+    vae.to(device).requires_grad_(False)
     if cfg.grad_ckpt:
         lrm.denoiser.enable_gradient_checkpointing()
     params = [p for p in lrm.parameters() if p.requires_grad]
@@ -737,8 +738,8 @@ def main(cfg):
             save_checkpoint(state_path, lrm, optimizer, counters, cfg, world)
         barrier()  # every rank waits for the checkpoint
 
-    if rank == 0 and first_step == cfg.max_train_steps:  # a finished run resumed: its final
-        write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, final_staging, "final LRM")  # LRM again
+    if rank == 0 and first_step == cfg.max_train_steps:  # a finished run resumed: its final LRM
+        write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, final_staging, "final LRM")  # again
     kill_point("final table")
     table = {"validation_unique": last_val or pair_accuracy(lrm, val, timesteps, vae, **evaluation),
              "test_unique": pair_accuracy(lrm, test, timesteps, vae, **evaluation)}
