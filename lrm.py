@@ -2,7 +2,10 @@
 
 Paper: Zhang et al., "Diffusion Model as a Noise-Aware Latent Reward Model for Step-Level
 Preference Optimization", arXiv 2502.01051v3, Sec. "Latent Reward Model" and its training details:
-a Bradley-Terry loss on the LRM's scores of both images of a pair, noised to one shared t.
+a Bradley-Terry loss on the LRM's scores of both images of a pair, noised to one shared t of the
+base's 20-step sampling grid (SD1.5, SDXL: DDPM's t; SD3: 1000 sigma of its flow matching). The
+validation accuracy is measured at --eval_timesteps (default: the grid's t nearest 0, 250, 500,
+750 and 1000), the paper's noise awareness; best/ keeps the LRM best at the first of them.
     python lrm.py --model tiny                  # CPU: ~4 min of one core -> runs/lrm-tiny
     torchrun --nproc_per_node=2 lrm.py --model tiny --resume        # CPU (gloo): continue a run
     torchrun --nproc_per_node=8 lrm.py --model sd15 --keep runs/mpcf-sd15/keep.json
@@ -10,47 +13,11 @@ a Bradley-Terry loss on the LRM's scores of both images of a pair, noised to one
     python lrm.py --model tiny-sd3              # CPU: ~2.5 min of one core -> runs/lrm-tiny-sd3
     torchrun --nproc_per_node=8 lrm.py --model sd3 --keep runs/mpcf-sd15/keep.json  # SD3-Medium
     torchrun --nproc_per_node=8 lrm.py --model ./my-sd15 --data /data/pickapic_v1  # paper settings
---out gets the final LRM (unet/, text_encoder*/, tokenizer*/, state_dict.pt, lrm_config.json; SD3:
-transformer/, state_dict.pt, lrm_config.json, its frozen text encoders being the base's; load it
-with LatentRewardModel.from_pretrained), best/ (the best validation accuracy at the first
---eval_timesteps), train_state.pt (the checkpoint) and metrics.jsonl (rank 0; one JSON object a
-line, null where a number does not exist):
-  each step: step, loss (the global batch's weighted Bradley-Terry loss), acc (share of its decisive
-    pairs with both images decodable that the LRM ranks right; null when there is none), lr (of
-    this step), grad_norm (before clipping), logit_scale (after the step), pairs_per_s (pairs this
-    run trained / its wall time so far: validations and checkpoints included), bad_pairs (pairs
-    with an undecodable image so far)
-  each validation: step, val_acc@t (decisive pairs) and val_acc_ties_half@t (official) at each t
-  a resume that changed settings: step, resumed_with {setting: [old, new]}
-  the end: step, final {split: {"decisive" | "ties_half": {t: accuracy}}}
-
---data layouts read: a hub id (Pick-a-Pic v1: yuvalkirstain/pickapic_v1); a save_to_disk folder
-(dataset_dict.json); a folder of parquet files named by split (train.parquet, train-*.parquet,
-train/*.parquet or data/train-*.parquet, the same for validation_unique and test_unique); any other
-folder that datasets.load_dataset reads with those split names. Columns: caption, jpg_0, jpg_1
-(JPEG bytes), label_0, label_1, num_example_per_prompt, has_label, are_different. --keep: mpcf.py's
-keep.json (a JSON list of train-row indices) or a parquet / CSV file with an `index` column.
-
-Training: AdamW, bf16 autocast on CUDA, a global batch of --train_batch_size pairs split over the
-ranks and, within a rank, into micro-batches of --micro_batch_size pairs (gradient accumulation;
-0 = auto: the whole share on CPU, on CUDA the most that fits the GPU by the estimate
-ACTIVATION_GB_PER_PAIR below; the choice is printed). Each pair draws one t for both its images,
-with independent noise per image, from the noise levels of the base's 20-step sampling schedule;
-its loss weight is 1 / num_example_per_prompt, normalised over the global batch. t is in the
-denoiser's own unit (paper: the 20-step DDIM grid):
-- SD1.5, SDXL: DDPM's t in {1, 51, ..., 951} (DDIMScheduler), x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) e.
-- SD3 (flow matching): t = 1000 sigma, sigma the FlowMatchEulerDiscreteScheduler's 20 noise levels
-  (the base's shift; 3.0: t in {8.9, 149.8, 266.3, ..., 981.9, 1000}), x_t = (1 - sigma) x_0 +
-  sigma e (rectified flow); latents as SD3's pipeline, (z - shift_factor) x scaling_factor.
---eval_timesteps '' (the default) validates at the grid's t nearest 0, 250, 500, 750, 1000: low to
-high noise (DDPM: 1, 251, 501, 751, 951; SD3 with shift 3: 8.9, 266.3, 520.1, 731.0, 1000).
-
-Resume: a checkpoint that exists means everything it covers (best/, the final LRM) is on disk;
---resume continues bit for bit and refuses other settings (model, data, batch, seed...) in one
-line; --lr, --max_train_steps, --warmup, --eval_every and --save_every may change and take effect,
-and so may the settings of how it runs (--micro_batch_size, --grad_ckpt, --workers...).
-Rerunning into a used --out without --resume is refused. A non-finite loss or gradient stops the
-run before the optimizer step, keeping the last checkpoint.
+--out gets the final LRM (LatentRewardModel.from_pretrained reads it), best/, train_state.pt and
+metrics.jsonl. The README's lrm.py section gives their contents, the --data layouts read and what
+--resume keeps or refuses. Reading order: Config, the math (pair_loss, learning_rate, add_noise),
+the data (load_pairs, Pairs), train_step and pair_accuracy, then main: setup, the numbered loop,
+the final table.
 
 Choices and deviations:
 1. deviation: all_gather gathers per-image *scores*, not features: the Bradley-Terry loss couples
@@ -58,29 +25,25 @@ Choices and deviations:
 2. Each pair's randomness (t, VAE sample, noise) comes from (seed, epoch, row): on 1 process or 8,
    fresh or resumed, a pair sees the same noise (what lets the tests compare those runs).
 3. deviation: no weight decay on 1-D parameters (biases, norms, logit_scale), as in CLIP training.
-4. The learning rate follows the official LRM config (DeepSpeed WarmupDecayLR, whose default
-   warm-up is logarithmic): lr_s = lr * ln(s + 1) / ln(W) for s < W = max(warmup, 2), then
-   lr * (T - s) / (T - W), at optimizer step s = 0, 1, ... (step 0 only fills Adam's moments).
-5. Ties (0.5/0.5) train. Accuracy is reported two ways: on decisive pairs only, and as the
-   official evaluation counts it (every pair, a tie scoring 0.5), the definition of the paper's
-   65.5-69.3%.
+4. The learning rate is the official LRM config's (DeepSpeed WarmupDecayLR: log warm-up, then
+   linear decay to 0). bf16 autocast on CUDA; micro-batches accumulate to the global batch.
+5. Ties (0.5/0.5) train. Accuracy is reported on decisive pairs only, and as the official
+   evaluation counts it (every pair, a tie scoring 0.5): the definition of the paper's 65.5-69.3%.
 6. A pair with an undecodable image gets weight 0; more than 1% of them stops the run, decided on
    the totals at each epoch's end (the whole data) and at the last step.
 7. deviation (tiny world only): lr 1e-3, weight decay 0.01, 400 steps x 32 pairs of MPCF's kept
    rows (tiny/pickapic/mpcf_keep.json, made by `python mpcf.py --model tiny`), one CPU thread.
 8. SD3: the LRM reads the first --lrm_blocks MMDiT blocks (paper: 18 of SD3-Medium's 24) and its
-   text encoders stay frozen (paper), so train_state.pt leaves them out (T5-XXL: 19 GB in fp32):
-   they are the base's. The paper gives no SD3 training recipe: the sd3 / sd35 presets take
-   SDXL's (the same 1024 px, batch 32, 8,000 steps).
+   text encoders stay frozen (paper), so train_state.pt leaves them out: they are the base's. The
+   paper gives no SD3 recipe: the sd3 / sd35 presets take SDXL's (the same 1024 px).
 """
-import argparse
 import gc
+import glob
 import io
 import json
 import math
 import os
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -89,45 +52,39 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import transformers
-from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler,
-                       FlowMatchEulerDiscreteScheduler)
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from PIL import Image
 from tqdm import tqdm
 
 from lrm_model import LatentRewardModel, mmdit_blocks
-from models import BASES, ROOT, load_denoiser_config, resolve_model
-from runs import (atomic_torch_save, build_parser, command_line, fail, first_line, kill_point,
-                  load_checkpoint, log_jsonl, prepare_run_folder, setup_distributed, truncate_log,
-                  write_or_fail)
-
-PROG = os.path.basename(__file__)  # the name in this stage's messages
+from models import BASES, ROOT, geometry, is_flow_matching, load_denoiser_config, resolve_model
+from runs import (atomic_torch_save, barrier, command_line, fail, first_line, gather_objects,
+                  kill_point, load_checkpoint, log_jsonl, parse_config, peek, prepare_run_folder,
+                  setup_distributed, truncate_log, warn, write_or_fail)
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "num_example_per_prompt",
            "has_label", "are_different")
 NUMERIC_COLUMNS = ("label_0", "label_1", "num_example_per_prompt")
-# Auto micro-batch (CUDA): activation memory of one pair at 512 x 512 px in bf16, without gradient
-# checkpointing: 4 U-Net down+mid passes (2 images x VFE's 2 prompts) of ~0.65 GB each (SD1.5
-# architecture; an estimate, scaled by pixel area; gradient checkpointing taken to cut it to 1/4).
-ACTIVATION_GB_PER_PAIR = 2.6
-# The settings a resumed run may change (and that then take effect); any other is refused.
-RESUMABLE = ("lr", "max_train_steps", "warmup", "eval_every", "save_every")
-# Settings that change how a run is executed, not what it computes: free to change on resume.
+ACTIVATION_GB_PER_PAIR = 2.6  # see choose_micro_batch
+RESUMABLE = ("lr", "max_train_steps", "warmup", "eval_every", "save_every")  # change on resume
 MECHANICS = ("out", "resume", "micro_batch_size", "vae_batch_size", "workers", "threads",
-             "dist_timeout", "grad_ckpt")
+             "dist_timeout", "grad_ckpt")  # how a run executes: free to change on resume too
 
 
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
+    """A run's settings: Config's defaults, then --model's preset (PRESETS), then the command line,
+    one option per field (runs.build_parser; the comment after a field is its --help)."""
     model: str = "tiny"  # sd15 | sdxl | sd3 | sd35 | tiny | tiny-xl | tiny-sd3, or a pipeline / id
     base: str = ""  # base pipeline (hub id or folder) instead of --model's; then --data too
-    data: str = "yuvalkirstain/pickapic_v1"  # preference pairs: hub id or folder (see above)
+    data: str = "yuvalkirstain/pickapic_v1"  # preference pairs: hub id or folder (see README)
     keep: str = ""  # rows kept by mpcf.py: JSON list of train rows, or parquet / CSV `index`
     out: str = ""  # run folder, default runs/lrm-{model}
     resume: bool = False  # continue the run in --out from its train_state.pt
     max_train_steps: int = 4000  # optimizer steps; paper: 4,000 (SD1.5), 8,000 (SDXL)
     train_batch_size: int = 128  # global pairs per step; paper: 128 (SD1.5), 32 (SDXL)
-    micro_batch_size: int = 0  # pairs per rank per forward pass; 0 = auto (see above)
+    micro_batch_size: int = 0  # pairs per rank per pass; 0 = auto (CPU: all; CUDA: what fits)
     lr: float = 1e-5  # peak AdamW learning rate; paper: 1e-5
     weight_decay: float = 0.3  # AdamW weight decay of matrices; paper: 0.3
     warmup: int = 500  # log warm-up steps, then linear decay to 0; paper: 500 / 1000 (SDXL)
@@ -152,23 +109,17 @@ PRESETS = {
     "sd15": {},
     "sdxl": dict(max_train_steps=8000, train_batch_size=32, warmup=1000, grad_ckpt=True,
                  vae_batch_size=2),
-    # tiny world (1,600 pairs, 1M-parameter U-Net): the recipe of the shipped tiny/lrm; SD's lr
-    # 1e-5 would barely move it in 400 steps; one thread, as two only spend the tiny ops'
-    # time synchronising
+    # the tiny world's (1,600 pairs, 1M-parameter U-Net: SD's lr would barely move it; one
+    # thread, as two only spend the tiny ops' time synchronising): the shipped tiny/lrm's recipe
     "tiny": dict(data="tiny/pickapic", keep="tiny/pickapic/mpcf_keep.json", max_train_steps=400,
                  train_batch_size=32, lr=1e-3, weight_decay=0.01, warmup=20, eval_every=100,
                  save_every=100, workers=0, threads=1),
 }
-PRESETS["tiny-xl"] = PRESETS["tiny"]
-PRESETS["tiny-sd3"] = PRESETS["tiny"]
 # the paper gives no SD3 LRM recipe: SDXL's (the same 1024 px)
-PRESETS["sd3"] = PRESETS["sdxl"]
-PRESETS["sd35"] = PRESETS["sdxl"]
-
-
-# ----------------------------------------------------------------------------- config parsing
-def option_given(argv, name):
-    return any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in argv)
+PRESETS.update({"tiny-xl": PRESETS["tiny"], "tiny-sd3": PRESETS["tiny"], "sd3": PRESETS["sdxl"],
+                "sd35": PRESETS["sdxl"]})
+LEAST = dict(max_train_steps=1, train_batch_size=1, micro_batch_size=0, eval_every=1, save_every=1,
+             resolution=0, vae_batch_size=1, threads=0)  # (--lrm_blocks: lrm_model.mmdit_blocks)
 
 
 def parse_timesteps(text):
@@ -180,54 +131,29 @@ def parse_timesteps(text):
 
 def get_config(argv=None):
     """The Config of a command line: Config's defaults, then --model's preset, then the options.
-    Beyond the preset, two rules about the data:
-    - own_base: --base is empty or --model's own pipeline. A preset's data (tiny/pickapic) was
-      drawn for its own base, so another --base must name its --data.
-    - other_data: --data is not the preset's. The preset's --keep lists rows of the preset's data,
-      so it is dropped (with a note) unless --keep is given too."""
+    A preset's data was drawn for its own base, so another --base must name its --data; its --keep
+    lists rows of its own data, so other --data drops it (with a note) unless --keep is given."""
     argv = command_line(__file__, argv)
-    peek = argparse.ArgumentParser(add_help=False)
-    peek.add_argument("--model", default=Config.model)
-    model = peek.parse_known_args(argv)[0].model
-    defaults = {**asdict(Config()), **PRESETS.get(model, {})}
-    parser = build_parser(Config, defaults, __doc__)
-    cfg = Config(**vars(parser.parse_args(argv)))
-    in_repository = os.path.join(ROOT, cfg.model)
-    local = os.path.isdir(in_repository) or os.path.isdir(cfg.model)
-    if cfg.model not in PRESETS and not local and cfg.model.count("/") != 1:
+    preset = PRESETS.get(peek(argv, "model", Config.model), {})
+    cfg = parse_config(Config, {**asdict(Config()), **preset}, __doc__, argv)
+    given = {arg.split("=")[0] for arg in argv}  # the options on the command line
+    if cfg.model not in PRESETS and not os.path.isdir(cfg.model) and cfg.model.count("/") != 1:
         fail(f"--model {cfg.model!r}: expected one of {list(PRESETS)}, a pipeline folder, or a hub "
              "id like owner/name")
     own_base = cfg.base in ("", cfg.model, BASES.get(cfg.model))
-    if not own_base and cfg.data.startswith("tiny/") and not option_given(argv, "data"):
+    if not own_base and cfg.data.startswith("tiny/") and "--data" not in given:
         fail(f"--base {cfg.base}: pass --data too (the {cfg.model} preset's pairs were drawn "
              "for its own base)")
-    other_data = cfg.data != PRESETS.get(cfg.model, {}).get("data", Config.data)
-    if other_data and not option_given(argv, "keep") and cfg.keep:
+    if cfg.data != preset.get("data", Config.data) and cfg.keep and "--keep" not in given:
         if os.environ.get("RANK", "0") == "0":
-            print(f"{PROG}: note: the {cfg.model} preset's --keep {cfg.keep} lists rows of its own "
-                  f"data, not of {cfg.data}: training on all of {cfg.data}", file=sys.stderr)
+            warn(f"the {cfg.model} preset's --keep {cfg.keep} lists rows of its own data, not of "
+                 f"{cfg.data}: training on all of {cfg.data}")
         cfg.keep = ""
-    checks = [
-        (cfg.max_train_steps < 1, "--max_train_steps must be at least 1"),
-        (cfg.train_batch_size < 1, "--train_batch_size must be at least 1"),
-        (cfg.micro_batch_size < 0, "--micro_batch_size must be 0 (auto) or more"),
-        (not cfg.lr > 0, "--lr must be positive"),
-        (cfg.warmup < 0, "--warmup must be 0 or more"),
-        (cfg.eval_every < 1 or cfg.save_every < 1, "--eval_every and --save_every: at least 1"),
-        (cfg.resolution < 0, "--resolution must be 0 (the base's) or a positive size"),
-        (cfg.vae_batch_size < 1, "--vae_batch_size must be at least 1"),
-        (cfg.threads < 0, "--threads must be 0 (torch's default) or more"),
-        (cfg.lrm_blocks < 0, "--lrm_blocks must be 0 (the default share) or more"),
-    ]
-    for broken, message in checks:
-        if broken:
-            fail(message)
-    try:
-        timesteps = parse_timesteps(cfg.eval_timesteps)
-    except ValueError:
-        fail(f"--eval_timesteps {cfg.eval_timesteps!r}: comma-separated numbers, e.g. 1,501,951")
-    if not all(0 <= t <= 1000 for t in timesteps):
-        fail(f"--eval_timesteps {cfg.eval_timesteps!r}: each t in 0..1000 (DDPM: 0..999)")
+    for name, least in LEAST.items():
+        if getattr(cfg, name) < least:
+            fail(f"--{name} must be at least {least}")
+    if not cfg.lr > 0:
+        fail("--lr must be positive")
     cfg.out = cfg.out or f"runs/lrm-{os.path.basename(cfg.model.rstrip('/'))}"
     return cfg
 
@@ -242,22 +168,14 @@ def pair_loss(s0, s1, label_0, label_1, weight, total_weight=None):
     return (weight / total.clamp_min(1e-12) * nll).sum()
 
 
-def flow_noise(latents, noise, sigma):
-    """Rectified flow's forward process (SD3): x_sigma = (1 - sigma) x_0 + sigma e, sigma in [0, 1]
-    per row (diffusers: FlowMatchEulerDiscreteScheduler.scale_noise). (B, C, h, w), (B, C, h, w),
-    (B,) -> (B, C, h, w)"""
-    sigma = sigma.to(latents.dtype).view(-1, *[1] * (latents.ndim - 1))  # (B, 1, 1, 1)
-    return (1 - sigma) * latents + sigma * noise
-
-
 def learning_rate(step, cfg):
     """DeepSpeed WarmupDecayLR (the official LRM config) with its default log warm-up, at
-    optimizer step `step` (0-based): peak * ln(step + 1) / ln(W), then linear decay to 0 at T."""
+    optimizer step `step` (0-based; step 0 only fills Adam's moments): peak * ln(step + 1) /
+    ln(W), W = max(warmup, 2), then linear decay to 0 at T = --max_train_steps."""
     warmup = max(cfg.warmup, 2)  # as DeepSpeed
     if step < warmup:
         return cfg.lr * math.log(step + 1) / math.log(warmup)
-    remaining = (cfg.max_train_steps - step) / max(1, cfg.max_train_steps - warmup)
-    return cfg.lr * max(0.0, remaining)
+    return cfg.lr * max(0.0, (cfg.max_train_steps - step) / max(1, cfg.max_train_steps - warmup))
 
 
 def pair_credit(s0, s1, label_0, label_1):
@@ -266,56 +184,89 @@ def pair_credit(s0, s1, label_0, label_1):
     return (s0 > s1).float() * label_0 + (s0 < s1).float() * label_1
 
 
+def batch_accuracy(scores, labels, weights):
+    """Share of the decisive pairs whose winner scored higher, among pairs with both images
+    decodable (weight > 0); None when there is no such pair (JSON null, not NaN).
+    (G, 2), (G, 2), (G,) -> float or None."""
+    s0, s1 = scores.T  # (G,)
+    label_0, label_1 = labels.T
+    decisive = (label_0 != label_1) & (weights > 0)
+    if not decisive.any():
+        return None
+    return ((s0 > s1) == (label_0 > label_1))[decisive].sum().item() / decisive.sum().item()
+
+
+def add_noise(noise_scheduler, latents, noise, timesteps):
+    """x_t of clean latents at (B,) t's in the denoiser's unit: DDPM's sqrt(a_t) x_0 +
+    sqrt(1 - a_t) e, or rectified flow's (1 - sigma) x_0 + sigma e with sigma = t / 1000 (SD3;
+    diffusers: FlowMatchEulerDiscreteScheduler.scale_noise)."""
+    if not is_flow_matching(noise_scheduler.config):
+        return noise_scheduler.add_noise(latents, noise, timesteps)
+    sigma = timesteps / noise_scheduler.config.num_train_timesteps  # (B,)
+    sigma = sigma.to(latents.dtype).view(-1, 1, 1, 1)
+    return (1 - sigma) * latents + sigma * noise
+
+
+def noise_schedule(base):
+    """The base's noising and its grid of training t's, the noise levels of its 20-step sampling
+    schedule (paper: the 20-step DDIM grid): DDPM (SD1.5, SDXL: t in {1, 51, ..., 951}), or
+    flow matching (SD3: t = 1000 sigma, the FlowMatchEulerDiscreteScheduler's 20 sigmas)."""
+    config = DDPMScheduler.load_config(base, subfolder="scheduler")
+    flow = is_flow_matching(config)
+    noising = FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler
+    sampler = (FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler).from_config(config)
+    sampler.set_timesteps(20)
+    return noising.from_config(config), sorted(sampler.timesteps.tolist())
+
+
+def default_eval_timesteps(grid):
+    """The grid's t nearest 0, 250, 500, 750 and 1000: low to high noise."""
+    nearest = [min(grid, key=lambda t: abs(t - target)) for target in (0, 250, 500, 750, 1000)]
+    return list(dict.fromkeys(nearest))
+
+
 # ----------------------------------------------------------------------------- data
-def split_files(folder, split):
-    """Parquet files of a split named by file: train.parquet, train-*.parquet, train/*.parquet..."""
-    import glob
-    patterns = [f"{split}.parquet", f"{split}-*.parquet", f"{split}/*.parquet",
-                f"data/{split}.parquet", f"data/{split}-*.parquet"]
-    for pattern in patterns:
-        files = sorted(glob.glob(os.path.join(folder, pattern)))
-        if files:
-            return files
-    return []
-
-
 def open_split(data, split):
-    """One split of --data (the layouts in the docstring) as a datasets.Dataset."""
+    """One split of --data as a datasets.Dataset: a save_to_disk folder, a folder of parquet files
+    named by split (train.parquet, train-*.parquet, train/*.parquet, the same under data/), or what
+    datasets.load_dataset reads with the split names (a hub id, another folder)."""
     import datasets
     datasets.disable_progress_bars()
     local = os.path.join(ROOT, data) if data.startswith("tiny/") else data
+    patterns = [f"{split}.parquet", f"{split}-*.parquet", f"{split}/*.parquet",
+                f"data/{split}.parquet", f"data/{split}-*.parquet"]
+    found = [sorted(glob.glob(os.path.join(local, pattern))) for pattern in patterns]
+    files = next(filter(None, found), [])  # the first pattern's files
     try:
         if os.path.exists(os.path.join(local, "dataset_dict.json")):
             return datasets.load_from_disk(local)[split]
-        if os.path.isdir(local) and split_files(local, split):
-            files = split_files(local, split)
+        if files:
             return datasets.load_dataset("parquet", data_files=files, split="train")
         return datasets.load_dataset(local if os.path.isdir(local) else data, split=split)
     except Exception as error:
-        first_line = (str(error) or "?").splitlines()[0][:150]
-        reason = f"{type(error).__name__}: {first_line}"
-        raise ValueError(f"dataset {data!r} has no readable split {split!r} ({reason})") from None
+        raise ValueError(f"dataset {data!r} has no readable split {split!r} "
+                         f"({type(error).__name__}: {first_line(error)[:150]})") from None
 
 
 def read_keep(keep, n_rows):
-    """mpcf.py's kept rows: a JSON list of row indices, or a parquet / CSV table with `index`."""
+    """mpcf.py's kept rows, sorted: a JSON list of row indices, or a parquet / CSV table with an
+    `index` column; rows of the split as published, so a row outside it is refused."""
     import pandas as pd
     path = os.path.join(ROOT, keep) if keep.startswith("tiny/") else keep
     try:
         if path.endswith(".json"):
             with open(path) as keep_file:
                 rows = json.load(keep_file)
-        elif path.endswith(".parquet"):
-            rows = pd.read_parquet(path)["index"].tolist()
         else:
-            rows = pd.read_csv(path)["index"].tolist()
+            read = pd.read_parquet if path.endswith(".parquet") else pd.read_csv
+            rows = read(path)["index"].tolist()
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"--keep {keep}: not a list of row indices ({error!r})") from None
-    if not isinstance(rows, list) or not all(isinstance(row, int) for row in rows):
+    if not isinstance(rows, list):
         raise ValueError(f"--keep {keep}: expected a list of integer row indices")
-    outside = [row for row in rows if not 0 <= row < n_rows]
-    if outside:
-        raise ValueError(f"--keep {keep}: row {outside[0]} is outside the train split's "
+    wrong = [row for row in rows if not isinstance(row, int) or not 0 <= row < n_rows]
+    if wrong:
+        raise ValueError(f"--keep {keep}: row {wrong[0]!r} is outside the train split's "
                          f"{n_rows} rows (a keep file of another dataset?)")
     return sorted(rows)
 
@@ -336,8 +287,8 @@ def load_pairs(data, split, keep=""):
     if keep:  # row indices into the split as published
         pairs = pairs.select(read_keep(keep, len(pairs)))
     flags = zip(pairs["has_label"], pairs["are_different"])
-    usable = [i for i, (labelled, different) in enumerate(flags) if labelled and different]
-    return pairs.select(usable)
+    return pairs.select([i for i, (labelled, different) in enumerate(flags)
+                         if labelled and different])
 
 
 def decode_pair(example, resolution):
@@ -345,27 +296,23 @@ def decode_pair(example, resolution):
     images = []
     for image in (example["jpg_0"], example["jpg_1"]):
         if not isinstance(image, Image.Image):
-            raw = image["bytes"] if isinstance(image, dict) else image
-            image = Image.open(io.BytesIO(raw))
+            image = Image.open(io.BytesIO(image["bytes"] if isinstance(image, dict) else image))
         image = image.convert("RGB").resize((resolution, resolution), Image.BICUBIC)
         images.append(np.array(image))
     return torch.from_numpy(np.stack(images))
 
 
+@dataclass
 class Pairs(torch.utils.data.Dataset):
-    """(epoch, row) -> both images in [-1, 1] and the pair's own randomness, from a generator
-    seeded by (seed, epoch, row). An undecodable image gives a blank pair of weight 0 (shapes
-    must match)."""
-
-    def __init__(self, pairs, resolution, latent_shape, timestep_grid, seed):
-        self.pairs = pairs
-        self.resolution = resolution
-        self.latent_shape = latent_shape
-        self.timestep_grid = timestep_grid
-        self.seed = seed
-
-    def __len__(self):
-        return len(self.pairs)
+    """(epoch, row) -> {px: both images (2, 3, H, W) in [-1, 1], caption, label (2,), weight (the
+    paper's 1 / num_example_per_prompt), t (one for both images), eps (image, VAE sample | added
+    noise, C, h, w)} with the pair's own randomness, from a generator seeded by (seed, epoch, row).
+    An undecodable image gives a blank pair, bad and of weight 0 (shapes must match)."""
+    pairs: object  # a split from load_pairs
+    resolution: int
+    latent_shape: tuple  # (C, h, w)
+    timestep_grid: list
+    seed: int
 
     def __getitem__(self, key):
         epoch, row = key
@@ -378,24 +325,21 @@ class Pairs(torch.utils.data.Dataset):
             pixels = torch.zeros(2, self.resolution, self.resolution, 3, dtype=torch.uint8)
             bad = True
         pick = torch.randint(len(self.timestep_grid), (), generator=generator)
-        labels = [example["label_0"], example["label_1"]]
-        # paper: each pair weighs 1 / (pairs of its prompt)
-        weight = 0.0 if bad else 1.0 / max(example["num_example_per_prompt"], 1)
         return dict(
-            px=pixels.permute(0, 3, 1, 2).float() / 127.5 - 1,  # (2, 3, H, W)
+            px=pixels.permute(0, 3, 1, 2).float() / 127.5 - 1,
             caption=example["caption"],
             bad=bad,
-            label=torch.tensor(labels, dtype=torch.float32),  # (2,)
-            weight=torch.tensor(weight),
-            t=self.timestep_grid[pick],  # one t for both images
-            # (image, VAE sample | added noise, C, h, w)
+            label=torch.tensor([example["label_0"], example["label_1"]], dtype=torch.float32),
+            weight=torch.tensor(0.0 if bad else 1.0 / max(example["num_example_per_prompt"], 1)),
+            t=self.timestep_grid[pick],
             eps=torch.randn(2, 2, *self.latent_shape, generator=generator),
         )
 
 
 def steps_sampler(n, global_batch, rank, world, seed, start, steps):
-    """Global batch k = rows perm_e[k*G:(k+1)*G] of epoch e's shuffle, each rank its contiguous
-    share."""
+    """(epoch, row) keys of steps start..steps-1: global batch k = rows perm_e[k*G:(k+1)*G] of
+    epoch e's shuffle (seeded by seed + e), each rank its contiguous share: the same rows on 1
+    process or 8, fresh or resumed."""
     per_epoch = n // global_batch
     share = global_batch // world
     for step in range(start, steps):
@@ -406,130 +350,73 @@ def steps_sampler(n, global_batch, rank, world, seed, start, steps):
             yield epoch, int(row)
 
 
+def latent_shape(vae, resolution):
+    """(C, h, w) of the VAE's latents of resolution x resolution images."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return (vae.config.latent_channels, resolution // factor, resolution // factor)
+
+
 @torch.no_grad()
 def encode_images(vae, pixels, noise, vae_batch_size=8):
     """latent_dist.sample() with the given noise, as the pipeline scales it: (z - shift_factor) x
-    scaling_factor (not 0.18215; SD1.5 and SDXL have no shift, SD3 has), vae_batch_size images per
-    VAE call: the VAE's memory does not grow with the batch."""
+    scaling_factor (SD1.5 and SDXL have no shift, SD3 has), vae_batch_size images per VAE call:
+    the VAE's memory does not grow with the batch."""
     latents = []
-    for start in range(0, len(pixels), vae_batch_size):
-        chunk = pixels[start:start + vae_batch_size].to(vae.device, vae.dtype)  # (c, 3, H, W)
-        posterior = vae.encode(chunk).latent_dist
-        chunk_noise = noise[start:start + vae_batch_size].to(posterior.mean)
-        latents.append(posterior.mean + posterior.std * chunk_noise)  # (c, C, h, w)
+    for chunk, chunk_noise in zip(pixels.split(vae_batch_size), noise.split(vae_batch_size)):
+        posterior = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist  # chunk: (c, 3, H, W)
+        latents.append(posterior.mean + posterior.std * chunk_noise.to(posterior.mean))
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (torch.cat(latents) - shift) * vae.config.scaling_factor
 
 
 def pair_latents(vae, batch, device, vae_batch_size=8):
     """A collated batch of Pairs -> clean latents and the noise to add, both (2b, C, h, w), pairs
-    adjacent."""
+    adjacent (the VAE sample drawn with the batch's own VAE noise, eps[:, :, 0])."""
     eps = batch["eps"].flatten(0, 1).to(device)  # (2b, VAE|noise, C, h, w)
-    pixels = batch["px"].flatten(0, 1)  # (2b, 3, H, W)
-    latents = encode_images(vae, pixels, eps[:, 0], vae_batch_size).to(device)
-    return latents, eps[:, 1]
+    latents = encode_images(vae, batch["px"].flatten(0, 1), eps[:, 0], vae_batch_size)
+    return latents.to(device), eps[:, 1]
 
 
-def noise_schedule(base):
-    """The base's noising and its grid of training t's, the noise levels of its 20-step sampling
-    schedule (paper: the 20-step DDIM grid): DDPM (SD1.5, SDXL: t in {1, 51, ..., 951}), or
-    flow matching (SD3: t = 1000 sigma, the FlowMatchEulerDiscreteScheduler's 20 sigmas)."""
-    config = DDPMScheduler.load_config(base, subfolder="scheduler")
-    if config["_class_name"] == "FlowMatchEulerDiscreteScheduler":
-        noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-        sampler = FlowMatchEulerDiscreteScheduler.from_config(config)
-    else:
-        noise_scheduler = DDPMScheduler.from_config(config)
-        sampler = DDIMScheduler.from_config(config)
-    sampler.set_timesteps(20)
-    return noise_scheduler, sorted(sampler.timesteps.tolist())
-
-
-def add_noise(noise_scheduler, latents, noise, timesteps):
-    """x_t of clean latents at (B,) t's in the denoiser's unit: DDPM's sqrt(a_t) x_0 +
-    sqrt(1 - a_t) e, or rectified flow's (1 - sigma) x_0 + sigma e with sigma = t / 1000."""
-    if isinstance(noise_scheduler, FlowMatchEulerDiscreteScheduler):
-        sigma = timesteps / noise_scheduler.config.num_train_timesteps  # (B,)
-        return flow_noise(latents, noise, sigma)
-    return noise_scheduler.add_noise(latents, noise, timesteps)
-
-
-def default_eval_timesteps(grid):
-    """The grid's t nearest 0, 250, 500, 750 and 1000: low to high noise."""
-    nearest = [min(grid, key=lambda t: abs(t - target)) for target in (0, 250, 500, 750, 1000)]
-    return list(dict.fromkeys(nearest))
-
-
-def latent_shape(vae, resolution):
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    return (vae.config.latent_channels, resolution // factor, resolution // factor)
-
-
-@torch.no_grad()
-def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pairs=0,
-                  vae_batch_size=8):
-    """Accuracy at each t on a split (from load_pairs), both images noised to t with fixed
-    per-pair noise, two ways: {"decisive": {t: on decisive pairs}, "ties_half": {t: official, a
-    tie scoring 0.5}}. Sharded over ranks when torch.distributed is initialised."""
-    base = resolve_model(lrm.config["base"])
-    vae = vae or AutoencoderKL.from_pretrained(base, subfolder="vae")
-    noise_scheduler, _ = noise_schedule(base)
-    device = lrm.logit_scale.device
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rows = list(range(len(pairs)))[:max_pairs or None]
-    data = Pairs(pairs, lrm.resolution, latent_shape(vae, lrm.resolution), [0], seed)
-    timesteps = list(dict.fromkeys(timesteps))  # each t once: a repeated t would count twice
-    # this rank's counts: decisive pairs and decodable pairs; per t, the decisive pairs ranked
-    # right and the official credit
-    sums = {"decisive": 0.0, "counted": 0.0}
-    for t in timesteps:
-        sums[f"right@{t}"] = 0.0
-        sums[f"credit@{t}"] = 0.0
-    was_training = lrm.training
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-    lrm.eval()
-    for start in range(rank * batch_size, len(rows), world * batch_size):
-        items = [data[(0, row)] for row in rows[start:start + batch_size]]
-        batch = torch.utils.data.default_collate(items)
-        latents, noise = pair_latents(vae, batch, device, vae_batch_size)  # (2b, C, h, w)
-        text = lrm.encode_text([caption for caption in batch["caption"] for _ in range(2)])
-        label_0 = batch["label"][:, 0]  # (b,)
-        label_1 = batch["label"][:, 1]
-        good = ~batch["bad"]  # an undecodable pair casts no vote
-        decisive = (label_0 != label_1) & good
-        for t in timesteps:
-            # an int t (DDPM) gives a long tensor, a float one (SD3) a float tensor
-            t_batch = torch.full((len(latents),), t, device=device)  # (2b,)
-            noisy = add_noise(noise_scheduler, latents, noise, t_batch)
-            with autocast:
-                scores = lrm.score(noisy, t_batch, text=text).float().cpu()  # (2b,)
-            s0 = scores[0::2]
-            s1 = scores[1::2]
-            right = ((s0 > s1) == (label_0 > label_1)) & decisive  # (b,)
-            sums[f"right@{t}"] += right.sum().item()
-            sums[f"credit@{t}"] += (pair_credit(s0, s1, label_0, label_1) * good).sum().item()
-        sums["decisive"] += decisive.sum().item()
-        sums["counted"] += good.sum().item()
-    lrm.train(was_training)
-    sums = sum_over_ranks(sums, device)
-    n_decisive = max(sums["decisive"], 1)
-    n_counted = max(sums["counted"], 1)
-    decisive_acc = {t: sums[f"right@{t}"] / n_decisive for t in timesteps}
-    official_acc = {t: sums[f"credit@{t}"] / n_counted for t in timesteps}
-    return {"decisive": decisive_acc, "ties_half": official_acc}
-
-
-# ----------------------------------------------------------------------------- distributed
+# ----------------------------------------------------------------------------- training step
 warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprec")
 
 
 def gather(x):
-    """Autograd-aware all_gather: the loss sees the global batch, gradients flow back to each
-    rank."""
+    """Autograd-aware all_gather along dim 0: the loss sees the global batch, and gradients flow
+    back to each rank (its backward sums them over the ranks: see average_gradients); on one
+    process x itself."""
     if not dist.is_initialized():
         return x
     return torch.cat(torch.distributed.nn.functional.all_gather(x))
+
+
+def train_step(lrm, vae, noise_scheduler, batch, micro_batch_size, device, vae_batch_size=8):
+    """Forward and backward of one global batch, micro_batch_size pairs per rank per pass
+    (gradient accumulation); each pass's loss is normalised by the weight of the *whole* global
+    batch, so the summed gradients are the full batch's. -> loss (float), and the gathered
+    scores (G, 2), labels (G, 2), weights (G,) in the order of the micro-batches."""
+    total_weight = gather(batch["weight"].to(device)).sum()
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    loss = 0.0
+    seen = []
+    for start in range(0, len(batch["t"]), micro_batch_size):
+        micro = {key: value[start:start + micro_batch_size] for key, value in batch.items()}
+        latents, noise = pair_latents(vae, micro, device, vae_batch_size)  # (2m, C, h, w)
+        t = micro["t"].to(device).repeat_interleave(2)  # (2m,): one t for both images of a pair
+        noisy = add_noise(noise_scheduler, latents, noise, t)  # independent noise per image
+        prompts = [caption for caption in micro["caption"] for _ in range(2)]
+        with autocast:
+            scores = lrm.score(noisy, t, prompts=prompts).view(-1, 2)  # (m, 2)
+        scores = gather(scores)  # (world * m, 2)
+        labels = gather(micro["label"].to(device))  # (world * m, 2)
+        weights = gather(micro["weight"].to(device))  # (world * m,)
+        part_loss = pair_loss(scores[:, 0], scores[:, 1], labels[:, 0], labels[:, 1], weights,
+                              total_weight)  # (not scores.T: its gradient would not be contiguous)
+        part_loss.backward()
+        loss += part_loss.item()
+        seen.append((scores.detach().float(), labels, weights))
+    scores, labels, weights = [torch.cat(parts) for parts in zip(*seen)]
+    return loss, scores, labels, weights
 
 
 def average_gradients(params, world):
@@ -543,18 +430,6 @@ def average_gradients(params, world):
         grad.copy_(new.view_as(grad))
 
 
-def sum_over_ranks(sums, device):
-    """{name: number} summed over all ranks in one fp64 all_reduce; by name, so that no count can
-    be read back from the wrong position."""
-    if not dist.is_initialized():
-        return sums
-    names = list(sums)
-    values = [float(sums[name]) for name in names]
-    totals = torch.tensor(values, dtype=torch.float64, device=device)  # (len(names),)
-    dist.all_reduce(totals)
-    return dict(zip(names, totals.tolist()))
-
-
 def smallest_over_ranks(value, device):
     """The smallest of the ranks' integer values (the value itself on one process)."""
     if not dist.is_initialized():
@@ -564,199 +439,69 @@ def smallest_over_ranks(value, device):
     return int(smallest.item())
 
 
-def agree_all_finite(loss, grad_norm, device):
-    """True on every rank when the loss and gradient are finite on every rank."""
-    broken = not (math.isfinite(loss) and math.isfinite(grad_norm))
-    flag = torch.tensor(float(broken), device=device)
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0
-
-
-# ----------------------------------------------------------------------------- training step
-def train_step(lrm, vae, noise_scheduler, batch, micro_batch_size, device, vae_batch_size=8):
-    """Forward and backward of one global batch, micro_batch_size pairs per rank per pass
-    (gradient accumulation); each pass's loss is normalised by the weight of the *whole* global
-    batch, so the summed gradients are the full batch's. -> loss (float), and the gathered
-    scores (G, 2), labels (G, 2), weights (G,) in the order of the micro-batches."""
-    total_weight = gather(batch["weight"].to(device)).sum()
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-    loss = 0.0
-    seen = {"scores": [], "labels": [], "weights": []}
-    for start in range(0, len(batch["t"]), micro_batch_size):
-        part = slice(start, start + micro_batch_size)
-        micro = {key: value[part] for key, value in batch.items()}
-        latents, noise = pair_latents(vae, micro, device, vae_batch_size)  # (2m, C, h, w)
-        t = micro["t"].to(device).repeat_interleave(2)  # (2m,): one t for both images of a pair
-        noisy = add_noise(noise_scheduler, latents, noise, t)  # independent noise per image
-        prompts = [caption for caption in micro["caption"] for _ in range(2)]
-        with autocast:
-            scores = lrm.score(noisy, t, prompts=prompts).view(-1, 2)  # (m, 2)
-        scores = gather(scores)  # (world * m, 2)
-        labels = gather(micro["label"].to(device))  # (world * m, 2)
-        weights = gather(micro["weight"].to(device))  # (world * m,)
-        part_loss = pair_loss(scores[:, 0], scores[:, 1], labels[:, 0], labels[:, 1], weights,
-                              total_weight)
-        part_loss.backward()
-        loss += part_loss.item()
-        seen["scores"].append(scores.detach().float())
-        seen["labels"].append(labels)
-        seen["weights"].append(weights)
-    gathered = {key: torch.cat(values) for key, values in seen.items()}
-    return loss, gathered["scores"], gathered["labels"], gathered["weights"]
-
-
-def batch_accuracy(scores, labels, weights):
-    """Share of the decisive pairs whose winner scored higher, among pairs with both images
-    decodable (weight > 0); None when there is no such pair (JSON null, not NaN).
-    (G, 2), (G, 2), (G,) -> float or None."""
-    decisive = (labels[:, 0] != labels[:, 1]) & (weights > 0)  # (G,)
-    if not decisive.any():
-        return None
-    higher_0 = scores[:, 0] > scores[:, 1]
-    right = higher_0 == (labels[:, 0] > labels[:, 1])
-    return right[decisive].sum().item() / decisive.sum().item()
-
-
 def choose_micro_batch(cfg, per_rank, lrm, device):
     """--micro_batch_size, or auto: on CPU the whole per-rank share; on CUDA the largest divisor
-    of it that the GPU holds by the ACTIVATION_GB_PER_PAIR estimate, after fp32 weights,
-    gradients and Adam's two moments (16 bytes per trainable parameter). With several processes,
-    the smallest choice of any rank: ranks on GPUs of other sizes must make the same number of
-    passes, as each pass has its collectives (else they wait for each other forever)."""
+    of it that the GPU holds after fp32 weights, gradients and Adam's two moments (16 bytes per
+    trainable parameter), taking ACTIVATION_GB_PER_PAIR for a pair's activations at 512 x 512 px
+    in bf16 (an estimate: 4 U-Net down+mid passes, 2 images x VFE's 2 prompts, of ~0.65 GB each,
+    SD1.5; scaled by pixel area; gradient checkpointing taken to cut it to 1/4). With several
+    processes, the smallest choice of any rank (a divisor too): each pass has its collectives,
+    so ranks on GPUs of other sizes must make the same number of passes."""
     if cfg.micro_batch_size:
         return cfg.micro_batch_size
     if device.type != "cuda":
         return per_rank
     total_gb = torch.cuda.get_device_properties(device).total_memory / 2**30
-    trainable = sum(p.numel() for p in lrm.parameters() if p.requires_grad)
-    fixed_gb = 16 * trainable / 2**30
+    fixed_gb = 16 * sum(p.numel() for p in lrm.parameters() if p.requires_grad) / 2**30
     area = (lrm.resolution / 512) ** 2
     pair_gb = ACTIVATION_GB_PER_PAIR * area * (0.25 if cfg.grad_ckpt else 1.0)
     fits = max(1, int((0.85 * total_gb - fixed_gb) / pair_gb))
-    mine = max(d for d in range(1, per_rank + 1) if per_rank % d == 0 and d <= fits)
-    # the smallest of divisors of per_rank divides it too
+    mine = max(d for d in range(1, min(fits, per_rank) + 1) if per_rank % d == 0)
     return smallest_over_ranks(mine, device)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def publish_lrm(lrm, folder, staging, name):
-    """Save an LRM to staging (a *.tmp folder), then move it into folder, lrm_config.json last: a
-    kill leaves the old or the new complete LRM, or a folder without lrm_config.json and the
-    *.tmp, which the resumed run removes and writes again (its checkpoint is written later)."""
-    shutil.rmtree(staging, ignore_errors=True)
-    lrm.save_pretrained(staging)
-    os.makedirs(folder, exist_ok=True)
-    config = os.path.join(folder, "lrm_config.json")
-    if os.path.exists(config):
-        os.remove(config)  # the folder is incomplete until the new config lands
-    for entry in sorted(os.listdir(staging)):
-        if entry == "lrm_config.json":
-            continue
-        target = os.path.join(folder, entry)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        elif os.path.exists(target):
-            os.remove(target)
-        os.rename(os.path.join(staging, entry), target)
-        kill_point("mid " + name)
-    os.rename(os.path.join(staging, "lrm_config.json"), config)
-    os.rmdir(staging)
-
-
-def checkpoint_weights(lrm):
-    """The LRM's tensors for train_state.pt, without frozen text encoders (SD3's; its T5-XXL is
-    19 GB in fp32): from_base loads those as they were."""
-    weights = lrm.state_dict()
-    if lrm.text_trained:
-        return weights
-    return {name: value for name, value in weights.items()
-            if not name.startswith("text_encoders.")}
-
-
-def save_checkpoint(path, lrm, optimizer, counters, cfg, world):
-    """train_state.pt: weights, AdamW's state, the counters, the settings and the world size. No
-    RNG state: every random draw comes from generators seeded by (seed, epoch, row)."""
-    checkpoint = {"model": checkpoint_weights(lrm), "optimizer": optimizer.state_dict(),
-                  **counters, "cfg": asdict(cfg), "world": world}
-    kill_point("before train_state.pt")
-    write_or_fail(path, atomic_torch_save, checkpoint, path)
-    kill_point("after train_state.pt")
-
-
-def load_train_state(path):
-    """train_state.pt memory-mapped: its tensors are read from the file as they are restored, and
-    the file's pages need not stay in RAM (SDXL's checkpoint is ~30 GB). A damaged file (or one in
-    torch's old, non-zip format) goes through load_checkpoint: one line, or the plain load."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:
-        return load_checkpoint(path)
-
-
-def restore(state, lrm, optimizer):
-    """Weights and AdamW's state from a checkpoint -> its counters."""
-    # what checkpoint_weights left out (frozen text encoders) stays as from_base loaded it
-    lrm.load_state_dict({**lrm.state_dict(), **state["model"]})
-    optimizer.load_state_dict(state["optimizer"])
-    return {key: state[key] for key in ("step", "best", "n_bad", "n_seen")}
-
-
-def check_resume(state, cfg, world):
-    """Refuse a checkpoint made with other meaning-changing settings (one line listing each);
-    return the changes of RESUMABLE settings, which take effect."""
-    saved = state["cfg"]
-    now = asdict(cfg)
-    fixed = [key for key in now if key not in RESUMABLE + MECHANICS]
-    differences = [f"--{key} {saved.get(key)!r} -> {now[key]!r}"
-                   for key in fixed if saved.get(key) != now[key]]
-    if state.get("world") != world:
-        differences.append(f"processes {state.get('world')} -> {world}")
-    if differences:
-        fail(f"--resume: {cfg.out} was trained with other settings ({'; '.join(differences)}): "
-             "run with its settings, or pass another --out")
-    if state["step"] > cfg.max_train_steps:
-        fail(f"--resume: {cfg.out} is at step {state['step']}, past --max_train_steps "
-             f"{cfg.max_train_steps}: pass --max_train_steps >= {state['step']}, or another --out")
-    return {key: [saved[key], now[key]] for key in RESUMABLE if saved.get(key) != now[key]}
-
-
-def pick_resolution(base, requested):
-    """--resolution, or the base's own (denoiser sample_size x VAE factor); refuse sizes that the
-    VAE and the U-Net's downsampling (the MMDiT's patches and positions) cannot take."""
-    vae_config = AutoencoderKL.load_config(base, subfolder="vae")
-    subfolder, config = load_denoiser_config(base)
-    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    resolution = requested or config["sample_size"] * vae_factor
-    if subfolder == "unet":
-        multiple = vae_factor * 2 ** (len(config["block_out_channels"]) - 1)
-        largest = resolution
-        what = "VAE factor x U-Net downsampling"
-    else:
-        multiple = vae_factor * config["patch_size"]
-        largest = multiple * config["pos_embed_max_size"]
-        what = "VAE factor x MMDiT patch size"
-    if resolution % multiple:
-        fail(f"--resolution {requested}: {base} needs a multiple of {multiple} px "
-             f"({what}), or 0 for its own size")
-    if resolution > largest:
-        fail(f"--resolution {requested}: {base}'s position embedding covers at most {largest} px")
-    return resolution
-
-
-def non_finite_message(step, loss, grad_norm, state_path):
-    what = (f"non-finite loss or gradient at step {step} (loss {loss:.4g}, gradient norm "
-            f"{grad_norm:.4g}); stopped before the optimizer step, nothing saved from it")
-    if os.path.exists(state_path):
-        return (f"{what}; the last good checkpoint {state_path} is kept: continue it with "
-                "--resume and a lower --lr")
-    return f"{what}; no checkpoint yet: start again with --resume and a lower --lr"
-
-
-def evaluate(lrm, pairs, timesteps, vae, cfg):
-    """pair_accuracy with the run's settings (fixed noise from --seed)."""
-    return pair_accuracy(lrm, pairs, timesteps, vae, max_pairs=cfg.eval_max_pairs, seed=cfg.seed,
-                         vae_batch_size=cfg.vae_batch_size)
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pairs=0,
+                  vae_batch_size=8):
+    """Accuracy at each t on a split (from load_pairs), both images noised to t with fixed
+    per-pair noise, two ways: {"decisive": {t: on decisive pairs}, "ties_half": {t: official, a
+    tie scoring 0.5}}. Sharded over ranks when torch.distributed is initialised; each rank
+    counts at each t the decisive pairs ranked right, the official credit, the decisive and the
+    decodable pairs, summed over ranks. An int t (DDPM) makes a long tensor, a float one (SD3) a
+    float tensor."""
+    base = resolve_model(lrm.config["base"])
+    vae = vae or AutoencoderKL.from_pretrained(base, subfolder="vae")
+    noise_scheduler = noise_schedule(base)[0]
+    device = lrm.logit_scale.device
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rows = range(len(pairs))[:max_pairs or None]
+    data = Pairs(pairs, lrm.resolution, latent_shape(vae, lrm.resolution), [0], seed)
+    timesteps = list(dict.fromkeys(timesteps))  # each t once: a repeated t would count twice
+    sums = torch.zeros(4, len(timesteps), dtype=torch.float64)
+    was_training = lrm.training
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    lrm.eval()
+    for start in range(rank * batch_size, len(rows), world * batch_size):
+        items = [data[(0, row)] for row in rows[start:start + batch_size]]
+        batch = torch.utils.data.default_collate(items)
+        latents, noise = pair_latents(vae, batch, device, vae_batch_size)  # (2b, C, h, w)
+        text = lrm.encode_text([caption for caption in batch["caption"] for _ in range(2)])
+        label_0, label_1 = batch["label"].T  # (b,)
+        good = ~batch["bad"]  # an undecodable pair casts no vote
+        decisive = (label_0 != label_1) & good
+        for i, t in enumerate(timesteps):
+            t_batch = torch.full((len(latents),), t, device=device)  # (2b,)
+            noisy = add_noise(noise_scheduler, latents, noise, t_batch)
+            with autocast:
+                s0, s1 = lrm.score(noisy, t_batch, text=text).float().cpu().view(-1, 2).T
+            right = ((s0 > s1) == (label_0 > label_1)) & decisive  # (b,)
+            credit = pair_credit(s0, s1, label_0, label_1) * good
+            sums[:, i] += torch.stack([right.sum(), credit.sum(), decisive.sum(), good.sum()])
+    lrm.train(was_training)
+    right, credit, n_decisive, n_counted = sum(gather_objects(sums))  # over ranks
+    return {"decisive": dict(zip(timesteps, (right / n_decisive.clamp_min(1)).tolist())),
+            "ties_half": dict(zip(timesteps, (credit / n_counted.clamp_min(1)).tolist()))}
 
 
 def by_label(tree):
@@ -768,55 +513,101 @@ def by_label(tree):
             for key, value in tree.items()}
 
 
-def log_validation(log_path, step, accuracy):
-    """One metrics.jsonl row with both accuracies at each t, and a line on the console."""
-    row = {"step": step}
-    for t, value in by_label(accuracy["decisive"]).items():
-        row[f"val_acc@{t}"] = value
-    for t, value in by_label(accuracy["ties_half"]).items():
-        row[f"val_acc_ties_half@{t}"] = value
-    log_jsonl(log_path, row)
-    shown = " ".join(f"t={t:g}: {a:.3f}" for t, a in accuracy["decisive"].items())
-    tqdm.write(f"step {step} validation accuracy (decisive pairs) {shown}")
+# ----------------------------------------------------------------------------- run files
+def publish_lrm(lrm, folder, staging, name):
+    """Save an LRM to staging (a *.tmp folder), then move it into folder, lrm_config.json last: a
+    kill leaves the old or the new complete LRM, or a folder without lrm_config.json and the
+    *.tmp, which the resumed run removes and writes again (its checkpoint is written later)."""
+    kill_point(f"before {name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    lrm.save_pretrained(staging)
+    os.makedirs(folder, exist_ok=True)
+    config = os.path.join(folder, "lrm_config.json")
+    if os.path.exists(config):
+        os.remove(config)  # the folder is incomplete until the new config lands
+    for entry in sorted(os.listdir(staging), key=lambda entry: (entry == "lrm_config.json", entry)):
+        target = os.path.join(folder, entry)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, entry), target)
+        kill_point(f"mid {name}")
+    os.rmdir(staging)
+    kill_point(f"after {name}")
 
 
-def print_table(table, timesteps):
-    """The accuracy-vs-t table of the final LRM: noise awareness at a glance."""
-    splits = list(table)
-    width = max(4, *[len(f"{t:g}") for t in timesteps])
-    print("\naccuracy: decisive pairs / official (every pair, a tie scoring 0.5)")
-    print(f"{'t':>{width}} | " + " | ".join(f"{split:^17}" for split in splits))
-    for t in timesteps:
-        cells = []
-        for split in splits:
-            decisive = table[split]["decisive"][t]
-            official = table[split]["ties_half"][t]
-            cells.append(f"{decisive:.3f} / {official:.3f}")
-        print(f"{t:>{width}g} | " + " | ".join(f"{cell:^17}" for cell in cells))
+def save_checkpoint(path, lrm, optimizer, counters, cfg, world):
+    """train_state.pt: weights, AdamW's state, the counters, the settings and the world size. No
+    RNG state: every random draw comes from generators seeded by (seed, epoch, row)."""
+    weights = lrm.state_dict()
+    if not lrm.text_trained:  # SD3's frozen text encoders are the base's (T5-XXL: 19 GB in fp32)
+        weights = {name: value for name, value in weights.items()
+                   if not name.startswith("text_encoders.")}
+    checkpoint = {"model": weights, "optimizer": optimizer.state_dict(), **counters,
+                  "cfg": asdict(cfg), "world": world}
+    kill_point("before train_state.pt")
+    write_or_fail(path, atomic_torch_save, checkpoint, path)
+    kill_point("after train_state.pt")
 
 
-# ----------------------------------------------------------------------------- main, its parts
-def check_batch_sizes(cfg, world):
-    """-> pairs per process; refuses batch sizes that do not split evenly."""
+def check_resume(state, cfg, world):
+    """Refuse a checkpoint made with other settings than RESUMABLE and MECHANICS ones, in one line
+    listing each; -> the changed RESUMABLE settings {name: [old, new]}, which take effect."""
+    saved = {**state["cfg"], "processes": state.get("world")}
+    now = {**asdict(cfg), "processes": world}
+    changed = [key for key in now if saved.get(key) != now[key]]
+    differences = [f"--{key} {saved.get(key)!r} -> {now[key]!r}" for key in changed
+                   if key not in RESUMABLE + MECHANICS]
+    if differences:
+        fail(f"--resume: {cfg.out} was trained with other settings ({'; '.join(differences)}): "
+             "run with its settings, or pass another --out")
+    if state["step"] > cfg.max_train_steps:
+        fail(f"--resume: {cfg.out} is at step {state['step']}, past --max_train_steps "
+             f"{cfg.max_train_steps}: pass --max_train_steps >= {state['step']}, or another --out")
+    return {key: [saved[key], now[key]] for key in RESUMABLE if key in changed}
+
+
+def pick_resolution(base, requested):
+    """--resolution, or the base's own, as models.geometry checks it; an MMDiT's must also fit
+    its position embedding."""
+    resolution, latent = geometry(base, requested)
+    subfolder, config = load_denoiser_config(base)
+    if subfolder == "transformer" and latent > config["patch_size"] * config["pos_embed_max_size"]:
+        largest = resolution // latent * config["patch_size"] * config["pos_embed_max_size"]
+        fail(f"--resolution {requested}: {base}'s position embedding covers at most {largest} px")
+    return resolution
+
+
+# ----------------------------------------------------------------------------- main
+def main(cfg):
+    """Setup: each bad input refused in one line before any weight is read, then the LRM, AdamW,
+    the resumed state and the data. The loop, one global batch a step: 1. the optimizer step
+    (stopped before it when the loss or gradient is not finite), 2. its log row, 3. validation,
+    best/ and at the last step the final LRM, 4. the checkpoint, written last. Then the table of
+    both held-out splits, logged and printed; -> that table."""
+    rank, world, device = setup_distributed(cfg.dist_timeout)
+    per_rank = cfg.train_batch_size // world
     if cfg.train_batch_size % world:
         fail(f"--train_batch_size {cfg.train_batch_size} is not divisible by {world} processes")
-    per_rank = cfg.train_batch_size // world
     if cfg.micro_batch_size and per_rank % cfg.micro_batch_size:
         fail(f"--micro_batch_size {cfg.micro_batch_size} does not divide the {per_rank} pairs "
              "of each process")
-    return per_rank
-
-
-def read_inputs(cfg):
-    """-> (base pipeline, resolution, {split: pairs}); bad input ends in one line, before any
-    heavy loading."""
+    state_path = os.path.join(cfg.out, "train_state.pt")
+    log_path = os.path.join(cfg.out, "metrics.jsonl")
+    state = changes = None  # changes: {} when resumed with the same settings
+    if cfg.resume and os.path.exists(state_path):
+        try:  # memory-mapped (SDXL's is ~30 GB); a damaged file: load_checkpoint's one line
+            state = torch.load(state_path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception:
+            state = load_checkpoint(state_path)
+        changes = check_resume(state, cfg, world)
+    prepare_run_folder(cfg.out, cfg.resume)
     try:
         base = resolve_model(cfg.base or cfg.model)
         resolution = pick_resolution(base, cfg.resolution)
         mmdit_blocks(*load_denoiser_config(base), cfg.lrm_blocks)
-        splits = {"train": load_pairs(cfg.data, "train", cfg.keep)}
-        for split in ("validation_unique", "test_unique"):
-            splits[split] = load_pairs(cfg.data, split)
+        train = load_pairs(cfg.data, "train", cfg.keep)
+        val = load_pairs(cfg.data, "validation_unique")
+        test = load_pairs(cfg.data, "test_unique")
     except (ValueError, OSError) as error:
         fail(first_line(error))
     try:
@@ -825,148 +616,68 @@ def read_inputs(cfg):
     except (ValueError, OSError) as error:
         fail(f"--text_projection_init {cfg.text_projection_init}: {first_line(error)} (a CLIP "
              "model folder or hub id, or '' for a random init)")
-    if len(splits["train"]) < cfg.train_batch_size:
-        fail(f"{cfg.data}: {len(splits['train'])} usable train pairs < --train_batch_size "
+    if len(train) < cfg.train_batch_size:
+        fail(f"{cfg.data}: {len(train)} usable train pairs < --train_batch_size "
              f"{cfg.train_batch_size}")
-    return base, resolution, splits
-
-
-def read_schedule(cfg, base):
-    """-> (the base's noising, its grid of training t's, the validation t's); a missing
-    scheduler or validation t's the base cannot take end in one line, before any heavy loading."""
     try:
-        noise_scheduler, timestep_grid = noise_schedule(base)
+        noise_scheduler, grid = noise_schedule(base)
     except (ValueError, OSError) as error:
         fail(f"cannot load the scheduler of {base}: {first_line(error)}")
-    timesteps = parse_timesteps(cfg.eval_timesteps) or default_eval_timesteps(timestep_grid)
-    ddpm = isinstance(noise_scheduler, DDPMScheduler)
-    if ddpm and not all(isinstance(t, int) and t < 1000 for t in timesteps):
-        fail(f"--eval_timesteps {cfg.eval_timesteps!r}: {base} is a DDPM model, its t's are "
-             "integers in 0..999")
-    return noise_scheduler, timestep_grid, timesteps
-
-
-def build_models(cfg, base, resolution, device):
-    """The LRM to train (fresh heads from --seed: the same on every rank) and the frozen fp32
-    VAE (SDXL's overflows in fp16)."""
-    torch.manual_seed(cfg.seed)
     try:
-        lrm = LatentRewardModel.from_base(cfg.base or cfg.model, g=cfg.vfe_scale,
-                                          resolution=resolution,
-                                          text_projection_init=cfg.text_projection_init,
-                                          lrm_blocks=cfg.lrm_blocks)
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
-    except (ValueError, OSError) as error:
-        fail(f"cannot load the LRM and its VAE from {base}: {first_line(error)}")
-    lrm.to(device).train()
-    if cfg.grad_ckpt:
-        lrm.denoiser.enable_gradient_checkpointing()
-    vae.to(device).requires_grad_(False)
-    return lrm, vae
+        timesteps = parse_timesteps(cfg.eval_timesteps) or default_eval_timesteps(grid)
+    except ValueError:
+        fail(f"--eval_timesteps {cfg.eval_timesteps!r}: comma-separated numbers, e.g. 1,501,951")
+    ddpm = not is_flow_matching(noise_scheduler.config)
+    whole = all(isinstance(t, int) and t < 1000 for t in timesteps)  # a DDPM t indexes its levels
+    if not all(0 <= t <= 1000 for t in timesteps) or ddpm and not whole:
+        fail(f"--eval_timesteps {cfg.eval_timesteps!r}: {base}'s t's are in 0..1000 (a DDPM "
+             "model's: integers in 0..999)")
 
-
-def make_optimizer(lrm, cfg):
-    """AdamW with weight decay on the matrices only (deviation 3). -> (trained params, AdamW)"""
-    params = [p for p in lrm.parameters() if p.requires_grad]
-    matrices = [p for p in params if p.ndim >= 2]
-    vectors = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.weight_decay},
-                                   {"params": vectors, "weight_decay": 0.0}], lr=cfg.lr)
-    return params, optimizer
-
-
-def report_resume(cfg, log_path, step, changes):
-    """Rank 0, after truncating the log: say where the run resumes and log the changed
-    settings."""
-    print(f"resuming {cfg.out} at step {step}")
-    for key, (old, new) in changes.items():
-        print(f"  {key} {old} -> {new}")
-    if changes:
-        log_jsonl(log_path, {"step": step, "resumed_with": changes})
-
-
-def validation_due(step, cfg):
-    return step % cfg.eval_every == 0 or step == cfg.max_train_steps
-
-
-def checkpoint_due(step, cfg):
-    """After each validation (so at the last step too) and every --save_every steps."""
-    return validation_due(step, cfg) or step % cfg.save_every == 0
-
-
-def validate_and_publish(lrm, pairs, timesteps, vae, cfg, step, best, rank):
-    """Validation accuracy at each t (each rank scores its shard); rank 0 logs it and publishes
-    best/ when the accuracy at the first t beats `best` (paper: validation accuracy at t = 1).
-    -> (the accuracy table, the new best)"""
-    table = evaluate(lrm, pairs, timesteps, vae, cfg)
-    accuracy = table["decisive"][timesteps[0]]
-    if rank == 0:
-        log_validation(os.path.join(cfg.out, "metrics.jsonl"), step, table)
-    if rank == 0 and accuracy > best:
-        kill_point("before best/")
-        best_folder = os.path.join(cfg.out, "best")
-        staging = os.path.join(cfg.out, "best.tmp")
-        write_or_fail(best_folder, publish_lrm, lrm, best_folder, staging, "best/")
-        kill_point("after best/")
-    return table, max(best, accuracy)
-
-
-def publish_final(lrm, cfg):
-    """The final LRM into --out itself (rank 0)."""
-    kill_point("before final LRM")
-    staging = os.path.join(cfg.out, "final.tmp")
-    write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, staging, "final LRM")
-    kill_point("after final LRM")
-
-
-# ----------------------------------------------------------------------------- main
-def main(cfg):
-    rank, world, device = setup_distributed(cfg.dist_timeout)
-    per_rank = check_batch_sizes(cfg, world)
-    state_path = os.path.join(cfg.out, "train_state.pt")
-    log_path = os.path.join(cfg.out, "metrics.jsonl")
-    state = None
-    changes = None  # None: a fresh run; {}: resumed with the same settings
-    if cfg.resume and os.path.exists(state_path):
-        state = load_train_state(state_path)
-        changes = check_resume(state, cfg, world)
-    prepare_run_folder(cfg.out, cfg.resume)
-    base, resolution, splits = read_inputs(cfg)
-    noise_scheduler, timestep_grid, timesteps = read_schedule(cfg, base)
     transformers.utils.logging.disable_progress_bar()
     threads_before = torch.get_num_threads()  # restored at the end: main() may run in a program
     torch.set_num_threads(cfg.threads or threads_before)
-    lrm, vae = build_models(cfg, base, resolution, device)
-    params, optimizer = make_optimizer(lrm, cfg)
-    counters = dict(step=0, best=-1.0, n_bad=0, n_seen=0)
-    if state is not None:
-        counters = restore(state, lrm, optimizer)
+    torch.manual_seed(cfg.seed)  # the heads' init: the same on every rank
+    lrm = LatentRewardModel.from_base(cfg.base or cfg.model, g=cfg.vfe_scale, resolution=resolution,
+                                      text_projection_init=cfg.text_projection_init,
+                                      lrm_blocks=cfg.lrm_blocks).to(device).train()
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")  # fp32: SDXL's overflows in fp16
+    vae.to(device).requires_grad_(False)
+    if cfg.grad_ckpt:
+        lrm.denoiser.enable_gradient_checkpointing()
+    params = [p for p in lrm.parameters() if p.requires_grad]
+    matrices = {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay}
+    vectors = {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}  # deviation 3
+    optimizer = torch.optim.AdamW([matrices, vectors], lr=cfg.lr)
+    step, best, n_bad, n_seen = 0, -1.0, 0, 0
+    if state is not None:  # (what save_checkpoint left out stays as from_base loaded it)
+        lrm.load_state_dict({**lrm.state_dict(), **state["model"]})
+        optimizer.load_state_dict(state["optimizer"])
+        step, best, n_bad, n_seen = [state[key] for key in ("step", "best", "n_bad", "n_seen")]
         del state  # restored: drop the loaded copy (SDXL: ~30 GB) before training
         gc.collect()
-    step = counters["step"]
-    best = counters["best"]
-    n_bad = counters["n_bad"]
-    n_seen = counters["n_seen"]
     if cfg.resume and rank == 0:
         truncate_log(log_path, step)  # rows past the checkpoint will be logged again
     if changes is not None and rank == 0:
-        report_resume(cfg, log_path, step, changes)
-    first_step = step
+        shown = [f"{key} {old} -> {new}" for key, (old, new) in changes.items()]
+        print(f"resuming {cfg.out} at step {step}", *shown, sep="\n  ")
+    if changes and rank == 0:
+        log_jsonl(log_path, {"step": step, "resumed_with": changes})
     micro_batch = choose_micro_batch(cfg, per_rank, lrm, device)
     if rank == 0:
-        print(f"{cfg.train_batch_size} pairs a step: {per_rank} per process in micro-batches of "
-              f"{micro_batch} ({per_rank // micro_batch} accumulated), {world} process(es)")
-    train = splits["train"]
-    dataset = Pairs(train, resolution, latent_shape(vae, resolution), timestep_grid, cfg.seed)
+        print(f"{world} process(es), {per_rank} pairs each a step, micro-batches of {micro_batch}")
+    dataset = Pairs(train, resolution, latent_shape(vae, resolution), grid, cfg.seed)
     sampler = steps_sampler(len(train), cfg.train_batch_size, rank, world, cfg.seed, step,
                             cfg.max_train_steps)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, num_workers=cfg.workers,
-                                         sampler=sampler)
-    steps_per_epoch = len(train) // cfg.train_batch_size
+    loader = torch.utils.data.DataLoader(dataset, per_rank, sampler=sampler,
+                                         num_workers=cfg.workers)
+    evaluation = dict(seed=cfg.seed, max_pairs=cfg.eval_max_pairs,
+                      vae_batch_size=cfg.vae_batch_size)  # pair_accuracy's
+    first_step = step
     last_val = None
-    progress = tqdm(total=cfg.max_train_steps, initial=step, disable=rank != 0, desc="lrm")
+    best_folder = os.path.join(cfg.out, "best")
+    final_staging = os.path.join(cfg.out, "final.tmp")
     start_time = time.perf_counter()
-    for batch in loader:
+    for batch in tqdm(loader, "lrm", cfg.max_train_steps, initial=step, disable=rank != 0):
         # 1. one optimizer step on the global batch (micro-batches accumulate in train_step)
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
@@ -977,14 +688,20 @@ def main(cfg):
         if world > 1:
             average_gradients(params, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-        if not agree_all_finite(loss, grad_norm, device):
-            fail(non_finite_message(step + 1, loss, grad_norm, state_path))
+        if not all(gather_objects(math.isfinite(loss) and math.isfinite(grad_norm))):
+            kept = f"the last good checkpoint {state_path} is kept: continue it"
+            if not os.path.exists(state_path):
+                kept = "no checkpoint yet: start again"
+            fail(f"non-finite loss or gradient at step {step + 1} (loss {loss:.4g}, gradient "
+                 f"norm {grad_norm:.4g}), stopped before its optimizer step; {kept} with "
+                 "--resume and a lower --lr")
         optimizer.step()
         step += 1
         kill_point(f"step {step}")
         n_bad += int((weights == 0).sum())  # weight 0 = an undecodable image
         n_seen += len(weights)
-        whole_data = step % steps_per_epoch == 0 or step == cfg.max_train_steps
+        last_step = step == cfg.max_train_steps
+        whole_data = step % (len(train) // cfg.train_batch_size) == 0 or last_step  # epoch's end
         if whole_data and n_bad > 0.01 * n_seen:
             fail(f"{cfg.data}: {n_bad} of {n_seen} pairs had an undecodable image (more than "
                  "1%): check the image columns")
@@ -996,39 +713,46 @@ def main(cfg):
                        grad_norm=grad_norm, logit_scale=lrm.logit_scale.item(),
                        pairs_per_s=pairs / (time.perf_counter() - start_time), bad_pairs=n_bad)
             log_jsonl(log_path, row)
-            progress.update(1)
-            progress.set_postfix(loss=loss, acc=row["acc"])
 
-        # 3. validate, publish best/; at the last step, publish the final LRM (rank 0 writes)
-        if validation_due(step, cfg):
-            last_val, best = validate_and_publish(lrm, splits["validation_unique"], timesteps,
-                                                  vae, cfg, step, best, rank)
-        if rank == 0 and step == cfg.max_train_steps:
-            publish_final(lrm, cfg)
+        # 3. validate (each rank its shard); rank 0 publishes best/ when the accuracy at the first
+        # t beats it (paper: validation accuracy at t = 1), and the final LRM at the last step
+        validate = step % cfg.eval_every == 0 or last_step
+        if validate:
+            last_val = pair_accuracy(lrm, val, timesteps, vae, **evaluation)
+            improved = last_val["decisive"][timesteps[0]] > best
+            best = max(best, last_val["decisive"][timesteps[0]])
+        if validate and rank == 0:
+            labelled = by_label(last_val)
+            row = {"step": step, **{f"val_acc@{t}": a for t, a in labelled["decisive"].items()}}
+            row.update({f"val_acc_ties_half@{t}": a for t, a in labelled["ties_half"].items()})
+            log_jsonl(log_path, row)
+            tqdm.write(f"validation: {row}")
+        if validate and rank == 0 and improved:
+            write_or_fail(best_folder, publish_lrm, lrm, best_folder, best_folder + ".tmp", "best/")
+        if last_step and rank == 0:
+            write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, final_staging, "final LRM")
 
         # 4. checkpoint, written last: one that exists means best/ and the final LRM are on disk
-        if rank == 0 and checkpoint_due(step, cfg):
+        if rank == 0 and (validate or step % cfg.save_every == 0):
             counters = dict(step=step, best=best, n_bad=n_bad, n_seen=n_seen)
             save_checkpoint(state_path, lrm, optimizer, counters, cfg, world)
-        if world > 1:
-            dist.barrier()  # every rank waits for the checkpoint
-    progress.close()
+        barrier()  # every rank waits for the checkpoint
 
-    if rank == 0 and first_step == cfg.max_train_steps:
-        # a finished run resumed: write its final LRM again from the checkpoint, so they agree
-        publish_final(lrm, cfg)
+    if rank == 0 and first_step == cfg.max_train_steps:  # a finished run resumed: its final LRM
+        write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, final_staging, "final LRM")  # again
     kill_point("final table")
-    if last_val is None:
-        last_val = evaluate(lrm, splits["validation_unique"], timesteps, vae, cfg)
-    test = evaluate(lrm, splits["test_unique"], timesteps, vae, cfg)
-    table = {"validation_unique": last_val, "test_unique": test}
+    table = {"validation_unique": last_val or pair_accuracy(lrm, val, timesteps, vae, **evaluation),
+             "test_unique": pair_accuracy(lrm, test, timesteps, vae, **evaluation)}
     if rank == 0:
         log_jsonl(log_path, {"step": step, "final": by_label(table)})
-        print_table(table, timesteps)
-        print(f"pairs skipped for an undecodable image: {n_bad} of {n_seen}")
-        print(f"LRM -> {cfg.out}")
-    if world > 1:
-        dist.barrier()
+        print("\naccuracy at t: decisive pairs / official (every pair, a tie scoring 0.5)")
+        for t in timesteps:
+            cells = [f"{split} {acc['decisive'][t]:.3f} / {acc['ties_half'][t]:.3f}"
+                     for split, acc in table.items()]
+            print(f"{t:>8g}:", *cells)
+        print(f"pairs skipped for an undecodable image: {n_bad} of {n_seen}\nLRM -> {cfg.out}")
+    barrier()
+    if dist.is_initialized():
         dist.destroy_process_group()
     torch.set_num_threads(threads_before)
     return table
