@@ -637,10 +637,14 @@ def main(cfg):
     threads_before = torch.get_num_threads()  # restored at the end: main() may run in a program
     torch.set_num_threads(cfg.threads or threads_before)
     torch.manual_seed(cfg.seed)  # the heads' init: the same on every rank
-    lrm = LatentRewardModel.from_base(cfg.base or cfg.model, g=cfg.vfe_scale, resolution=resolution,
-                                      text_projection_init=cfg.text_projection_init,
-                                      lrm_blocks=cfg.lrm_blocks).to(device).train()
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")  # fp32: SDXL's overflows in fp16
+    try:
+        lrm = LatentRewardModel.from_base(cfg.base or cfg.model, g=cfg.vfe_scale,
+                                          resolution=resolution, lrm_blocks=cfg.lrm_blocks,
+                                          text_projection_init=cfg.text_projection_init)
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae")  # fp32: SDXL's overflows in fp16
+    except (ValueError, OSError) as error:
+        fail(f"cannot load the LRM and its VAE from {base}: {first_line(error)}")
+    lrm.to(device).train()
     vae.to(device).requires_grad_(False)
     if cfg.grad_ckpt:
         lrm.denoiser.enable_gradient_checkpointing()
