@@ -843,6 +843,37 @@ def test_learning_rate_is_deepspeed_warmup_decay_with_log_warmup():
     assert L.learning_rate(1, L.Config(lr=1.0, warmup=0, max_train_steps=10)) == 1.0   # W = max(0, 2)
 
 
+
+def test_pair_loss_of_zero_weights_and_the_first_decay_step():
+    """A global batch whose pairs all weigh 0 (undecodable) has loss 0, not 0 / 0; after a 2-step
+    warm-up with T = W + 1, the one decay step runs at the full rate (T - step) / (T - W) = 1."""
+    zeros = torch.zeros(3)
+    assert L.pair_loss(torch.ones(3), zeros, torch.ones(3), zeros, zeros).item() == 0.0
+    cfg = L.Config(lr=1.0, warmup=2, max_train_steps=3)
+    assert L.learning_rate(2, cfg) == 1.0 and L.learning_rate(3, cfg) == 0.0
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
+def test_unet_score_is_vfe_on_the_mid_feature_by_hand(model):
+    """S = exp(logit_scale) cos(P [down features of the prompt's pass; V_u + g (V_c - V_u) of the mid
+    feature], T): the down-stage features come from the conditional pass only, VFE acts on the mid
+    block's alone (paper: Visual Feature Enhancement), g = 7.5."""
+    torch.manual_seed(0)
+    lrm = M.LatentRewardModel.from_base(model).eval()
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([1, 501, 951])
+    with torch.no_grad():
+        text = lrm.encode_text(PROMPTS)
+        cond, uncond = text["cond"], text["uncond"]
+        rows = torch.zeros(3, dtype=torch.long)   # the one row of "" for each of the 3 latents
+        feats = [M.down_mid_features(lrm.unet, x, t, part["encoder_hidden_states"],
+                                     part["added_cond_kwargs"])
+                 for part in (cond, M.take_rows(uncond, rows))]
+        mid = feats[1][-1] + 7.5 * (feats[0][-1] - feats[1][-1])
+        visual = lrm.visual_projection(torch.cat(feats[0][:-1] + [mid], -1))
+        text_feature = cond["pooled"] if lrm.text_projection is None else lrm.text_projection(cond["pooled"])
+        want = lrm.logit_scale.exp() * torch.nn.functional.cosine_similarity(visual, text_feature, dim=-1)
+        torch.testing.assert_close(lrm.score(x, t, PROMPTS), want, rtol=1e-5, atol=1e-5)
+
 def _tiny_batch(n_pairs, seed=0):
     pairs = L.load_pairs("tiny/pickapic", "train").select(range(n_pairs))
     data = L.Pairs(pairs, 32, (4, 8, 8), [1, 251, 501, 951], seed)
@@ -1847,9 +1878,10 @@ class FakeLRM:
         return scores
 
 
-def _sample_with_fake_lrm(pipe, latent, prompts, steps, eta, seed=0, lrm_t="child", thresholds=0.0):
+def _sample_with_fake_lrm(pipe, latent, prompts, steps, eta, seed=0, lrm_t="child", thresholds=0.0,
+                          negate=False):
     from types import SimpleNamespace
-    cfg = SimpleNamespace(num_children=4, guidance_scale=5.0, eta=eta, lrm_t=lrm_t, negate_reward=False)
+    cfg = SimpleNamespace(num_children=4, guidance_scale=5.0, eta=eta, lrm_t=lrm_t, negate_reward=negate)
     schedule = lpo.make_schedule(pipe.scheduler.config, steps, 0.1, 0.2, "cpu", latent)
     schedule.thresholds = torch.full_like(schedule.thresholds, thresholds)   # keep every pair
     cond = models.encode_for_cfg(pipe, prompts, 32)
@@ -1983,6 +2015,41 @@ def test_two_ranks_train_like_one_process_on_the_pooled_pairs(tmp_path):
     start = _lora_pipe("tiny", lora_scale=0.05)[2]
     assert (one["lora"] - torch.nn.utils.parameters_to_vector(start)).abs().max() > 1e-4   # it moved
 
+
+
+def test_children_spread_as_the_step_and_the_negated_reward_picks_the_worst():
+    """The K children of a step are mean + sigma_t z (their spread around their own mean has the
+    variance sigma_t^2 (K - 1) / K of the schedule's eta = 1 std); with --negate_reward the winner is
+    the child the LRM scores lowest, the loser the highest."""
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained("tiny/sd15")
+    _, _, lrm, schedule = _sample_with_fake_lrm(pipe, 8, ["a red circle"] * 16, 10, eta=1.0)
+    for call, sigma in zip(lrm.calls, schedule.sigmas.tolist()):
+        kids = call["latents"].view(16, 4, -1)
+        spread = (kids - kids.mean(1, keepdim=True)).square().mean() / (sigma**2 * 3 / 4)
+        assert abs(spread.item() - 1) < 0.05, spread
+    tuples, _, lrm, _ = _sample_with_fake_lrm(pipe, 8, ["a red circle"] * 4, 10, eta=1.0, negate=True)
+    rows = torch.arange(4)
+    for i, call in enumerate(lrm.calls):
+        kids = call["latents"].view(4, 4, -1)
+        scores = call["scores"].view(4, 4)
+        torch.testing.assert_close(tuples["x_w"].view(10, 4, -1)[i], kids[rows, scores.argmin(1)])
+        torch.testing.assert_close(tuples["x_l"].view(10, 4, -1)[i], kids[rows, scores.argmax(1)])
+
+
+def test_one_step_thresholds_and_the_pooling_seed():
+    """A one-step schedule has one sigma: its threshold is th_min (not 0 / 0 = NaN); --seed picks the
+    shared shuffle of the pooled pairs (the same seed the same order, another seed another)."""
+    assert lpo.pair_thresholds([0.3], 0.35, 0.5).tolist() == [0.35]
+    from diffusers import DDIMScheduler
+    config = DDIMScheduler.load_config("tiny/sd15", subfolder="scheduler")
+    assert torch.isfinite(lpo.make_schedule(config, 1, 0.35, 0.5, "cpu").thresholds).all()
+    tuples = dict(t=torch.arange(50), x_t=torch.arange(50))
+    first, _ = lpo.pool_tuples(tuples, 1, 0, seed=1, round_index=0)
+    again, _ = lpo.pool_tuples(tuples, 1, 0, seed=1, round_index=0)
+    other, _ = lpo.pool_tuples(tuples, 1, 0, seed=2, round_index=0)
+    assert torch.equal(first["t"], again["t"]) and not torch.equal(first["t"], other["t"])
+    assert sorted(first["t"].tolist()) == list(range(50)) and torch.equal(first["t"], first["x_t"])
 
 # ----------------------------------------------------------------------------- lpo.py: models and data
 def test_sdxl_encoding_uses_zero_uncond_and_real_time_ids():
@@ -2627,8 +2694,8 @@ def test_lpo_refused_resume_changes_nothing_and_checks_the_prompts_text(tmp_path
 
 def test_lpo_grad_accum_weights_each_forward_by_its_pairs(monkeypatch):
     """An update's gradient is that of the mean loss over its pairs, whatever way its pairs were
-    split into forwards: grad_accum 2 over 3 forwards (the last update: 1 forward) and over 4
-    forwards of 2, 2, 2, 1 pairs equals one big batch of each update's pairs."""
+    split into forwards: grad_accum 2 and 3, the last update short, equals one big batch of each
+    update's pairs."""
     weight = torch.nn.Parameter(torch.zeros(3))
 
     def logprobs(unet, minibatch, cond, schedule, cfg):
@@ -2643,16 +2710,16 @@ def test_lpo_grad_accum_weights_each_forward_by_its_pairs(monkeypatch):
     monkeypatch.setattr(lpo, "pair_logprobs", logprobs)
     monkeypatch.setattr(lpo, "encode_for_cfg", lambda pipe, captions, resolution: None)
     monkeypatch.setattr(lpo, "apply_update", record)
-    cfg = lpo.Config(train_batch_size=2, grad_accum=2, beta=1.0, clip_eps=0.5)
     generator = torch.Generator().manual_seed(0)
-    for count in (5, 7):
+    for accum, count in ((2, 5), (2, 7), (3, 9), (3, 11)):   # the last update: 1 or 2 forwards
+        cfg = lpo.Config(train_batch_size=2, grad_accum=accum, beta=1.0, clip_eps=0.5)
         mine = dict(x_w=torch.randn(count, 3, generator=generator), x_l=torch.randn(count, 3, generator=generator),
                     t=torch.zeros(count), prompt_ids=torch.zeros(count, dtype=torch.long))
         grads.clear()
         optimizer = torch.optim.SGD([weight], lr=0.0)   # carries the parameters; `record` steps nothing
         sums = lpo.train_on_pairs(None, None, optimizer, mine, ["a red circle"], None, cfg, 1)
         assert sums["updates"] == len(grads) == 2 and sums["pairs"] == count
-        for got, rows in zip(grads, (slice(0, 4), slice(4, count))):
+        for got, rows in zip(grads, (slice(0, 2 * accum), slice(2 * accum, count))):
             zeros = torch.zeros(len(mine["t"][rows]))
             loss, _ = lpo.lpo_loss(mine["x_w"][rows] @ weight, mine["x_l"][rows] @ weight, zeros, zeros, 1.0, 0.5)
             want, = torch.autograd.grad(loss, weight)
@@ -2752,6 +2819,14 @@ def test_win_rate_interval_is_the_exact_binomial_quantiles():
         assert got_rate == rate
         assert abs(low - want_low) <= 1 / n and abs(high - want_high) <= 1 / n, (fn.__module__, low, high, want_low, want_high)
 
+
+
+def test_win_rate_refuses_empty_input_and_resamples_two_prompts():
+    with pytest.raises(ValueError):
+        ev.win_rate([], [])
+    tuned = np.r_[np.ones(20), np.zeros(20)]   # prompt 0 always wins, prompt 1 always loses
+    rate, low, high = ev.win_rate(tuned, np.full(40, 0.5), seed=0, groups=[0] * 20 + [1] * 20)
+    assert rate == 0.5 and low == 0.0 and high == 1.0   # two prompts: resampling them gives 0, 0.5 or 1
 
 def test_non_finite_scores_are_refused_or_left_out_and_counted():
     from types import SimpleNamespace

@@ -56,12 +56,11 @@ TARGETS = {
     ("lpo", "select_pairs"): "test_select_pairs",
     ("lpo", "lpo_loss"): f"test_lpo_loss_by_hand or {LOGGED} or {POOLED}",
     ("lpo", "make_schedule"): f"{DDIM} or {FLOW} or {LOGPROBS} or {SAMPLING}",
-    ("lpo", "make_flow_schedule"): FLOW,
-    ("lpo", "guided_prediction"): f"{LOGPROBS} or {SAMPLING} or test_sd3_encoding_guidance",
+    ("models", "guided_prediction"): f"{LOGPROBS} or {SAMPLING} or test_sd3_encoding_guidance",
     ("lpo", "pair_logprobs"): f"{LOGPROBS} or test_lpo_update_trains_the_lora or {LOGGED}",
     ("lpo", "sample_tuples"): f"{SAMPLING} or {LOGGED} or test_tiny_sd3_run_resumes_bitwise",
     ("lpo", "pool_tuples"): f"{POOLED} or {LOGGED}",
-    ("lpo", "apply_update"): f"test_apply_update or {POOLED} or {LOGGED}",
+    ("runs", "apply_update"): f"test_apply_update or {POOLED} or {LOGGED}",
     ("lpo", "train_on_pairs"): f"test_lpo_grad_accum or {POOLED} or {LOGGED}",
     ("lrm_model", "down_mid_features"): "test_score_runs_down_and_mid_only"
                                         " or test_real_sd15_and_sdxl",
@@ -75,7 +74,6 @@ TARGETS = {
     ("lrm", "batch_accuracy"): "test_logged_acc_leaves_out"
                                " or test_logged_numbers_match_independent",
     ("lrm", "learning_rate"): "test_learning_rate_is_deepspeed",
-    ("lrm", "flow_noise"): "test_flow_noising_and_grid",
     ("lrm", "add_noise"): "test_flow_noising_and_grid or test_logged_numbers_match_independent",
     ("lrm", "pair_latents"): "test_micro_batches_give_the_full_batch or test_vae_memory_is_bounded"
                              " or test_logged_numbers_match_independent",
@@ -98,11 +96,11 @@ HAND = [
     ("lpo", "sample_tuples", 'max(t_prev, 0) if cfg.lrm_t == "child" else t', "t"),  # official t
     ("lpo", "sample_tuples", "ok = ok & (std.flatten() > 0)", "ok = ok"),  # pairs of equal children
     ("lpo", "pair_logprobs", "denoiser.disable_adapters()", "pass"),  # reference = policy
-    ("lpo", "guided_prediction", "uncond, conditional =", "conditional, uncond ="),
+    ("models", "guided_prediction", "uncond, conditional =", "conditional, uncond ="),
     ("lpo", "lpo_loss", "log_ratio_w.clamp(low, high) - log_ratio_l.clamp(low, high)",
      "log_ratio_w - log_ratio_l"),  # no ratio clip
-    ("lpo", "pool_tuples", "order[rank * share:(rank + 1) * share]", "order[:share]"),
-    ("lpo", "apply_update", "flat /= world", "pass"),  # summed, not averaged, over ranks
+    ("lpo", "pool_tuples", "order[rank * per_rank:(rank + 1) * per_rank]", "order[:per_rank]"),
+    ("runs", "apply_update", "flat /= world", "pass"),  # summed, not averaged, over ranks
     ("lrm_model", "down_mid_features", "residuals[len(block.resnets) - 1]", "residuals[-1]"),
     ("lrm_model", "mmdit_features", "blocks[:blocks]", "blocks[:blocks + 1]"),
     ("lrm_model", "LatentRewardModel.score", "vfe(last[:batch_size], last[batch_size:], self.g)",
