@@ -880,6 +880,21 @@ def _tiny_batch(n_pairs, seed=0):
     return torch.utils.data.default_collate([data[(0, row)] for row in range(n_pairs)])
 
 
+
+def test_pair_latents_add_the_pairs_own_noise_not_the_vaes():
+    """Each image's VAE sample and its added noise are two independent draws (eps[:, :, 0] and
+    eps[:, :, 1]): the same draw for both would correlate x_t with the encoding's sample."""
+    from diffusers import AutoencoderKL
+    batch = _tiny_batch(3)
+    vae = AutoencoderKL.from_pretrained("tiny/sd15", subfolder="vae")
+    latents, noise = L.pair_latents(vae, batch, CPU)
+    eps = batch["eps"].flatten(0, 1)   # (2b, VAE | noise, C, h, w)
+    assert torch.equal(noise, eps[:, 1]) and not torch.equal(eps[:, 0], eps[:, 1])
+    with torch.no_grad():
+        dist = vae.encode(batch["px"].flatten(0, 1)).latent_dist
+    torch.testing.assert_close(latents, (dist.mean + dist.std * eps[:, 0]) * vae.config.scaling_factor,
+                               rtol=1e-4, atol=1e-4)
+
 def test_micro_batches_give_the_full_batch_loss_and_gradient():
     from diffusers import AutoencoderKL, DDPMScheduler
     vae = AutoencoderKL.from_pretrained("tiny/sd15", subfolder="vae").requires_grad_(False)
@@ -979,6 +994,19 @@ def test_accuracy_both_ways_by_hand_and_from_captured_scores(monkeypatch):
         assert math.isclose(got["decisive"][t], n_right / int(decisive.sum()), rel_tol=1e-9)
         credit = [float(p) if x > y else float(q) if x < y else 0.0 for x, y, p, q in zip(a, b, label_0, label_1)]
         assert math.isclose(got["ties_half"][t], sum(credit) / len(pairs), rel_tol=1e-9)
+    # edge splits: one decisive pair (0 or 1 both ways), ties only (no decisive pair: 0, each tie
+    # 0.5), an undecodable image (no vote, the rest counted)
+    decisive_rows = [i for i in range(48) if pairs["label_0"][i] != pairs["label_1"][i]]
+    tie_rows = [i for i in range(48) if pairs["label_0"][i] == pairs["label_1"][i]]
+    one = L.pair_accuracy(lrm, pairs.select(decisive_rows[:1]), [1])
+    assert one["decisive"][1] in (0.0, 1.0) and one["ties_half"][1] == one["decisive"][1]
+    ties = L.pair_accuracy(lrm, pairs.select(tie_rows[:2]), [1])
+    assert ties == {"decisive": {1: 0.0}, "ties_half": {1: 0.5}}
+    from datasets import Dataset
+    table = pairs.select(decisive_rows[:4]).to_pandas()
+    table.loc[0, "jpg_1"] = b"\xff\xd8 broken"
+    broken = L.pair_accuracy(lrm, Dataset.from_pandas(table), [1])
+    assert all(0 <= value[1] <= 1 and value[1] * 3 % 1 == 0 for value in broken.values()), broken
 
 
 def test_logged_numbers_match_independent_computations(tmp_path, monkeypatch):

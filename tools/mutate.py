@@ -38,12 +38,14 @@ FLOW = ("test_flow_step_at_eta_0 or test_flow_step_at_eta_1 or test_flow_sigma_b
         " or test_step_logprob_of_flow_step or test_sd3_encoding_guidance_and_schedule")
 LOGPROBS = "test_pair_logprobs_equal_two_denoiser_calls_mixed_at_the_guidance_scale"
 SAMPLING = ("test_sampling_chain_equals_the_stock_pipelines_latents"
-            " or test_trajectory_continues_from_a_uniformly_random_child")
+            " or test_trajectory_continues_from_a_uniformly_random_child"
+            " or test_children_spread_as_the_step")
 LOGGED = "test_every_logged_number_matches_an_independent_recomputation"
 POOLED = "test_two_ranks_train_like_one_process_on_the_pooled_pairs"
-WIN_RATE = ("test_win_rate_hand_made_cases or test_win_rate_interval"
+WIN_RATE = ("test_win_rate_hand_made_cases or test_win_rate_interval or test_win_rate_refuses"
             " or test_quickstart_judge_is_eval_win_rate")
 SCORE = ("test_score_is_vfe_on_the_mmdit_feature_by_hand or test_score_runs_down_and_mid_only"
+         " or test_unet_score_is_vfe_on_the_mid_feature_by_hand"
          " or test_accuracy_both_ways or test_shipped_tiny_sd3_lrm_is_small_and_noise_aware")
 TARGETS = {
     ("lpo", "alpha_bar"): DDIM,
@@ -52,14 +54,15 @@ TARGETS = {
     ("lpo", "flow_sigma"): FLOW,
     ("lpo", "flow_step"): FLOW,
     ("lpo", "step_logprob"): f"test_step_logprob or {LOGPROBS}",
-    ("lpo", "pair_thresholds"): f"{LPO_MATH} or test_flow_sigma_by_hand or test_make_schedule_is",
+    ("lpo", "pair_thresholds"): f"{LPO_MATH} or test_flow_sigma_by_hand or test_make_schedule_is"
+                                 " or test_one_step_thresholds",
     ("lpo", "select_pairs"): "test_select_pairs",
     ("lpo", "lpo_loss"): f"test_lpo_loss_by_hand or {LOGGED} or {POOLED}",
     ("lpo", "make_schedule"): f"{DDIM} or {FLOW} or {LOGPROBS} or {SAMPLING}",
     ("models", "guided_prediction"): f"{LOGPROBS} or {SAMPLING} or test_sd3_encoding_guidance",
     ("lpo", "pair_logprobs"): f"{LOGPROBS} or test_lpo_update_trains_the_lora or {LOGGED}",
     ("lpo", "sample_tuples"): f"{SAMPLING} or {LOGGED} or test_tiny_sd3_run_resumes_bitwise",
-    ("lpo", "pool_tuples"): f"{POOLED} or {LOGGED}",
+    ("lpo", "pool_tuples"): f"{POOLED} or {LOGGED} or test_one_step_thresholds_and_the_pooling",
     ("runs", "apply_update"): f"test_apply_update or {POOLED} or {LOGGED}",
     ("lpo", "train_on_pairs"): f"test_lpo_grad_accum or {POOLED} or {LOGGED}",
     ("lrm_model", "down_mid_features"): "test_score_runs_down_and_mid_only"
@@ -68,14 +71,16 @@ TARGETS = {
     ("lrm_model", "vfe"): "test_vfe_hand_values or test_score_is_vfe_on_the_mmdit",
     ("lrm_model", "lrm_score"): SCORE,
     ("lrm_model", "LatentRewardModel.score"): SCORE,
-    ("lrm", "pair_loss"): "test_pair_loss_hand_values or test_micro_batches_give_the_full_batch",
+    ("lrm", "pair_loss"): "test_pair_loss_hand_values or test_micro_batches_give_the_full_batch"
+                          " or test_pair_loss_of_zero_weights",
     ("lrm", "pair_credit"): "test_accuracy_both_ways",
     ("lrm", "pair_accuracy"): "test_accuracy_both_ways or test_shipped_tiny_sd3_lrm",
     ("lrm", "batch_accuracy"): "test_logged_acc_leaves_out"
                                " or test_logged_numbers_match_independent",
-    ("lrm", "learning_rate"): "test_learning_rate_is_deepspeed",
+    ("lrm", "learning_rate"): "test_learning_rate_is_deepspeed or test_pair_loss_of_zero_weights",
     ("lrm", "add_noise"): "test_flow_noising_and_grid or test_logged_numbers_match_independent",
     ("lrm", "pair_latents"): "test_micro_batches_give_the_full_batch or test_vae_memory_is_bounded"
+                             " or test_pair_latents_add_the_pairs_own_noise"
                              " or test_logged_numbers_match_independent",
     ("lrm", "train_step"): "test_micro_batches_give_the_full_batch"
                            " or test_logged_numbers_match_independent",
