@@ -977,6 +977,7 @@ def test_accuracy_both_ways_by_hand_and_from_captured_scores(monkeypatch):
     real_score = M.LatentRewardModel.score
 
     def score(self, latents, timesteps, prompts=None, text=None):
+        assert not torch.is_autocast_enabled("cpu")   # bf16 autocast on a GPU only: fp32 here
         out = real_score(self, latents, timesteps, prompts=prompts, text=text)
         captured.append((int(timesteps[0]), out.detach().float().clone()))
         return out
