@@ -11,7 +11,7 @@ Optimization", arXiv 2502.01051v3, Sec. "Latent Preference Optimization". One ro
      the reference is the same denoiser with its adapters off: no second copy in memory).
 SD3 (the paper's later version; its code was never released): the same round on a flow-matching
 MMDiT, whose step is "DDIM in flow form" (flow_step). Log: log.jsonl, one row a round, by rank 0
-(fields: README); sec_* and peak_mem_mb are rank 0's own, all else is over all ranks.
+(fields: docs/reference.md); sec_* and peak_mem_mb are rank 0's own, all else is over all ranks.
 
     python lpo.py --model tiny                        # CPU, minutes: tiny world, judge win-rate
     python lpo.py --model tiny --negate_reward        # control: the LRM's scores negated
@@ -443,7 +443,7 @@ def train_on_pairs(denoiser, pipe, optimizer, share, prompts, schedule, cfg, wor
 
 
 def round_figures(kept_t, scores, pooled_pairs, sums, children, world):
-    """A round's logged figures over all ranks (fields: README), from this rank's kept tuples' t,
+    """A round's logged figures over all ranks (docs/reference.md), from this rank's kept tuples' t,
     its LRM scores and loss sums: this rank's sums, by name, added up over the ranks by one
     all_reduce. Kept pairs are counted by t in [0, 250) ... [750, 1000) (SD3: s x 1000, s = 1 in
     the last). Raises NonFiniteUpdate on non-finite scores (diverged samples)."""

@@ -14,7 +14,7 @@ validation accuracy is measured at --eval_timesteps (default: the grid's t neare
     torchrun --nproc_per_node=8 lrm.py --model sd3 --keep runs/mpcf-sd15/keep.json  # SD3-Medium
     torchrun --nproc_per_node=8 lrm.py --model ./my-sd15 --data /data/pickapic_v1  # paper settings
 --out gets the final LRM (LatentRewardModel.from_pretrained reads it), best/, train_state.pt and
-metrics.jsonl. The README's lrm.py section gives their contents, the --data layouts read and what
+metrics.jsonl. docs/reference.md gives their contents, the --data layouts read and what
 --resume keeps or refuses. Reading order: Config, the math (pair_loss, learning_rate, add_noise),
 the data (load_pairs, Pairs), train_step and pair_accuracy, then main: setup, the numbered loop,
 the final table.
@@ -78,7 +78,7 @@ class Config:
     one option per field (runs.build_parser; the comment after a field is its --help)."""
     model: str = "tiny"  # sd15 | sdxl | sd3 | sd35 | tiny | tiny-xl | tiny-sd3, or a pipeline / id
     base: str = ""  # base pipeline (hub id or folder) instead of --model's; then --data too
-    data: str = "yuvalkirstain/pickapic_v1"  # preference pairs: hub id or folder (see README)
+    data: str = "yuvalkirstain/pickapic_v1"  # pairs: hub id or folder (docs/reference.md)
     keep: str = ""  # rows kept by mpcf.py: JSON list of train rows, or parquet / CSV `index`
     out: str = ""  # run folder, default runs/lrm-{model}
     resume: bool = False  # continue the run in --out from its train_state.pt

@@ -17,7 +17,7 @@ Paper, Pick-a-Pic v1 train: strategy 2 keeps 168,539 of 511,840 win-lose pairs a
 Two steps. `score` (expensive; batched, GPU if present, rows sharded over torchrun ranks, --resume
 continues a killed run) writes OUT/gaps.csv, one row per dataset row. `filter` (cheap, may be
 rerun) reads it, or any CSV / parquet with the three gap columns, and writes OUT/keep.json, the
-kept row indices for `lrm.py --keep`. `all` runs both. Files, log rows, resume: the README.
+kept row indices for `lrm.py --keep`. `all` runs both. Files, log rows, resume: docs/reference.md.
 
     python mpcf.py --model tiny                        # score + filter the tiny world, CPU ~8 s
     python mpcf.py filter --model tiny --strategy 3    # re-filter only

@@ -139,9 +139,7 @@ EQUIVALENT = {
     ("sample_tuples", "`mean[:, None] + std[:, None] * noise` -> "
                       "`mean[:, None] - std[:, None] * noise`"):
         "noise ~ N(0, I) is symmetric: the children have the same law (only seeded values change)",
-    ("pool_tuples", "`seed * 1000003 + round_index` -> `seed * 1000003 - round_index`"):
-        "still one seed shared by all ranks, a new one each round: the same method",
-    ("pool_tuples", "`seed * 1000003 + round_index` -> `seed * 1000004 + round_index`"):
+    ("pool_tuples", "`seed * SEED_STRIDE + round_index` -> `seed * SEED_STRIDE - round_index`"):
         "still one seed shared by all ranks, a new one each round: the same method",
     ("pair_loss", "`total.clamp_min(1e-12)` -> `total.clamp_min(2e-12)`"):
         "a pair weighs 0 or 1/num_example_per_prompt: total < 2e-12 only when all weights are 0, "
@@ -154,9 +152,9 @@ EQUIVALENT = {
         "the " + TIE,
     ("pair_accuracy", "`label_0 > label_1` -> `label_0 >= label_1`"):
         "right is masked by decisive (label_0 != label_1), where > and >= agree",
-    ("batch_accuracy", "`scores[:, 0] > scores[:, 1]` -> `scores[:, 0] >= scores[:, 1]`"):
+    ("batch_accuracy", "`(s0 > s1) == (label_0 > label_1)` -> `(s0 >= s1) == (label_0 > label_1)`"):
         "the " + TIE,
-    ("batch_accuracy", "`labels[:, 0] > labels[:, 1]` -> `labels[:, 0] >= labels[:, 1]`"):
+    ("batch_accuracy", "`label_0 > label_1` -> `label_0 >= label_1`"):
         "right is counted on decisive pairs only (labels differ), where > and >= agree",
     ("learning_rate", "`max(1, cfg.max_train_steps - warmup)` -> "
                       "`max(0, cfg.max_train_steps - warmup)`"):
