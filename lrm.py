@@ -462,6 +462,14 @@ def choose_micro_batch(cfg, per_rank, lrm, device):
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
+def make_optimizer(lrm, cfg):
+    """AdamW, weight decay on the matrices only (deviation 3). -> (trained params, AdamW)"""
+    params = [p for p in lrm.parameters() if p.requires_grad]
+    matrices = {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay}
+    vectors = {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}
+    return params, torch.optim.AdamW([matrices, vectors], lr=cfg.lr)
+
+
 def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pairs=0,
                   vae_batch_size=8):
     """Accuracy at each t on a split (from load_pairs), both images noised to t with fixed
@@ -648,10 +656,7 @@ def main(cfg):
     vae.to(device).requires_grad_(False)
     if cfg.grad_ckpt:
         lrm.denoiser.enable_gradient_checkpointing()
-    params = [p for p in lrm.parameters() if p.requires_grad]
-    matrices = {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay}
-    vectors = {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}  # deviation 3
-    optimizer = torch.optim.AdamW([matrices, vectors], lr=cfg.lr)
+    params, optimizer = make_optimizer(lrm, cfg)
     step, best, n_bad, n_seen = 0, -1.0, 0, 0
     if state is not None:  # (what save_checkpoint left out stays as from_base loaded it)
         lrm.load_state_dict({**lrm.state_dict(), **state["model"]})
