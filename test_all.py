@@ -1008,6 +1008,9 @@ def test_accuracy_both_ways_by_hand_and_from_captured_scores(monkeypatch):
     table.loc[0, "jpg_1"] = b"\xff\xd8 broken"
     broken = L.pair_accuracy(lrm, Dataset.from_pandas(table), [1])
     assert all(0 <= value[1] <= 1 and value[1] * 3 % 1 == 0 for value in broken.values()), broken
+    table.loc[:, "jpg_0"] = b"\xff\xd8 broken"   # no decodable pair at all: 0, not 0 / 0
+    nothing = L.pair_accuracy(lrm, Dataset.from_pandas(table), [1])
+    assert nothing == {"decisive": {1: 0.0}, "ties_half": {1: 0.0}}
 
 
 def test_logged_numbers_match_independent_computations(tmp_path, monkeypatch):
