@@ -159,15 +159,10 @@ def load_pipeline(name, device, dtype=torch.float32):
         if name in ("sdxl", "sd3"):
             parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))
     pipe = DiffusionPipeline.from_pretrained(os.path.join(ROOT, FOLDERS[name]), **parts)
-    for tokenizer in tokenizers(pipe) if parts else []:
+    for tokenizer in models.tokenizers(pipe) if parts else []:
         tokenizer.model_max_length = 256 if "T5" in type(tokenizer).__name__ else 77
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype)
-
-
-def tokenizers(pipe):
-    names = ("tokenizer", "tokenizer_2", "tokenizer_3")
-    return [getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None]
 
 
 def denoiser(pipe):
@@ -185,7 +180,7 @@ def latent_reward_model(pipe, resolution, copy_networks):
     networks = (denoiser(pipe), text_encoders(pipe))
     if copy_networks:
         networks = copy.deepcopy(networks)
-    return LatentRewardModel(*networks, tokenizers(pipe), dict(resolution=resolution, g=7.5))
+    return LatentRewardModel(*networks, models.tokenizers(pipe), dict(resolution=resolution, g=7.5))
 
 
 def preset(stage, name, **overrides):

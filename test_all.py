@@ -3241,7 +3241,7 @@ def test_full_size_networks_are_the_published_architectures():
     assert n(sd.vae) == 83_653_863 and n(xl.vae) == 83_653_863
     with torch.device("meta"):
         assert n(CLIPVisionModelWithProjection(CLIPVisionConfig(**bench.VIT_H))) == 632_076_800
-        widths = [LatentRewardModel(p.unet, models.text_encoders(p), bench.tokenizers(p),
+        widths = [LatentRewardModel(p.unet, models.text_encoders(p), models.tokenizers(p),
                                     dict(resolution=r, g=7.5)).visual_projection
                   for p, r in ((sd, 512), (xl, 1024))]
     assert [(w.in_features, w.out_features) for w in widths] == [(4800, 768), (3520, 1280)]
