@@ -50,7 +50,7 @@ from models import (LORA_FILE, ROOT, add_lora, check_scheduler, denoiser_name, e
                     family, geometry, guided_prediction, is_flow_matching, load_lrm,
                     load_pipeline, load_prompts, save_lora, save_merged_denoiser)
 from runs import (NonFiniteUpdate, all_gather_cat, all_reduce_sums, apply_update, barrier,
-                  check_counts, close_distributed, command_line, fail, inform, inputs_sha1,
+                  close_distributed, command_line, fail, inform, inputs_sha1,
                   kill_point, log_row, mixed_precision, open_run, parse_config, peak_memory_mb,
                   peek, plan_rounds, restart_log, restore_training, run_folder,
                   setup_distributed, stop_non_finite, timing, warn, weights_fingerprint,
@@ -68,39 +68,36 @@ class Config:
     lrm: str = ""  # LRM folder written by lrm.py ("" = the preset's)
     out: str = ""  # run folder ("" = runs/lpo-<model>)
     resume: bool = False  # continue the run in --out from its ckpt.pt
-    seed: int = 0  # seeds prompts, LoRA init, sampling noise and pair shuffles
-    threads: int = 0  # CPU intra-op threads (0 = torch's default; tiny presets: 1)
-    dist_timeout: int = 180  # minutes for init_process_group (NCCL's default 10 is too short)
+    seed: int = 0  # seeds prompts, LoRA init, sampling noise and pair shuffles, in [0, inf)
+    threads: int = 0  # CPU intra-op threads in [0, inf) (0 = torch's default; tiny presets: 1)
+    dist_timeout: int = 180  # minutes in [1, inf) a collective may wait (NCCL's 10 is too short)
     prompts: str = "yuvalkirstain/pickapic_v1"  # dataset with `caption`; .txt/.json/.csv/.parquet
-    num_prompts: int = 4000  # paper: 4,000 Pick-a-Pic v1 train prompts
+    num_prompts: int = 4000  # prompts in [1, inf); paper: 4,000 Pick-a-Pic v1 train prompts
     unique_prompts: bool = True  # a seeded uniform sample of distinct captions; off: rows in order
-    epochs: int = 5  # passes over the prompts (paper: 5)
-    max_rounds: int = 0  # stop after this many rounds (0: all epochs)
-    resolution: int = 0  # px (0 = the pipeline's own: denoiser sample_size x VAE factor)
-    num_inference_steps: int = 20  # sampler steps (paper: 20 DDIM steps)
-    guidance_scale: float = 5.0  # classifier-free guidance (paper: 5.0)
-    eta: float = 1.0  # DDIM eta, also of SD3's DDIM in flow form (paper: 1, stochastic)
-    num_children: int = 4  # K children a step (paper: 4)
-    th_min: float = 0.35  # softmax-gap threshold at the least noise (paper: SD1.5 0.35, SDXL 0.45)
-    th_max: float = 0.5  # softmax-gap threshold at the most noise (paper: SD1.5 0.5, SDXL 0.6)
+    epochs: int = 5  # passes over the prompts, in [1, inf) (paper: 5)
+    max_rounds: int = 0  # stop after this many rounds, in [0, inf) (0: all epochs)
+    resolution: int = 0  # px in [0, inf) (0 = the pipeline's: denoiser sample_size x VAE factor)
+    num_inference_steps: int = 20  # sampler steps in [1, 1000] (paper: 20 DDIM steps)
+    guidance_scale: float = 5.0  # classifier-free guidance in [0, inf) (paper: 5.0)
+    eta: float = 1.0  # DDIM eta in (0, 1] (0: identical children), SD3 too (paper: 1)
+    num_children: int = 4  # K children a step, in [2, inf): a pair needs two (paper: 4)
+    th_min: float = 0.35  # softmax-gap threshold in [0, 1) at the least noise (paper: 0.35 / 0.45)
+    th_max: float = 0.5  # softmax-gap threshold in [0, 1) at the most noise (paper: 0.5 / 0.6)
     lrm_t: str = "child"  # noise level the LRM is told: child (t_prev) | parent (official's t)
     negate_reward: bool = False  # control: a reward pointing the wrong way must not help
-    beta: float = 500.0  # DPO beta (paper: 500; SPO: 10)
-    clip_eps: float = 0.1  # likelihood-ratio clip (paper: 0.1)
-    lora_rank: int = 4  # LoRA rank, alpha = rank (paper: 4 SD1.5, 64 SDXL)
-    lr: float = 5e-5  # AdamW lr, constant (paper: 5e-5 SD1.5, 1e-5 SDXL)
-    sample_batch_size: int = 5  # prompts per rank per round (paper: 5 SD1.5, 4 SDXL)
-    train_batch_size: int = 10  # tuples per rank per forward (paper: 10 SD1.5, 4 SDXL)
-    grad_accum: int = 1  # forwards per optimizer update
+    beta: float = 500.0  # DPO beta in (0, inf) (paper: 500; SPO: 10)
+    clip_eps: float = 0.1  # likelihood-ratio clip in (0, 1) (paper: 0.1)
+    lora_rank: int = 4  # LoRA rank in [1, inf), alpha = rank (paper: 4 SD1.5, 64 SDXL)
+    lr: float = 5e-5  # AdamW lr in (0, inf), constant (paper: 5e-5 SD1.5, 1e-5 SDXL)
+    sample_batch_size: int = 5  # prompts per rank per round, in [1, inf) (paper: 5 / 4 SDXL)
+    train_batch_size: int = 10  # tuples per rank per forward, in [1, inf) (paper: 10 / 4 SDXL)
+    grad_accum: int = 1  # forwards per optimizer update, in [1, inf)
     grad_ckpt: bool = False  # gradient checkpointing of the policy denoiser (paper: on for SDXL)
-    ckpt_every: int = 50  # updates between checkpoints (taken at the next round end)
+    ckpt_every: int = 50  # updates in [1, inf) between checkpoints (taken at the next round end)
     save_merged: bool = False  # also write {out}/unet (SD3: /transformer), LoRA merged in fp32
-    eval_samples: int = 0  # > 0: judge win-rate vs base on held-out seeds (tiny world only)
+    eval_samples: int = 0  # in [0, inf); > 0: judge win-rate vs base on held-out seeds (tiny only)
 
 
-# fields that count something: a positive number each
-COUNTS = ("num_children", "num_inference_steps", "num_prompts", "epochs", "lora_rank",
-          "sample_batch_size", "train_batch_size", "grad_accum", "ckpt_every")
 # fields a --resume may change (they are applied and logged); any other change is refused
 MAY_CHANGE = ("threads", "dist_timeout", "epochs", "max_rounds", "lr", "grad_ckpt", "ckpt_every",
               "save_merged", "eval_samples")
@@ -530,24 +527,8 @@ def get_config(argv=None):
     cfg = parse_config(Config, defaults, __doc__, argv)
     if cfg.lrm_t not in ("child", "parent"):
         fail(f"--lrm_t {cfg.lrm_t}: choose child or parent")
-    if not 0 <= cfg.th_min <= cfg.th_max < 1:
-        fail(f"--th_min {cfg.th_min} / --th_max {cfg.th_max}: need 0 <= th_min <= th_max < 1")
-    check_counts(cfg, positive=COUNTS)
-    if cfg.num_children < 2:
-        fail(f"--num_children {cfg.num_children}: a pair needs at least 2 children")
-    if not cfg.lr > 0:
-        fail(f"--lr {cfg.lr}: need a positive learning rate")
-    if cfg.num_inference_steps > 1000:
-        fail(f"--num_inference_steps {cfg.num_inference_steps}: at most 1000 (the SD schedules' "
-             "training timesteps)")
-    if not 0 < cfg.eta <= 1:
-        fail(f"--eta {cfg.eta}: need 0 < eta <= 1 (LPO branches the stochastic sampler: at eta 0 "
-             "the K children of a step are identical)")
-    if not 0 < cfg.clip_eps < 1:
-        fail(f"--clip_eps {cfg.clip_eps}: need 0 < clip_eps < 1 (paper: 0.1)")
-    if not 0 < cfg.beta < math.inf:
-        fail(f"--beta {cfg.beta}: need a positive finite number (paper: 500)")
-    check_counts(cfg, non_negative=("resolution", "threads", "max_rounds", "eval_samples"))
+    if cfg.th_min > cfg.th_max:
+        fail(f"--th_min {cfg.th_min} / --th_max {cfg.th_max}: need th_min <= th_max")
     cfg.out = cfg.out or run_folder("lpo", model)
     if cfg.eval_samples > 0 and model not in ("tiny", "tiny-xl", "tiny-sd3"):
         fail(f"--eval_samples {cfg.eval_samples}: the built-in evaluation is the tiny world's "

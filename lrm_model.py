@@ -39,7 +39,8 @@ from diffusers import (AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel,
                        UNet2DConditionModel)
 from torch.utils.checkpoint import checkpoint
 
-from models import BASES, DENOISERS, denoiser_subfolder, encode_prompt, resolve_model
+from models import (BASES, DENOISERS, denoiser_subfolder, encode_prompt, resolve_model,
+                    uncond_then_cond)
 
 
 # ----------------------------------------------------------------------------- math
@@ -127,17 +128,6 @@ def take_rows(tree, rows):
     if tree is None:
         return None
     return tree[rows.to(tree.device)]
-
-
-def cond_then_uncond(cond, uncond, batch_size):
-    """VFE's batch: every tensor of the B prompts' encoding, then the one of "" repeated B times
-    (a (nested) dict of tensors; None stays None)."""
-    if isinstance(cond, dict):
-        return {key: cond_then_uncond(value, uncond[key], batch_size)
-                for key, value in cond.items()}
-    if cond is None:
-        return None
-    return torch.cat([cond, uncond.expand(batch_size, *uncond.shape[1:])])  # (2B, ...)
 
 
 def cross_attention_kwargs(block, context):
@@ -409,16 +399,16 @@ class LatentRewardModel(torch.nn.Module):
         t = torch.as_tensor(timesteps, device=latents.device).expand(batch_size)  # (B,)
         x = latents.to(self.denoiser.dtype)
         inputs = cond
-        # VFE: one batched pass, the B conditional rows first, then the B with ""
+        # VFE: one batched pass, the B rows with "" first, then the B conditional ones
         if uncond is not None:
             x = torch.cat([x, x])  # (2B, C, h, w)
             t = torch.cat([t, t])
-            inputs = cond_then_uncond(cond, uncond, batch_size)
+            inputs = uncond_then_cond(uncond, cond)
         features = self.features(x, t, inputs)  # [(2B, C_i)]
         if uncond is not None:  # earlier features from the conditional pass only, VFE on the last
             last = features[-1]  # (2B, C_last)
-            enhanced = vfe(last[:batch_size], last[batch_size:], self.g)  # (B, C_last)
-            features = [feature[:batch_size] for feature in features[:-1]] + [enhanced]
+            enhanced = vfe(last[batch_size:], last[:batch_size], self.g)  # (B, C_last)
+            features = [feature[batch_size:] for feature in features[:-1]] + [enhanced]
         pooled = torch.cat(features, -1).to(self.visual_projection.weight.dtype)  # (B, sum C_i)
         visual = self.visual_projection(pooled)  # (B, D)
         text_feature = cond["pooled"]  # (B, D)

@@ -252,10 +252,13 @@ def encode_sd3_prompt(encoders, tokenizers, prompts):
 
 
 def uncond_then_cond(uncond, cond):
-    """The CFG batch [uncond; cond] along the batch, for tensors and (nested) dicts of tensors;
-    an uncond of one row (the empty prompt) is repeated for every prompt."""
+    """The one CFG batch of the repository, [uncond; cond] along the batch (guidance, VFE), for
+    tensors and (nested) dicts of them, None staying None; an uncond of one row (the empty
+    prompt) is repeated for every prompt."""
     if isinstance(cond, dict):
         return {key: uncond_then_cond(uncond[key], cond[key]) for key in cond}
+    if cond is None:
+        return None
     return torch.cat([uncond.expand_as(cond), cond])
 
 

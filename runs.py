@@ -86,13 +86,22 @@ def peek(argv, name, default):
     return getattr(parser.parse_known_args(argv)[0], name)
 
 
-def build_parser(config_class, defaults, doc):
-    """One option per Config field; its trailing comment is the --help line, with the default."""
+INTERVAL = re.compile(r"\bin ([\[(])(\S+), (\S+?)([\])])")  # "in [1, inf)" in a field's comment
+
+
+def option_helps(config_class):
+    """{field: its trailing comment}: the --help line, and the range (`in [0, 1)`) it declares."""
     helps = {}
     for line in inspect.getsource(config_class).splitlines():
         match = re.match(r"\s+(\w+): [^#]*#\s*(.*)", line)
         if match:
             helps[match[1]] = match[2]
+    return helps
+
+
+def build_parser(config_class, defaults, doc):
+    """One option per Config field; its trailing comment is the --help line, with the default."""
+    helps = option_helps(config_class)
     parser = argparse.ArgumentParser(
         prog=PROG, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in fields(config_class):
@@ -107,14 +116,19 @@ def build_parser(config_class, defaults, doc):
     return parser
 
 
-def check_counts(cfg, positive=(), non_negative=()):
-    """One line for the first option of cfg, by name, below 1 (positive) or below 0."""
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            fail(f"--{name} {getattr(cfg, name)}: need a positive number")
-    for name in non_negative:
-        if getattr(cfg, name) < 0:
-            fail(f"--{name} {getattr(cfg, name)}: need 0 or more")
+def check_ranges(cfg):
+    """Every number option finite and inside the interval its Config comment declares (`in
+    (0, 1]`: 0 < x <= 1); the first one outside: one line."""
+    helps = option_helps(type(cfg))
+    for name, value in asdict(cfg).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        match = INTERVAL.search(helps.get(name, ""))
+        opening, low, high, closing = match.groups() if match else ("(", "-inf", "inf", ")")
+        above = value > float(low) or opening == "[" and value == float(low)
+        below = value < float(high) or closing == "]" and value == float(high)
+        if not (math.isfinite(value) and above and below):
+            fail(f"--{name} {value}: need a finite number in {opening}{low}, {high}{closing}")
 
 
 def run_folder(stage, model):
@@ -123,9 +137,11 @@ def run_folder(stage, model):
 
 
 def parse_config(config_class, defaults, doc, argv):
-    """The Config of a command line, over the given defaults."""
+    """The Config of a command line, over the given defaults, its ranges checked."""
     parser = build_parser(config_class, defaults, doc)
-    return config_class(**vars(parser.parse_args(argv)))
+    cfg = config_class(**vars(parser.parse_args(argv)))
+    check_ranges(cfg)
+    return cfg
 
 
 # ----------------------------------------------------------------------------- torchrun

@@ -2641,6 +2641,8 @@ BAD_INPUTS += [
     ("lpo", ["--out", "{tmp}/o", "--clip_eps", "1"], "clip_eps"),
     ("lpo", ["--out", "{tmp}/o", "--beta", "0"], "beta"),
     ("lpo", ["--out", "{tmp}/o", "--beta", "nan"], "beta"),
+    ("lpo", ["--out", "{tmp}/o", "--guidance_scale", "nan"], "guidance_scale"),  # not the NaN guard
+    ("lpo", ["--out", "{tmp}/o", "--seed", "-1"], "seed"),
     ("lpo", ["--out", "{tmp}/o", "--num_inference_steps", "1001"], "num_inference_steps"),
     ("lpo", ["--out", "{tmp}/o", "--model", os.path.join(LPO_BAD, "short_schedule"), "--num_inference_steps", "200"],
      "timesteps"),
