@@ -17,7 +17,7 @@ max_memory_allocated / _reserved (on a CPU: the process's peak resident set so f
     python bench.py            # sd15 + sdxl + sd3 on one CUDA GPU
     python bench.py --tiny     # the tiny worlds on the CPU: their times mean nothing
     python bench.py --smoke    # full-size SD1.5 at 64 px on the CPU: the phases but the baselines
-    python memory.py           # the computed memory of every stage: which GPU it fits
+    python tools/memory.py     # the computed memory of every stage: which GPU it fits
 Writes {out}/bench.json and {out}/bench.jsonl; --resume adds models. Deviations: random weights;
 the tiny worlds' tokenizers, padded to the real 77 (T5: 256) tokens; the pixel path gets every
 advantage (K children batched, a bf16 VAE, a fixed text embedding); random LRM pairs.
@@ -106,7 +106,7 @@ def get_config(argv=None):
         fail(f"--resolution {cfg.resolution}: a multiple of 64 (0: each preset's)")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {cfg.device}: no CUDA GPU here; full-size networks need one (--tiny and "
-             "--smoke run on a CPU, python memory.py computes the memory table)")
+             "--smoke run on a CPU, python tools/memory.py computes the memory table)")
     return cfg
 
 

@@ -34,7 +34,7 @@ SCRATCH = tempfile.mkdtemp(prefix="lpo-minimal-tests-")
 atexit.register(shutil.rmtree, SCRATCH, True)  # the tiny networks' ops are too small to split across threads
 
 import bench  # noqa: E402
-import memory  # noqa: E402
+from tools import memory  # noqa: E402
 import eval as ev  # noqa: E402
 import lpo  # noqa: E402
 import lrm as L  # noqa: E402
@@ -3566,8 +3566,8 @@ BAD_INPUTS += [
     ("bench", ["--lrm_batch_size", "-2"], "lrm_batch_size"),
     ("bench", ["--repeats", "0"], "repeats"),
     ("bench", ["--tiny", "--warmup", "-1"], "warmup"),
-    ("memory", ["--model", "sd21"], "model"),
-    ("memory", ["--model", "tiny"], "model"),
+    ("tools.memory", ["--model", "sd21"], "model"),
+    ("tools.memory", ["--model", "tiny"], "model"),
 ]
 
 
@@ -3582,7 +3582,7 @@ def test_style_ruff_is_clean():
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-1000:]
 
 
-@pytest.mark.parametrize("path", STAGES + ["lrm_model.py", "runs.py", "models.py", "memory.py"])
+@pytest.mark.parametrize("path", STAGES + ["lrm_model.py", "runs.py", "models.py", "tools/memory.py"])
 def test_stage_files_read_like_the_anchors(path):
     """DiT train.py: 7.9 AST nodes per code line; ours at most 10, one statement a line."""
     import ast
@@ -3610,15 +3610,17 @@ def test_root_files_keep_their_size_budgets():
     import ast
     import glob
     total_lines = total_nodes = 0
-    for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))):
+    # tools/memory.py (the computed memory table) is held to a file's budget, not in the total
+    for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))) + [os.path.join(ROOT, "tools", "memory.py")]:
         name = os.path.basename(path)
         if name == "test_all.py":
             continue
         source = open(path).read()
         tree = ast.parse(source)
         lines = len(source.splitlines())
-        total_lines += lines
-        total_nodes += sum(1 for _ in ast.walk(tree))
+        if name != "memory.py":
+            total_lines += lines
+            total_nodes += sum(1 for _ in ast.walk(tree))
         assert lines <= LINE_BUDGETS.get(name, 450), f"{name}: {lines} lines"
         docstring = ast.get_docstring(tree, clean=False) or ""
         assert len(docstring.splitlines()) <= 40, f"{name}: module docstring over 40 lines"
@@ -3637,7 +3639,7 @@ def test_what_every_run_needs_is_written_once():
         assert not again, f"{path} defines {sorted(again)} again: import them from runs.py"
 
 
-@pytest.mark.parametrize("module_name", ["lrm", "mpcf", "lpo", "sample", "eval", "bench", "memory"])
+@pytest.mark.parametrize("module_name", ["lrm", "mpcf", "lpo", "sample", "eval", "bench", "tools.memory"])
 def test_help_describes_every_option(module_name, capsys):
     import dataclasses
     import importlib
@@ -3709,7 +3711,7 @@ def test_bad_input_catalogue(module_name, argv, word, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         module.main(module.get_config(filled))
     message = str(exit_info.value.code)
-    assert message.startswith(f"{module_name}.py: error:"), message
+    assert message.startswith(f"{module_name.split('.')[-1]}.py: error:"), message
     assert "\n" not in message.strip() and word.lower() in message.lower(), message
     # what may be read is the bad artifact itself (a truncated LRM is found by reading it), no other weight
     others = [entry for entry in loaded if not any(arg in entry for arg in filled if os.sep in arg)]

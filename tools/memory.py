@@ -1,4 +1,4 @@
-"""memory.py: which stage fits a 24 / 40 / 80 GB GPU, computed without one: the published
+"""tools/memory.py: which stage fits a 24 / 40 / 80 GB GPU, computed without one: the published
 architectures built on the meta device (no weights, no GPU, a minute of CPU) at each stage's
 per-GPU settings.
 
@@ -11,9 +11,11 @@ total stays under 90% of the GPU (the CUDA context and the allocator's cache tak
 "micro N": it fits with lrm.py's gradient accumulation in micro-batches of N pairs.
 Computed, not measured: bench.py measures.
 
-    python memory.py                 # sd15, sdxl and sd3: the README's memory table
-    python memory.py --model sdxl
+    python tools/memory.py                 # sd15, sdxl and sd3: the README's memory table
+    python tools/memory.py --model sdxl
 """
+import os
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,13 +24,15 @@ from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfi
                           CLIPVisionModelWithProjection, InstructBlipConfig,
                           InstructBlipForConditionalGeneration, T5Config)
 
-import bench
-import lpo
-import lrm
-import sample
-from bench import T, default_resolution, denoiser, latent_reward_model, load_pipeline, preset
-from models import add_lora, encode_for_cfg, text_encoders
-from runs import command_line, fail, parse_config
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the stages
+import bench  # noqa: E402
+import lpo  # noqa: E402
+import lrm  # noqa: E402
+import sample  # noqa: E402
+from bench import (T, default_resolution, denoiser, latent_reward_model,  # noqa: E402
+                   load_pipeline, preset)
+from models import add_lora, encode_for_cfg, text_encoders  # noqa: E402
+from runs import command_line, fail, parse_config  # noqa: E402
 
 
 @dataclass
