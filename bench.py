@@ -63,15 +63,15 @@ class Config:
     device: str = "cuda"  # cuda | cuda:N | cpu
     out: str = "runs/bench"  # bench.json and bench.jsonl
     resume: bool = False  # keep the models already measured in {out}/bench.json
-    threads: int = 0  # CPU intra-op threads, 0 = torch's default
-    resolution: int = 0  # px, 0 = each preset's (512 / 1024 / 1024)
-    num_children: int = 4  # K children per sampling step (paper: K = 4)
-    batch_size: int = 1  # prompts of lpo_step and pixel_step, pairs of lpo_update and dpo_update
-    sample_batch_size: int = 0  # lpo_iteration: prompts a pass (0 = lpo.py's per-GPU preset)
-    train_batch_size: int = 0  # lpo_iteration: pairs an update (0 = lpo.py's per-GPU preset)
-    lrm_batch_size: int = 0  # pairs per LRM step (0 = the paper's per GPU: 16 SD1.5, 4 SDXL)
-    warmup: int = 2  # untimed runs before the timed ones
-    repeats: int = 5  # timed runs; the median is reported
+    threads: int = 0  # CPU intra-op threads in [0, inf), 0 = torch's default
+    resolution: int = 0  # px in [0, inf), a multiple of 64; 0 = each preset's (512 / 1024 / 1024)
+    num_children: int = 4  # K children per sampling step, in [2, inf) (paper: K = 4)
+    batch_size: int = 1  # in [1, inf): prompts of lpo_step and pixel_step, pairs of the updates
+    sample_batch_size: int = 0  # lpo_iteration: prompts a pass in [0, inf) (0: lpo.py's preset)
+    train_batch_size: int = 0  # lpo_iteration: pairs an update in [0, inf) (0: lpo.py's preset)
+    lrm_batch_size: int = 0  # pairs per LRM step in [0, inf) (0: the paper's per GPU, 16 / 4)
+    warmup: int = 2  # untimed runs before the timed ones, in [0, inf)
+    repeats: int = 5  # timed runs in [1, inf); the median is reported
     baselines: bool = True  # pixel_step and dpo_update: what LPO is compared with
 
 
@@ -97,11 +97,6 @@ def get_config(argv=None):
     cfg = parse_config(Config, defaults, __doc__, argv)
     if not set(cfg.model.split(",")) <= set(FOLDERS):
         fail(f"--model {cfg.model!r}: a comma list of {', '.join(FOLDERS)}")
-    least = dict(num_children=2, batch_size=1, repeats=1, warmup=0, sample_batch_size=0,
-                 train_batch_size=0, lrm_batch_size=0, threads=0, resolution=0)
-    for option, minimum in least.items():
-        if getattr(cfg, option) < minimum:
-            fail(f"--{option} {getattr(cfg, option)}: at least {minimum}")
     if cfg.resolution % 64:
         fail(f"--resolution {cfg.resolution}: a multiple of 64 (0: each preset's)")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
