@@ -19,6 +19,9 @@ from runs import fail, first_line
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TABLES = {"csv": "csv", "tsv": "csv", "parquet": "parquet", "json": "json", "jsonl": "json",
           "arrow": "arrow"}
+# a folder's parquet files of a split: those of the first of these patterns that matches
+SPLIT_FILES = ("{}.parquet", "{}-*.parquet", "{}/*.parquet", "data/{}.parquet", "data/{}-*.parquet")
+SAVED = ("dataset_dict.json", "state.json")  # what save_to_disk writes: a DatasetDict, a Dataset
 CAPTION_COLUMNS = ("caption", "prompt", "Prompt", "text")  # PartiPrompts: a .tsv with "Prompt"
 PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "are_different")
 NUMBER = ("float", "int", "bool")
@@ -44,24 +47,21 @@ def open_split(data, split, **options):
     `options` (streaming, columns) go to load_dataset."""
     disable_progress_bars()
     local = local_path(data)
-    extension = local.rsplit(".", 1)[-1].lower()
-    if os.path.isfile(local) and extension not in TABLES:
-        raise ValueError(f"{data}: unknown file type .{extension} (tables: .{' .'.join(TABLES)})")
-    patterns = [f"{split}.parquet", f"{split}-*.parquet", f"{split}/*.parquet",
-                f"data/{split}.parquet", f"data/{split}-*.parquet"]
-    found = [sorted(glob.glob(os.path.join(local, pattern))) for pattern in patterns]
-    files = next(filter(None, found), [])  # the first pattern's files
-    saved = any(os.path.isfile(os.path.join(local, f)) for f in ("dataset_dict.json", "state.json"))
+    found = [sorted(glob.glob(os.path.join(local, name.format(split)))) for name in SPLIT_FILES]
+    builder, files = "parquet", next(filter(None, found), [])  # the first pattern's files
+    if os.path.isfile(local):
+        extension = local.rsplit(".", 1)[-1].lower()
+        if extension not in TABLES:
+            raise ValueError(f"{data}: unknown file type .{extension} (tables: {' '.join(TABLES)})")
+        builder, files = TABLES[extension], local
+        if extension == "tsv":
+            options["delimiter"] = "\t"
     try:
-        if saved:  # a DatasetDict, or one Dataset
+        if any(os.path.isfile(os.path.join(local, name)) for name in SAVED):
             split_or_all = load_from_disk(local)
             return split_or_all[split] if isinstance(split_or_all, DatasetDict) else split_or_all
-        if os.path.isfile(local):
-            tsv = {"delimiter": "\t"} if extension == "tsv" else {}
-            return load_dataset(TABLES[extension], data_files=local, split="train", **tsv,
-                                **options)
         if files:
-            return load_dataset("parquet", data_files=files, split="train", **options)
+            return load_dataset(builder, data_files=files, split="train", **options)
         return load_dataset(local if os.path.isdir(local) else data, split=split, **options)
     except Exception as error:
         raise ValueError(f"dataset {data!r} has no readable split {split!r} "
