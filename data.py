@@ -17,6 +17,7 @@ from PIL import Image
 from runs import fail, first_line
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# a table file's extension -> the datasets builder that reads it
 TABLES = {"csv": "csv", "tsv": "csv", "parquet": "parquet", "json": "json", "jsonl": "json",
           "arrow": "arrow"}
 # a folder's parquet files of a split: those of the first of these patterns that matches
