@@ -160,6 +160,11 @@ def read_keep(keep, n_rows):
 def load_pairs(data, split, keep=""):
     """lrm.py's pairs: a split restricted to mpcf.py's kept rows, without unlabelled pairs or
     identical images. Images stay JPEG bytes."""
+    local = local_path(data)
+    if os.path.isfile(local) or os.path.isfile(os.path.join(local, "state.json")):
+        # a table file, a saved Dataset: their one split would be the held-out ones too
+        raise ValueError(f"dataset {data!r} has no readable split {split!r}: it holds one, "
+                         "lrm.py reads train, validation_unique and test_unique")
     pairs = open_pairs(data, split, PAIR_COLUMNS + ("num_example_per_prompt",))
     if keep:  # row indices into the split as published
         pairs = pairs.select(read_keep(keep, len(pairs)))
