@@ -2881,6 +2881,18 @@ def test_prompt_sources_give_unique_prompts_in_order(tmp):
     assert sample.load_prompts("tiny/pickapic", "test_unique", 3) == list(dict.fromkeys(caps))[:3]
 
 
+def test_one_reader_keeps_each_stages_prompts_and_splits(tmp):
+    """data.py serves every stage: sample.py keeps a prompt as written (its folders record it), lpo.py
+    strips it; a table file is one split, mpcf.py's whatever --split, refused for lrm.py's three."""
+    (tmp / "spaces.tsv").write_text("Prompt\n a red circle \na red circle\n")
+    assert sample.load_prompts(str(tmp / "spaces.tsv")) == [" a red circle ", "a red circle"]
+    assert lpo.load_prompts(str(tmp / "spaces.tsv"), "train", 5, strip=True) == ["a red circle"]
+    one = os.path.join(ROOT, "tiny", "pickapic", "data", "validation_unique-00000-of-00001.parquet")
+    assert len(data.open_pairs(one, "test_unique")) == len(pd.read_parquet(one))
+    with pytest.raises(ValueError, match="no readable split 'train': it holds one"):
+        data.load_pairs(one, "train")
+
+
 def test_lpo_prompts_are_distinct_captions_except_in_the_tiny_preset(tmp):
     (tmp / "p.txt").write_text("a red circle\n\na blue square\na red circle\na green square\n")
     assert lpo.load_prompts(str(tmp / "p.txt"), "train", 2) == ["a red circle", "a blue square"]
