@@ -45,10 +45,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import load_prompts
 from lrm_model import take_rows
 from models import (LORA_FILE, ROOT, add_lora, check_scheduler, denoiser_name, encode_for_cfg,
                     family, geometry, guided_prediction, is_flow_matching, load_lrm,
-                    load_pipeline, load_prompts, save_lora, save_merged_denoiser)
+                    load_pipeline, save_lora, save_merged_denoiser)
 from runs import (NonFiniteUpdate, all_gather_cat, all_reduce_sums, apply_update, barrier,
                   close_distributed, command_line, fail, inform, inputs_sha1,
                   kill_point, log_row, mixed_precision, open_run, parse_config, peak_memory_mb,
@@ -569,7 +570,7 @@ def main(cfg):
     if not os.path.isdir(cfg.lrm):
         fail(f"no LRM at {cfg.lrm}: train one ({lrm_hint(cfg)}) and pass its --out as --lrm")
     read = partial(load_prompts, cfg.prompts, "train", cfg.num_prompts, cfg.unique_prompts,
-                   cfg.seed)
+                   cfg.seed, strip=True)
     checkpoint, changes, prompts = open_run(cfg, world, MAY_CHANGE, read, cfg.prompts)
     if master and len(prompts) < cfg.num_prompts:
         kind = "distinct captions" if cfg.unique_prompts else "captions"

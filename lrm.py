@@ -16,7 +16,7 @@ validation accuracy is measured at --eval_timesteps (default: the grid's t neare
 --out gets the final LRM (LatentRewardModel.from_pretrained reads it), best/, train_state.pt and
 metrics.jsonl. docs/reference.md gives their contents, the --data layouts read and what
 --resume keeps or refuses. Reading order: Config, the math (pair_loss, learning_rate, add_noise),
-the data (load_pairs, Pairs), train_step and pair_accuracy, then main: setup, the numbered loop,
+the data (Pairs), train_step and pair_accuracy, then main: setup, the numbered loop,
 the final table.
 
 Choices and deviations:
@@ -38,9 +38,6 @@ Choices and deviations:
    paper gives no SD3 recipe: the sd3 / sd35 presets take SDXL's (the same 1024 px).
 """
 import gc
-import glob
-import io
-import json
 import math
 import os
 import shutil
@@ -56,15 +53,13 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, FlowMatchEule
 from PIL import Image
 from tqdm import tqdm
 
+from data import decode_image, load_pairs
 from lrm_model import LatentRewardModel, mmdit_blocks
-from models import BASES, ROOT, geometry, is_flow_matching, load_denoiser_config, resolve_model
+from models import BASES, geometry, is_flow_matching, load_denoiser_config, resolve_model
 from runs import (atomic_torch_save, barrier, command_line, fail, first_line, gather_objects,
                   kill_point, load_checkpoint, log_jsonl, parse_config, peek, prepare_run_folder,
                   setup_distributed, truncate_log, warn, write_or_fail)
 
-COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "num_example_per_prompt",
-           "has_label", "are_different")
-NUMERIC_COLUMNS = ("label_0", "label_1", "num_example_per_prompt")
 ACTIVATION_GB_PER_PAIR = 2.6  # see choose_micro_batch
 RESUMABLE = ("lr", "max_train_steps", "warmup", "eval_every", "save_every")  # change on resume
 MECHANICS = ("out", "resume", "micro_batch_size", "vae_batch_size", "workers", "threads",
@@ -226,80 +221,13 @@ def default_eval_timesteps(grid):
 
 
 # ----------------------------------------------------------------------------- data
-def open_split(data, split):
-    """One split of --data as a datasets.Dataset: a save_to_disk folder, a folder of parquet files
-    named by split (train.parquet, train-*.parquet, train/*.parquet, the same under data/), or what
-    datasets.load_dataset reads with the split names (a hub id, another folder)."""
-    import datasets
-    datasets.disable_progress_bars()
-    local = os.path.join(ROOT, data) if data.startswith("tiny/") else data
-    patterns = [f"{split}.parquet", f"{split}-*.parquet", f"{split}/*.parquet",
-                f"data/{split}.parquet", f"data/{split}-*.parquet"]
-    found = [sorted(glob.glob(os.path.join(local, pattern))) for pattern in patterns]
-    files = next(filter(None, found), [])  # the first pattern's files
-    try:
-        if os.path.exists(os.path.join(local, "dataset_dict.json")):
-            return datasets.load_from_disk(local)[split]
-        if files:
-            return datasets.load_dataset("parquet", data_files=files, split="train")
-        return datasets.load_dataset(local if os.path.isdir(local) else data, split=split)
-    except Exception as error:
-        raise ValueError(f"dataset {data!r} has no readable split {split!r} "
-                         f"({type(error).__name__}: {first_line(error)[:150]})") from None
-
-
-def read_keep(keep, n_rows):
-    """mpcf.py's kept rows, sorted: a JSON list of row indices, or a parquet / CSV table with an
-    `index` column; rows of the split as published, so a row outside it is refused."""
-    import pandas as pd
-    path = os.path.join(ROOT, keep) if keep.startswith("tiny/") else keep
-    try:
-        if path.endswith(".json"):
-            with open(path) as keep_file:
-                rows = json.load(keep_file)
-        else:
-            read = pd.read_parquet if path.endswith(".parquet") else pd.read_csv
-            rows = read(path)["index"].tolist()
-    except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"--keep {keep}: not a list of row indices ({error!r})") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"--keep {keep}: expected a list of integer row indices")
-    wrong = [row for row in rows if not isinstance(row, int) or not 0 <= row < n_rows]
-    if wrong:
-        raise ValueError(f"--keep {keep}: row {wrong[0]!r} is outside the train split's "
-                         f"{n_rows} rows (a keep file of another dataset?)")
-    return sorted(rows)
-
-
-def load_pairs(data, split, keep=""):
-    """A Pick-a-Pic-schema split, restricted to mpcf.py's kept rows, without unlabelled pairs or
-    identical images. Images stay JPEG bytes."""
-    pairs = open_split(data, split)
-    missing = [c for c in COLUMNS if c not in pairs.column_names]
-    if missing:
-        raise ValueError(f"dataset {data!r} split {split!r} has no column {missing[0]!r} "
-                         f"(it has {pairs.column_names})")
-    for column in NUMERIC_COLUMNS:
-        kind = getattr(pairs.features[column], "dtype", "")
-        if not kind.startswith(("float", "int", "bool")):
-            raise ValueError(f"dataset {data!r} split {split!r}: column {column!r} holds "
-                             f"{kind or pairs.features[column]}, not numbers")
-    if keep:  # row indices into the split as published
-        pairs = pairs.select(read_keep(keep, len(pairs)))
-    flags = zip(pairs["has_label"], pairs["are_different"])
-    return pairs.select([i for i, (labelled, different) in enumerate(flags)
-                         if labelled and different])
-
-
 def decode_pair(example, resolution):
     """Both images of a row -> uint8 (2, H, W, 3); raises on an undecodable image."""
-    images = []
-    for image in (example["jpg_0"], example["jpg_1"]):
-        if not isinstance(image, Image.Image):
-            image = Image.open(io.BytesIO(image["bytes"] if isinstance(image, dict) else image))
-        image = image.convert("RGB").resize((resolution, resolution), Image.BICUBIC)
-        images.append(np.array(image))
-    return torch.from_numpy(np.stack(images))
+    images = [decode_image(example[column]) for column in ("jpg_0", "jpg_1")]
+    if None in images:
+        raise ValueError("an undecodable image")
+    size = (resolution, resolution)
+    return torch.from_numpy(np.stack([np.array(x.resize(size, Image.BICUBIC)) for x in images]))
 
 
 @dataclass

@@ -3,13 +3,10 @@
 base is, where its denoiser lives, its geometry, which schedulers the samplers' steps cover,
 loading its pipeline (and a Latent Reward Model for scoring), encoding prompts for
 classifier-free guidance and the guided output, a LoRA on its denoiser (added, saved, merged in
-fp32), and reading the prompts the stages train on. The stages call
-`denoiser(x, timestep=t, **cond)` for every family."""
-import itertools
+fp32). The stages call `denoiser(x, timestep=t, **cond)` for every family."""
 import os
 import shutil
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import (AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel,
@@ -371,66 +368,3 @@ def save_merged_denoiser(base, denoiser, out, subfolder="unet"):
         shutil.rmtree(folder)
     os.replace(folder + ".tmp", folder)
 
-
-# ----------------------------------------------------------------------------- prompts
-PROMPT_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
-
-
-def read_captions(source, split):
-    """Every non-empty caption of a .txt file (one a line), a .parquet / .json / .csv file with a
-    `caption` column (the official 4k_training_prompts.json: a list of {"caption", "trainset_idx"})
-    or a dataset (hub id or folder, split `split`), streamed."""
-    from datasets import load_dataset
-    extension = os.path.splitext(source)[1].lower()
-    if extension == ".txt":
-        with open(source) as text_file:
-            captions = [line.strip() for line in text_file]
-    elif extension in PROMPT_FILE_BUILDERS:
-        rows = load_dataset(PROMPT_FILE_BUILDERS[extension], data_files=source, split="train")
-        captions = (str(row["caption"] or "").strip() for row in rows)
-    else:
-        try:
-            # the parquet builder (Pick-a-Pic v1's) then reads the caption column alone; with its
-            # images the dataset is ~190 GB (select_columns would drop them only after reading)
-            rows = load_dataset(source, split=split, streaming=True, columns=["caption"])
-        except (TypeError, ValueError):  # a builder without `columns` (json, csv): whole rows
-            # (any other error comes again from this call, and is reported as it is)
-            rows = load_dataset(source, split=split, streaming=True)
-        if rows.column_names is not None and "caption" not in rows.column_names:
-            raise KeyError("caption")
-        captions = (str(row["caption"] or "").strip() for row in rows)
-    return (caption for caption in captions if caption)
-
-
-def first_distinct(captions, n):
-    """The first n distinct captions, reading no further than needed."""
-    chosen = {}  # a dict keeps the order of first appearance
-    for caption in captions:
-        if len(chosen) == n:
-            break
-        chosen[caption] = None
-    return list(chosen)
-
-
-def load_prompts(source, split, n, unique=True, seed=None):
-    """n captions of `source`: the first n rows (unique=False, the tiny preset), the first n
-    distinct captions (seed None), or a seeded uniform sample of n distinct captions, kept in the
-    order of the data (what the official 4,000 training prompts are: reads every caption)."""
-    try:
-        captions = read_captions(source, split)
-        if not unique:
-            chosen = list(itertools.islice(captions, n))
-        elif seed is None:
-            chosen = first_distinct(captions, n)
-        else:
-            distinct = list(dict.fromkeys(captions))
-            size = min(n, len(distinct))
-            picks = np.random.default_rng(seed).choice(len(distinct), size=size, replace=False)
-            chosen = [distinct[i] for i in np.sort(picks)]
-    except KeyError:
-        fail(f"prompt source {source} ({split}) has no `caption` column: pass --prompts with one")
-    except (OSError, ValueError) as error:  # no such file, dataset or split
-        fail(f"cannot read prompts from {source} ({split}): {first_line(error)}")
-    if not chosen:
-        fail(f"no prompts in {source} ({split}): pass --prompts with non-empty captions")
-    return chosen

@@ -44,10 +44,9 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from datasets import DatasetDict, load_dataset, load_from_disk
-from PIL import Image
 from tqdm import tqdm
 
+from data import decode_image, error_line, open_pairs
 from runs import (barrier, build_parser, command_line, fail, first_line, kill_point, log_jsonl,
                   peek, prepare_run_folder, setup_distributed, write_text)
 
@@ -134,7 +133,6 @@ STRATEGIES = {  # the paper's three strategies differ in the aesthetic bound a o
 SCORES = ("aesthetic", "clip", "vqa")
 GAP_COLS = ("aesthetic_gap", "clip_gap", "vqa_gap")
 HEADER = "index,different_flag,aesthetic_gap,clip_gap,vqa_gap,status\n"  # gaps.csv and its parts
-PICKAPIC_COLUMNS = {"caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "are_different"}
 
 
 def mpcf_keep(aes_gap, clip_gap, vqa_gap, is_tie, strategy=2, bounds=None):
@@ -257,35 +255,15 @@ def load_scorers(cfg, device):
     return score_images
 
 
-def error_line(error):
-    """An exception as `Type: its first line` (200 characters at most), for a load error."""
-    return f"{type(error).__name__}: {first_line(error)[:200]}"
-
-
 # ----------------------------------------------------------------------------- the two steps
 def load_pairs(path, split):
-    """A Pick-a-Pic-schema split (hub id, load_dataset folder, save_to_disk folder or parquet) and
-    its labels, numpy (N,) each: labelled (has_label, labels summing to > 0), usable (labelled,
-    two different images), is_tie (label_0 == label_1), label_0, label_1."""
-    path = os.path.join(os.path.dirname(__file__), path) if path.startswith("tiny/") else path
-    saved = any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
+    """A Pick-a-Pic-schema split (data.open_pairs) and its labels, numpy (N,) each: labelled
+    (has_label, labels summing to > 0), usable (labelled, two different images), is_tie
+    (label_0 == label_1), label_0, label_1."""
     try:
-        if saved:  # a save_to_disk folder
-            pairs = load_from_disk(path)
-            pairs = pairs[split] if isinstance(pairs, DatasetDict) else pairs
-        elif os.path.isfile(path):  # one parquet file
-            pairs = load_dataset("parquet", data_files=path, split="train")
-        else:  # a hub id or a load_dataset folder
-            pairs = load_dataset(path, split=split)
-    except (FileNotFoundError, ValueError, KeyError) as error:  # incl. DatasetNotFoundError
-        fail(f"cannot load split {split!r} of --data {path} ({error_line(error)}): check "
-             "--data and --split")
-    missing = sorted(PICKAPIC_COLUMNS - set(pairs.features))
-    if missing:
-        fail(f"--data {path} [{split}] lacks the Pick-a-Pic columns {missing}")
-    caption_type = getattr(pairs.features["caption"], "dtype", None)
-    if caption_type not in ("string", "large_string"):
-        fail(f"--data {path}: its caption column holds {caption_type}, not strings")
+        pairs = open_pairs(path, split)
+    except ValueError as error:
+        fail(first_line(error))
     columns = ["label_0", "label_1", "has_label", "are_different"]
     table = pairs.with_format("numpy", columns=columns)[:]
     label_0 = table["label_0"].astype(np.float64)
@@ -297,23 +275,11 @@ def load_pairs(path, split):
                                   label_0=label_0, label_1=label_1)
 
 
-def decode(jpeg):
-    """A Pick-a-Pic image cell (bytes, {"bytes": ...} or PIL) -> RGB PIL, or None if broken."""
-    if isinstance(jpeg, Image.Image):
-        return jpeg.convert("RGB")
-    if isinstance(jpeg, dict):
-        jpeg = jpeg["bytes"]
-    try:
-        return Image.open(io.BytesIO(jpeg)).convert("RGB")
-    except (OSError, ValueError, TypeError):  # a broken row must not stop a day-long run: count it
-        return None
-
-
 def score_batch(scorer, rows):
     """Gaps (B, 3) of one batch of rows, NaN where an image cannot be decoded; decoded (B,).
     One scorer call on the 2m decoded pairs' images: the m images 0, then the m images 1."""
-    images_0 = [decode(x) for x in rows["jpg_0"]]
-    images_1 = [decode(x) for x in rows["jpg_1"]]
+    images_0 = [decode_image(x) for x in rows["jpg_0"]]
+    images_1 = [decode_image(x) for x in rows["jpg_1"]]
     decoded = np.array([None not in pair for pair in zip(images_0, images_1)])  # (B,)
     picked = np.flatnonzero(decoded)  # (m,)
     gaps = np.full((len(decoded), 3), np.nan)  # (B, 3)

@@ -30,15 +30,15 @@ from dataclasses import asdict, dataclass
 import huggingface_hub
 import torch
 import torch.distributed as dist
-from datasets.exceptions import DatasetGenerationError
 from diffusers import AutoencoderKL, DDIMScheduler
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from data import load_prompts
 from models import (BASES, DENOISERS, ROOT, denoiser_name, denoiser_subfolder, family, geometry,
                     is_flow_matching, load_pipeline, resolve_model, t5_length)
-from runs import (barrier, command_line, fail, first_line, gather_objects, kill_point, log_jsonl,
-                  parse_config, peek, prepare_run_folder, setup_distributed, write_text)
+from runs import (barrier, command_line, fail, gather_objects, kill_point, log_jsonl, parse_config,
+                  peek, prepare_run_folder, setup_distributed, write_text)
 
 
 # ----------------------------------------------------------------------------- config
@@ -236,57 +236,7 @@ def check_resumable(cfg):
                      "same ones, or another --out")
 
 
-# ----------------------------------------------------------------------------- prompts and images
-def load_prompts(source, split="validation_unique", limit=0):
-    """Unique prompts, in first-seen order, from a text file, a JSON list of strings (HPDv2's
-    benchmark prompts) or of {"caption": ...} (the official code's 4k training prompts), a table
-    file or a dataset split; one line naming the problem when none can be read."""
-    try:
-        if source.endswith(".txt"):
-            with open(source) as file:
-                prompts = [line.strip() for line in file]
-        elif source.endswith(".json"):
-            with open(source) as file:
-                prompts = json.load(file)
-            if not isinstance(prompts, list):
-                raise ValueError("expected a JSON list")
-            prompts = [item["caption"] if isinstance(item, dict) else item for item in prompts]
-        else:
-            prompts = table_prompts(source, split)
-    except (OSError, KeyError, ValueError, DatasetGenerationError) as error:  # a broken file too
-        fail(f"--prompts {source} (split {split}): cannot read prompts from it "
-             f"({type(error).__name__}: {first_line(error)[:200]})")
-    not_text = [p for p in prompts if not isinstance(p, str)]
-    if not_text:
-        fail(f"--prompts {source}: the prompts must be text, found {type(not_text[0]).__name__} "
-             f"{not_text[0]!r}")
-    prompts = list(dict.fromkeys(p for p in prompts if p.strip()))
-    if not prompts:
-        fail(f"--prompts {source}: holds no prompt (every line or row is empty)")
-    return prompts[:limit] if limit else prompts
-
-
-def table_prompts(source, split):
-    """The caption / prompt / Prompt / text column of a table file or a dataset split."""
-    from datasets import load_dataset, load_from_disk
-    formats = {"csv": "csv", "tsv": "csv", "parquet": "parquet", "jsonl": "json", "arrow": "arrow"}
-    extension = source.rsplit(".", 1)[-1]
-    if os.path.isfile(source):  # PartiPrompts is a .tsv with a "Prompt" column
-        if extension not in formats:
-            raise ValueError(f"unknown file type .{extension}: use .txt .json .csv .tsv .parquet")
-        options = {"delimiter": "\t"} if extension == "tsv" else {}
-        table = load_dataset(formats[extension], data_files=source, split="train", **options)
-    elif os.path.exists(os.path.join(source, "dataset_dict.json")):  # a save_to_disk folder
-        table = load_from_disk(source)[split]
-    else:  # hub ids stream: only this split's captions are read, not the 500k train images
-        table = load_dataset(source, split=split, streaming=not os.path.isdir(source))
-    names = table.column_names or []
-    column = next((c for c in ("caption", "prompt", "Prompt", "text") if c in names), None)
-    if column is None:
-        raise ValueError(f"no caption / prompt / Prompt / text column in {names}")
-    return [row[column] for row in table.select_columns([column])]
-
-
+# ----------------------------------------------------------------------------- images
 def file_name(index, seed):
     return f"{index:05d}_{seed}.png"
 

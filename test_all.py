@@ -34,6 +34,7 @@ SCRATCH = tempfile.mkdtemp(prefix="lpo-minimal-tests-")
 atexit.register(shutil.rmtree, SCRATCH, True)  # the tiny networks' ops are too small to split across threads
 
 import bench  # noqa: E402
+import data  # noqa: E402
 from tools import memory  # noqa: E402
 import eval as ev  # noqa: E402
 import lpo  # noqa: E402
@@ -1388,7 +1389,7 @@ def test_score_filter_round_trip_and_resume(world_pairs, tmp_path, monkeypatch):
     np.testing.assert_allclose(df.loc[ok, list(mpcf.GAP_COLS)].to_numpy(), want[ok.to_numpy()], rtol=0, atol=1e-12)
     assert df["status"][3] == "unreadable" and df["status"][5] == "no_label"
     jpg = ds[0]["jpg_0"]   # datasets' Image(decode=False) rows are {"bytes": ...}: the same picture
-    assert mpcf.decode(jpg).size == (32, 32) and np.array_equal(np.array(mpcf.decode({"bytes": jpg, "path": None})), np.array(mpcf.decode(jpg)))
+    assert data.decode_image(jpg).size == (32, 32) and np.array_equal(np.array(data.decode_image({"bytes": jpg, "path": None})), np.array(data.decode_image(jpg)))
     tie = np.array(ds["label_0"]) == np.array(ds["label_1"])
     assert (df["different_flag"][ok] == (~tie[ok]).astype(int)).all()
     # filter read back from the files equals the rule applied by hand to the oracle gaps
@@ -2112,7 +2113,7 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, fresh_lrm):
     assert "no prompts" in err("--lrm", fresh_lrm["sd"], "--prompts", str(empty))
     from datasets import Dataset
     os.makedirs(tmp_path / "nocap")
-    Dataset.from_dict({"text": ["a red circle"]}).to_parquet(str(tmp_path / "nocap" / "train.parquet"))
+    Dataset.from_dict({"words": ["a red circle"]}).to_parquet(str(tmp_path / "nocap" / "train.parquet"))
     assert "caption" in err("--lrm", fresh_lrm["sd"], "--prompts", str(tmp_path / "nocap"))
     # an LRM built on another latent space (SD's VAE scaling, not the tiny VAE's)
     other = tmp_path / "other_lrm"
@@ -2463,14 +2464,14 @@ def test_prompt_files_official_format_and_seeded_uniform_sample(tmp_path, monkey
     # main: real presets sample with --seed; the tiny preset reads rows
     asked = []
 
-    def spy(source, split, n, unique=True, seed=None):
-        asked.append((unique, seed))
+    def spy(source, split, n, unique=True, seed=None, strip=False):
+        asked.append((unique, seed, strip))
         raise SystemExit("stop")
     monkeypatch.setattr(lpo, "load_prompts", spy)
     for argv in (["--unique-prompts", "--seed", "3"], []):
         with pytest.raises(SystemExit, match="stop"):
             run_lpo(*LPO_TINY_RUN, "--out", str(tmp_path / f"o{len(asked)}"), *argv)
-    assert asked == [(True, 3), (False, 0)]
+    assert asked == [(True, 3, True), (False, 0, True)]   # lpo.py trains on stripped captions
     assert lpo.get_config(["--model", "sd15"]).unique_prompts and not lpo.get_config(["--model", "tiny"]).unique_prompts
 
 
@@ -2592,7 +2593,7 @@ def lpo_make_bad_files():
     folder = tempfile.mkdtemp(prefix="lpo-bad-", dir=SCRATCH)
     with open(os.path.join(folder, "blank.txt"), "w") as blank:
         blank.write("\n  \n\n")
-    pd.DataFrame(dict(text=["a red circle"])).to_parquet(os.path.join(folder, "nocaption.parquet"))
+    pd.DataFrame(dict(words=["a red circle"])).to_parquet(os.path.join(folder, "nocaption.parquet"))
     os.makedirs(os.path.join(folder, "damaged"))
     with open(os.path.join(folder, "damaged", "ckpt.pt"), "wb") as damaged:
         damaged.write(b"PK\x03\x04 cut short")
@@ -2679,7 +2680,7 @@ def test_lpo_datasets_stream_only_their_caption_column(tmp_path, monkeypatch):
     (tmp_path / "lines" / "train.jsonl").write_text('{"caption": "a", "n": 1}\n{"caption": "b", "n": 2}\n')
     assert lpo.load_prompts(str(tmp_path / "lines"), "train", 5, seed=0) == ["a", "b"]
     os.makedirs(tmp_path / "nocap")
-    pd.DataFrame(dict(text=["a red circle"])).to_parquet(tmp_path / "nocap" / "train.parquet")
+    pd.DataFrame(dict(words=["a red circle"])).to_parquet(tmp_path / "nocap" / "train.parquet")
     with pytest.raises(SystemExit, match="no `caption` column"):
         lpo.load_prompts(str(tmp_path / "nocap"), "train", 5, seed=0)
 
@@ -2880,6 +2881,18 @@ def test_prompt_sources_give_unique_prompts_in_order(tmp):
     from datasets import load_dataset
     caps = load_dataset("tiny/pickapic", split="test_unique")["caption"]
     assert sample.load_prompts("tiny/pickapic", "test_unique", 3) == list(dict.fromkeys(caps))[:3]
+
+
+def test_one_reader_keeps_each_stages_prompts_and_splits(tmp):
+    """data.py serves every stage: sample.py keeps a prompt as written (its folders record it), lpo.py
+    strips it; a table file is one split, mpcf.py's whatever --split, refused for lrm.py's three."""
+    (tmp / "spaces.tsv").write_text("Prompt\n a red circle \na red circle\n")
+    assert sample.load_prompts(str(tmp / "spaces.tsv")) == [" a red circle ", "a red circle"]
+    assert lpo.load_prompts(str(tmp / "spaces.tsv"), "train", 5, strip=True) == ["a red circle"]
+    one = os.path.join(ROOT, "tiny", "pickapic", "data", "validation_unique-00000-of-00001.parquet")
+    assert len(data.open_pairs(one, "test_unique")) == len(pd.read_parquet(one))
+    with pytest.raises(ValueError, match="no readable split 'train': it holds one"):
+        data.load_pairs(one, "train")
 
 
 def test_lpo_prompts_are_distinct_captions_except_in_the_tiny_preset(tmp):
@@ -3582,7 +3595,7 @@ def test_style_ruff_is_clean():
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-1000:]
 
 
-@pytest.mark.parametrize("path", STAGES + ["lrm_model.py", "runs.py", "models.py", "tools/memory.py"])
+@pytest.mark.parametrize("path", STAGES + ["lrm_model.py", "runs.py", "models.py", "data.py", "tools/memory.py"])
 def test_stage_files_read_like_the_anchors(path):
     """DiT train.py: 7.9 AST nodes per code line; ours at most 10, one statement a line."""
     import ast

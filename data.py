@@ -1,0 +1,185 @@
+"""Prompts and Pick-a-Pic pairs: the one reader of each. open_split opens a split of any source the
+stages take (a table file, a save_to_disk folder, parquet files named by split, a hub id);
+load_prompts reads the captions lpo.py trains on and sample.py / eval.py sample; open_pairs and
+load_pairs read the preference pairs of mpcf.py and lrm.py, decode_image their images. Bad input
+raises ValueError naming the source (load_prompts: one `fail` line)."""
+import glob
+import io
+import itertools
+import json
+import os
+
+import numpy as np
+import pandas as pd
+from datasets import DatasetDict, disable_progress_bars, load_dataset, load_from_disk
+from PIL import Image
+
+from runs import fail, first_line
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# a table file's extension -> the datasets builder that reads it
+TABLES = {"csv": "csv", "tsv": "csv", "parquet": "parquet", "json": "json", "jsonl": "json",
+          "arrow": "arrow"}
+# a folder's parquet files of a split: those of the first of these patterns that matches
+SPLIT_FILES = ("{}.parquet", "{}-*.parquet", "{}/*.parquet", "data/{}.parquet", "data/{}-*.parquet")
+SAVED = ("dataset_dict.json", "state.json")  # what save_to_disk writes: a DatasetDict, a Dataset
+CAPTION_COLUMNS = ("caption", "prompt", "Prompt", "text")  # PartiPrompts: a .tsv with "Prompt"
+PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "are_different")
+NUMBER = ("float", "int", "bool")
+# dtypes a Pick-a-Pic column may hold (the others: any)
+KINDS = dict(caption=("string", "large_string"), label_0=NUMBER, label_1=NUMBER,
+             num_example_per_prompt=NUMBER)
+
+
+def error_line(error):
+    """An exception as `Type: its first line` (200 characters at most), for a load error."""
+    return f"{type(error).__name__}: {first_line(error)[:200]}"
+
+
+def local_path(path):
+    """tiny/...: the embedded tiny world, found from any working folder."""
+    return os.path.join(ROOT, path) if path.startswith("tiny/") else path
+
+
+def open_split(data, split, **options):
+    """One split of `data`: a table file (its only split), a save_to_disk folder, a folder of
+    parquet files named by split (train.parquet, train-*.parquet, train/*.parquet, the same under
+    data/) or what datasets.load_dataset reads with the split names (a hub id, another folder).
+    `options` (streaming, columns) go to load_dataset."""
+    disable_progress_bars()
+    local = local_path(data)
+    found = [sorted(glob.glob(os.path.join(local, name.format(split)))) for name in SPLIT_FILES]
+    builder, files = "parquet", next(filter(None, found), [])  # the first pattern's files
+    if os.path.isfile(local):
+        extension = local.rsplit(".", 1)[-1].lower()
+        if extension not in TABLES:
+            raise ValueError(f"{data}: unknown file type .{extension} (tables: {' '.join(TABLES)})")
+        builder, files = TABLES[extension], local
+        if extension == "tsv":
+            options["delimiter"] = "\t"
+    try:
+        if any(os.path.isfile(os.path.join(local, name)) for name in SAVED):
+            split_or_all = load_from_disk(local)
+            return split_or_all[split] if isinstance(split_or_all, DatasetDict) else split_or_all
+        if files:
+            return load_dataset(builder, data_files=files, split="train", **options)
+        return load_dataset(local if os.path.isdir(local) else data, split=split, **options)
+    except Exception as error:
+        raise ValueError(f"dataset {data!r} has no readable split {split!r} "
+                         f"({error_line(error)})") from None
+
+
+# ----------------------------------------------------------------------------- prompts
+def read_captions(source, split):
+    """The caption cells of a prompt source: the lines of a .txt file, or the caption / prompt /
+    Prompt / text column of a table file (.json: a list of strings, HPDv2's benchmark prompts, or
+    of {"caption": ...}, the official 4k_training_prompts.json) or of a dataset split, streamed."""
+    if source.lower().endswith(".txt"):
+        with open(source) as text_file:
+            return [line.strip() for line in text_file]
+    rows = open_split(source, split, streaming=True)
+    names = rows.column_names or list(next(iter(rows), {}))  # json, csv: known once a row is read
+    column = next((name for name in CAPTION_COLUMNS if name in names), None)
+    if column is None:
+        raise ValueError(f"no `caption` column (nor prompt, Prompt, text) in {names}")
+    if rows.info.builder_name == "parquet":
+        # then it reads that column alone: with its images Pick-a-Pic v1 is ~190 GB
+        rows = open_split(source, split, streaming=True, columns=[column])
+    return (row[column] for row in rows.select_columns([column]))
+
+
+def texts(cells, strip):
+    """The non-blank cells (a missing one is blank), stripped or as written; a number refused."""
+    for cell in cells:
+        if not isinstance(cell, (str, type(None))):
+            raise ValueError(f"the prompts must be text, found {type(cell).__name__} {cell!r}")
+        if cell and cell.strip():
+            yield cell.strip() if strip else cell
+
+
+def load_prompts(source, split="train", n=0, unique=True, seed=None, strip=False):
+    """n captions of `source` (0: all): the first n rows (unique=False: lpo.py's tiny preset), the
+    first n distinct ones (seed None: sample.py, in first-seen order) or a seeded uniform sample of
+    n distinct ones kept in the order of the data (lpo.py: the official 4,000 training prompts).
+    strip: without the spaces around each caption (lpo.py), else as written (sample.py's folders
+    record them so)."""
+    try:
+        captions = texts(read_captions(source, split), strip)
+        chosen = list(dict.fromkeys(captions) if unique else itertools.islice(captions, n or None))
+        if unique and seed is not None:
+            size = min(n, len(chosen))
+            picks = np.random.default_rng(seed).choice(len(chosen), size=size, replace=False)
+            chosen = [chosen[i] for i in np.sort(picks)]
+    except (OSError, ValueError) as error:
+        fail(f"--prompts {source} (split {split}): cannot read prompts from it "
+             f"({error_line(error)})")
+    if not chosen:
+        fail(f"--prompts {source} (split {split}): no prompts in it (every line or row is blank)")
+    return chosen[:n or None]
+
+
+# ----------------------------------------------------------------------------- Pick-a-Pic pairs
+def open_pairs(data, split, columns=PAIR_COLUMNS):
+    """A Pick-a-Pic-schema split with `columns`, holding what they must (captions text, labels
+    numbers); images stay as stored. ValueError names what is missing or wrong."""
+    pairs = open_split(data, split)
+    missing = [column for column in columns if column not in pairs.column_names]
+    if missing:
+        raise ValueError(f"dataset {data!r} split {split!r} lacks the Pick-a-Pic columns "
+                         f"{missing} (it has {pairs.column_names})")
+    for column in columns:
+        kind = getattr(pairs.features[column], "dtype", "")
+        if not kind.startswith(KINDS.get(column, kind)):
+            raise ValueError(f"dataset {data!r} split {split!r}: column {column!r} holds "
+                             f"{kind or pairs.features[column]}, not {' / '.join(KINDS[column])}")
+    return pairs
+
+
+def read_keep(keep, n_rows):
+    """mpcf.py's kept rows, sorted: a JSON list of row indices, or a parquet / CSV table with an
+    `index` column; rows of the split as published, so a row outside it is refused."""
+    path = local_path(keep)
+    try:
+        if path.endswith(".json"):
+            with open(path) as keep_file:
+                rows = json.load(keep_file)
+        else:
+            read = pd.read_parquet if path.endswith(".parquet") else pd.read_csv
+            rows = read(path)["index"].tolist()
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"--keep {keep}: not a list of row indices ({error!r})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"--keep {keep}: expected a list of integer row indices")
+    wrong = [row for row in rows if not isinstance(row, int) or not 0 <= row < n_rows]
+    if wrong:
+        raise ValueError(f"--keep {keep}: row {wrong[0]!r} is outside the train split's "
+                         f"{n_rows} rows (a keep file of another dataset?)")
+    return sorted(rows)
+
+
+def load_pairs(data, split, keep=""):
+    """lrm.py's pairs: a split restricted to mpcf.py's kept rows, without unlabelled pairs or
+    identical images. Images stay JPEG bytes."""
+    local = local_path(data)
+    if os.path.isfile(local) or os.path.isfile(os.path.join(local, "state.json")):
+        # a table file, a saved Dataset: their one split would be the held-out ones too
+        raise ValueError(f"dataset {data!r} has no readable split {split!r}: it holds one, "
+                         "lrm.py reads train, validation_unique and test_unique")
+    pairs = open_pairs(data, split, PAIR_COLUMNS + ("num_example_per_prompt",))
+    if keep:  # row indices into the split as published
+        pairs = pairs.select(read_keep(keep, len(pairs)))
+    flags = zip(pairs["has_label"], pairs["are_different"])
+    return pairs.select([i for i, (labelled, different) in enumerate(flags)
+                         if labelled and different])
+
+
+def decode_image(cell):
+    """A Pick-a-Pic image cell (bytes, {"bytes": ...} or PIL) -> RGB PIL, or None if broken."""
+    if isinstance(cell, Image.Image):
+        return cell.convert("RGB")
+    if isinstance(cell, dict):
+        cell = cell["bytes"]
+    try:
+        return Image.open(io.BytesIO(cell)).convert("RGB")
+    except (OSError, ValueError, TypeError):  # a broken row must not stop a day-long run: count it
+        return None
