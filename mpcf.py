@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import decode_image, error_line, open_pairs
-from runs import (barrier, build_parser, command_line, fail, first_line, kill_point, log_jsonl,
-                  peek, prepare_run_folder, setup_distributed, write_text)
+from runs import (barrier, build_parser, check_ranges, command_line, fail, first_line, kill_point,
+                  log_jsonl, peek, prepare_run_folder, setup_distributed, write_text)
 
 
 @dataclass
@@ -65,14 +65,14 @@ class Config:
     clip_model: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # G_C: CLIP ViT-H/14
     vqa_model: str = "Salesforce/instructblip-flan-t5-xl"  # G_V: VQA model (deviation 1)
     vqa_question: str = 'Does this figure show "{caption}"? Please answer yes or no.'  # G_V
-    batch_size: int = 0  # pairs per scoring batch per rank (preset)
+    batch_size: int = 0  # pairs per scoring batch per rank, in [1, inf) (preset)
     strategy: int = 2  # MPCF strategy 1 | 2 | 3 (the paper uses 2)
     bounds: str = ""  # custom "a,c,v,ta,tc,tv" (win-lose bounds, then tie bounds): over --strategy
     save_dataset: str = ""  # also save the kept rows here (datasets' save_to_disk)
-    max_pairs: int = 0  # score only the first N rows (smoke runs); 0 = all
+    max_pairs: int = 0  # score only the first N rows, in [0, inf) (smoke runs); 0 = all
     resume: bool = False  # continue a killed score run from its part files
-    threads: int = 0  # CPU threads for torch; 0 = torch's default
-    dist_timeout: int = 180  # minutes a rank may wait at a barrier (torchrun; slowest shard)
+    threads: int = 0  # CPU threads for torch in [0, inf); 0 = torch's default
+    dist_timeout: int = 180  # minutes in [1, inf) a rank may wait at a barrier (slowest shard)
 
 
 TINY = dict(data="tiny/pickapic", scorers="tiny", batch_size=64, threads=1)
@@ -92,6 +92,7 @@ def get_config(argv=None):
     args = vars(parser.parse_args(argv))
     step_name = args.pop("step_name")
     cfg = Config(**args)
+    check_ranges(cfg)
     cfg.step = step_name or cfg.step
     cfg.out = cfg.out or f"runs/mpcf-{model}"
     if cfg.step not in STEPS:
@@ -102,9 +103,6 @@ def get_config(argv=None):
     rule_bounds(cfg)
     if cfg.scorers not in ("tiny", "real"):
         fail(f"--scorers {cfg.scorers}: expected tiny or real")
-    for name, least in {"batch_size": 1, "dist_timeout": 1, "max_pairs": 0, "threads": 0}.items():
-        if getattr(cfg, name) < least:
-            fail(f"--{name} must be >= {least}, got {getattr(cfg, name)}")
     if cfg.step == "filter" and not os.path.isfile(cfg.gaps):
         fail(f"no gaps file at {cfg.gaps}: run `python mpcf.py score` first, or pass --gaps FILE")
     return cfg
