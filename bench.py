@@ -12,7 +12,7 @@ max_memory_allocated / _reserved (on a CPU: the process's peak resident set so f
   lpo_update     an LPO update on --batch_size pairs: lpo.pair_logprobs, lpo_loss, apply_update
   dpo_update     a Diffusion-DPO step on them: the whole denoiser against a frozen reference
   lpo_iteration  a sampling pass + an update at lpo.py's per-GPU batches: LPO's peak memory
-  lrm_step       an LRM training step at the paper's per-GPU batch: lrm.train_step, clip, AdamW
+  lrm_step       an LRM training step at the paper's per-GPU batch: lrm.train_step, apply_update
 
     python bench.py            # sd15 + sdxl + sd3 on one CUDA GPU
     python bench.py --tiny     # the tiny worlds on the CPU: their times mean nothing
@@ -358,12 +358,10 @@ def make_pairs(stage, pairs, seed):
 
 
 def lrm_train_step(stage, batch, micro_batch):
-    """One step of lrm.main: lrm.train_step (in micro-batches), clip, AdamW."""
-    stage.optimizer.zero_grad(set_to_none=True)
-    lrm.train_step(stage.lrm, stage.vae, stage.noise_scheduler, batch, micro_batch,
-                   stage.lrm.logit_scale.device, stage.settings.vae_batch_size)
-    torch.nn.utils.clip_grad_norm_(stage.trained, stage.settings.grad_clip)
-    stage.optimizer.step()
+    """One step of lrm.main: lrm.train_step (in micro-batches), apply_update (clip, AdamW)."""
+    loss = lrm.train_step(stage.lrm, stage.vae, stage.noise_scheduler, batch, micro_batch,
+                          stage.lrm.logit_scale.device, stage.settings.vae_batch_size)[0]
+    apply_update(stage.trained, stage.optimizer, torch.tensor(loss), 1, stage.settings.grad_clip)
 
 
 # ----------------------------------------------------------------------------- measuring, report

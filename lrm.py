@@ -56,14 +56,16 @@ from tqdm import tqdm
 from data import decode_image, load_pairs
 from lrm_model import LatentRewardModel, mmdit_blocks
 from models import BASES, geometry, is_flow_matching, load_denoiser_config, resolve_model
-from runs import (atomic_torch_save, barrier, command_line, fail, first_line, gather_objects,
-                  kill_point, load_checkpoint, log_jsonl, parse_config, peek, prepare_run_folder,
-                  setup_distributed, truncate_log, warn, write_or_fail)
+from runs import (NonFiniteUpdate, apply_update, atomic_torch_save, barrier,
+                  close_distributed, command_line, fail, first_line, gather_objects, kill_point,
+                  load_checkpoint, log_jsonl, mixed_precision, parse_config, peek,
+                  prepare_run_folder, run_folder, settings_changes, setup_distributed,
+                  stop_non_finite, truncate_log, warn, write_or_fail)
 
 ACTIVATION_GB_PER_PAIR = 2.6  # see choose_micro_batch
 RESUMABLE = ("lr", "max_train_steps", "warmup", "eval_every", "save_every")  # change on resume
-MECHANICS = ("out", "resume", "micro_batch_size", "vae_batch_size", "workers", "threads",
-             "dist_timeout", "grad_ckpt")  # how a run executes: free to change on resume too
+MECHANICS = ("micro_batch_size", "vae_batch_size", "workers", "threads", "dist_timeout",
+             "grad_ckpt")  # how a run executes: free to change on resume too
 
 
 # ----------------------------------------------------------------------------- config
@@ -77,27 +79,27 @@ class Config:
     keep: str = ""  # rows kept by mpcf.py: JSON list of train rows, or parquet / CSV `index`
     out: str = ""  # run folder, default runs/lrm-{model}
     resume: bool = False  # continue the run in --out from its train_state.pt
-    max_train_steps: int = 4000  # optimizer steps; paper: 4,000 (SD1.5), 8,000 (SDXL)
-    train_batch_size: int = 128  # global pairs per step; paper: 128 (SD1.5), 32 (SDXL)
-    micro_batch_size: int = 0  # pairs per rank per pass; 0 = auto (CPU: all; CUDA: what fits)
-    lr: float = 1e-5  # peak AdamW learning rate; paper: 1e-5
-    weight_decay: float = 0.3  # AdamW weight decay of matrices; paper: 0.3
-    warmup: int = 500  # log warm-up steps, then linear decay to 0; paper: 500 / 1000 (SDXL)
-    grad_clip: float = 1.0  # max global gradient norm; paper: 1.0
-    vfe_scale: float = 7.5  # VFE's g on the mid (SD3: block N) feature; paper: 7.5 (1: no VFE)
-    lrm_blocks: int = 0  # SD3: MMDiT blocks the LRM runs; 0 = round(0.75 x its); paper: 18 of 24
-    resolution: int = 0  # image side in px; 0 = the base's (denoiser sample_size x VAE factor)
+    max_train_steps: int = 4000  # optimizer steps in [1, inf); paper: 4,000 (SD1.5), 8,000 (SDXL)
+    train_batch_size: int = 128  # global pairs per step in [1, inf); paper: 128 (SD1.5), 32 (SDXL)
+    micro_batch_size: int = 0  # pairs per rank a pass, in [0, inf); 0 = auto (CPU: all; CUDA: fit)
+    lr: float = 1e-5  # peak AdamW learning rate in (0, inf); paper: 1e-5
+    weight_decay: float = 0.3  # AdamW weight decay of matrices, in [0, inf); paper: 0.3
+    warmup: int = 500  # log warm-up steps in [0, inf), then linear decay to 0; paper: 500 / 1000
+    grad_clip: float = 1.0  # max global gradient norm, in (0, inf); paper: 1.0
+    vfe_scale: float = 7.5  # VFE's g in [0, inf) on the mid (SD3: block N) feature; paper: 7.5
+    lrm_blocks: int = 0  # SD3: MMDiT blocks the LRM runs, in [0, inf); 0 = round(0.75 x all)
+    resolution: int = 0  # image side in px, in [0, inf); 0 = the base's (denoiser size x VAE's)
     eval_timesteps: str = ""  # validation t's (denoiser's unit); '' = grid's nearest 0..1000 by 250
-    eval_every: int = 500  # steps between validations (each followed by a checkpoint)
-    eval_max_pairs: int = 0  # validation pairs used, 0 = the whole split
-    save_every: int = 500  # steps between checkpoints (train_state.pt)
-    vae_batch_size: int = 8  # images per VAE encode call (bounds its memory: ~2.4 GB each, SDXL)
+    eval_every: int = 500  # steps in [1, inf) between validations (each then a checkpoint)
+    eval_max_pairs: int = 0  # validation pairs used, in [0, inf); 0 = the whole split
+    save_every: int = 500  # steps in [1, inf) between checkpoints (train_state.pt)
+    vae_batch_size: int = 8  # images per VAE call, in [1, inf) (its memory: ~2.4 GB each, SDXL)
     text_projection_init: str = ""  # SD1.5 official init: openai/clip-vit-large-patch14
     grad_ckpt: bool = False  # gradient checkpointing in the U-Net
-    workers: int = 4  # DataLoader processes decoding the JPEGs
-    threads: int = 0  # CPU intra-op threads, 0 = torch's default
-    dist_timeout: int = 180  # minutes a collective may wait (rank 0 writing SDXL checkpoints)
-    seed: int = 0  # initial heads and every pair's noise
+    workers: int = 4  # DataLoader processes decoding the JPEGs, in [0, inf)
+    threads: int = 0  # CPU intra-op threads in [0, inf), 0 = torch's default
+    dist_timeout: int = 180  # minutes in [1, inf) a collective may wait (SDXL checkpoints)
+    seed: int = 0  # initial heads and every pair's noise, in [0, inf)
 
 
 PRESETS = {
@@ -113,8 +115,6 @@ PRESETS = {
 # the paper gives no SD3 LRM recipe: SDXL's (the same 1024 px)
 PRESETS.update({"tiny-xl": PRESETS["tiny"], "tiny-sd3": PRESETS["tiny"], "sd3": PRESETS["sdxl"],
                 "sd35": PRESETS["sdxl"]})
-LEAST = dict(max_train_steps=1, train_batch_size=1, micro_batch_size=0, eval_every=1, save_every=1,
-             resolution=0, vae_batch_size=1, threads=0)  # (--lrm_blocks: lrm_model.mmdit_blocks)
 
 
 def parse_timesteps(text):
@@ -144,12 +144,7 @@ def get_config(argv=None):
             warn(f"the {cfg.model} preset's --keep {cfg.keep} lists rows of its own data, not of "
                  f"{cfg.data}: training on all of {cfg.data}")
         cfg.keep = ""
-    for name, least in LEAST.items():
-        if getattr(cfg, name) < least:
-            fail(f"--{name} must be at least {least}")
-    if not cfg.lr > 0:
-        fail("--lr must be positive")
-    cfg.out = cfg.out or f"runs/lrm-{os.path.basename(cfg.model.rstrip('/'))}"
+    cfg.out = cfg.out or run_folder("lrm", cfg.model)
     return cfg
 
 
@@ -310,9 +305,8 @@ warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_g
 
 
 def gather(x):
-    """Autograd-aware all_gather along dim 0: the loss sees the global batch, and gradients flow
-    back to each rank (its backward sums them over the ranks: see average_gradients); on one
-    process x itself."""
+    """Autograd-aware all_gather along dim 0 (x itself on one process): every rank computes the
+    global loss, and the backward sums the gradients over the ranks (apply_update averages them)."""
     if not dist.is_initialized():
         return x
     return torch.cat(torch.distributed.nn.functional.all_gather(x))
@@ -324,7 +318,6 @@ def train_step(lrm, vae, noise_scheduler, batch, micro_batch_size, device, vae_b
     batch, so the summed gradients are the full batch's. -> loss (float), and the gathered
     scores (G, 2), labels (G, 2), weights (G,) in the order of the micro-batches."""
     total_weight = gather(batch["weight"].to(device)).sum()
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     loss = 0.0
     seen = []
     for start in range(0, len(batch["t"]), micro_batch_size):
@@ -333,7 +326,7 @@ def train_step(lrm, vae, noise_scheduler, batch, micro_batch_size, device, vae_b
         t = micro["t"].to(device).repeat_interleave(2)  # (2m,): one t for both images of a pair
         noisy = add_noise(noise_scheduler, latents, noise, t)  # independent noise per image
         prompts = [caption for caption in micro["caption"] for _ in range(2)]
-        with autocast:
+        with mixed_precision(device):
             scores = lrm.score(noisy, t, prompts=prompts).view(-1, 2)  # (m, 2)
         scores = gather(scores)  # (world * m, 2)
         labels = gather(micro["label"].to(device))  # (world * m, 2)
@@ -347,34 +340,20 @@ def train_step(lrm, vae, noise_scheduler, batch, micro_batch_size, device, vae_b
     return loss, scores, labels, weights
 
 
-def average_gradients(params, world):
-    """Each rank computed the same global loss, and all_gather's backward sums over ranks, so each
-    holds world x its share of the gradient: the mean over ranks is the full-batch gradient."""
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])  # one collective, not one per tensor
-    dist.all_reduce(flat)
-    flat.div_(world)
-    for grad, new in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(new.view_as(grad))
-
-
-def smallest_over_ranks(value, device):
-    """The smallest of the ranks' integer values (the value itself on one process)."""
-    if not dist.is_initialized():
-        return value
-    smallest = torch.tensor(value, device=device)
-    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-    return int(smallest.item())
+def make_optimizer(lrm, cfg):
+    """AdamW, weight decay on the matrices only (deviation 3). -> (trained params, AdamW)"""
+    params = [p for p in lrm.parameters() if p.requires_grad]
+    matrices = {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay}
+    vectors = {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}
+    return params, torch.optim.AdamW([matrices, vectors], lr=cfg.lr)
 
 
 def choose_micro_batch(cfg, per_rank, lrm, device):
     """--micro_batch_size, or auto: on CPU the whole per-rank share; on CUDA the largest divisor
-    of it that the GPU holds after fp32 weights, gradients and Adam's two moments (16 bytes per
-    trainable parameter), taking ACTIVATION_GB_PER_PAIR for a pair's activations at 512 x 512 px
-    in bf16 (an estimate: 4 U-Net down+mid passes, 2 images x VFE's 2 prompts, of ~0.65 GB each,
-    SD1.5; scaled by pixel area; gradient checkpointing taken to cut it to 1/4). With several
-    processes, the smallest choice of any rank (a divisor too): each pass has its collectives,
-    so ranks on GPUs of other sizes must make the same number of passes."""
+    of it that the GPU holds after 16 bytes per trained parameter (fp32 weight, gradient, Adam's
+    moments), taking ACTIVATION_GB_PER_PAIR at 512 px in bf16 (an estimate: 4 U-Net down+mid
+    passes, 2 images x VFE's 2 prompts, ~0.65 GB each, SD1.5), scaled by pixel area, 1/4 of it
+    with --grad_ckpt. With several processes, the smallest rank's: each pass has collectives."""
     if cfg.micro_batch_size:
         return cfg.micro_batch_size
     if device.type != "cuda":
@@ -385,27 +364,17 @@ def choose_micro_batch(cfg, per_rank, lrm, device):
     pair_gb = ACTIVATION_GB_PER_PAIR * area * (0.25 if cfg.grad_ckpt else 1.0)
     fits = max(1, int((0.85 * total_gb - fixed_gb) / pair_gb))
     mine = max(d for d in range(1, min(fits, per_rank) + 1) if per_rank % d == 0)
-    return smallest_over_ranks(mine, device)
+    return min(gather_objects(mine))
 
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def make_optimizer(lrm, cfg):
-    """AdamW, weight decay on the matrices only (deviation 3). -> (trained params, AdamW)"""
-    params = [p for p in lrm.parameters() if p.requires_grad]
-    matrices = {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay}
-    vectors = {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}
-    return params, torch.optim.AdamW([matrices, vectors], lr=cfg.lr)
-
-
 def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pairs=0,
                   vae_batch_size=8):
     """Accuracy at each t on a split (from load_pairs), both images noised to t with fixed
     per-pair noise, two ways: {"decisive": {t: on decisive pairs}, "ties_half": {t: official, a
-    tie scoring 0.5}}. Sharded over ranks when torch.distributed is initialised; each rank
-    counts at each t the decisive pairs ranked right, the official credit, the decisive and the
-    decodable pairs, summed over ranks. An int t (DDPM) makes a long tensor, a float one (SD3) a
-    float tensor."""
+    tie scoring 0.5}}. Each rank counts its shard's decisive pairs ranked right, credit, decisive
+    and decodable pairs at each t, summed over ranks. (An int t: DDPM's; a float one: SD3's.)"""
     base = resolve_model(lrm.config["base"])
     vae = vae or AutoencoderKL.from_pretrained(base, subfolder="vae")
     noise_scheduler = noise_schedule(base)[0]
@@ -416,7 +385,6 @@ def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pa
     timesteps = list(dict.fromkeys(timesteps))  # each t once: a repeated t would count twice
     sums = torch.zeros(4, len(timesteps), dtype=torch.float64)
     was_training = lrm.training
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     lrm.eval()
     for start in range(rank * batch_size, len(rows), world * batch_size):
         items = [data[(0, row)] for row in rows[start:start + batch_size]]
@@ -429,7 +397,7 @@ def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pa
         for i, t in enumerate(timesteps):
             t_batch = torch.full((len(latents),), t, device=device)  # (2b,)
             noisy = add_noise(noise_scheduler, latents, noise, t_batch)
-            with autocast:
+            with mixed_precision(device):
                 s0, s1 = lrm.score(noisy, t_batch, text=text).float().cpu().view(-1, 2).T
             right = ((s0 > s1) == (label_0 > label_1)) & decisive  # (b,)
             credit = pair_credit(s0, s1, label_0, label_1) * good
@@ -441,8 +409,7 @@ def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pa
 
 
 def by_label(tree):
-    """A (nested) table keyed by t, keyed by t's label instead: 251 -> "251", SD3's
-    266.3297119140625 -> "266.33" (6 significant digits)."""
+    """A (nested) table keyed by t, keyed by t's label: 251 -> "251", 266.3297119 -> "266.33"."""
     if not isinstance(tree, dict):
         return tree
     return {f"{key:g}" if isinstance(key, (int, float)) else key: by_label(value)
@@ -452,8 +419,7 @@ def by_label(tree):
 # ----------------------------------------------------------------------------- run files
 def publish_lrm(lrm, folder, staging, name):
     """Save an LRM to staging (a *.tmp folder), then move it into folder, lrm_config.json last: a
-    kill leaves the old or the new complete LRM, or a folder without lrm_config.json and the
-    *.tmp, which the resumed run removes and writes again (its checkpoint is written later)."""
+    kill leaves a complete LRM, or a folder without lrm_config.json that the resume writes again."""
     kill_point(f"before {name}")
     shutil.rmtree(staging, ignore_errors=True)
     lrm.save_pretrained(staging)
@@ -472,12 +438,10 @@ def publish_lrm(lrm, folder, staging, name):
 
 
 def save_checkpoint(path, lrm, optimizer, counters, cfg, world):
-    """train_state.pt: weights, AdamW's state, the counters, the settings and the world size. No
-    RNG state: every random draw comes from generators seeded by (seed, epoch, row)."""
-    weights = lrm.state_dict()
-    if not lrm.text_trained:  # SD3's frozen text encoders are the base's (T5-XXL: 19 GB in fp32)
-        weights = {name: value for name, value in weights.items()
-                   if not name.startswith("text_encoders.")}
+    """train_state.pt: weights (not SD3's frozen text encoders: the base's; T5-XXL is 19 GB),
+    AdamW's state, the counters, the settings, the world size; no RNG state (seeded by the row)."""
+    weights = {name: value for name, value in lrm.state_dict().items()
+               if lrm.text_trained or not name.startswith("text_encoders.")}
     checkpoint = {"model": weights, "optimizer": optimizer.state_dict(), **counters,
                   "cfg": asdict(cfg), "world": world}
     kill_point("before train_state.pt")
@@ -490,16 +454,14 @@ def check_resume(state, cfg, world):
     listing each; -> the changed RESUMABLE settings {name: [old, new]}, which take effect."""
     saved = {**state["cfg"], "processes": state.get("world")}
     now = {**asdict(cfg), "processes": world}
-    changed = [key for key in now if saved.get(key) != now[key]]
-    differences = [f"--{key} {saved.get(key)!r} -> {now[key]!r}" for key in changed
-                   if key not in RESUMABLE + MECHANICS]
-    if differences:
-        fail(f"--resume: {cfg.out} was trained with other settings ({'; '.join(differences)}): "
+    refused = settings_changes(saved, now, RESUMABLE + MECHANICS)[0]
+    if refused:
+        fail(f"--resume: {cfg.out} was trained with other settings (--{'; --'.join(refused)}): "
              "run with its settings, or pass another --out")
     if state["step"] > cfg.max_train_steps:
         fail(f"--resume: {cfg.out} is at step {state['step']}, past --max_train_steps "
              f"{cfg.max_train_steps}: pass --max_train_steps >= {state['step']}, or another --out")
-    return {key: [saved[key], now[key]] for key in RESUMABLE if key in changed}
+    return settings_changes(saved, now, RESUMABLE)[1]
 
 
 def pick_resolution(base, requested):
@@ -516,10 +478,8 @@ def pick_resolution(base, requested):
 # ----------------------------------------------------------------------------- main
 def main(cfg):
     """Setup: each bad input refused in one line before any weight is read, then the LRM, AdamW,
-    the resumed state and the data. The loop, one global batch a step: 1. the optimizer step
-    (stopped before it when the loss or gradient is not finite), 2. its log row, 3. validation,
-    best/ and at the last step the final LRM, 4. the checkpoint, written last. Then the table of
-    both held-out splits, logged and printed; -> that table."""
+    the resumed state and the data. The loop's numbered parts, one global batch a step. Then the
+    table of both held-out splits, logged and printed; -> that table."""
     rank, world, device = setup_distributed(cfg.dist_timeout)
     per_rank = cfg.train_batch_size // world
     if cfg.train_batch_size % world:
@@ -531,10 +491,7 @@ def main(cfg):
     log_path = os.path.join(cfg.out, "metrics.jsonl")
     state = changes = None  # changes: {} when resumed with the same settings
     if cfg.resume and os.path.exists(state_path):
-        try:  # memory-mapped (SDXL's is ~30 GB); a damaged file: load_checkpoint's one line
-            state = torch.load(state_path, map_location="cpu", weights_only=False, mmap=True)
-        except Exception:
-            state = load_checkpoint(state_path)
+        state = load_checkpoint(state_path, mmap=True)  # SDXL's is ~30 GB
         changes = check_resume(state, cfg, world)
     prepare_run_folder(cfg.out, cfg.resume)
     try:
@@ -619,20 +576,12 @@ def main(cfg):
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
         loss, scores, labels, weights = train_step(lrm, vae, noise_scheduler, batch, micro_batch,
                                                    device, cfg.vae_batch_size)
-        if world > 1:
-            average_gradients(params, world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-        if not all(gather_objects(math.isfinite(loss) and math.isfinite(grad_norm))):
-            kept = f"the last good checkpoint {state_path} is kept: continue it"
-            if not os.path.exists(state_path):
-                kept = "no checkpoint yet: start again"
-            fail(f"non-finite loss or gradient at step {step + 1} (loss {loss:.4g}, gradient "
-                 f"norm {grad_norm:.4g}), stopped before its optimizer step; {kept} with "
-                 "--resume and a lower --lr")
-        optimizer.step()
+        try:  # all ranks: the averaged gradient, clipped; grad_norm before the clip
+            grad_norm = apply_update(params, optimizer, torch.tensor(loss), world, cfg.grad_clip)
+        except NonFiniteUpdate as error:
+            stop_non_finite(cfg.out, str(error), f"step {step + 1}", checkpoint="train_state.pt")
         step += 1
         kill_point(f"step {step}")
         n_bad += int((weights == 0).sum())  # weight 0 = an undecodable image
@@ -688,9 +637,7 @@ def main(cfg):
                      for split, acc in table.items()]
             print(f"{t:>8g}:", *cells)
         print(f"pairs skipped for an undecodable image: {n_bad} of {n_seen}\nLRM -> {cfg.out}")
-    barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_distributed()
     torch.set_num_threads(threads_before)
     return table
 

@@ -39,16 +39,16 @@ def inform(message):
     print(f"{PROG}: {message}", flush=True)
 
 
-def stop_non_finite(out, what, where, lower="--lr"):
+def stop_non_finite(out, what, where, lower="--lr", checkpoint="ckpt.pt"):
     """Stop a run on a non-finite loss, gradient, weight or score (what) found in `where`, before
     anything of it is saved, with a way on that works: a lower `lower`, from the intact checkpoint
     or from the start."""
-    path = os.path.join(out, "ckpt.pt")
+    path = os.path.join(out, checkpoint)
     if os.path.exists(path):
-        fail(f"{what} in {where}; {path} is intact: --resume with a lower --lr, or pass another "
-             "--out")
-    fail(f"{what} in {where}, before any checkpoint: run again with a lower {lower} and --resume "
-         "(it starts over), or another --out")
+        fail(f"{where}: {what}; the last good checkpoint {path} is kept: continue it with --resume "
+             f"and a lower {lower}, or pass another --out")
+    fail(f"{where}: {what}; nothing is kept (it came before any checkpoint): run again with a "
+         f"lower {lower} and --resume (it starts over), or another --out")
 
 
 def first_line(error):
@@ -204,15 +204,16 @@ class NonFiniteUpdate(Exception):
 
 
 def apply_update(params, optimizer, loss, world, max_norm=1.0):
-    """Average the gradients of params over the ranks (one all_reduce, the loss with them), stop
-    on a non-finite loss, gradient or weight, clip the gradient norm to max_norm, step. Every
-    rank calls it in the same order: all ranks reach the same verdict. -> the pre-clip norm"""
+    """Average the gradients of params (those with one) over the ranks (one all_reduce, the loss
+    with them), stop on a non-finite loss, gradient or weight, clip the gradient norm to max_norm,
+    step. Every rank calls it in the same order: all reach the same verdict. -> the pre-clip norm"""
+    params = [param for param in params if param.grad is not None]
     flat = torch.cat([param.grad.flatten() for param in params] + [loss.detach().float()[None]])
     if world > 1:
         dist.all_reduce(flat)
     flat /= world
     if not torch.isfinite(flat).all():  # before the step: the last checkpoint stays good
-        raise NonFiniteUpdate("non-finite loss or gradient")
+        raise NonFiniteUpdate("non-finite loss or gradient, stopped before its optimizer step")
     for param, grad in zip(params, flat[:-1].split([param.numel() for param in params])):
         param.grad.copy_(grad.view_as(param))
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # a list, clipped for real
@@ -303,10 +304,10 @@ def write_safetensors(tensors, path):
         weight_file.write(save(tensors, metadata={"format": "pt"}))
 
 
-def load_checkpoint(path):
-    """torch.load, or one line naming the file and the way out when it is damaged."""
+def load_checkpoint(path, mmap=False):
+    """torch.load (mmap: memory-mapped), or one line naming the file and the way out if damaged."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as error:
         fail(f"{path} is damaged ({type(error).__name__}): delete it to restart the run, "
              "or pass another --out")

@@ -746,7 +746,7 @@ def test_non_finite_loss_stops_before_the_step_and_keeps_the_checkpoint(tmp_path
     assert not os.path.exists(out / "lrm_config.json")     # no final LRM
     # NaN at the first step: nothing to keep, and the message says so
     calls.update(n=0, nan_at=1)
-    with pytest.raises(SystemExit, match="no checkpoint yet"):
+    with pytest.raises(SystemExit, match="before any checkpoint"):
         L.main(L.get_config(_run_args(tmp_path / "first", *LRM_TINY_RUN)))
     assert not os.path.exists(tmp_path / "first" / "train_state.pt")
     # huge lr: NaN for real; never an all-NaN LRM on disk
@@ -1118,6 +1118,9 @@ _LRM_BAD = _lrm_bad_files()
 BAD_INPUTS = globals().get("BAD_INPUTS", [])
 BAD_INPUTS += [
     ("lrm", ["--model", "nope"], "model"),
+    ("lrm", ["--vfe_scale", "nan", "--out", "{tmp}"], "vfe_scale"),  # not the NaN guard's "lower --lr"
+    ("lrm", ["--grad_clip", "-1", "--out", "{tmp}"], "grad_clip"),  # not gradient ascent
+    ("lrm", ["--lr", "inf", "--out", "{tmp}"], "lr"),
     ("lrm", ["--out", "{run}"], "--resume"),
     ("lrm", ["--resolution", "33", "--out", "{tmp}"], "resolution"),
     ("lrm", ["--resolution", "-8", "--out", "{tmp}"], "resolution"),
@@ -1187,10 +1190,17 @@ def test_resume_maps_the_checkpoint_and_drops_it_before_training(tmp_path, monke
     assert _state(run)["step"] == 3
 
 
-def _smallest_in_two_ranks(rank, store, out):
+class _FakeLRM512(torch.nn.Module):
+    resolution = 512
+
+
+def _micro_batch_in_two_ranks(rank, store, out):
     import torch.distributed as dist
+    from types import SimpleNamespace
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    chosen = L.smallest_over_ranks([8, 2][rank], torch.device("cpu"))   # rank 1: a smaller GPU
+    memory = [80, 16][rank] * 2**30   # rank 1: a smaller GPU
+    torch.cuda.get_device_properties = lambda device: SimpleNamespace(total_memory=memory)
+    chosen = L.choose_micro_batch(L.Config(), 16, _FakeLRM512(), torch.device("cuda:0"))
     open(f"{out}.{rank}", "w").write(str(chosen))
     dist.destroy_process_group()
     os._exit(0)
@@ -1198,32 +1208,25 @@ def _smallest_in_two_ranks(rank, store, out):
 
 def test_auto_micro_batch_is_the_smallest_over_ranks(tmp_path, monkeypatch):
     """Ranks on GPUs of other sizes must agree on one micro-batch (each pass has collectives):
-    choose_micro_batch takes the minimum over ranks; the reduction, in 2 gloo processes."""
+    choose_micro_batch takes the minimum over ranks (a divisor too), in 2 gloo processes whose
+    fake GPUs hold 16 and 4 of the 16 pairs a rank (80 and 16 GiB)."""
     import multiprocessing
+
+    class FakeProperties:
+        total_memory = 16 * 2**30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: FakeProperties())
+    assert L.choose_micro_batch(L.Config(), 16, _FakeLRM512(), torch.device("cuda:0")) == 4   # alone
+    FakeProperties.total_memory = 80 * 2**30
+    assert L.choose_micro_batch(L.Config(), 16, _FakeLRM512(), torch.device("cuda:0")) == 16  # alone
     fork = multiprocessing.get_context("fork")
-    processes = [fork.Process(target=_smallest_in_two_ranks, args=(rank, tmp_path / "store", tmp_path / "got"))
+    processes = [fork.Process(target=_micro_batch_in_two_ranks, args=(rank, tmp_path / "store", tmp_path / "got"))
                  for rank in range(2)]
     for process in processes:
         process.start()
     for process in processes:
         process.join(60)
     assert [process.exitcode for process in processes] == [0, 0]
-    assert [open(f"{tmp_path / 'got'}.{rank}").read() for rank in range(2)] == ["2", "2"]
-
-    class FakeProperties:
-        total_memory = 80 * 2**30
-
-    class FakeLRM(torch.nn.Module):
-        resolution = 512
-    reduced = []
-
-    def smallest(value, device):   # as if another rank's GPU held 4 pairs
-        reduced.append(value)
-        return min(value, 4)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: FakeProperties())
-    monkeypatch.setattr(L, "smallest_over_ranks", smallest)
-    assert L.choose_micro_batch(L.Config(), 16, FakeLRM(), torch.device("cuda:0")) == 4
-    assert reduced == [16]
+    assert [open(f"{tmp_path / 'got'}.{rank}").read() for rank in range(2)] == ["4", "4"]
 
 
 def test_lrm_of_a_relative_base_folder_loads_from_another_directory(tmp_path, monkeypatch):
