@@ -88,8 +88,8 @@ def peek(argv, name, default):
 
 def build_parser(config_class, defaults, doc):
     """One option per Config field; its trailing comment is the --help line, with the default."""
-    helps = {}
-    for line in inspect.getsource(config_class).splitlines():
+    helps = {}  # a subclass's comments come after its base's (eval.py's Config: sample.py's)
+    for line in "".join(map(inspect.getsource, config_class.__mro__[-2::-1])).splitlines():
         match = re.match(r"\s+(\w+): [^#]*#\s*(.*)", line)
         if match:
             helps[match[1]] = match[2]
