@@ -180,9 +180,7 @@ def final_timestep(base, num_inference_steps):
     """The LRM's timestep for a finished image, in the denoiser's unit: the last (least noisy)
     level of sample.py's grid (DDIM: t = 1; SD3's flow-matching Euler: its least sigma x 1000,
     8.93 at shift 3 for any step count, not sigma 0, which the LRM never saw in training)."""
-    import diffusers
-    scheduler_class = getattr(diffusers, sampler_of(base))
-    scheduler = scheduler_class.from_pretrained(base, subfolder="scheduler")
+    scheduler = sampler_of(base).from_pretrained(base, subfolder="scheduler")
     scheduler.set_timesteps(num_inference_steps)
     return scheduler.timesteps[-1].item()
 

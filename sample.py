@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import huggingface_hub
 import torch
 from datasets.exceptions import DatasetGenerationError
-from diffusers import AutoencoderKL, DDIMScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
@@ -53,7 +53,7 @@ class Config:
     prompt: str = ""  # one prompt instead of a prompt set
     num_prompts: int = 0  # first N unique prompts; 0 = all
     seeds_per_prompt: int = 1  # images per prompt (the tiny world's 15 captions need several)
-    seed: int = 0  # image i uses seed + i, for base and tuned alike
+    seed: int = 0  # image i uses seed + i, for base and tuned alike (eval.py: and the bootstrap)
     num_inference_steps: int = 20  # sampler steps (paper, DDIM: 20; SD3's pipeline: 28)
     guidance_scale: float = 5.0  # classifier-free guidance, the same for both models (paper: 5.0)
     eta: float = 0.0  # DDIM eta; 0 = deterministic (a flow model's Euler sampler has none)
@@ -165,13 +165,13 @@ def check_merged(path, base):
 
 
 def sampler_of(base):
-    """The scheduler sample.py samples `base` with: a flow-matching base (SD3) keeps its own Euler
-    sampler (the ODE its pipeline runs); SD1.5 and SDXL get DDIM (the paper's evaluation)."""
+    """The scheduler class sample.py samples `base` with: a flow-matching base (SD3) keeps its own
+    Euler sampler (the ODE its pipeline runs); SD1.5 and SDXL get DDIM (the paper's evaluation)."""
     try:
         flow = is_flow_matching(DDIMScheduler.load_config(base, subfolder="scheduler"))
     except (OSError, ValueError) as error:
         fail(f"--base {base}: not a diffusers pipeline (no scheduler: {type(error).__name__})")
-    return "FlowMatchEulerDiscreteScheduler" if flow else "DDIMScheduler"
+    return FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler
 
 
 def check_sampling_inputs(cfg):
@@ -188,7 +188,7 @@ def check_sampling_inputs(cfg):
     if os.path.exists(cfg.lora):  # a hub id: diffusers checks it when it loads it
         check_lora(cfg.lora)
     cfg.resolution = geometry(cfg.base, cfg.resolution, cfg.vae)[0]
-    if cfg.eta and sampler_of(cfg.base) != "DDIMScheduler":
+    if cfg.eta and sampler_of(cfg.base) is not DDIMScheduler:
         fail(f"--eta {cfg.eta}: {cfg.base} samples with its FlowMatchEulerDiscreteScheduler, the "
              "deterministic Euler ODE of its flow, which has no eta: pass --eta 0")
     if cfg.unet:
@@ -204,7 +204,8 @@ def check_sampling_inputs(cfg):
 def sampling_settings(cfg):
     """sampling.json: what makes two folders comparable (eval.py refuses pairs sampled otherwise)
     and what --resume must find unchanged."""
-    return dict(base=cfg.base, tuned=None, vae=cfg.vae or None, scheduler=sampler_of(cfg.base),
+    return dict(base=cfg.base, tuned=None, vae=cfg.vae or None,
+                scheduler=sampler_of(cfg.base).__name__,
                 num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                 eta=cfg.eta, resolution=cfg.resolution, dtype=cfg.dtype,
                 prompts=cfg.prompt or cfg.prompts, split=cfg.split, num_prompts=cfg.num_prompts,
