@@ -3,10 +3,10 @@
 Base and tuned images are paired (same prompt, seed, sampler, steps and CFG: sample.py makes
 them); every image is scored by every scorer, then per scorer: the mean of each model, and the
 win-rate of tuned over base (win 1, tie 0.5, averaged over all pairs) with a bootstrap 95%
-confidence interval, as the paper's evaluation (arXiv 2502.01051v3: DDIM 20 steps, CFG 5.0,
-Pick-a-Pic v1 validation_unique prompts; SD3: its own flow-matching Euler sampler, see
-sample.py). Writes OUT/eval.json, eval.md (the table), scores.jsonl (every image's scores) and
-eval_grid.png (base | tuned with the first scorer's values), prints the table.
+confidence interval resampling prompts, as the paper's evaluation (arXiv 2502.01051v3: DDIM 20
+steps, CFG 5.0, Pick-a-Pic v1 validation_unique prompts). Writes OUT/eval.json, eval.md (the
+table), scores.jsonl and eval_grid.png, and prints the table; docs/reference.md describes them,
+the scorers and the checks.
 
     python eval.py --model tiny --lora runs/lpo-tiny    # CPU, ~1 min: the tiny world's judge + LRM
     python eval.py --model sd15 --lora runs/lpo-sd15    # Pick-a-Pic v1 validation_unique (500)
@@ -19,15 +19,11 @@ eval_grid.png (base | tuned with the first scorer's values), prints the table.
 
 With --lora or --unet, eval.py samples both models into OUT/base and OUT/tuned first (sample.py's
 sampling, the same options; --resume reuses the images on disk); with --base_dir and --tuned_dir
-it scores those folders (OUT defaults to eval/ beside them). A rerun into a folder that holds a
-run is refused without --resume.
-Scorers (--scorers; each must load, or the run stops naming the path it tried): pickscore
-(PickScore_v1's exp(logit_scale) * cos), clip (CLIP-H/14 cosine, MPCF's G_C), aesthetic (LAION's
-predictor on CLIP-L/14, MPCF's G_A), lrm (the Latent Reward Model on the clean latent of each
-PNG at the sampler grid's last level), judge (the tiny world's rater: human, match, ...).
---extra_scorers (hpsv2 = HPSv2.1 x 100, imagereward) are used where their packages and weights
-are present and otherwise skipped with a one-line notice. The win-rate interval resamples
-*prompts* (all seeds of a prompt together); ties are exact equality of the two scores.
+it scores those folders (OUT defaults to eval/ beside them). Scorers (--scorers; each must load,
+or the run stops naming the path it tried): pickscore, clip (MPCF's G_C), aesthetic (MPCF's G_A),
+lrm (the Latent Reward Model on each PNG's clean latent at the sampler grid's last level), judge
+(the tiny world's rater); --extra_scorers (hpsv2 = HPSv2.1 x 100, imagereward) are skipped with a
+one-line notice where their packages or weights are missing.
 """
 import json
 import os
@@ -36,18 +32,17 @@ from operator import itemgetter
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
 import sample
 from lpo import PRESETS as LPO_PRESETS
-from models import load_lrm, resolve_model
+from models import family, load_lrm, resolve_model
 from mpcf import aesthetic_score, clip_score, load_aesthetic_head
-from runs import (barrier, fail, first_line, gather_objects, inform, log_jsonl,
+from runs import (close_distributed, fail, first_line, gather_objects, inform, log_jsonl,
                   prepare_run_folder, setup_distributed, write_text)
-from sample import (check_sampling_inputs, make_grid, parse_stage, read_metadata, sample_models,
-                    sampler_line, sampler_of, save_png, torch_dtype)
+from sample import (check_sampling_inputs, make_grid, parse_stage, read_json, read_metadata,
+                    sample_models, sampler_line, sampler_of, save_png, torch_dtype)
 
 
 # ----------------------------------------------------------------------------- config
@@ -248,46 +243,32 @@ def load_scorers(cfg, device, dtype, rank):
 
 # ----------------------------------------------------------------------------- input checks
 def check_lrm(cfg):
-    """--lrm must score --base's images: its text encoders are the base's (configs only; SD1.5:
-    CLIP-L; SDXL: + bigG; SD3: two projected CLIPs, + T5 where its LRM names it)."""
-    from diffusers import DiffusionPipeline
+    """--lrm must be a folder, of --base's model family (models.family, from the configs alone:
+    SD1.5, SDXL or SD3; the official layout, without lrm_config.json, is its base's); its latent
+    space is lrm_model's to refuse as it loads, before sampling."""
     if not os.path.isdir(cfg.lrm):
         fail(f"--lrm {cfg.lrm}: no such folder: train one with lrm.py, or leave lrm out of "
              "--scorers")
-    lrm_config = read_json(os.path.join(cfg.lrm, "lrm_config.json"))
-    if not lrm_config:
-        return  # the official layout: LatentRewardModel.from_pretrained checks it
-    try:
-        index = DiffusionPipeline.load_config(resolve_model(cfg.base))
-    except (OSError, ValueError) as error:
-        fail(f"--base {cfg.base}: cannot read its model_index.json ({type(error).__name__})")
-    names = {"text_encoder", "text_encoder_2", *lrm_config["text_encoders"]}
-    encoders = {name: index[name][1] for name in names if (index.get(name) or [None])[0]}
-    if encoders != lrm_config["text_encoders"]:
-        fail(f"--lrm {cfg.lrm} belongs to {lrm_config['base']} (text encoders "
-             f"{sorted(lrm_config['text_encoders'].values())}) but --base {cfg.base} has "
-             f"{sorted(encoders.values())}: an LRM scores its own model family only")
+    trained_on = read_json(os.path.join(cfg.lrm, "lrm_config.json")).get("base")
+    if trained_on and family(trained_on) != family(cfg.base):
+        fail(f"--lrm {cfg.lrm} belongs to {trained_on}, of another model family than --base "
+             f"{cfg.base}: an LRM scores its own family's images only")
 
 
 PAIRED_SETTINGS = ("scheduler", "num_inference_steps", "guidance_scale", "eta", "resolution", "vae")
 # sample.py's sampling.json before the CLI rename called two of them steps and guidance
-LEGACY_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
+FORMER_NAMES = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
 
 
-def read_json(path):
-    """A JSON file's content ({} without one)."""
-    if not os.path.exists(path):
-        return {}
-    with open(path) as file:
-        return json.load(file)
+def sampling_of(folder):
+    """A sample folder's sampling.json ({} without one), its former names read as today's."""
+    saved = read_json(os.path.join(folder, "sampling.json"))
+    return {FORMER_NAMES.get(key, key): value for key, value in saved.items()}
 
 
 def check_paired(base_dir, tuned_dir):
     """The two folders' (index, prompt, seed) lists and sampler settings must agree: refuse,
     never truncate. -> (rows, the tuned folder's settings)"""
-    for folder in (base_dir, tuned_dir):
-        if not os.path.exists(os.path.join(folder, "metadata.jsonl")):
-            fail(f"{folder}: no metadata.jsonl (expected a sample.py folder)")
     rows = read_metadata(base_dir)
     rows_tuned = read_metadata(tuned_dir)
     if len(rows) != len(rows_tuned):
@@ -297,15 +278,15 @@ def check_paired(base_dir, tuned_dir):
         keys = [(row["index"], row["prompt"], row["seed"]) for row in pair]
         if keys[0] != keys[1]:
             fail(f"mismatched image sets: {base_dir} has {keys[0]} where {tuned_dir} has {keys[1]}")
-    settings_base = read_json(os.path.join(base_dir, "sampling.json"))
-    settings = read_json(os.path.join(tuned_dir, "sampling.json"))
+    settings_base = sampling_of(base_dir)
+    settings = sampling_of(tuned_dir)
     for key in PAIRED_SETTINGS:
-        values = [s.get(key, s.get(LEGACY_NAMES.get(key, key))) for s in (settings_base, settings)]
-        if values[0] != values[1]:
-            fail(f"base and tuned were sampled differently: {key} = {values[0]} vs {values[1]}")
-    if settings.get("guidance_scale", settings.get("guidance")) is None:
-        print(f"eval.py: note: {tuned_dir} records no sampler settings (sampling.json): that base "
-              "and tuned share steps and CFG is not checked", flush=True)
+        if settings_base.get(key) != settings.get(key):
+            fail(f"base and tuned were sampled differently: {key} = {settings_base.get(key)} vs "
+                 f"{settings.get(key)}")
+    if settings.get("guidance_scale") is None:
+        inform(f"note: {tuned_dir} records no sampler settings (sampling.json): that base and "
+               "tuned share steps and CFG is not checked")
     for folder in (base_dir, tuned_dir):
         missing = [r["file_name"] for r in rows
                    if not os.path.exists(os.path.join(folder, r["file_name"]))]
@@ -392,7 +373,7 @@ def main(cfg):
     before sampling; then sample (unless --base_dir), score, report."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if "lrm" in cfg.scorers.split(","):
+    if "lrm" in names(cfg.scorers):
         check_lrm(cfg)
     if cfg.base_dir:
         rows, settings = check_paired(cfg.base_dir, cfg.tuned_dir)
@@ -409,9 +390,7 @@ def main(cfg):
     scored = score_pairs(rows, folders, scorers, cfg, rank, world)
     if rank == 0:
         write_report(cfg, rows, scored, settings, folders)
-    barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":
