@@ -213,7 +213,7 @@ def sampling_settings(cfg):
 
 
 def sampler_line(settings):
-    """"DDIMScheduler 20 steps, CFG 5.0, eta 0.0, 512 px" of sampling_settings (None: missing)."""
+    """sampling.json's sampler in words: DDIMScheduler 20 steps, CFG 5.0, eta 0.0, 512 px."""
     return ("{scheduler} {num_inference_steps} steps, CFG {guidance_scale}, eta {eta}, "
             "{resolution} px").format_map(defaultdict(lambda: None, settings))
 
