@@ -3,10 +3,10 @@
 Base and tuned images are paired (same prompt, seed, sampler, steps and CFG: sample.py makes
 them); every image is scored by every scorer, then per scorer: the mean of each model, and the
 win-rate of tuned over base (win 1, tie 0.5, averaged over all pairs) with a bootstrap 95%
-confidence interval, as the paper's evaluation (arXiv 2502.01051v3: DDIM 20 steps, CFG 5.0,
-Pick-a-Pic v1 validation_unique prompts; SD3: its own flow-matching Euler sampler, see
-sample.py). Writes OUT/eval.json, eval.md (the table), scores.jsonl (every image's scores) and
-eval_grid.png (base | tuned with the first scorer's values), prints the table.
+confidence interval resampling prompts, as the paper's evaluation (arXiv 2502.01051v3: DDIM 20
+steps, CFG 5.0, Pick-a-Pic v1 validation_unique prompts). Writes OUT/eval.json, eval.md (the
+table), scores.jsonl and eval_grid.png, and prints the table; docs/reference.md describes them,
+the scorers and the checks.
 
     python eval.py --model tiny --lora runs/lpo-tiny    # CPU, ~1 min: the tiny world's judge + LRM
     python eval.py --model sd15 --lora runs/lpo-sd15    # Pick-a-Pic v1 validation_unique (500)
@@ -19,57 +19,38 @@ eval_grid.png (base | tuned with the first scorer's values), prints the table.
 
 With --lora or --unet, eval.py samples both models into OUT/base and OUT/tuned first (sample.py's
 sampling, the same options; --resume reuses the images on disk); with --base_dir and --tuned_dir
-it scores those folders (OUT defaults to eval/ beside them). A rerun into a folder that holds a
-run is refused without --resume.
-Scorers (--scorers; each must load, or the run stops naming the path it tried): pickscore
-(PickScore_v1's exp(logit_scale) * cos), clip (CLIP-H/14 cosine, MPCF's G_C), aesthetic (LAION's
-predictor on CLIP-L/14, MPCF's G_A), lrm (the Latent Reward Model on the clean latent of each
-PNG at the sampler grid's last level), judge (the tiny world's rater: human, match, ...).
---extra_scorers (hpsv2 = HPSv2.1 x 100, imagereward) are used where their packages and weights
-are present and otherwise skipped with a one-line notice. The win-rate interval resamples
-*prompts* (all seeds of a prompt together); ties are exact equality of the two scores.
+it scores those folders (OUT defaults to eval/ beside them). Scorers (--scorers; each must load,
+or the run stops naming the path it tried): pickscore, clip (MPCF's G_C), aesthetic (MPCF's G_A),
+lrm (the Latent Reward Model on each PNG's clean latent at the sampler grid's last level), judge
+(the tiny world's rater); --extra_scorers (hpsv2 = HPSv2.1 x 100, imagereward) are skipped with a
+one-line notice where their packages or weights are missing.
 """
 import json
 import os
-from collections import defaultdict
 from dataclasses import dataclass
+from operator import itemgetter
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from models import ROOT, resolve_model
+import sample
+from lpo import PRESETS as LPO_PRESETS
+from models import family, load_lrm, resolve_model
 from mpcf import aesthetic_score, clip_score, load_aesthetic_head
-from runs import (barrier, fail, first_line, gather_objects, log_jsonl, prepare_run_folder,
-                  setup_distributed, write_text)
-from sample import (PRESETS as SAMPLE_PRESETS, check_sampling_inputs, make_grid, parse_stage,
-                    read_metadata, sample_models, sampler_of, save_png, torch_dtype)
+from runs import (close_distributed, fail, first_line, gather_objects, inform, log_jsonl,
+                  prepare_run_folder, setup_distributed, write_text)
+from sample import (check_sampling_inputs, make_grid, parse_stage, read_json, read_metadata,
+                    sample_models, sampler_line, sampler_of, save_png, torch_dtype)
 
 
 # ----------------------------------------------------------------------------- config
 @dataclass
-class Config:
-    model: str = "sd15"  # preset: sd15 | sdxl | sd3 | tiny | tiny-xl | tiny-sd3, or a pipeline
-    base: str = ""  # base pipeline, folder or hub id ("" = the preset's); its VAE feeds the LRM
-    lora: str = ""  # tuned = base + this LoRA (lpo.py's output folder): sampled here
-    unet: str = ""  # ... or a merged U-Net (SD3: transformer): folder, or hub "owner/repo/sub/dir"
-    vae: str = ""  # sampling VAE for both models instead of the base's (SDXL: the fp16-fix VAE)
+class Config(sample.Config):  # sample.py's options, then the scorers'
+    out: str = ""  # run folder; "" = sample.py's (runs/samples/{name}), or eval/ beside the dirs
     base_dir: str = ""  # score these folders (sample.py layout) instead of sampling
     tuned_dir: str = ""  # ... the tuned model's folder
-    prompts: str = ""  # dataset (hub id / folder) or a .txt / .json / .tsv / .csv / .parquet file
-    split: str = "validation_unique"  # split of a --prompts dataset
-    prompt: str = ""  # one prompt instead of a prompt set
-    num_prompts: int = 0  # first N unique prompts; 0 = all
-    seeds_per_prompt: int = 1  # images per prompt (the tiny world's 15 captions need several)
-    seed: int = 0  # image i uses seed + i; also the bootstrap's seed
-    num_inference_steps: int = 20  # sampler steps (paper, DDIM: 20; SD3's pipeline: 28)
-    guidance_scale: float = 5.0  # classifier-free guidance, the same for both models (paper: 5.0)
-    eta: float = 0.0  # DDIM eta; 0 = deterministic (a flow model's Euler sampler has none)
-    resolution: int = 0  # image side in pixels; 0 = the pipeline's (denoiser size x VAE factor)
-    batch_size: int = 8  # images per sampling forward pass per rank
-    dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32
     scorers: str = "pickscore,clip,aesthetic,lrm"  # comma-separated: the table's rows
     extra_scorers: str = "hpsv2,imagereward"  # optional: skipped with a notice where missing
     pickscore: str = "yuvalkirstain/PickScore_v1"  # PickScore model
@@ -78,39 +59,35 @@ class Config:
     aesthetic_clip: str = "openai/clip-vit-large-patch14"  # aesthetic: CLIP ViT-L/14
     aesthetic_mlp: str = "trl-lib/ddpo-aesthetic-predictor"  # aesthetic: LAION head (as mpcf.py)
     lrm: str = ""  # LRM folder (lrm.py's output)
-    n_boot: int = 10_000  # bootstrap resamples for the win-rate interval
-    eval_batch_size: int = 32  # images per scorer call per rank
-    out: str = ""  # run folder; "" = sample.py's (runs/samples/{name}), or eval/ beside the dirs
-    grid_rows: int = 8  # pairs in eval_grid.png (the first seed of the first prompts)
-    grid_cell: int = 256  # pixels per image in eval_grid.png
-    resume: bool = False  # continue: keep the images on disk, sample only the missing ones
-    threads: int = 0  # CPU threads for torch; 0 = torch's default
-    dist_timeout: int = 180  # minutes a rank may wait at a barrier (torchrun)
+    n_boot: int = 10_000  # bootstrap resamples for the win-rate interval, in [1, inf)
+    eval_batch_size: int = 32  # images per scorer call per rank, in [1, inf)
 
 
-# sample.py's presets, each with its LRM; the tiny worlds are scored by their judge and LRM
-LRMS = {"sd15": "runs/lrm-sd15", "sdxl": "runs/lrm-sdxl", "sd3": "runs/lrm-sd3",
-        "tiny": os.path.join(ROOT, "tiny/lrm"), "tiny-xl": os.path.join(ROOT, "tiny/lrm-xl"),
-        "tiny-sd3": os.path.join(ROOT, "tiny/lrm-sd3")}
+# sample.py's presets, each with lpo.py's LRM; the tiny worlds are scored by their judge and LRM
 TINY = dict(scorers="judge,lrm", extra_scorers="")
-PRESETS = {name: dict(preset, lrm=LRMS[name], **(TINY if name.startswith("tiny") else {}))
-           for name, preset in SAMPLE_PRESETS.items()}
+PRESETS = {name: dict(preset, lrm=LPO_PRESETS[name]["lrm"], **(TINY if "tiny" in name else {}))
+           for name, preset in sample.PRESETS.items()}
 KNOWN = ("pickscore", "clip", "aesthetic", "lrm", "judge", "hpsv2", "imagereward")
 
 
 def get_config(argv=None):
     """sample.py's options and checks, and the scorers'."""
-    cfg = parse_stage(__file__, Config, PRESETS, __doc__, argv, ("n_boot", "eval_batch_size"))
+    cfg = parse_stage(__file__, Config, PRESETS, __doc__, argv)
     if bool(cfg.base_dir) != bool(cfg.tuned_dir):
         fail("give both --base_dir and --tuned_dir, or neither")
-    if not cfg.base_dir and not (cfg.lora or cfg.unet):
+    if not (cfg.base_dir or cfg.lora or cfg.unet):
         fail("nothing to compare: give --lora or --unet (sampled here), or --base_dir and "
              "--tuned_dir")
-    names = [name for name in f"{cfg.scorers},{cfg.extra_scorers}".split(",") if name]
-    unknown = sorted(set(names).difference(KNOWN))
-    if unknown or not names:
+    every = names(f"{cfg.scorers},{cfg.extra_scorers}")
+    unknown = sorted(set(every).difference(KNOWN))
+    if unknown or not every:
         fail(f"--scorers: unknown {unknown or 'none given'}; known: {', '.join(KNOWN)}")
     return cfg
+
+
+def names(option):
+    """The names in a comma-separated option."""
+    return [name for name in option.split(",") if name]
 
 
 # ----------------------------------------------------------------------------- win-rate
@@ -138,10 +115,10 @@ def win_rate(scores_tuned, scores_base, n_boot=10_000, seed=0, groups=None):
 
 
 # ----------------------------------------------------------------------------- scorers
-def load_or_fail(name, path, load, *args, **kwargs):
-    """load(*args, **kwargs), or one line naming the scorer and the path it tried."""
+def load_or_fail(name, path, load, **kwargs):
+    """load(path, **kwargs), or one line naming the scorer and the path it tried."""
     try:
-        return load(*args, **kwargs)
+        return load(path, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as error:
         fail(f"scorer {name}: cannot load weights from {path!r} ({type(error).__name__}: "
              f"{first_line(error)[:200]})")
@@ -155,13 +132,11 @@ def clip_scorer(name, cfg, device, dtype):
     from transformers import CLIPModel, CLIPProcessor
     path = {"pickscore": cfg.pickscore, "clip": cfg.clip, "aesthetic": cfg.aesthetic_clip}[name]
     processor_path = cfg.pickscore_processor if name == "pickscore" else path
-    model = load_or_fail(name, path, CLIPModel.from_pretrained, path, dtype=dtype)
-    model = model.to(device).eval()
-    processor = load_or_fail(name, processor_path, CLIPProcessor.from_pretrained, processor_path)
+    model = load_or_fail(name, path, CLIPModel.from_pretrained, dtype=dtype).to(device)
+    processor = load_or_fail(name, processor_path, CLIPProcessor.from_pretrained)
     logit_scale = model.logit_scale if name == "pickscore" else None
     if name == "aesthetic":
-        head = load_or_fail(name, cfg.aesthetic_mlp, load_aesthetic_head, cfg.aesthetic_mlp)
-        head = head.to(device)
+        head = load_or_fail(name, cfg.aesthetic_mlp, load_aesthetic_head).to(device)
 
     def score(images, prompts):
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
@@ -180,32 +155,27 @@ def final_timestep(base, num_inference_steps):
     """The LRM's timestep for a finished image, in the denoiser's unit: the last (least noisy)
     level of sample.py's grid (DDIM: t = 1; SD3's flow-matching Euler: its least sigma x 1000,
     8.93 at shift 3 for any step count, not sigma 0, which the LRM never saw in training)."""
-    import diffusers
-    scheduler_class = getattr(diffusers, sampler_of(base))
-    scheduler = scheduler_class.from_pretrained(base, subfolder="scheduler")
+    scheduler = sampler_of(base).from_pretrained(base, subfolder="scheduler")
     scheduler.set_timesteps(num_inference_steps)
     return scheduler.timesteps[-1].item()
 
 
 def lrm_scorer(cfg, device, dtype):
     """The LRM on the clean latent of each PNG at final_timestep, no noise added: the PNG VAE-
-    encoded (posterior mean, fp32, the base's own VAE, one image at a time) into the pipeline's
-    latents, z x scaling_factor (SD3: (z - shift_factor) x scaling_factor), so that any image
-    folder can be scored. fp32: SDXL's VAE overflows in fp16; one image at a time: an fp32 1024 px
-    encode needs GBs."""
+    encoded (posterior mean, fp32, the base's own VAE, one image at a time: an fp32 1024 px
+    encode needs GBs, SDXL's VAE overflows in fp16) into the pipeline's latents, as lrm.py's
+    encode_images, so that any image folder can be scored."""
     from diffusers import AutoencoderKL
-    from lrm_model import LatentRewardModel
-    lrm = load_or_fail("lrm", cfg.lrm, LatentRewardModel.from_pretrained, cfg.lrm, cfg.base)
-    lrm = lrm.for_scoring().to(device, dtype)
+    lrm = load_lrm(cfg.lrm, cfg.base, device, dtype, f"python lrm.py --model {cfg.model}")
     base = resolve_model(cfg.base)
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae").to(device).eval()
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae").to(device)  # in eval mode
     vae.enable_slicing()
-    size = (lrm.resolution, lrm.resolution)
     timestep = final_timestep(base, cfg.num_inference_steps)
     shift = vae.config.get("shift_factor") or 0.0  # SD1.5 / SDXL: None
 
     def score(images, prompts):
-        arrays = [np.array(image.convert("RGB").resize(size)) for image in images]
+        arrays = [np.array(image.convert("RGB").resize((lrm.resolution, lrm.resolution)))
+                  for image in images]
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
         pixels = pixels.float().to(device) / 127.5 - 1.0  # in [-1, 1]
         z = vae.encode(pixels).latent_dist.mean  # (B, C, h, w)
@@ -226,9 +196,9 @@ def hpsv2_scorer():
     import hpsv2
 
     def score(images, prompts):
-        values = [hpsv2.score([image], prompt, hps_version="v2.1")
-                  for image, prompt in zip(images, prompts)]
-        return {"hpsv2.1": [100 * float(np.ravel(value)[0]) for value in values]}
+        return {"hpsv2.1": [
+            100 * float(np.ravel(hpsv2.score([image], prompt, hps_version="v2.1"))[0])
+            for image, prompt in zip(images, prompts)]}
     score([Image.new("RGB", (64, 64))], ["probe"])  # the package fetches its weights on first use
     return score
 
@@ -245,78 +215,60 @@ def imagereward_scorer(device):
 
 
 def load_scorer(name, cfg, device, dtype):
-    """name -> fn(images: list of PIL, prompts: list of str) -> {metric: (B,) values}"""
-    if name in ("pickscore", "clip", "aesthetic"):
-        return clip_scorer(name, cfg, device, dtype)
-    if name == "lrm":
-        return lrm_scorer(cfg, device, dtype)
+    """name (one of KNOWN) -> fn(images: list of PIL, prompts: list of str) -> {metric: (B,)}"""
     if name == "judge":
         return judge_scorer
     if name == "hpsv2":
         return hpsv2_scorer()
     if name == "imagereward":
         return imagereward_scorer(device)
-    fail(f"unknown scorer {name!r}: expected one of {', '.join(KNOWN)}")
+    if name == "lrm":
+        return lrm_scorer(cfg, device, dtype)
+    return clip_scorer(name, cfg, device, dtype)
 
 
 def load_scorers(cfg, device, dtype, rank):
     """--scorers (each must load) and the --extra_scorers that load on every rank (one that
     loaded on some ranks only is dropped on all: equal rows)."""
-    names = [name for name in cfg.scorers.split(",") if name]
-    scorers = {name: load_scorer(name, cfg, device, dtype) for name in names}
-    for name in [name for name in cfg.extra_scorers.split(",") if name]:
+    scorers = {name: load_scorer(name, cfg, device, dtype) for name in names(cfg.scorers)}
+    for name in names(cfg.extra_scorers):
         try:
             scorers[name] = load_scorer(name, cfg, device, dtype)
         except Exception as error:  # optional: a missing package or download only costs its row
             if rank == 0:
-                print(f"eval.py: skipping {name}: {type(error).__name__}: "
-                      f"{first_line(error)[:150]}", flush=True)
+                inform(f"skipping {name}: {type(error).__name__}: {first_line(error)[:150]}")
     common = set.intersection(*map(set, gather_objects(sorted(scorers))))
     return {name: scorer for name, scorer in scorers.items() if name in common}
 
 
 # ----------------------------------------------------------------------------- input checks
 def check_lrm(cfg):
-    """--lrm must score --base's images: its text encoders are the base's (configs only; SD1.5:
-    CLIP-L; SDXL: + bigG; SD3: two projected CLIPs, + T5 where its LRM names it)."""
-    from diffusers import DiffusionPipeline
+    """--lrm must be a folder, of --base's model family (models.family, from the configs alone:
+    SD1.5, SDXL or SD3; the official layout, without lrm_config.json, is its base's); its latent
+    space is lrm_model's to refuse as it loads, before sampling."""
     if not os.path.isdir(cfg.lrm):
         fail(f"--lrm {cfg.lrm}: no such folder: train one with lrm.py, or leave lrm out of "
              "--scorers")
-    lrm_config = read_json(os.path.join(cfg.lrm, "lrm_config.json"))
-    if not lrm_config:
-        return  # the official layout: LatentRewardModel.from_pretrained checks it
-    try:
-        index = DiffusionPipeline.load_config(resolve_model(cfg.base))
-    except (OSError, ValueError) as error:
-        fail(f"--base {cfg.base}: cannot read its model_index.json ({type(error).__name__})")
-    names = {"text_encoder", "text_encoder_2", *lrm_config["text_encoders"]}
-    encoders = {name: index[name][1] for name in names if (index.get(name) or [None])[0]}
-    if encoders != lrm_config["text_encoders"]:
-        fail(f"--lrm {cfg.lrm} belongs to {lrm_config['base']} (text encoders "
-             f"{sorted(lrm_config['text_encoders'].values())}) but --base {cfg.base} has "
-             f"{sorted(encoders.values())}: an LRM scores its own model family only")
+    trained_on = read_json(os.path.join(cfg.lrm, "lrm_config.json")).get("base")
+    if trained_on and family(trained_on) != family(cfg.base):
+        fail(f"--lrm {cfg.lrm} belongs to {trained_on}, of another model family than --base "
+             f"{cfg.base}: an LRM scores its own family's images only")
 
 
 PAIRED_SETTINGS = ("scheduler", "num_inference_steps", "guidance_scale", "eta", "resolution", "vae")
 # sample.py's sampling.json before the CLI rename called two of them steps and guidance
-LEGACY_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
+FORMER_NAMES = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
 
 
-def read_json(path):
-    """A JSON file's content ({} without one)."""
-    if not os.path.exists(path):
-        return {}
-    with open(path) as file:
-        return json.load(file)
+def sampling_of(folder):
+    """A sample folder's sampling.json ({} without one), its former names read as today's."""
+    saved = read_json(os.path.join(folder, "sampling.json"))
+    return {FORMER_NAMES.get(key, key): value for key, value in saved.items()}
 
 
 def check_paired(base_dir, tuned_dir):
     """The two folders' (index, prompt, seed) lists and sampler settings must agree: refuse,
     never truncate. -> (rows, the tuned folder's settings)"""
-    for folder in (base_dir, tuned_dir):
-        if not os.path.exists(os.path.join(folder, "metadata.jsonl")):
-            fail(f"{folder}: no metadata.jsonl (expected a sample.py folder)")
     rows = read_metadata(base_dir)
     rows_tuned = read_metadata(tuned_dir)
     if len(rows) != len(rows_tuned):
@@ -326,15 +278,15 @@ def check_paired(base_dir, tuned_dir):
         keys = [(row["index"], row["prompt"], row["seed"]) for row in pair]
         if keys[0] != keys[1]:
             fail(f"mismatched image sets: {base_dir} has {keys[0]} where {tuned_dir} has {keys[1]}")
-    settings_base = read_json(os.path.join(base_dir, "sampling.json"))
-    settings = read_json(os.path.join(tuned_dir, "sampling.json"))
+    settings_base = sampling_of(base_dir)
+    settings = sampling_of(tuned_dir)
     for key in PAIRED_SETTINGS:
-        values = [s.get(key, s.get(LEGACY_NAMES.get(key, key))) for s in (settings_base, settings)]
-        if values[0] != values[1]:
-            fail(f"base and tuned were sampled differently: {key} = {values[0]} vs {values[1]}")
-    if settings.get("guidance_scale", settings.get("guidance")) is None:
-        print(f"eval.py: note: {tuned_dir} records no sampler settings (sampling.json): that base "
-              "and tuned share steps and CFG is not checked", flush=True)
+        if settings_base.get(key) != settings.get(key):
+            fail(f"base and tuned were sampled differently: {key} = {settings_base.get(key)} vs "
+                 f"{settings.get(key)}")
+    if settings.get("guidance_scale") is None:
+        inform(f"note: {tuned_dir} records no sampler settings (sampling.json): that base and "
+               "tuned share steps and CFG is not checked")
     for folder in (base_dir, tuned_dir):
         missing = [r["file_name"] for r in rows
                    if not os.path.exists(os.path.join(folder, r["file_name"]))]
@@ -363,7 +315,7 @@ def score_pairs(rows, folders, scorers, cfg, rank, world):
                     for record, value in zip(records, values):
                         record[f"{metric}/{side}"] = float(value)
         scored += records
-    return sorted(sum(gather_objects(scored), []), key=lambda record: record["index"])
+    return sorted(sum(gather_objects(scored), []), key=itemgetter("index"))
 
 
 def summarise(rows, cfg):
@@ -385,24 +337,22 @@ def summarise(rows, cfg):
     return summary
 
 
+TABLE = ["| scorer | base | tuned | tuned - base | win-rate tuned > base [95% CI] | ties | n |",
+         "|---|---|---|---|---|---|---|"]
+ROW = ("| {metric} | {base:.4f} | {tuned:.4f} | {diff:+.4f} | {win_rate:.3f} [{ci_low:.3f}, "
+       "{ci_high:.3f}] | {ties:.2f} | {n} |")
+
+
 def write_report(cfg, rows, scored, settings, folders):
     """eval.json, eval.md, scores.jsonl, eval_grid.png (the first metric's scores on the images)
     and the log row; prints the table."""
     summary = summarise(scored, cfg)
-    num_prompts = len({row["prompt"] for row in scored})
-    sampler = ("{scheduler} {num_inference_steps} steps, CFG {guidance_scale}, eta {eta}, "
-               "{resolution} px").format_map(defaultdict(lambda: None, settings))
-    lines = [f"**{settings.get('tuned') or folders['tuned']}** vs base "
-             f"**{settings.get('base') or folders['base']}**: {len(scored)} image pairs "
-             f"({num_prompts} prompts), {sampler}", "",
-             "| scorer | base | tuned | tuned - base | win-rate tuned > base [95% CI] | ties | n |",
-             "|---|---|---|---|---|---|---|"]
-    for metric, s in summary.items():
-        interval = f"{s['win_rate']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
-        lines.append(f"| {metric} | {s['base']:.4f} | {s['tuned']:.4f} | {s['diff']:+.4f} | "
-                     f"{interval} | {s['ties']:.2f} | {s['n']} |")
     report = dict(settings=settings, base_dir=folders["base"], tuned_dir=folders["tuned"],
-                  n=len(scored), n_prompts=num_prompts, scores=summary)
+                  n=len(scored), n_prompts=len({row["prompt"] for row in scored}), scores=summary)
+    title = (f"**{settings.get('tuned') or folders['tuned']}** vs base "
+             f"**{settings.get('base') or folders['base']}**: {report['n']} image pairs "
+             f"({report['n_prompts']} prompts), {sampler_line(settings)}")
+    lines = [title, "", *TABLE] + [ROW.format(metric=name, **s) for name, s in summary.items()]
     write_text(os.path.join(cfg.out, "eval.json"), json.dumps(report, indent=2))
     write_text(os.path.join(cfg.out, "eval.md"), "\n".join(lines) + "\n")
     write_text(os.path.join(cfg.out, "scores.jsonl"), "".join(json.dumps(r) + "\n" for r in scored))
@@ -410,7 +360,7 @@ def write_report(cfg, rows, scored, settings, folders):
     labels = {f"{side}: {metric}": folder for side, folder in folders.items()}
     notes = {f"{side}: {metric}": {row["index"]: "%.2f" % row[f"{metric}/{side}"] for row in scored}
              for side in folders}
-    by_index = sorted(rows, key=lambda row: row["index"])  # the first seed: the lowest index
+    by_index = sorted(rows, key=itemgetter("index"))  # the first seed: the lowest index
     grid = make_grid(labels, by_index, cfg.grid_rows, cfg.grid_cell, notes)
     save_png(grid, os.path.join(cfg.out, "eval_grid.png"))
     log_jsonl(os.path.join(cfg.out, "log.jsonl"), dict(event="eval", n=len(scored), scores=summary))
@@ -423,7 +373,7 @@ def main(cfg):
     before sampling; then sample (unless --base_dir), score, report."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if "lrm" in cfg.scorers.split(","):
+    if "lrm" in names(cfg.scorers):
         check_lrm(cfg)
     if cfg.base_dir:
         rows, settings = check_paired(cfg.base_dir, cfg.tuned_dir)
@@ -440,9 +390,7 @@ def main(cfg):
     scored = score_pairs(rows, folders, scorers, cfg, rank, world)
     if rank == 0:
         write_report(cfg, rows, scored, settings, folders)
-    barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -91,8 +91,8 @@ INTERVAL = re.compile(r"\bin ([\[(])(\S+), (\S+?)([\])])")  # "in [1, inf)" in a
 
 def option_helps(config_class):
     """{field: its trailing comment}: the --help line, and the range (`in [0, 1)`) it declares."""
-    helps = {}
-    for line in inspect.getsource(config_class).splitlines():
+    helps = {}  # a subclass's comments come after its base's (eval.py's Config: sample.py's)
+    for line in "".join(map(inspect.getsource, config_class.__mro__[-2::-1])).splitlines():
         match = re.match(r"\s+(\w+): [^#]*#\s*(.*)", line)
         if match:
             helps[match[1]] = match[2]

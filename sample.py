@@ -1,10 +1,9 @@
 """Generate paired images from a base model and its tuned version (a LoRA from lpo.py, or a merged
-U-Net / SD3 transformer), for eval.py and for looking at.
-
-Image i (a global index) gets prompts[i // seeds_per_prompt] and seed + i; base and tuned share
-them and the sampler (SD1.5 / SDXL: DDIM, 20 steps, CFG 5.0, as the evaluation of arXiv
-2502.01051v3; SD3: its own flow-matching Euler sampler, 28 steps, CFG 7.0, its pipeline's
-defaults), so image i of one is the pair of image i of the other.
+U-Net / SD3 transformer), for eval.py and for looking at. Image i (a global index) gets
+prompts[i // seeds_per_prompt], seed + i and its own CPU generator in both models, which sample
+alike (SD1.5 / SDXL: DDIM, 20 steps, CFG 5.0, as the evaluation of arXiv 2502.01051v3; SD3: its
+pipeline's flow-matching Euler sampler, 28 steps, CFG 7.0), so image i of one is the pair of
+image i of the other, on any device or number of ranks.
 
     python sample.py --model tiny --lora runs/lpo-tiny        # CPU, ~1 min: 15 captions x 10 seeds
     python sample.py --model tiny --prompt "a red circle" --seeds_per_prompt 8
@@ -16,29 +15,29 @@ defaults), so image i of one is the pair of image i of the other.
     python sample.py --model sd15 --prompts parti.tsv --lora runs/lpo-sd15 --resume  # any prompts
 
 Writes OUT/base/ and OUT/tuned/ ({index:05d}_{seed}.png, metadata.jsonl, sampling.json), log.jsonl
-and grid.png (base | tuned); eval.py scores them. Each image has its own CPU generator: pairs share
-their noise (and DDIM's step noise with --eta > 0) on any device or number of ranks. SD3 keeps its
-Euler sampler, which has no eta. PNGs are written atomically: --resume generates only the missing
-ones (never into a folder sampled with other settings); without it a run's folder is refused.
+and grid.png (base | tuned), atomically: --resume generates only the missing images (never into a
+folder sampled with other settings). docs/reference.md describes the files, the sampler and the
+resume contract.
 """
 import glob
 import json
 import os
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 
 import huggingface_hub
 import torch
-import torch.distributed as dist
-from diffusers import AutoencoderKL, DDIMScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from data import load_prompts
-from models import (BASES, DENOISERS, ROOT, denoiser_name, denoiser_subfolder, family, geometry,
-                    is_flow_matching, load_pipeline, resolve_model, t5_length)
-from runs import (barrier, command_line, fail, gather_objects, kill_point, log_jsonl, parse_config,
-                  peek, prepare_run_folder, setup_distributed, write_text)
+from models import (BASES, DENOISERS, LORA_FILE, ROOT, denoiser_name, denoiser_subfolder, family,
+                    geometry, is_flow_matching, load_pipeline, resolve_model, t5_length)
+from runs import (barrier, close_distributed, command_line, fail, gather_objects, kill_point,
+                  log_jsonl, parse_config, peek, prepare_run_folder, settings_changes,
+                  setup_distributed, write_text)
 
 
 # ----------------------------------------------------------------------------- config
@@ -52,21 +51,21 @@ class Config:
     prompts: str = ""  # dataset (hub id / folder) or a .txt / .json / .tsv / .csv / .parquet file
     split: str = "validation_unique"  # split of a --prompts dataset
     prompt: str = ""  # one prompt instead of a prompt set
-    num_prompts: int = 0  # first N unique prompts; 0 = all
-    seeds_per_prompt: int = 1  # images per prompt (the tiny world's 15 captions need several)
-    seed: int = 0  # image i uses seed + i, for base and tuned alike
-    num_inference_steps: int = 20  # sampler steps (paper, DDIM: 20; SD3's pipeline: 28)
-    guidance_scale: float = 5.0  # classifier-free guidance, the same for both models (paper: 5.0)
-    eta: float = 0.0  # DDIM eta; 0 = deterministic (a flow model's Euler sampler has none)
-    resolution: int = 0  # image side in pixels; 0 = the pipeline's (denoiser size x VAE factor)
-    batch_size: int = 8  # images per forward pass per rank
+    num_prompts: int = 0  # first N unique prompts, in [0, inf); 0 = all
+    seeds_per_prompt: int = 1  # images per prompt in [1, inf) (the tiny world's 15 captions: 10)
+    seed: int = 0  # in [0, inf): image i uses seed + i, base and tuned alike (and the bootstrap)
+    num_inference_steps: int = 20  # sampler steps in [1, 1000] (paper, DDIM: 20; SD3's: 28)
+    guidance_scale: float = 5.0  # classifier-free guidance in [0, inf), both models (paper: 5.0)
+    eta: float = 0.0  # DDIM eta in [0, 1]; 0 = deterministic (a flow's Euler sampler has none)
+    resolution: int = 0  # image side in px, in [0, inf); 0 = the pipeline's (denoiser x VAE's)
+    batch_size: int = 8  # images per forward pass per rank, in [1, inf)
     dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32
     out: str = ""  # run folder; "" = runs/samples/{name of the LoRA or U-Net, or base}
-    grid_rows: int = 8  # pairs in grid.png (the first seed of the first prompts)
-    grid_cell: int = 256  # pixels per image in grid.png
-    resume: bool = False  # continue a killed run: generate only the missing images
-    threads: int = 0  # CPU threads for torch; 0 = torch's default
-    dist_timeout: int = 180  # minutes a rank may wait at a barrier (torchrun)
+    grid_rows: int = 8  # pairs in the grid image, in [1, inf) (the first seed of the first prompts)
+    grid_cell: int = 256  # pixels per image in the grid image, in [16, inf)
+    resume: bool = False  # continue a killed run: keep the images on disk, make only the missing
+    threads: int = 0  # CPU threads for torch in [0, inf); 0 = torch's default
+    dist_timeout: int = 180  # minutes in [1, inf) a rank may wait at a barrier (torchrun)
 
 
 PICKAPIC = "yuvalkirstain/pickapic_v1"  # mirrors: pickapic-anonymous/pickapic_v1, a local copy
@@ -88,42 +87,31 @@ def get_config(argv=None):
     return parse_stage(__file__, Config, PRESETS, __doc__, argv)
 
 
-def parse_stage(stage_file, config_class, presets, doc, argv, counts=()):
-    """The stage's Config, checked: the --model preset's defaults (a pipeline folder or hub id:
-    its family's preset), then the command line."""
+def parse_stage(stage_file, config_class, presets, doc, argv):
+    """The stage's Config: the --model preset's defaults (a pipeline folder or hub id: its
+    family's preset), then the command line; then the settings' own sanity (no file is read), one
+    line on the first bad one."""
     argv = command_line(stage_file, argv)
     model = peek(argv, "model", config_class.model)
     preset = presets.get(model) or dict(presets[family(model)], base=model)
     defaults = {**asdict(config_class()), **preset, "model": model}
     cfg = parse_config(config_class, defaults, doc, argv)
-    check_settings(cfg, counts)
-    return cfg
-
-
-def check_settings(cfg, counts=()):
-    """The settings' own sanity (no file is read): one line and exit on the first bad one;
-    counts: the stage's own settings that must be >= 1."""
     if cfg.lora and cfg.unet:
         fail("give --lora or --unet, not both")
-    for name in ("num_inference_steps", "seeds_per_prompt", "batch_size", "dist_timeout", *counts):
-        if getattr(cfg, name) < 1:
-            fail(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("num_prompts", "threads", "resolution", "eta"):
-        if getattr(cfg, name) < 0:
-            fail(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.dtype not in DTYPES:
         fail(f"--dtype {cfg.dtype}: expected auto, fp16, bf16 or fp32")
+    return cfg
 
 
 # ----------------------------------------------------------------------------- input checks
 def findable(path):
     """A local path, or a hub model or dataset repo ("owner/name[/sub/folder]") that the hub or
     its cache has."""
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") < 1:
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or "/" not in path:
         return os.path.exists(path)
+    repo = "/".join(path.split("/")[:2])
     for kind in ("model", "dataset"):
         try:  # a few small JSON files; works offline from the cache
-            repo = "/".join(path.split("/")[:2])
             huggingface_hub.snapshot_download(repo, repo_type=kind, allow_patterns=["*.json"])
             return True
         except Exception:
@@ -138,7 +126,7 @@ def check_lora(path):
     files = [path]
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    preferred = os.path.join(path, "pytorch_lora_weights.safetensors")
+    preferred = os.path.join(path, LORA_FILE)
     files = [preferred] if preferred in files else files
     if len(files) == 1:
         try:
@@ -175,13 +163,13 @@ def check_merged(path, base):
 
 
 def sampler_of(base):
-    """The scheduler sample.py samples `base` with: a flow-matching base (SD3) keeps its own Euler
-    sampler (the ODE its pipeline runs); SD1.5 and SDXL get DDIM (the paper's evaluation)."""
+    """The scheduler class sample.py samples `base` with: a flow-matching base (SD3) keeps its own
+    Euler sampler (the ODE its pipeline runs); SD1.5 and SDXL get DDIM (the paper's evaluation)."""
     try:
         flow = is_flow_matching(DDIMScheduler.load_config(base, subfolder="scheduler"))
     except (OSError, ValueError) as error:
         fail(f"--base {base}: not a diffusers pipeline (no scheduler: {type(error).__name__})")
-    return "FlowMatchEulerDiscreteScheduler" if flow else "DDIMScheduler"
+    return FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler
 
 
 def check_sampling_inputs(cfg):
@@ -198,7 +186,7 @@ def check_sampling_inputs(cfg):
     if os.path.exists(cfg.lora):  # a hub id: diffusers checks it when it loads it
         check_lora(cfg.lora)
     cfg.resolution = geometry(cfg.base, cfg.resolution, cfg.vae)[0]
-    if cfg.eta and sampler_of(cfg.base) != "DDIMScheduler":
+    if cfg.eta and sampler_of(cfg.base) is not DDIMScheduler:
         fail(f"--eta {cfg.eta}: {cfg.base} samples with its FlowMatchEulerDiscreteScheduler, the "
              "deterministic Euler ODE of its flow, which has no eta: pass --eta 0")
     if cfg.unet:
@@ -214,26 +202,29 @@ def check_sampling_inputs(cfg):
 def sampling_settings(cfg):
     """sampling.json: what makes two folders comparable (eval.py refuses pairs sampled otherwise)
     and what --resume must find unchanged."""
-    return dict(base=cfg.base, tuned=None, vae=cfg.vae or None, scheduler=sampler_of(cfg.base),
+    return dict(base=cfg.base, tuned=None, vae=cfg.vae or None,
+                scheduler=sampler_of(cfg.base).__name__,
                 num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                 eta=cfg.eta, resolution=cfg.resolution, dtype=cfg.dtype,
                 prompts=cfg.prompt or cfg.prompts, split=cfg.split, num_prompts=cfg.num_prompts,
                 seeds_per_prompt=cfg.seeds_per_prompt, seed=cfg.seed)
 
 
+def sampler_line(settings):
+    """sampling.json's sampler in words: DDIMScheduler 20 steps, CFG 5.0, eta 0.0, 512 px."""
+    return ("{scheduler} {num_inference_steps} steps, CFG {guidance_scale}, eta {eta}, "
+            "{resolution} px").format_map(defaultdict(lambda: None, settings))
+
+
 def check_resumable(cfg):
     """--resume into folders sampled with other settings would mix images: refused."""
     for side, tuned in (("base", None), ("tuned", cfg.lora or cfg.unet)):
         path = os.path.join(cfg.out, side, "sampling.json")
-        if os.path.exists(path):
-            with open(path) as file:
-                old = json.load(file)
-            settings = dict(sampling_settings(cfg), tuned=tuned)
-            changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items()
-                       if old.get(k) != v]
-            if changed:
-                fail(f"--resume: {path} holds other settings ({', '.join(changed)}): pass the "
-                     "same ones, or another --out")
+        saved = read_json(path)
+        changed, _ = settings_changes(saved, dict(sampling_settings(cfg), tuned=tuned), ())
+        if saved and changed:
+            fail(f"--resume: {path} holds other settings ({', '.join(changed)}): pass the same "
+                 "ones, or another --out")
 
 
 # ----------------------------------------------------------------------------- images
@@ -249,9 +240,20 @@ def save_png(image, path):
 
 
 def read_metadata(folder):
-    """metadata.jsonl rows of a sample folder."""
-    with open(os.path.join(folder, "metadata.jsonl")) as file:
+    """metadata.jsonl rows of a sample folder, or one line."""
+    path = os.path.join(folder, "metadata.jsonl")
+    if not os.path.exists(path):
+        fail(f"{folder}: no metadata.jsonl (expected a sample.py folder)")
+    with open(path) as file:
         return [json.loads(line) for line in file if line.strip()]
+
+
+def read_json(path):
+    """A JSON file's content ({} without one)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as file:
+        return json.load(file)
 
 
 def make_grid(folders, rows, count, cell=256, notes=None):
@@ -309,10 +311,8 @@ def sampler_options(pipe, cfg):
 def sample_folder(pipe, jobs, folder, settings, cfg, rank, world):
     """Generate jobs [(index, prompt, seed)] into folder, sharded over ranks: each index once,
     with its own noise stream, so its pixels do not depend on the batch or the rank."""
-    os.makedirs(folder, exist_ok=True)
+    prepare_run_folder(folder, resume=True)  # made, without the *.tmp a killed write leaves
     if rank == 0:
-        for leftover in glob.glob(os.path.join(folder, "*.tmp")):
-            os.remove(leftover)  # a write that a kill cut short
         write_text(os.path.join(folder, "sampling.json"), json.dumps(settings, indent=2))
     barrier()
     on_disk = set(os.listdir(folder))
@@ -344,11 +344,9 @@ def sample_folder(pipe, jobs, folder, settings, cfg, rank, world):
 
 def sample_models(cfg, prompts, rank, world, device):
     """Base images into OUT/base, tuned ones (with --lora or --unet) into OUT/tuned; image i is
-    (i, prompt i // seeds_per_prompt, seed + i). Every U-Net samples with DDIM on the base's own
-    betas (leading spacing, steps_offset 1) without x0 clipping to [-1, 1] (a pixel-space default:
-    SD latents are wider). Tuned = the base with the LoRA loaded the diffusers way (SD3:
-    transformer_lora_layers), or with the merged denoiser in place of pipe.unet (SD3's
-    pipe.transformer). -> {"base": folder, "tuned": folder (with --lora or --unet)}"""
+    (i, prompt i // seeds_per_prompt, seed + i). A U-Net samples with DDIM on the base's betas,
+    without x0 clipping (a pixel-space default: SD latents are wider); tuned = the base with the
+    LoRA loaded, or the merged denoiser. -> {"base": folder, "tuned": folder}"""
     per_prompt = cfg.seeds_per_prompt
     jobs = [(i, prompts[i // per_prompt], cfg.seed + i) for i in range(len(prompts) * per_prompt)]
     dtype = torch_dtype(cfg.dtype, device)
@@ -362,21 +360,21 @@ def sample_models(cfg, prompts, rank, world, device):
     settings = sampling_settings(cfg)
     if rank == 0:
         print(f"{len(prompts)} prompts x {per_prompt} seeds = {len(jobs)} images per model on "
-              f"{world} rank(s): {settings['scheduler']} {cfg.num_inference_steps} steps, "
-              f"CFG {cfg.guidance_scale}, eta {cfg.eta}, {cfg.resolution} px", flush=True)
+              f"{world} rank(s): {sampler_line(settings)}", flush=True)
     folders = {"base": os.path.join(cfg.out, "base")}
     sample_folder(pipe, jobs, folders["base"], settings, cfg, rank, world)
+    if not (cfg.lora or cfg.unet):
+        return folders
     if cfg.lora:
         pipe.load_lora_weights(cfg.lora)
-    elif cfg.unet:
+    else:
         name = denoiser_name(pipe)
         folder, subfolder = denoiser_location(cfg.unet, name)
         denoiser = DENOISERS[name].from_pretrained(folder, subfolder=subfolder, dtype=dtype)
         setattr(pipe, name, denoiser.to(device))
-    if cfg.lora or cfg.unet:
-        folders["tuned"] = os.path.join(cfg.out, "tuned")
-        settings["tuned"] = cfg.lora or cfg.unet
-        sample_folder(pipe, jobs, folders["tuned"], settings, cfg, rank, world)
+    folders["tuned"] = os.path.join(cfg.out, "tuned")
+    settings["tuned"] = cfg.lora or cfg.unet
+    sample_folder(pipe, jobs, folders["tuned"], settings, cfg, rank, world)
     return folders
 
 
@@ -392,8 +390,7 @@ def main(cfg):
         grid = make_grid(folders, read_metadata(folders["base"]), cfg.grid_rows, cfg.grid_cell)
         save_png(grid, os.path.join(cfg.out, "grid.png"))
         print(f"wrote {', '.join(folders.values())} and {cfg.out}/grid.png", flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -3213,6 +3213,9 @@ _TINY_LORA = ["--model", "tiny", "--lora", f"{_SAMPLE_BAD}/lora"]
 BAD_INPUTS = globals().get("BAD_INPUTS", [])
 BAD_INPUTS += [
     ("sample", ["--model", "tiny", "--out", "{run}"], "--resume"),
+    ("sample", ["--model", "tiny", "--guidance_scale", "nan", "--out", "{tmp}"], "guidance_scale"),
+    ("sample", ["--model", "tiny", "--eta", "2", "--out", "{tmp}"], "eta"),
+    ("eval", ["--model", "tiny", "--lora", "x", "--n_boot", "0", "--out", "{tmp}"], "n_boot"),
     ("sample", ["--model", "tiny", "--resolution", "33", "--out", "{tmp}"], "resolution"),
     ("sample", ["--model", "tiny", "--resolution", "-8", "--out", "{tmp}"], "resolution"),
     ("sample", ["--model", "tiny", "--prompts", f"{_SAMPLE_BAD}/empty.txt", "--out", "{tmp}"], "no prompt"),
