@@ -108,7 +108,8 @@ def run_lpo(run, pipe):
         sys.exit(f"figures.py: error: {run} holds an LPO run without {WIN_FILE}: pass another "
                  "--lpo_run (the win-rate after each round is only measured as the run goes)")
     config = lpo.get_config(["--model", "tiny"])
-    captions = lpo.load_prompts(config.prompts, "validation_unique", EVAL_SAMPLES, unique=False)
+    captions = lpo.load_prompts(config.prompts, "validation_unique", EVAL_SAMPLES, unique=False,
+                                strip=True)
     captions = [captions[i % len(captions)] for i in range(EVAL_SAMPLES)]
     images_base = None
     for round_number in range(len(wins) + 1, ROUNDS + 1):

@@ -201,7 +201,8 @@ def judge_lora(pipe, cfg):
     import torch
     from diffusers import DiffusionPipeline
 
-    from models import denoiser_name, load_prompts, t5_length
+    from data import load_prompts
+    from models import denoiser_name, t5_length
     denoiser = getattr(pipe, denoiser_name(pipe))
     parts = {name: part for name, part in pipe.components.items() if name != "vae"}
     pipe = DiffusionPipeline.from_pretrained(cfg.base, **parts)  # the same modules, plus the VAE
@@ -212,7 +213,8 @@ def judge_lora(pipe, cfg):
     if denoiser_name(pipe) == "transformer":  # and the T5 length of every SD3 encoding here
         del sampling["eta"]
         sampling["max_sequence_length"] = t5_length(pipe.tokenizer_3)
-    captions = load_prompts(cfg.prompts, "validation_unique", cfg.eval_samples, unique=False)
+    captions = load_prompts(cfg.prompts, "validation_unique", cfg.eval_samples, unique=False,
+                            strip=True)
     captions = [captions[i % len(captions)] for i in range(cfg.eval_samples)]
     with torch.no_grad():
         denoiser.disable_adapters()
