@@ -52,7 +52,7 @@ from models import (LORA_FILE, ROOT, add_lora, check_scheduler, denoiser_name, e
                     load_pipeline, save_lora, save_merged_denoiser)
 from runs import (NonFiniteUpdate, all_gather_cat, all_reduce_sums, apply_update, barrier,
                   close_distributed, command_line, fail, inform, inputs_sha1,
-                  kill_point, log_row, mixed_precision, open_run, parse_config, peak_memory_mb,
+                  kill_point, log_jsonl, mixed_precision, open_run, parse_config, peak_memory_mb,
                   peek, plan_rounds, restart_log, restore_training, run_folder,
                   setup_distributed, stop_non_finite, timing, warn, weights_fingerprint,
                   write_checkpoint)
@@ -635,7 +635,7 @@ def main(cfg):
         row.update(lr=optimizer.param_groups[0]["lr"], peak_mem_mb=round(peak_memory_mb(), 1))
         history.append(row)
         if master:
-            log_row(log_path, row)
+            log_jsonl(log_path, row)
             bar.set_postfix(loss=row["loss"], acc=row["acc"], kept=f"{row['kept_frac']:.2f}")
             warn_if_stuck(history, cfg)
         # deviation: checkpoints at round ends only (a round's tuples are never saved)
@@ -654,7 +654,7 @@ def main(cfg):
     result = dict(step=step, out=cfg.out, lora_fingerprint=fingerprint)
     if step == 0:
         if master:
-            log_row(log_path, dict(final=result))
+            log_jsonl(log_path, dict(final=result))
         fail(no_update_message(history, cfg))
     if master and cfg.eval_samples > 0:  # the judge's figures: rank 0, no collectives inside
         with mixed_precision(device):
@@ -663,7 +663,7 @@ def main(cfg):
     if master and cfg.save_merged:
         save_merged_denoiser(cfg.base, denoiser, cfg.out, denoiser_name(pipe))
     if master:
-        log_row(log_path, dict(final=result))
+        log_jsonl(log_path, dict(final=result))
         inform(f"{step} updates; LoRA in {cfg.out} ({LORA_FILE}), log in {log_path}")
     close_distributed()
     return result

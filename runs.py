@@ -3,6 +3,7 @@ dataclass, torchrun, one-line errors, the run folder (rerun refusal, resume), at
 checkpoints and what a resume may change, log rows, timings, the collectives the stages share, and
 the kill points the resume tests use. Plain functions: a stage imports the ones it uses."""
 import argparse
+import atexit
 import datetime
 import hashlib
 import inspect
@@ -11,6 +12,7 @@ import math
 import os
 import re
 import resource
+import shlex
 import shutil
 import signal
 import sys
@@ -20,13 +22,21 @@ from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
+
+try:
+    import fcntl  # the run folder's lock (POSIX; elsewhere runs go unlocked)
+except ImportError:
+    fcntl = None
 
 PROG = os.path.basename(sys.argv[0])  # the stage's file name, set by command_line
+RUN_FOLDER = ""  # this run's folder, set by prepare_run_folder
 
 
 # ----------------------------------------------------------------------------- messages
 def fail(message):
     """Bad input or a refused state: one line, `<script>: error: ...`, exit status 1."""
+    release_run_folders()
     raise SystemExit(f"{PROG}: error: {message}")
 
 
@@ -64,7 +74,28 @@ def command_line(stage_file, argv=None):
     """The stage's options (sys.argv[1:] by default) in snake_case; errors name the stage."""
     global PROG
     PROG = os.path.basename(stage_file)
+    if argv is None:  # a command, not a call from Python: Ctrl-C and SIGTERM end in one line
+        signal.signal(signal.SIGINT, stop_on_signal)
+        signal.signal(signal.SIGTERM, stop_on_signal)
     return snake_case_options(sys.argv[1:] if argv is None else argv)
+
+
+def stop_on_signal(number, frame):
+    """SIGINT (Ctrl-C) or SIGTERM (what cluster schedulers send): one line saying what is on disk
+    and the command that continues the run; exit status 128 + the signal's number (130, 143)."""
+    if os.environ.get("RANK", "0") == "0":
+        launcher = ["python"]
+        if "LOCAL_WORLD_SIZE" in os.environ:
+            launcher = ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"]
+        again = [*launcher, *sys.argv] + ([] if "--resume" in sys.argv else ["--resume"])
+        kept = "nothing was written"
+        if RUN_FOLDER:
+            kept = f"{RUN_FOLDER} keeps every file written whole so far"
+        line = (f"{PROG}: stopped by {signal.Signals(number).name}: {kept}; continue with: "
+                f"{shlex.join(again)}")
+        atexit.register(print, line, file=sys.stderr, flush=True)  # after progress bars close
+    release_run_folders()
+    raise SystemExit(128 + number)
 
 
 def snake_case_options(argv):
@@ -226,10 +257,12 @@ def apply_update(params, optimizer, loss, world, max_norm=1.0):
 
 
 def close_distributed():
-    """Every rank waits for the others, then leaves the process group (torchrun)."""
+    """The run's end: every rank waits for the others and leaves the process group (torchrun);
+    the run folder's lock goes."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    release_run_folders()
 
 
 def gather_objects(obj):
@@ -242,15 +275,41 @@ def gather_objects(obj):
 
 
 # ----------------------------------------------------------------------------- run folder, writes
-def prepare_run_folder(out, resume):
-    """Refuse to write over a run unless resuming; create the folder; drop killed writes' *.tmp."""
-    if not resume and os.path.isdir(out) and os.listdir(out):
+MARKER = "run.json"  # in each run folder: the stage whose run it holds; locked while one runs
+KIN = {"sample.py", "eval.py"}  # stages that continue each other's folders (eval.py samples too)
+HELD = {}  # run folder -> this process's open, locked marker
+
+
+def folder_stage(out):
+    """The stage whose run `out` holds, from its marker; None without a readable one."""
+    try:
+        with open(os.path.join(out, MARKER)) as marker:
+            return json.load(marker)["stage"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def prepare_run_folder(out, resume, claim=True):
+    """Refuse to write over a run unless resuming, and under --resume a folder of another stage's
+    run or of none; then rank 0 claims the folder (claim=False: a part of a run's folder): holds
+    its lock for the run's life (a second run is refused; a killed run's lock goes with its
+    process) and marks it with the stage; and drops the *.tmp that killed writes leave."""
+    global RUN_FOLDER
+    holds = os.path.isdir(out) and set(os.listdir(out)) - {MARKER}  # a marker alone: no run yet
+    if holds and not resume:
         fail(f"{out} already holds a run: continue it with --resume, or pass another --out")
+    stage = folder_stage(out)
+    if holds and claim and stage != PROG and not {stage, PROG} <= KIN:
+        what = f"a {stage} run" if stage else "no run of this project"
+        fail(f"--resume: {out} holds {what}, not a {PROG} one: pass another --out")
     barrier()  # every rank has looked before rank 0 writes anything
+    RUN_FOLDER = RUN_FOLDER if not claim else out
     if dist.is_initialized() and dist.get_rank() > 0:
         return
     try:
         os.makedirs(out, exist_ok=True)
+        if claim:
+            lock_run_folder(out)
         for name in os.listdir(out):
             if name.endswith(".tmp"):
                 leftover = os.path.join(out, name)
@@ -258,25 +317,51 @@ def prepare_run_folder(out, resume):
                     shutil.rmtree(leftover)
                 else:
                     os.remove(leftover)
-        with open(os.path.join(out, ".write-test.tmp"), "w"):
-            pass
-        os.remove(os.path.join(out, ".write-test.tmp"))
     except OSError as error:
         fail(f"cannot write to {out} ({error.strerror}): pass another --out")
 
 
+def lock_run_folder(out):
+    """Lock out's marker (flock: the kernel drops it when the process ends, killed or not) and
+    write the stage into it; one line if another run holds it."""
+    path = os.path.abspath(os.path.join(out, MARKER))
+    if path in HELD:  # claimed already by this process (main() run again from Python)
+        return
+    marker = open(path, "a+")
+    try:
+        if fcntl:
+            fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        marker.close()
+        fail(f"{out} is in use: another run writes there now (it holds {MARKER}'s lock): wait "
+             "for it to end, or pass another --out")
+    marker.truncate(0)
+    marker.write(json.dumps({"stage": PROG}) + "\n")
+    marker.flush()
+    HELD[path] = marker
+
+
+def release_run_folders():
+    """Let go of the run folders this process holds (at the run's end or its failure)."""
+    for marker in HELD.values():
+        marker.close()
+    HELD.clear()
+
+
 def kill_point(name):
-    """Test hook: SIGKILL this process where LPO_KILL_AT names this point (the resume tests)."""
+    """Test hook: where LPO_KILL_AT names this point, send this process LPO_KILL_SIGNAL (default
+    SIGKILL): the resume and signal tests."""
     if os.environ.get("LPO_KILL_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, os.environ.get("LPO_KILL_SIGNAL", "SIGKILL")))
 
 
 def write_or_fail(path, write, *args, **kwargs):
-    """Run write(*args, **kwargs), which writes path; a full disk or a read-only folder ends the
-    run in one line naming the file (torch.save reports a failed write as a RuntimeError)."""
+    """The guard of every write: run write(*args, **kwargs), which writes path; a full disk or a
+    read-only folder ends the run in one line naming the file (torch.save reports a failed write
+    as a RuntimeError, safetensors as a SafetensorError)."""
     try:
         write(*args, **kwargs)
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, SafetensorError) as error:
         reason = getattr(error, "strerror", None) or str(error).splitlines()[0][:120]
         fail(f"cannot write {path} ({reason}): free some space or make the folder writable, "
              "then continue the run with --resume")
@@ -395,9 +480,14 @@ def write_checkpoint(out, optimizer, step, next_round, **more):
 
 
 # ----------------------------------------------------------------------------- logs, timings
-def log_jsonl(path, row):
+def append_row(path, row):
     with open(path, "a") as log_file:
         log_file.write(json.dumps(row) + "\n")
+
+
+def log_jsonl(path, row):
+    """One row more in a JSON-lines log, or one line saying why it cannot be written."""
+    write_or_fail(path, append_row, path, row)
 
 
 def truncate_log(path, last, key="step"):
@@ -418,11 +508,6 @@ def truncate_log(path, last, key="step"):
     os.replace(path + ".tmp", path)
 
 
-def log_row(path, row):
-    """One row more in the log at path, or one line saying why it cannot be written."""
-    write_or_fail(path, log_jsonl, path, row)
-
-
 def restart_log(path, start, step, changes, key="round"):
     """Rank 0 as a run starts at `start` (its key, e.g. round), `step` updates done: the log rows
     past the checkpoint go (they run again: all of them without one, start 0). A resume (changes
@@ -431,7 +516,7 @@ def restart_log(path, start, step, changes, key="round"):
         inform(f"resuming at {key} {start} with {changes}")
     write_or_fail(path, truncate_log, path, start - 1, key=key)
     if changes is not None:
-        log_row(path, {"resume": {f"next_{key}": start, "changed": changes}, "step": step})
+        log_jsonl(path, {"resume": {f"next_{key}": start, "changed": changes}, "step": step})
 
 
 def plan_rounds(items, per_round, epochs, max_rounds):

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pandas as pd
@@ -2695,7 +2696,7 @@ def test_lpo_write_failures_are_one_line(tmp_path, fresh_lrm, monkeypatch):
         raise OSError(28, "No space left on device")
     common = [*LPO_TINY_RUN, "--lrm", fresh_lrm["sd"], "--th-min", "0", "--th-max", "0", "--max-rounds", "1"]
     import runs
-    writes = [(runs, "log_jsonl", "log.jsonl"), (models, "write_safetensors", "pytorch_lora_weights.safetensors"),
+    writes = [(runs, "append_row", "log.jsonl"), (models, "write_safetensors", "pytorch_lora_weights.safetensors"),
               (runs, "atomic_torch_save", "ckpt.pt"), (UNet2DConditionModel, "save_pretrained", "unet")]
     for owner, name, file in writes:
         with monkeypatch.context() as patch:
@@ -3591,6 +3592,81 @@ BAD_INPUTS += [
 
 
 # ============================================================================ style and bad inputs (all stages)
+# ----------------------------------------------------------------------------- the shared seams (issue 19)
+# a run folder belongs to one stage's run: under --resume, a folder of another stage ({other}: an
+# lrm.py run) or of none ({run}: files but no run.json) is refused before anything is read or written
+BAD_INPUTS += [
+    ("lpo", ["--out", "{other}", "--resume"], "lrm.py run"),
+    ("mpcf", ["--out", "{other}", "--resume"], "lrm.py run"),
+    ("mpcf", ["--out", "{run}", "--resume"], "no run of this project"),
+    ("lrm", ["--out", "{run}", "--resume"], "no run of this project"),
+    ("sample", ["--model", "tiny", "--out", "{other}", "--resume"], "lrm.py run"),
+    ("eval", ["--model", "tiny", "--unet", os.path.join(ROOT, "tiny", "sd15"), "--scorers", "judge", "--out", "{run}",
+              "--resume"], "no run of this project"),
+    ("bench", ["--tiny", "--out", "{other}", "--resume"], "lrm.py run"),
+]
+
+
+def _spawn(script, *argv, **env):
+    """A stage run as a command (its own process, signals and all)."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, argv)], cwd=ROOT,
+                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_run_folder_is_locked_for_its_run_and_freed_by_a_kill(tmp_path):
+    """A second run into a folder a run is writing is refused in one line; the lock of a killed
+    run goes with its process, so --resume then continues it."""
+    out = tmp_path / "m"
+    first = _spawn("mpcf.py", "--model", "tiny", "--out", out, LPO_KILL_AT="scored batch 1", LPO_KILL_SIGNAL="SIGSTOP")
+    for _ in range(600):   # until it stops (frozen, holding the lock) after its first scored batch
+        if os.path.exists(out / "gaps.part0.csv") and open(f"/proc/{first.pid}/stat").read().split()[2] == "T":
+            break
+        time.sleep(0.1)
+    assert json.load(open(out / "run.json")) == {"stage": "mpcf.py"}
+    with pytest.raises(SystemExit, match="is in use: another run writes there now"):
+        main(get_config(["--model", "tiny", "--out", str(out), "--resume"]))
+    with pytest.raises(SystemExit, match="already holds a run"):
+        main(get_config(["--model", "tiny", "--out", str(out)]))
+    first.kill()
+    first.communicate()
+    counts = main(get_config(["--model", "tiny", "--out", str(out), "--resume"]))
+    assert counts["win_lose_kept"] == 877 and counts["ties_kept"] == 39
+
+
+@pytest.mark.parametrize("name,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_ends_in_one_line_that_says_how_to_continue(tmp_path, name, code):
+    """SIGTERM (what schedulers send) and Ctrl-C: one line naming the run folder and the exact
+    command that continues it, no traceback, exit 143 / 130; that command then finishes the run."""
+    out = tmp_path / "m"
+    run = _spawn("mpcf.py", "--model", "tiny", "--out", out, LPO_KILL_AT="scored batch 2", LPO_KILL_SIGNAL=name)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == code, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith(f"mpcf.py: stopped by {name}: {out} keeps"), err[-2000:]
+    command = last.split("continue with: ")[1].split()
+    assert command[0] == "python" and command[-1] == "--resume", command
+    again = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0 and "kept 877 / 1495 win-lose pairs" in again.stdout, again.stderr[-2000:]
+
+
+def test_a_full_disk_while_publishing_best_is_one_line(tmp_path, monkeypatch):
+    """safetensors reports a failed write as its own SafetensorError: still one line naming the
+    folder and --resume, not a traceback (the guard of every write knows it)."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    argv = _run_args(tmp_path / "l", "--max_train_steps", 1, "--train_batch_size", 8, "--eval_max_pairs", 2,
+                     "--eval_timesteps", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        L.main(L.get_config(argv))
+    message = str(exit_info.value.code)
+    assert message.startswith("lrm.py: error: cannot write") and "No space left" in message, message
+    assert "best" in message and "--resume" in message and "\n" not in message, message
+
+
 # (kept last: every stage's section above appends its cases to BAD_INPUTS)
 STAGES = ["lrm.py", "mpcf.py", "lpo.py", "sample.py", "eval.py", "bench.py"]
 
@@ -3716,7 +3792,11 @@ def test_bad_input_catalogue(module_name, argv, word, tmp_path, monkeypatch):
     run.mkdir()
     (run / "log.jsonl").write_text('{"step": 1}\n')
     (run / "ckpt.pt").write_bytes(b"not touched")
-    places = {"{tmp}": str(tmp_path / "fresh"), "{run}": str(run),
+    other = tmp_path / "other"   # an lrm.py run's folder
+    other.mkdir()
+    (other / "run.json").write_text('{"stage": "lrm.py"}\n')
+    (other / "metrics.jsonl").write_text('{"step": 1}\n')
+    places = {"{tmp}": str(tmp_path / "fresh"), "{run}": str(run), "{other}": str(other),
               "{pairs}": os.path.join(ROOT, "tiny", "pickapic")}
     for name in ("{tmp}",):
         os.makedirs(places[name], exist_ok=True)
