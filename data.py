@@ -8,13 +8,14 @@ import io
 import itertools
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 from datasets import DatasetDict, disable_progress_bars, load_dataset, load_from_disk
 from PIL import Image
 
-from runs import fail, first_line
+from runs import fail, first_line, warn
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # a table file's extension -> the datasets builder that reads it
@@ -26,6 +27,8 @@ SAVED = ("dataset_dict.json", "state.json")  # what save_to_disk writes: a Datas
 CAPTION_COLUMNS = ("caption", "prompt", "Prompt", "text")  # PartiPrompts: a .tsv with "Prompt"
 PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "are_different")
 NUMBER = ("float", "int", "bool")
+MAX_CAPTION = 2000  # characters: more than any text encoder here reads (T5: 256 tokens)
+UNDECODABLE = 0.01  # the share of pairs with an undecodable image that stops lrm.py and mpcf.py
 # dtypes a Pick-a-Pic column may hold (the others: any)
 KINDS = dict(caption=("string", "large_string"), label_0=NUMBER, label_1=NUMBER,
              num_example_per_prompt=NUMBER)
@@ -65,8 +68,17 @@ def open_split(data, split, **options):
             return load_dataset(builder, data_files=files, split="train", **options)
         return load_dataset(local if os.path.isdir(local) else data, split=split, **options)
     except Exception as error:
+        if builder == "parquet" and files and not parquet_rows(files):  # datasets: a vague error
+            raise ValueError(f"dataset {data!r} split {split!r} has no rows") from None
         raise ValueError(f"dataset {data!r} has no readable split {split!r} "
                          f"({error_line(error)})") from None
+
+
+def parquet_rows(files):
+    """The rows of parquet files (a path or a list of them), from their footers."""
+    import pyarrow.parquet
+    paths = [files] if isinstance(files, str) else files
+    return sum(pyarrow.parquet.ParquetFile(path).metadata.num_rows for path in paths)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -88,13 +100,15 @@ def read_captions(source, split):
     return (row[column] for row in rows.select_columns([column]))
 
 
-def texts(cells, strip):
-    """The non-blank cells (a missing one is blank), stripped or as written; a number refused."""
+def texts(cells, strip, cut):
+    """The non-blank cells (a missing one is blank), stripped or as written, cut to MAX_CAPTION
+    characters (counted in cut[0]); a number refused."""
     for cell in cells:
         if not isinstance(cell, (str, type(None))):
-            raise ValueError(f"the prompts must be text, found {type(cell).__name__} {cell!r}")
+            raise ValueError(f"the prompts must be text, found {type(cell).__name__} {cell!r:.80}")
         if cell and cell.strip():
-            yield cell.strip() if strip else cell
+            cut[0] += len(cell) > MAX_CAPTION
+            yield (cell.strip() if strip else cell)[:MAX_CAPTION]
 
 
 def load_prompts(source, split="train", n=0, unique=True, seed=None, strip=False):
@@ -103,8 +117,9 @@ def load_prompts(source, split="train", n=0, unique=True, seed=None, strip=False
     n distinct ones kept in the order of the data (lpo.py: the official 4,000 training prompts).
     strip: without the spaces around each caption (lpo.py), else as written (sample.py's folders
     record them so)."""
+    cut = [0]  # captions cut to MAX_CAPTION, said once
     try:
-        captions = texts(read_captions(source, split), strip)
+        captions = texts(read_captions(source, split), strip, cut)
         chosen = list(dict.fromkeys(captions) if unique else itertools.islice(captions, n or None))
         if unique and seed is not None:
             size = min(n, len(chosen))
@@ -115,6 +130,9 @@ def load_prompts(source, split="train", n=0, unique=True, seed=None, strip=False
              f"({error_line(error)})")
     if not chosen:
         fail(f"--prompts {source} (split {split}): no prompts in it (every line or row is blank)")
+    if cut[0]:
+        warn(f"--prompts {source}: {cut[0]} captions longer than {MAX_CAPTION} characters, cut to "
+             "it (the text encoders read fewer)")
     return chosen[:n or None]
 
 
@@ -157,9 +175,34 @@ def read_keep(keep, n_rows):
     return sorted(rows)
 
 
+def pair_flags(pairs, data, split):
+    """The one rule every stage judges a Pick-a-Pic split by, numpy (N,) flags: labelled
+    (has_label, finite labels summing to > 0), usable (labelled, two different images, a caption),
+    is_tie (label_0 == label_1), label_0, label_1. A split without a usable pair: ValueError with
+    the counts."""
+    table = pairs.with_format("numpy", columns=["label_0", "label_1", "has_label",
+                                                "are_different"])[:]
+    label_0 = table["label_0"].astype(np.float64)
+    label_1 = table["label_1"].astype(np.float64)
+    total = label_0 + label_1
+    labelled = table["has_label"].astype(bool) & np.isfinite(total) & (total > 0)
+    different = table["are_different"].astype(bool)
+    captioned = np.array([bool(caption and caption.strip()) for caption in pairs["caption"]])
+    usable = labelled & different & captioned
+    if len(pairs) and not usable.any():
+        raise ValueError(f"dataset {data!r} split {split!r}: no usable pair in its {len(pairs)} "
+                         f"rows ({(~labelled).sum()} without labels or with NaN ones, "
+                         f"{(~different).sum()} of identical images, {(~captioned).sum()} with a "
+                         "blank caption)")
+    if not len(pairs):
+        raise ValueError(f"dataset {data!r} split {split!r} has no rows")
+    return SimpleNamespace(labelled=labelled, usable=usable, is_tie=label_0 == label_1,
+                           label_0=label_0, label_1=label_1)
+
+
 def load_pairs(data, split, keep=""):
-    """lrm.py's pairs: a split restricted to mpcf.py's kept rows, without unlabelled pairs or
-    identical images. Images stay JPEG bytes."""
+    """lrm.py's pairs: a split restricted to mpcf.py's kept rows, then to its usable ones
+    (pair_flags). Images stay JPEG bytes."""
     local = local_path(data)
     if os.path.isfile(local) or os.path.isfile(os.path.join(local, "state.json")):
         # a table file, a saved Dataset: their one split would be the held-out ones too
@@ -168,9 +211,15 @@ def load_pairs(data, split, keep=""):
     pairs = open_pairs(data, split, PAIR_COLUMNS + ("num_example_per_prompt",))
     if keep:  # row indices into the split as published
         pairs = pairs.select(read_keep(keep, len(pairs)))
-    flags = zip(pairs["has_label"], pairs["are_different"])
-    return pairs.select([i for i, (labelled, different) in enumerate(flags)
-                         if labelled and different])
+    return pairs.select(np.flatnonzero(pair_flags(pairs, data, split).usable))
+
+
+def check_decodable(undecodable, seen, data):
+    """The one rule on undecodable images, judged on totals: more than UNDECODABLE of the pairs
+    seen stops the stage in one line."""
+    if undecodable > UNDECODABLE * seen:
+        fail(f"{data}: {undecodable} of {seen} pairs had an undecodable image (more than "
+             f"{UNDECODABLE:.0%}): check the image columns")
 
 
 def decode_image(cell):

@@ -3607,6 +3607,62 @@ BAD_INPUTS += [
 ]
 
 
+def seam_bad_data():
+    """Pick-a-Pic folders (train / validation_unique / test_unique) each wrong one way, for the one
+    rule every stage judges data by: NaN labels, blank captions, no rows, no decodable image."""
+    folder = tempfile.mkdtemp(prefix="seam-bad-", dir=SCRATCH)
+    good = data.open_split("tiny/pickapic", "validation_unique").to_pandas().head(40)
+    broken = good.assign(jpg_0=[b"not a jpeg"] * 40, jpg_1=[b"nor this"] * 40)
+    tables = dict(nan_labels=good.assign(label_0=np.nan, label_1=np.nan), blank_captions=good.assign(caption="  "),
+                  no_rows=good.head(0), undecodable=broken)
+    for name, table in tables.items():
+        os.makedirs(os.path.join(folder, name))
+        for split in ("train", "validation_unique", "test_unique"):
+            table.to_parquet(os.path.join(folder, name, f"{split}.parquet"))
+    return folder
+
+
+SEAM_BAD = seam_bad_data()
+BAD_INPUTS += [   # data judged by one rule in every stage, in one line with the counts
+    ("lrm", ["--data", os.path.join(SEAM_BAD, "nan_labels"), "--out", "{tmp}"], "without labels or with nan ones"),
+    ("lrm", ["--data", os.path.join(SEAM_BAD, "blank_captions"), "--out", "{tmp}"], "40 with a blank caption"),
+    ("lrm", ["--data", os.path.join(SEAM_BAD, "no_rows"), "--out", "{tmp}"], "has no rows"),
+    ("mpcf", ["--data", os.path.join(SEAM_BAD, "nan_labels"), "--out", "{tmp}"], "no usable pair"),
+    ("mpcf", ["--data", os.path.join(SEAM_BAD, "no_rows", "train.parquet"), "--out", "{tmp}"], "has no rows"),
+    ("mpcf", ["--data", os.path.join(SEAM_BAD, "blank_captions"), "--out", "{tmp}"], "blank caption"),
+]
+
+
+def test_undecodable_images_stop_every_stage_by_one_rule(tmp_path):
+    """Pairs whose images cannot be decoded: mpcf.py scores them (they count), then stops in one
+    line with the counts, as lrm.py does past 1% (data.check_decodable)."""
+    with pytest.raises(SystemExit, match=r"40 of 40 pairs had an undecodable image \(more than 1%\)"):
+        main(get_config(["--model", "tiny", "--data", os.path.join(SEAM_BAD, "undecodable"), "--out",
+                         str(tmp_path / "m")]))
+    gaps = pd.read_csv(tmp_path / "m" / "gaps.csv")   # what was scored is kept
+    assert (gaps["status"] == "unreadable").sum() == 40
+
+
+def test_long_captions_are_cut_once_and_said_once(tmp_path, capsys):
+    """A 240 kB caption is cut to data.MAX_CAPTION characters as it is read, with one warning for
+    all of them (not a warning per text-encoder call, nor minutes of tokenising)."""
+    path = tmp_path / "long.txt"
+    path.write_text("a red circle " * 20_000 + "\n" + "a blue square " * 20_000 + "\na green triangle\n")
+    prompts = data.load_prompts(str(path), "train", 3, strip=True)
+    assert [len(prompt) for prompt in prompts] == [data.MAX_CAPTION, data.MAX_CAPTION, 16]
+    assert prompts[0] == ("a red circle " * 200)[:data.MAX_CAPTION]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "2 captions longer than 2000 characters" in warnings[0], warnings
+
+
+def test_a_json_list_of_plain_strings_is_prompts_for_every_stage(tmp_path):
+    """lpo.py --prompts list.json (plain strings, as HPDv2's benchmark prompts) reads as sample.py does."""
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps(["a red circle", "a blue square", "a red circle"]))
+    assert lpo.load_prompts(str(path), "train", 5, seed=0, strip=True) == ["a red circle", "a blue square"]
+    assert sample.load_prompts(str(path), "validation_unique") == ["a red circle", "a blue square"]
+
+
 def _spawn(script, *argv, **env):
     """A stage run as a command (its own process, signals and all)."""
     return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, argv)], cwd=ROOT,
