@@ -15,8 +15,10 @@ import resource
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import time
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 
@@ -77,7 +79,9 @@ def command_line(stage_file, argv=None):
     if argv is None:  # a command, not a call from Python: Ctrl-C and SIGTERM end in one line
         signal.signal(signal.SIGINT, stop_on_signal)
         signal.signal(signal.SIGTERM, stop_on_signal)
-    return snake_case_options(sys.argv[1:] if argv is None else argv)
+    argv = snake_case_options(sys.argv[1:] if argv is None else argv)
+    offline_unless_hub_answers(argv)  # before the --model preset is looked up
+    return argv
 
 
 def stop_on_signal(number, frame):
@@ -160,6 +164,29 @@ def check_ranges(cfg):
         below = value < float(high) or closing == "]" and value == float(high)
         if not (math.isfinite(value) and above and below):
             fail(f"--{name} {value}: need a finite number in {opening}{low}, {high}{closing}")
+    offline_unless_hub_answers(asdict(cfg).values())
+
+
+def offline_unless_hub_answers(options, seconds=5):
+    """Without network a hub call retries for minutes, then blames a missing file: where options
+    name a hub id (owner/name[/file], not a local path) and the hub does not answer in seconds, say
+    so once and work offline, from the local cache (what it lacks then fails at once, one line)."""
+    import huggingface_hub.constants as hub
+    hub_ids = [option for option in options if isinstance(option, str) and not
+               os.path.exists(option) and re.fullmatch(r"[\w.-]+/[\w.-]+(/.*)?", option)]
+    if hub.HF_HUB_OFFLINE or not hub_ids:
+        return
+    url = urllib.parse.urlparse(hub.ENDPOINT)
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        socket.create_connection((url.hostname, port), timeout=seconds).close()
+    except OSError as error:
+        warn(f"the hub {hub.ENDPOINT} is unreachable ({error.strerror or error}): working offline "
+             "from the local cache; pass local folders for what it lacks")
+        os.environ["HF_HUB_OFFLINE"] = "1"  # (subprocesses, DataLoader workers)
+        hub.HF_HUB_OFFLINE = True
+        if "datasets" in sys.modules:  # it keeps a copy of the flag of its own
+            sys.modules["datasets"].config.HF_HUB_OFFLINE = True
 
 
 def run_folder(stage, model):

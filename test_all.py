@@ -3643,6 +3643,21 @@ def test_undecodable_images_stop_every_stage_by_one_rule(tmp_path):
     assert (gaps["status"] == "unreadable").sum() == 40
 
 
+def test_no_network_is_said_in_seconds(tmp_path):
+    """A hub id with the hub unreachable (HF_HUB_OFFLINE unset): one warning that the hub does not
+    answer, then the refusal, in seconds; not a minute of retries (48 s before) ending in blame
+    for a missing config.json alone."""
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"   # nothing listens there: refused at once
+    start = time.time()
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "lpo.py"), "--model", "someone/some-sd15", "--out",
+                          str(tmp_path / "o")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and lines[-1].startswith("lpo.py: error:"), run.stderr[-2000:]
+    assert "the hub http://127.0.0.1:9 is unreachable" in run.stderr and "Retrying" not in run.stderr, run.stderr
+    assert time.time() - start < 40
+
+
 def test_long_captions_are_cut_once_and_said_once(tmp_path, capsys):
     """A 240 kB caption is cut to data.MAX_CAPTION characters as it is read, with one warning for
     all of them (not a warning per text-encoder call, nor minutes of tokenising)."""
