@@ -1442,7 +1442,7 @@ def test_score_filter_round_trip_and_resume(world_pairs, tmp_path, monkeypatch):
                         "mpcf.py", "score", *base, "--out", out2], capture_output=True, text=True,
                        timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(os.listdir(out2)) == ["gaps.csv", "gaps.part0.csv", "gaps.part1.csv", "log.jsonl"]
+    assert sorted(os.listdir(out2)) == ["gaps.csv", "gaps.part0.csv", "gaps.part1.csv", "log.jsonl", "run.json"]
     assert open(os.path.join(out2, "gaps.csv")).read() == open(os.path.join(ref, "gaps.csv")).read()
 
 
@@ -3080,6 +3080,7 @@ def test_two_process_sharded_sampling_and_scoring_each_index_once(round_trip, lo
 def test_resume_generates_only_missing_images(round_trip, tmp):
     out = str(tmp / "resume")
     shutil.copytree(os.path.join(round_trip, "base"), os.path.join(out, "base"))
+    shutil.copy(os.path.join(round_trip, "run.json"), out)   # the folder of a (killed) sample.py run
     gone = sorted(f for f in os.listdir(os.path.join(out, "base")) if f.endswith(".png"))[1::3]
     before = {f: pixels(os.path.join(out, "base", f)) for f in gone}
     for f in gone:
