@@ -4,7 +4,9 @@ base is, where its denoiser lives, its geometry, which schedulers the samplers' 
 loading its pipeline (and a Latent Reward Model for scoring), encoding prompts for
 classifier-free guidance and the guided output, a LoRA on its denoiser (added, saved, merged in
 fp32). The stages call `denoiser(x, timestep=t, **cond)` for every family."""
+import glob
 import os
+import re
 import shutil
 
 import torch
@@ -337,6 +339,44 @@ def save_lora(pipe, denoiser, out):
     kill_point("mid " + LORA_FILE)
     os.replace(os.path.join(out, LORA_FILE + ".tmp"), os.path.join(out, LORA_FILE))
     kill_point("after lora")
+
+
+LORA_SIDES = {"lora.down": "in", "lora_A": "in", "lora.up": "out", "lora_B": "out"}
+
+
+def check_lora(path, base):
+    """A local LoRA (a diffusers LoRA file, or a folder holding one) that fits base's denoiser,
+    found before anything is sampled: each down / up (A / B) weight names one of its layers, with
+    its width (one of another family would load nothing: "tuned" images equal to the base's), and
+    every weight is finite (a diverged run's LoRA samples black images)."""
+    from safetensors.torch import load_file
+    files = [path]
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    preferred = os.path.join(path, LORA_FILE)
+    files = [preferred] if preferred in files else files
+    try:
+        weights = load_file(files[0]) if len(files) == 1 else {}
+    except Exception as error:  # safetensors' own error type: a damaged or foreign file
+        fail(f"--lora {files[0]}: cannot read it ({type(error).__name__}): is it damaged?")
+    if not any("lora" in key for key in weights):
+        fail(f"--lora {path}: no LoRA there (expected {LORA_FILE} with lora_A / lora_B weights, "
+             "as lpo.py saves it)")
+    subfolder, config = load_denoiser_config(base)
+    with torch.device("meta"):  # the layers' shapes, no weights
+        layers = dict(DENOISERS[subfolder].from_config(config).named_modules())
+    for key, weight in weights.items():
+        match = re.fullmatch(r"(\w+)\.(.+)\.(lora\.down|lora\.up|lora_A|lora_B)\.weight", key)
+        if not match:  # another format: pipe.load_lora_weights judges it
+            continue
+        layer = layers.get(match[2]) if match[1] == subfolder else None
+        side = LORA_SIDES[match[3]]
+        width = getattr(layer, f"{side}_features", None)
+        if width != weight.shape[side == "in"]:
+            fail(f"--lora {path} does not fit {base}: {key} {tuple(weight.shape)} has no layer of "
+                 f"its {subfolder} to go to (a LoRA of another model family?)")
+        if not torch.isfinite(weight).all():
+            fail(f"--lora {path}: non-finite weights in {key} (a diverged run's LoRA)")
 
 
 def lora_delta(layer, adapter="default"):
