@@ -417,12 +417,29 @@ def write_safetensors(tensors, path):
 
 
 def load_checkpoint(path, mmap=False):
-    """torch.load (mmap: memory-mapped), or one line naming the file and the way out if damaged."""
+    """torch.load (mmap: memory-mapped), or one line naming the file and the way out if it is
+    damaged or holds non-finite values (written by hand, or by a run without the finite check)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as error:
         fail(f"{path} is damaged ({type(error).__name__}): delete it to restart the run, "
              "or pass another --out")
+    broken = non_finite(checkpoint)
+    if broken:
+        fail(f"{path} holds non-finite values ({broken}): delete it to restart the run, or pass "
+             "another --out")
+    return checkpoint
+
+
+def non_finite(tree, name="checkpoint"):
+    """The name of the first tensor with a NaN or inf in a (nested) dict or list, or None."""
+    if isinstance(tree, torch.Tensor):
+        return name if tree.is_floating_point() and not torch.isfinite(tree).all() else None
+    if not isinstance(tree, (dict, list, tuple)):
+        return None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    found = (non_finite(value, f"{name}[{key!r}]") for key, value in items)
+    return next(filter(None, found), None)
 
 
 # ----------------------------------------------------------------------------- resume

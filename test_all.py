@@ -3620,6 +3620,18 @@ def seam_bad_data():
         os.makedirs(os.path.join(folder, name))
         for split in ("train", "validation_unique", "test_unique"):
             table.to_parquet(os.path.join(folder, name, f"{split}.parquet"))
+    # LoRAs: an SD1.5 one (lpo.py's format) that fits tiny/sd15 only, and one with a NaN; run folders
+    # whose checkpoint holds a NaN (a hand-edited or foreign file: the runs stop before saving one)
+    from safetensors.torch import save_file
+    layer = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
+    lora = {f"{layer}.lora.down.weight": torch.zeros(8, 32), f"{layer}.lora.up.weight": torch.zeros(32, 8)}
+    for name, weights in (("sd15_lora", lora), ("nan_lora", dict(lora, **{f"{layer}.lora.up.weight": torch.full((32, 8), math.nan)}))):
+        os.makedirs(os.path.join(folder, name))
+        save_file(weights, os.path.join(folder, name, "pytorch_lora_weights.safetensors"))
+    for name, file, state in (("nan_lpo_run", "ckpt.pt", {"lora": torch.tensor([1.0, math.nan]), "step": 1}),
+                              ("nan_lrm_run", "train_state.pt", {"model": {"w": torch.tensor([math.inf])}, "step": 1})):
+        os.makedirs(os.path.join(folder, name))
+        torch.save(state, os.path.join(folder, name, file))
     return folder
 
 
@@ -3631,6 +3643,14 @@ BAD_INPUTS += [   # data judged by one rule in every stage, in one line with the
     ("mpcf", ["--data", os.path.join(SEAM_BAD, "nan_labels"), "--out", "{tmp}"], "no usable pair"),
     ("mpcf", ["--data", os.path.join(SEAM_BAD, "no_rows", "train.parquet"), "--out", "{tmp}"], "has no rows"),
     ("mpcf", ["--data", os.path.join(SEAM_BAD, "blank_captions"), "--out", "{tmp}"], "blank caption"),
+    # an artifact that does not fit is refused, not ignored: a LoRA of another family, non-finite tensors
+    ("sample", ["--model", "tiny-sd3", "--lora", os.path.join(SEAM_BAD, "sd15_lora"), "--out", "{tmp}"], "does not fit"),
+    ("sample", ["--model", "tiny-xl", "--lora", os.path.join(SEAM_BAD, "sd15_lora"), "--out", "{tmp}"], "does not fit"),
+    ("eval", ["--model", "tiny-sd3", "--lora", os.path.join(SEAM_BAD, "sd15_lora"), "--scorers", "judge", "--out",
+              "{tmp}"], "does not fit"),
+    ("sample", ["--model", "tiny", "--lora", os.path.join(SEAM_BAD, "nan_lora"), "--out", "{tmp}"], "non-finite"),
+    ("lpo", ["--out", os.path.join(SEAM_BAD, "nan_lpo_run"), "--resume"], "non-finite"),
+    ("lrm", ["--out", os.path.join(SEAM_BAD, "nan_lrm_run"), "--resume"], "non-finite"),
 ]
 
 
