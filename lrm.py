@@ -222,8 +222,8 @@ def decode_pair(example, resolution):
     images = [decode_image(example[column]) for column in ("jpg_0", "jpg_1")]
     if None in images:
         raise ValueError("an undecodable image")
-    size = (resolution, resolution)
-    return torch.from_numpy(np.stack([np.array(x.resize(size, Image.BICUBIC)) for x in images]))
+    arrays = [np.array(image.resize((resolution, resolution), Image.BICUBIC)) for image in images]
+    return torch.from_numpy(np.stack(arrays))
 
 
 @dataclass
@@ -610,13 +610,13 @@ def main(cfg):
             improved = last_val["decisive"][timesteps[0]] > best
             best = max(best, last_val["decisive"][timesteps[0]])
         if master and validate:
-            labelled = by_label(last_val)
-            row = {"step": step, **{f"val_acc@{t}": a for t, a in labelled["decisive"].items()}}
-            row.update({f"val_acc_ties_half@{t}": a for t, a in labelled["ties_half"].items()})
+            row = {"step": step, **{f"val_acc@{t:g}": a for t, a in last_val["decisive"].items()}}
+            row.update({f"val_acc_ties_half@{t:g}": a for t, a in last_val["ties_half"].items()})
             log_jsonl(log_path, row)
             tqdm.write(f"validation: {row}")
-        if master and validate and improved:
-            write_or_fail(best_folder, publish_lrm, lrm, best_folder, best_folder + ".tmp", "best/")
+            if improved:
+                write_or_fail(best_folder, publish_lrm, lrm, best_folder, best_folder + ".tmp",
+                              "best/")
         if master and last_step:
             write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, final_staging, "final LRM")
 
@@ -634,9 +634,8 @@ def main(cfg):
         log_jsonl(log_path, {"step": step, "final": by_label(table)})
         print("\naccuracy at t: decisive pairs / official (every pair, a tie scoring 0.5)")
         for t in timesteps:
-            cells = [f"{split} {acc['decisive'][t]:.3f} / {acc['ties_half'][t]:.3f}"
-                     for split, acc in table.items()]
-            print(f"{t:>8g}:", *cells)
+            print(f"{t:>8g}:", *[f"{split} {acc['decisive'][t]:.3f} / {acc['ties_half'][t]:.3f}"
+                                 for split, acc in table.items()])
         print(f"pairs skipped for an undecodable image: {n_bad} of {n_seen}\nLRM -> {cfg.out}")
     close_distributed()
     torch.set_num_threads(threads_before)

@@ -182,9 +182,8 @@ def mmdit_features(transformer, x, timestep, context, pooled, blocks):
     for block in transformer.transformer_blocks[:blocks]:
         if recompute:
             context, hidden = checkpoint(block, hidden, context, time_text, use_reentrant=False)
-        else:
-            context, hidden = block(hidden_states=hidden, encoder_hidden_states=context,
-                                    temb=time_text)
+        else:  # (hidden_states, encoder_hidden_states, temb)
+            context, hidden = block(hidden, context, time_text)
     return hidden.mean(1)  # (B, inner)
 
 
@@ -198,11 +197,11 @@ def mmdit_blocks(subfolder, denoiser_config, lrm_blocks):
     if subfolder == "unet":
         return 0
     layers = denoiser_config["num_layers"]
-    blocks = lrm_blocks or round(0.75 * layers)
-    if not 1 <= blocks <= layers:
+    default = round(0.75 * layers)
+    if not 0 <= lrm_blocks <= layers:
         raise ValueError(f"lrm_blocks {lrm_blocks}: the MMDiT has {layers} joint blocks (choose "
-                         f"1..{layers}, or 0 for {round(0.75 * layers)})")
-    return blocks
+                         f"1..{layers}, or 0 for {default})")
+    return lrm_blocks or default
 
 
 HEADS = ("visual_projection", "text_projection")
@@ -243,7 +242,7 @@ class LatentRewardModel(torch.nn.Module):
     @property
     def denoiser(self):
         """The U-Net (SD1.5, SDXL) or the MMDiT (SD3)."""
-        return self.unet if self.transformer is None else self.transformer
+        return getattr(self, self.denoiser_name)
 
     def unused_parts(self):
         """The denoiser's modules that score() never runs: the U-Net's up blocks and output convs,
