@@ -44,6 +44,7 @@ import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -221,8 +222,8 @@ def decode_pair(example, resolution):
     images = [decode_image(example[column]) for column in ("jpg_0", "jpg_1")]
     if None in images:
         raise ValueError("an undecodable image")
-    size = (resolution, resolution)
-    return torch.from_numpy(np.stack([np.array(x.resize(size, Image.BICUBIC)) for x in images]))
+    arrays = [np.array(image.resize((resolution, resolution), Image.BICUBIC)) for image in images]
+    return torch.from_numpy(np.stack(arrays))
 
 
 @dataclass
@@ -481,6 +482,7 @@ def main(cfg):
     the resumed state and the data. The loop's numbered parts, one global batch a step. Then the
     table of both held-out splits, logged and printed; -> that table."""
     rank, world, device = setup_distributed(cfg.dist_timeout)
+    master = rank == 0
     per_rank = cfg.train_batch_size // world
     if cfg.train_batch_size % world:
         fail(f"--train_batch_size {cfg.train_batch_size} is not divisible by {world} processes")
@@ -520,9 +522,9 @@ def main(cfg):
         timesteps = parse_timesteps(cfg.eval_timesteps) or default_eval_timesteps(grid)
     except ValueError:
         fail(f"--eval_timesteps {cfg.eval_timesteps!r}: comma-separated numbers, e.g. 1,501,951")
+    # a DDPM t indexes its levels, an int in 0..999 (parse_timesteps: whole numbers are ints)
     ddpm = not is_flow_matching(noise_scheduler.config)
-    whole = all(isinstance(t, int) and t < 1000 for t in timesteps)  # a DDPM t indexes its levels
-    if not all(0 <= t <= 1000 for t in timesteps) or ddpm and not whole:
+    if not all(t in range(1000) if ddpm else 0 <= t <= 1000 for t in timesteps):
         fail(f"--eval_timesteps {cfg.eval_timesteps!r}: {base}'s t's are in 0..1000 (a DDPM "
              "model's: integers in 0..999)")
 
@@ -549,29 +551,29 @@ def main(cfg):
         step, best, n_bad, n_seen = [state[key] for key in ("step", "best", "n_bad", "n_seen")]
         del state  # restored: drop the loaded copy (SDXL: ~30 GB) before training
         gc.collect()
-    if cfg.resume and rank == 0:
+    if master and cfg.resume:
         truncate_log(log_path, step)  # rows past the checkpoint will be logged again
-    if changes is not None and rank == 0:
-        shown = [f"{key} {old} -> {new}" for key, (old, new) in changes.items()]
-        print(f"resuming {cfg.out} at step {step}", *shown, sep="\n  ")
-    if changes and rank == 0:
-        log_jsonl(log_path, {"step": step, "resumed_with": changes})
+    if master and changes is not None:  # resumed: the changed settings printed, and logged
+        print(f"resuming {cfg.out} at step {step}",
+              *[f"{key} {old} -> {new}" for key, (old, new) in changes.items()], sep="\n  ")
+        if changes:
+            log_jsonl(log_path, {"step": step, "resumed_with": changes})
     micro_batch = choose_micro_batch(cfg, per_rank, lrm, device)
-    if rank == 0:
+    if master:
         print(f"{world} process(es), {per_rank} pairs each a step, micro-batches of {micro_batch}")
     dataset = Pairs(train, resolution, latent_shape(vae, resolution), grid, cfg.seed)
     sampler = steps_sampler(len(train), cfg.train_batch_size, rank, world, cfg.seed, step,
                             cfg.max_train_steps)
     loader = torch.utils.data.DataLoader(dataset, per_rank, sampler=sampler,
                                          num_workers=cfg.workers)
-    evaluation = dict(seed=cfg.seed, max_pairs=cfg.eval_max_pairs,
-                      vae_batch_size=cfg.vae_batch_size)  # pair_accuracy's
+    accuracy = partial(pair_accuracy, lrm, timesteps=timesteps, vae=vae, seed=cfg.seed,
+                       max_pairs=cfg.eval_max_pairs, vae_batch_size=cfg.vae_batch_size)
     first_step = step
     last_val = None
     best_folder = os.path.join(cfg.out, "best")
     final_staging = os.path.join(cfg.out, "final.tmp")
     start_time = time.perf_counter()
-    for batch in tqdm(loader, "lrm", cfg.max_train_steps, initial=step, disable=rank != 0):
+    for batch in tqdm(loader, "lrm", cfg.max_train_steps, initial=step, disable=not master):
         # 1. one optimizer step on the global batch (micro-batches accumulate in train_step)
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
@@ -593,7 +595,7 @@ def main(cfg):
                  "1%): check the image columns")
 
         # 2. log (rank 0); pairs_per_s over this run's wall time, validations and checkpoints in
-        if rank == 0:
+        if master:
             pairs = (step - first_step) * cfg.train_batch_size
             row = dict(step=step, loss=loss, acc=batch_accuracy(scores, labels, weights), lr=lr,
                        grad_norm=grad_norm, logit_scale=lrm.logit_scale.item(),
@@ -604,38 +606,36 @@ def main(cfg):
         # t beats it (paper: validation accuracy at t = 1), and the final LRM at the last step
         validate = step % cfg.eval_every == 0 or last_step
         if validate:
-            last_val = pair_accuracy(lrm, val, timesteps, vae, **evaluation)
+            last_val = accuracy(val)
             improved = last_val["decisive"][timesteps[0]] > best
             best = max(best, last_val["decisive"][timesteps[0]])
-        if validate and rank == 0:
-            labelled = by_label(last_val)
-            row = {"step": step, **{f"val_acc@{t}": a for t, a in labelled["decisive"].items()}}
-            row.update({f"val_acc_ties_half@{t}": a for t, a in labelled["ties_half"].items()})
+        if master and validate:
+            row = {"step": step, **{f"val_acc@{t:g}": a for t, a in last_val["decisive"].items()}}
+            row.update({f"val_acc_ties_half@{t:g}": a for t, a in last_val["ties_half"].items()})
             log_jsonl(log_path, row)
             tqdm.write(f"validation: {row}")
-        if validate and rank == 0 and improved:
-            write_or_fail(best_folder, publish_lrm, lrm, best_folder, best_folder + ".tmp", "best/")
-        if last_step and rank == 0:
+            if improved:
+                write_or_fail(best_folder, publish_lrm, lrm, best_folder, best_folder + ".tmp",
+                              "best/")
+        if master and last_step:
             write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, final_staging, "final LRM")
 
         # 4. checkpoint, written last: one that exists means best/ and the final LRM are on disk
-        if rank == 0 and (validate or step % cfg.save_every == 0):
+        if master and (validate or step % cfg.save_every == 0):
             counters = dict(step=step, best=best, n_bad=n_bad, n_seen=n_seen)
             save_checkpoint(state_path, lrm, optimizer, counters, cfg, world)
         barrier()  # every rank waits for the checkpoint
 
-    if rank == 0 and first_step == cfg.max_train_steps:  # a finished run resumed: its final LRM
+    if master and first_step == cfg.max_train_steps:  # a finished run resumed: its final LRM
         write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, final_staging, "final LRM")  # again
     kill_point("final table")
-    table = {"validation_unique": last_val or pair_accuracy(lrm, val, timesteps, vae, **evaluation),
-             "test_unique": pair_accuracy(lrm, test, timesteps, vae, **evaluation)}
-    if rank == 0:
+    table = {"validation_unique": last_val or accuracy(val), "test_unique": accuracy(test)}
+    if master:
         log_jsonl(log_path, {"step": step, "final": by_label(table)})
         print("\naccuracy at t: decisive pairs / official (every pair, a tie scoring 0.5)")
         for t in timesteps:
-            cells = [f"{split} {acc['decisive'][t]:.3f} / {acc['ties_half'][t]:.3f}"
-                     for split, acc in table.items()]
-            print(f"{t:>8g}:", *cells)
+            print(f"{t:>8g}:", *[f"{split} {acc['decisive'][t]:.3f} / {acc['ties_half'][t]:.3f}"
+                                 for split, acc in table.items()])
         print(f"pairs skipped for an undecodable image: {n_bad} of {n_seen}\nLRM -> {cfg.out}")
     close_distributed()
     torch.set_num_threads(threads_before)

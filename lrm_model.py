@@ -72,8 +72,7 @@ def head_sizes(denoiser, text_encoders):
         config = denoiser.config
         return config.num_attention_heads * config.attention_head_dim, config.pooled_projection_dim
     text_config = text_encoders[-1].config
-    xl = len(text_encoders) > 1
-    dim = text_config.projection_dim if xl else text_config.hidden_size
+    dim = text_config.projection_dim if len(text_encoders) > 1 else text_config.hidden_size
     return sum(feature_widths(denoiser.config)), dim
 
 
@@ -82,21 +81,30 @@ def load_text_encoders(path, classes, fallback=None):
     """{"text_encoder": "CLIPTextModel", ...} -> (encoders, tokenizers) from a folder or hub id.
     A subfolder that path lacks comes from fallback, the base pipeline: the official LRM saves no
     tokenizers, and no text encoders when they were frozen (as ours for SD3)."""
-    def folder_with(subfolder):
-        if fallback is None or os.path.isdir(os.path.join(path, subfolder)):
-            return path
-        return fallback
+    def load(loader, subfolder):
+        own = fallback is None or os.path.isdir(os.path.join(path, subfolder))
+        return loader.from_pretrained(path if own else fallback, subfolder=subfolder)
 
-    encoders = []
-    tokenizers = []
-    for name, class_name in classes.items():
-        encoder_class = getattr(transformers, class_name)
-        encoders.append(encoder_class.from_pretrained(folder_with(name), subfolder=name))
-        tokenizer_name = name.replace("text_encoder", "tokenizer")
-        tokenizer_folder = folder_with(tokenizer_name)
-        tokenizers.append(transformers.AutoTokenizer.from_pretrained(tokenizer_folder,
-                                                                     subfolder=tokenizer_name))
+    encoders = [load(getattr(transformers, kind), name) for name, kind in classes.items()]
+    tokenizers = [load(transformers.AutoTokenizer, tokenizer_folder(name)) for name in classes]
     return encoders, tokenizers
+
+
+def load_denoiser(path):
+    """The denoiser of a pipeline or LRM folder (or hub id): its U-Net, or SD3's MMDiT."""
+    subfolder = denoiser_subfolder(path)
+    return DENOISERS[subfolder].from_pretrained(path, subfolder=subfolder)
+
+
+def tokenizer_folder(text_encoder):
+    """The tokenizer subfolder of a text encoder's: text_encoder_2 -> tokenizer_2."""
+    return text_encoder.replace("text_encoder", "tokenizer")
+
+
+def latent_space(vae_config):
+    """lrm_config.json's latent_space of a VAE: [latent channels, scaling, shift (SD3's)]."""
+    return [vae_config["latent_channels"], vae_config["scaling_factor"],
+            vae_config.get("shift_factor")]
 
 
 def base_config(base, denoiser_config, g=7.5, resolution=None):
@@ -109,15 +117,12 @@ def base_config(base, denoiser_config, g=7.5, resolution=None):
         stored_base = os.path.abspath(path)
     index = DiffusionPipeline.load_config(path)
     vae = AutoencoderKL.load_config(path, subfolder="vae")
-    classes = {}
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        if (index.get(name) or [None])[0]:
-            classes[name] = index[name][1]
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    classes = {name: index[name][1] for name in names if (index.get(name) or [None])[0]}
     vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
     return dict(base=stored_base, g=g, text_encoders=classes,
                 resolution=resolution or denoiser_config["sample_size"] * vae_factor,
-                latent_space=[vae["latent_channels"], vae["scaling_factor"],
-                              vae.get("shift_factor")])
+                latent_space=latent_space(vae))
 
 
 def take_rows(tree, rows):
@@ -177,9 +182,8 @@ def mmdit_features(transformer, x, timestep, context, pooled, blocks):
     for block in transformer.transformer_blocks[:blocks]:
         if recompute:
             context, hidden = checkpoint(block, hidden, context, time_text, use_reentrant=False)
-        else:
-            context, hidden = block(hidden_states=hidden, encoder_hidden_states=context,
-                                    temb=time_text)
+        else:  # (hidden_states, encoder_hidden_states, temb)
+            context, hidden = block(hidden, context, time_text)
     return hidden.mean(1)  # (B, inner)
 
 
@@ -193,11 +197,11 @@ def mmdit_blocks(subfolder, denoiser_config, lrm_blocks):
     if subfolder == "unet":
         return 0
     layers = denoiser_config["num_layers"]
-    blocks = lrm_blocks or round(0.75 * layers)
-    if not 1 <= blocks <= layers:
+    default = round(0.75 * layers)
+    if not 0 <= lrm_blocks <= layers:
         raise ValueError(f"lrm_blocks {lrm_blocks}: the MMDiT has {layers} joint blocks (choose "
-                         f"1..{layers}, or 0 for {round(0.75 * layers)})")
-    return blocks
+                         f"1..{layers}, or 0 for {default})")
+    return lrm_blocks or default
 
 
 HEADS = ("visual_projection", "text_projection")
@@ -217,9 +221,8 @@ class LatentRewardModel(torch.nn.Module):
         self.visual_projection = torch.nn.Linear(width, dim, bias=False)
         # SD1.5 projects CLIP-L's pooled state; SDXL's text_embeds and SD3's pooled projections
         # are projected already
-        self.text_projection = None
-        if len(text_encoders) == 1:
-            self.text_projection = torch.nn.Linear(dim, dim, bias=False)
+        single = len(text_encoders) == 1
+        self.text_projection = torch.nn.Linear(dim, dim, bias=False) if single else None
         for head in self.heads().values():
             torch.nn.init.normal_(head.weight, std=0.02)
         self.logit_scale = torch.nn.Parameter(torch.tensor(2.6592))  # ln(1/0.07), as CLIP
@@ -228,8 +231,8 @@ class LatentRewardModel(torch.nn.Module):
         self.text_trained = not sd3  # paper: SD3's text encoders frozen
         if not self.text_trained:
             self.text_encoders.requires_grad_(False)
-        self.config = {key: value for key, value in config.items() if key != "lrm_blocks"}
-        self.config.update(feature_width=width, text_dim=dim)
+        self.config = dict(config, feature_width=width, text_dim=dim)
+        self.config.pop("lrm_blocks", None)  # a U-Net LRM has none; SD3's: its count, last
         if sd3:
             self.config["lrm_blocks"] = self.blocks
         self.g = config["g"]
@@ -239,7 +242,7 @@ class LatentRewardModel(torch.nn.Module):
     @property
     def denoiser(self):
         """The U-Net (SD1.5, SDXL) or the MMDiT (SD3)."""
-        return self.unet if self.transformer is None else self.transformer
+        return getattr(self, self.denoiser_name)
 
     def unused_parts(self):
         """The denoiser's modules that score() never runs: the U-Net's up blocks and output convs,
@@ -268,15 +271,12 @@ class LatentRewardModel(torch.nn.Module):
         half the memory, but no longer savable or trainable."""
         self.scoring_only = True
         if self.transformer is not None:
-            blocks = self.transformer.transformer_blocks
-            self.transformer.transformer_blocks = blocks[:self.blocks]
-            self.transformer.norm_out = None
-            self.transformer.proj_out = None
+            model = self.transformer
+            model.transformer_blocks = model.transformer_blocks[:self.blocks]
+            model.norm_out = model.proj_out = None
         else:
             self.unet.up_blocks = torch.nn.ModuleList()
-            self.unet.conv_norm_out = None
-            self.unet.conv_act = None
-            self.unet.conv_out = None
+            self.unet.conv_norm_out = self.unet.conv_act = self.unet.conv_out = None
         return self.requires_grad_(False).eval()
 
     @classmethod
@@ -285,11 +285,10 @@ class LatentRewardModel(torch.nn.Module):
         """A fresh LRM (random heads) over a pipeline's denoiser and text encoders; lrm_blocks:
         the MMDiT blocks an SD3 LRM runs (0: round(0.75 x blocks))."""
         path = resolve_model(model_id_or_path)
-        subfolder = denoiser_subfolder(path)
-        denoiser = DENOISERS[subfolder].from_pretrained(path, subfolder=subfolder)
+        denoiser = load_denoiser(path)
         config = base_config(model_id_or_path, denoiser.config, g, resolution)
-        config["lrm_blocks"] = lrm_blocks
-        lrm = cls(denoiser, *load_text_encoders(path, config["text_encoders"]), config)
+        encoders = load_text_encoders(path, config["text_encoders"])
+        lrm = cls(denoiser, *encoders, dict(config, lrm_blocks=lrm_blocks))
         if text_projection_init and lrm.text_projection is not None:
             clip = transformers.CLIPTextModelWithProjection.from_pretrained(text_projection_init)
             lrm.text_projection.weight.data.copy_(clip.text_projection.weight)
@@ -304,12 +303,9 @@ class LatentRewardModel(torch.nn.Module):
                              "model instead")
         self.denoiser.save_pretrained(os.path.join(out_dir, self.denoiser_name))
         parts = zip(self.config["text_encoders"], self.text_encoders, self.tokenizers)
-        for name, encoder, tokenizer in parts:
-            if not self.text_trained:  # SD3: frozen, the base's
-                continue
+        for name, encoder, tokenizer in parts if self.text_trained else []:  # SD3: the base's
             encoder.save_pretrained(os.path.join(out_dir, name))
-            tokenizer_name = name.replace("text_encoder", "tokenizer")
-            tokenizer.save_pretrained(os.path.join(out_dir, tokenizer_name))
+            tokenizer.save_pretrained(os.path.join(out_dir, tokenizer_folder(name)))
         heads = {name: head.state_dict() for name, head in self.heads().items()}
         heads["logit_scale"] = self.logit_scale.detach().cpu()
         torch.save(heads, os.path.join(out_dir, "state_dict.pt"))
@@ -322,35 +318,23 @@ class LatentRewardModel(torch.nn.Module):
         state_dict.pt; no config or tokenizers: those come from `base`, g = 7.5 as in its code).
         With `base`, refuse an LRM of another latent space unless force. Refuses non-finite
         weights (a diverged training run)."""
-        official = not os.path.exists(os.path.join(lrm_dir, "lrm_config.json"))
-        # save_pretrained always writes tokenizers (SD3: a transformer/), the release never does:
-        # such a folder without lrm_config.json is a save cut short (lrm_config.json is last)
-        entries = os.listdir(lrm_dir) if os.path.isdir(lrm_dir) else []
-        ours = [name for name in entries if name.startswith(("tokenizer", "transformer"))]
-        if official and ours:
-            raise ValueError(f"incomplete LRM folder (no lrm_config.json): {lrm_dir} (a save cut "
-                             "short: continue its lrm.py run with --resume, or save it again)")
-        has_heads = os.path.exists(os.path.join(lrm_dir, "state_dict.pt"))
-        if official and (base is None or not has_heads):
-            raise ValueError(f"{lrm_dir}: not an LRM folder (no lrm_config.json; the official "
-                             "layout, unet/ and state_dict.pt, also needs base=)")
+        config_path = os.path.join(lrm_dir, "lrm_config.json")
+        official = not os.path.exists(config_path)
         if official:
-            unet_config = UNet2DConditionModel.load_config(lrm_dir, subfolder="unet")
-            config = base_config(base, unet_config)
+            config = official_config(lrm_dir, base)
         else:
-            with open(os.path.join(lrm_dir, "lrm_config.json")) as config_file:
+            with open(config_path) as config_file:
                 config = json.load(config_file)
         if base is not None:  # (an official LRM's latent space is its base's: nothing to check)
             check_latent_space(lrm_dir, config, base, force)
-        subfolder = denoiser_subfolder(lrm_dir)
-        denoiser = DENOISERS[subfolder].from_pretrained(lrm_dir, subfolder=subfolder)
+        denoiser = load_denoiser(lrm_dir)
         # the release's tokenizers and frozen encoders, and all of SD3's, are the base's
-        from_base = official or subfolder == "transformer"
+        from_base = official or isinstance(denoiser, SD3Transformer2DModel)
         fallback = resolve_model(config["base"]) if from_base else None
         encoders = load_text_encoders(lrm_dir, config["text_encoders"], fallback)
         lrm = cls(denoiser, *encoders, config)
-        state_path = os.path.join(lrm_dir, "state_dict.pt")
-        heads = torch.load(state_path, map_location="cpu", weights_only=True)
+        heads = torch.load(os.path.join(lrm_dir, "state_dict.pt"), map_location="cpu",
+                           weights_only=True)
         want = {name: head.weight.shape for name, head in lrm.heads().items()}
         have = {name: value["weight"].shape for name, value in heads.items() if name in HEADS}
         if want != have:
@@ -398,17 +382,14 @@ class LatentRewardModel(torch.nn.Module):
         batch_size = latents.shape[0]
         t = torch.as_tensor(timesteps, device=latents.device).expand(batch_size)  # (B,)
         x = latents.to(self.denoiser.dtype)
-        inputs = cond
-        # VFE: one batched pass, the B rows with "" first, then the B conditional ones
-        if uncond is not None:
-            x = torch.cat([x, x])  # (2B, C, h, w)
-            t = torch.cat([t, t])
+        if uncond is None:  # g = 1: V = V_c, no unconditional pass
+            features = self.features(x, t, cond)
+        else:  # VFE: one batched pass, the B rows with "" first, then the B conditional ones
             inputs = uncond_then_cond(uncond, cond)
-        features = self.features(x, t, inputs)  # [(2B, C_i)]
-        if uncond is not None:  # earlier features from the conditional pass only, VFE on the last
-            last = features[-1]  # (2B, C_last)
-            enhanced = vfe(last[batch_size:], last[:batch_size], self.g)  # (B, C_last)
-            features = [feature[batch_size:] for feature in features[:-1]] + [enhanced]
+            *earlier, last = self.features(torch.cat([x, x]), torch.cat([t, t]), inputs)
+            # [(2B, C_i)]: the earlier ones from the conditional pass only, VFE on the last
+            features = [feature[batch_size:] for feature in earlier]
+            features.append(vfe(last[batch_size:], last[:batch_size], self.g))  # (B, C_last)
         pooled = torch.cat(features, -1).to(self.visual_projection.weight.dtype)  # (B, sum C_i)
         visual = self.visual_projection(pooled)  # (B, D)
         text_feature = cond["pooled"]  # (B, D)
@@ -417,10 +398,24 @@ class LatentRewardModel(torch.nn.Module):
         return lrm_score(visual, text_feature, self.logit_scale)
 
 
+def official_config(lrm_dir, base):
+    """lrm_config.json's fields for a folder without one: the official release's layout (unet/,
+    text_encoder*/ if trained, state_dict.pt), read with its base; refused if it is not that."""
+    # save_pretrained always writes tokenizers (SD3: a transformer/), the release never does:
+    # such a folder without lrm_config.json is a save cut short (lrm_config.json is last)
+    entries = os.listdir(lrm_dir) if os.path.isdir(lrm_dir) else []
+    if any(name.startswith(("tokenizer", "transformer")) for name in entries):
+        raise ValueError(f"incomplete LRM folder (no lrm_config.json): {lrm_dir} (a save cut "
+                         "short: continue its lrm.py run with --resume, or save it again)")
+    if base is None or not os.path.exists(os.path.join(lrm_dir, "state_dict.pt")):
+        raise ValueError(f"{lrm_dir}: not an LRM folder (no lrm_config.json; the official "
+                         "layout, unet/ and state_dict.pt, also needs base=)")
+    return base_config(base, UNet2DConditionModel.load_config(lrm_dir, subfolder="unet"))
+
+
 def check_latent_space(lrm_dir, config, base, force):
     """Refuse an LRM trained in another VAE's latent space than base's, unless force."""
-    vae = AutoencoderKL.load_config(resolve_model(base), subfolder="vae")
-    theirs = [vae["latent_channels"], vae["scaling_factor"], vae.get("shift_factor")]
+    theirs = latent_space(AutoencoderKL.load_config(resolve_model(base), subfolder="vae"))
     if theirs != config["latent_space"] and not force:
         raise ValueError(
             f"LRM {lrm_dir} was trained in the latent space of {config['base']} (latent "

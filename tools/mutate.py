@@ -108,9 +108,9 @@ HAND = [
     ("runs", "apply_update", "flat /= world", "pass"),  # summed, not averaged, over ranks
     ("lrm_model", "down_mid_features", "residuals[len(block.resnets) - 1]", "residuals[-1]"),
     ("lrm_model", "mmdit_features", "blocks[:blocks]", "blocks[:blocks + 1]"),
-    ("lrm_model", "LatentRewardModel.score", "vfe(last[:batch_size], last[batch_size:], self.g)",
-     "vfe(last[batch_size:], last[:batch_size], self.g)"),
-    ("lrm_model", "LatentRewardModel.score", "feature[:batch_size]", "feature[batch_size:]"),
+    ("lrm_model", "LatentRewardModel.score", "vfe(last[batch_size:], last[:batch_size], self.g)",
+     "vfe(last[:batch_size], last[batch_size:], self.g)"),  # VFE with cond and uncond swapped
+    ("lrm_model", "LatentRewardModel.score", "feature[batch_size:]", "feature[:batch_size]"),
     ("lrm", "train_step", "repeat_interleave(2)", "repeat(2)"),  # the pair's two images, one t
     ("lrm", "pair_loss", "label_0 * logp[:, 0] + label_1 * logp[:, 1]",
      "label_0 * logp[:, 1] + label_1 * logp[:, 0]"),
