@@ -43,6 +43,7 @@ import lrm as L  # noqa: E402
 import lrm_model as M  # noqa: E402
 import models  # noqa: E402
 import mpcf  # noqa: E402
+import runs  # noqa: E402
 import sample  # noqa: E402
 from mpcf import STRATEGIES, get_config, main, mpcf_keep, pair_gaps  # noqa: E402
 from tiny import make_world  # noqa: E402
@@ -2162,13 +2163,19 @@ def test_resume_equals_uninterrupted_and_lora_loads(tmp_path, fresh_lrm):
     assert np.abs(after - before).max() > 1e-3
 
 
-def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, fresh_lrm):
+def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, fresh_lrm, monkeypatch):
     common = ["--model", "tiny", "--lrm", fresh_lrm["sd"], "--out", str(tmp_path / "n"), *SMALL[2:], "--num-inference-steps", "5",
               "--th-min", "0", "--th-max", "0", "--ckpt-every", "1"]
     run_lpo(*common, "--max-rounds", "1")
     good = torch.load(tmp_path / "n" / "ckpt.pt", weights_only=False)
+    real_loss = lpo.lpo_loss
+
+    def nan_loss(*args):   # a diverged step (--beta nan, --lr inf: now refused as options)
+        loss, stats = real_loss(*args)
+        return loss * math.nan, stats
+    monkeypatch.setattr(lpo, "lpo_loss", nan_loss)
     with pytest.raises(SystemExit, match="non-finite"):
-        run_lpo(*common, "--max-rounds", "2", "--resume", "--lr", "inf")  # was --beta nan: now refused
+        run_lpo(*common, "--max-rounds", "2", "--resume")
     after = torch.load(tmp_path / "n" / "ckpt.pt", weights_only=False)
     assert after["next_round"] == good["next_round"] == 1 and torch.equal(after["lora"], good["lora"])
 
@@ -2419,7 +2426,7 @@ def lpo_make_nan_lrm(source, target):
     lrm.save_pretrained(target)
 
 
-def test_nan_lrm_empty_runs_and_stuck_runs_are_told(tmp_path, fresh_lrm, capsys):
+def test_nan_lrm_empty_runs_and_stuck_runs_are_told(tmp_path, fresh_lrm, capsys, monkeypatch):
     """Issues 11.3, 11.8, 11.11: an LRM with non-finite weights is refused at load; a run that keeps
     no pair says why (thresholds against the LRM's score gaps) and ends non-zero, after a warning
     with the figures; a run whose ratios all leave the clip band (--lr 100) is warned about; a
@@ -2434,7 +2441,17 @@ def test_nan_lrm_empty_runs_and_stuck_runs_are_told(tmp_path, fresh_lrm, capsys)
     assert read_log(tmp_path / "b")[-1]["final"]["step"] == 0
     run_lpo(*three, "--out", str(tmp_path / "c"), "--th-min", "0", "--th-max", "0", "--lr", "100")
     assert "left the clip band [0.9, 1.1] in two rounds running" in capsys.readouterr().err
-    message = lpo_error(*three, "--out", str(tmp_path / "d"), "--th-min", "0", "--th-max", "0", "--lr", "inf")
+    assert "--lr inf: need a finite number" in lpo_error(*three, "--out", str(tmp_path / "d"), "--lr", "inf")
+    real_update = runs.apply_update
+
+    def diverging(params, optimizer, loss, world, max_norm=1.0):   # a step to an infinite weight
+        norm = real_update(params, optimizer, loss, world, max_norm)
+        params[0].data.fill_(math.inf)
+        if not all(torch.isfinite(param).all() for param in params):
+            raise runs.NonFiniteUpdate("non-finite weights after an update")
+        return norm
+    monkeypatch.setattr(lpo, "apply_update", diverging)
+    message = lpo_error(*three, "--out", str(tmp_path / "d"), "--th-min", "0", "--th-max", "0")
     assert "non-finite" in message and "before any checkpoint" in message and "--lr" in message
 
 
