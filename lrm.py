@@ -54,7 +54,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, FlowMatchEule
 from PIL import Image
 from tqdm import tqdm
 
-from data import decode_image, load_pairs
+from data import check_decodable, decode_image, load_pairs
 from lrm_model import LatentRewardModel, mmdit_blocks
 from models import BASES, geometry, is_flow_matching, load_denoiser_config, resolve_model
 from runs import (NonFiniteUpdate, apply_update, atomic_torch_save, barrier,
@@ -590,9 +590,8 @@ def main(cfg):
         n_seen += len(weights)
         last_step = step == cfg.max_train_steps
         whole_data = step % (len(train) // cfg.train_batch_size) == 0 or last_step  # epoch's end
-        if whole_data and n_bad > 0.01 * n_seen:
-            fail(f"{cfg.data}: {n_bad} of {n_seen} pairs had an undecodable image (more than "
-                 "1%): check the image columns")
+        if whole_data:
+            check_decodable(n_bad, n_seen, cfg.data)
 
         # 2. log (rank 0); pairs_per_s over this run's wall time, validations and checkpoints in
         if master:
