@@ -778,7 +778,8 @@ def test_disk_full_is_one_line(tmp_path, monkeypatch):
 def _pairs_with_bad_images(folder, n_rows, bad_rows):
     """A Pick-a-Pic-schema folder of split files (train.parquet, ...) with undecodable images."""
     train = pd.read_parquet(os.path.join(ROOT, "tiny/pickapic/data/train-00000-of-00001.parquet"))
-    train = train.iloc[:n_rows].copy()
+    labelled = train["label_0"] + train["label_1"] > 0   # (data.pair_flags: labels summing to 0 are no preference)
+    train = train[labelled].iloc[:n_rows].reset_index(drop=True)
     train["has_label"] = True
     train["are_different"] = True
     for row in bad_rows:
