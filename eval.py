@@ -257,10 +257,11 @@ def check_paired(base_dir, tuned_dir):
     if len(rows) != len(rows_tuned):
         fail(f"mismatched image sets: {base_dir} has {len(rows)} images, {tuned_dir} has "
              f"{len(rows_tuned)}")
-    for pair in zip(rows, rows_tuned):
-        keys = [(row["index"], row["prompt"], row["seed"]) for row in pair]
-        if keys[0] != keys[1]:
-            fail(f"mismatched image sets: {base_dir} has {keys[0]} where {tuned_dir} has {keys[1]}")
+    key = itemgetter("index", "prompt", "seed")
+    for row, row_tuned in zip(rows, rows_tuned):
+        if key(row) != key(row_tuned):
+            fail(f"mismatched image sets: {base_dir} has {key(row)} where {tuned_dir} has "
+                 f"{key(row_tuned)}")
     settings_base = read_json(os.path.join(base_dir, "sampling.json"))
     settings = read_json(os.path.join(tuned_dir, "sampling.json"))
     for key in PAIRED_SETTINGS:
@@ -335,19 +336,19 @@ def write_report(cfg, rows, scored, settings, folders):
     title = (f"**{settings.get('tuned') or folders['tuned']}** vs base "
              f"**{settings.get('base') or folders['base']}**: {report['n']} image pairs "
              f"({report['n_prompts']} prompts), {sampler_line(settings)}")
-    lines = [title, "", *TABLE] + [ROW.format(metric=name, **s) for name, s in summary.items()]
-    write_text(os.path.join(cfg.out, "eval.json"), json.dumps(report, indent=2))
-    write_text(os.path.join(cfg.out, "eval.md"), "\n".join(lines) + "\n")
-    write_text(os.path.join(cfg.out, "scores.jsonl"), "".join(json.dumps(r) + "\n" for r in scored))
+    rows_md = [ROW.format(metric=name, **s) for name, s in summary.items()]
+    table = "\n".join([title, "", *TABLE, *rows_md]) + "\n"
+    files = {"eval.json": json.dumps(report, indent=2), "eval.md": table,
+             "scores.jsonl": "".join(json.dumps(row) + "\n" for row in scored)}
+    for name, text in files.items():
+        write_text(os.path.join(cfg.out, name), text)
     metric = next(iter(summary))
-    labels = {f"{side}: {metric}": folder for side, folder in folders.items()}
     notes = {f"{side}: {metric}": {row["index"]: "%.2f" % row[f"{metric}/{side}"] for row in scored}
              for side in folders}
-    by_index = sorted(rows, key=itemgetter("index"))  # the first seed: the lowest index
-    grid = make_grid(labels, by_index, cfg.grid_rows, cfg.grid_cell, notes)
+    grid = make_grid(dict(zip(notes, folders.values())), rows, cfg.grid_rows, cfg.grid_cell, notes)
     save_png(grid, os.path.join(cfg.out, "eval_grid.png"))
     log_jsonl(os.path.join(cfg.out, "log.jsonl"), dict(event="eval", n=len(scored), scores=summary))
-    print("\n" + "\n".join(lines) + "\n", flush=True)
+    print("\n" + table, flush=True)
 
 
 # ----------------------------------------------------------------------------- main

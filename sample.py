@@ -25,6 +25,7 @@ import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from operator import itemgetter
 
 import huggingface_hub
 import torch
@@ -257,12 +258,12 @@ def read_json(path):
 
 
 def make_grid(folders, rows, count, cell=256, notes=None):
-    """The first seed of each of the first `count` prompts of metadata `rows`, its image in each of
-    folders ({"base": folder, ...}) side by side, two pairs per row, the caption under each
-    pair (small images, as the tiny world's 32 px, enlarged with crisp pixels); notes: optional
-    {"base": {index: text}, ...} printed on each image."""
+    """The first seed (lowest index) of each of the first `count` prompts of metadata `rows`, its
+    image in each of folders ({"base": folder, ...}) side by side, two pairs per row, the caption
+    under each pair (small images, as the tiny world's 32 px, enlarged with crisp pixels); notes:
+    optional {"base": {index: text}, ...} printed on each image."""
     first = {}
-    for row in rows:
+    for row in sorted(rows, key=itemgetter("index")):
         first.setdefault(row["prompt"], row)
     rows = list(first.values())[:count]
     font = ImageFont.load_default(size=max(10, cell // 16))
