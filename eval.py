@@ -312,7 +312,7 @@ def summarise(rows, cfg):
         if not finite.any():
             continue
         base, tuned = pairs[finite].T  # (n,) each
-        groups = [row["prompt"] for row, ok in zip(rows, finite) if ok]
+        groups = np.array([row["prompt"] for row in rows])[finite]  # (n,)
         rate, low, high = win_rate(tuned, base, n_boot=cfg.n_boot, seed=cfg.seed, groups=groups)
         summary[metric] = dict(base=float(base.mean()), tuned=float(tuned.mean()),
                                diff=float((tuned - base).mean()), win_rate=rate, ci_low=low,
@@ -345,7 +345,8 @@ def write_report(cfg, rows, scored, settings, folders):
     metric = next(iter(summary))
     notes = {f"{side}: {metric}": {row["index"]: "%.2f" % row[f"{metric}/{side}"] for row in scored}
              for side in folders}
-    grid = make_grid(dict(zip(notes, folders.values())), rows, cfg.grid_rows, cfg.grid_cell, notes)
+    labels = dict(zip(notes, folders.values()))  # {"base: {metric}": base folder, ...}
+    grid = make_grid(labels, rows, cfg.grid_rows, cfg.grid_cell, notes)
     save_png(grid, os.path.join(cfg.out, "eval_grid.png"))
     log_jsonl(os.path.join(cfg.out, "log.jsonl"), dict(event="eval", n=len(scored), scores=summary))
     print("\n" + table, flush=True)

@@ -244,16 +244,17 @@ def load_scorers(cfg, device):
     paths = (cfg.aesthetic_clip, cfg.clip_model, cfg.vqa_model)
     kinds = (CLIPVisionModelWithProjection, CLIPModel, AutoModelForImageTextToText)
     try:
-        processors = [AutoProcessor.from_pretrained(path) for path in paths]
+        aesthetic_processor, clip_processor, vqa_processor = (
+            AutoProcessor.from_pretrained(path) for path in paths)
         vision, clip, vlm = (kind.from_pretrained(path, dtype=dtype)
                              for kind, path in zip(kinds, paths))
     except (OSError, ValueError) as error:
         fail(f"cannot load a scorer ({error_line(error)}): check --aesthetic_clip, "
              "--clip_model and --vqa_model")
     # from_pretrained leaves a model in eval mode
-    scorers = dict(aesthetic=clip_scorer(vision.to(device), processors[0], head),
-                   clip=clip_scorer(clip.to(device), processors[1]),
-                   vqa=partial(vqa_score, vlm.to(device), processors[2], cfg.vqa_question))
+    scorers = dict(aesthetic=clip_scorer(vision.to(device), aesthetic_processor, head),
+                   clip=clip_scorer(clip.to(device), clip_processor),
+                   vqa=partial(vqa_score, vlm.to(device), vqa_processor, cfg.vqa_question))
 
     @torch.no_grad()
     def score_images(images, captions):

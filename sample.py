@@ -177,7 +177,7 @@ def check_sampling_inputs(cfg):
     """Bad input found from files and configs alone (nothing heavy is loaded): one line. Fills in
     --resolution 0 and --out "" (runs/samples/{name}: the LoRA folder's name, the merged
     denoiser's repo or folder name, or base), and returns the prompts."""
-    if not cfg.prompt and not cfg.prompts:
+    if not (cfg.prompt or cfg.prompts):
         fail("no prompts: give --prompts (a dataset or a file) or --prompt")
     for name in ["base", "lora", "unet", "vae"] + ([] if cfg.prompt else ["prompts"]):
         path = getattr(cfg, name)
