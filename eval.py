@@ -37,8 +37,9 @@ from tqdm import tqdm
 
 import sample
 from lpo import PRESETS as LPO_PRESETS
+from lrm import encode_images
 from models import family, load_lrm, resolve_model
-from mpcf import aesthetic_score, clip_score, load_aesthetic_head
+from mpcf import clip_scorer, load_aesthetic_head
 from runs import (close_distributed, fail, first_line, gather_objects, inform, log_jsonl,
                   prepare_run_folder, setup_distributed, write_text)
 from sample import (check_sampling_inputs, make_grid, parse_stage, read_json, read_metadata,
@@ -124,31 +125,24 @@ def load_or_fail(name, path, load, **kwargs):
              f"{first_line(error)[:200]})")
 
 
-def clip_scorer(name, cfg, device, dtype):
+def load_clip_scorer(name, cfg, device, dtype):
     """pickscore: exp(logit_scale) * cos of PickScore_v1 (CLIP-H, with the CLIP-H processor),
     ~18-23; clip: the cosine of CLIP-H/14 laion2B (~0.2-0.4), MPCF's G_C; aesthetic: the LAION
-    aesthetic predictor on the CLIP-L/14 image embedding, MPCF's G_A.
-    -> fn(images, prompts) -> {name: (B,) values}"""
+    aesthetic predictor on the CLIP-L/14 image embedding, MPCF's G_A (mpcf.clip_scorer, all
+    three). -> fn(images, prompts) -> {name: (B,) values}"""
     from transformers import CLIPModel, CLIPProcessor
     path = {"pickscore": cfg.pickscore, "clip": cfg.clip, "aesthetic": cfg.aesthetic_clip}[name]
     processor_path = cfg.pickscore_processor if name == "pickscore" else path
     model = load_or_fail(name, path, CLIPModel.from_pretrained, dtype=dtype).to(device)
     processor = load_or_fail(name, processor_path, CLIPProcessor.from_pretrained)
-    logit_scale = model.logit_scale if name == "pickscore" else None
+    head = None
     if name == "aesthetic":
         head = load_or_fail(name, cfg.aesthetic_mlp, load_aesthetic_head).to(device)
+    score = clip_scorer(model, processor, head, model.logit_scale if name == "pickscore" else None)
 
-    def score(images, prompts):
-        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-        vision = model.vision_model(pixel_values=pixels.to(device, model.dtype))
-        image_embeds = model.visual_projection(vision.pooler_output)  # (B, D)
-        if name == "aesthetic":
-            return {name: aesthetic_score(image_embeds, head).tolist()}
-        tokens = processor(text=prompts, padding=True, truncation=True, return_tensors="pt")
-        text = model.text_model(**tokens.to(device))  # input_ids, attention_mask
-        text_embeds = model.text_projection(text.pooler_output)  # (B, D)
-        return {name: clip_score(image_embeds, text_embeds, logit_scale).tolist()}
-    return score
+    def scores(images, prompts):
+        return {name: score(images, prompts).tolist()}
+    return scores
 
 
 def final_timestep(base, num_inference_steps):
@@ -162,24 +156,21 @@ def final_timestep(base, num_inference_steps):
 
 def lrm_scorer(cfg, device, dtype):
     """The LRM on the clean latent of each PNG at final_timestep, no noise added: the PNG VAE-
-    encoded (posterior mean, fp32, the base's own VAE, one image at a time: an fp32 1024 px
-    encode needs GBs, SDXL's VAE overflows in fp16) into the pipeline's latents, as lrm.py's
-    encode_images, so that any image folder can be scored."""
+    encoded by lrm.encode_images (its posterior mean: zero noise; fp32, the base's own VAE, one
+    image at a time: an fp32 1024 px encode needs GBs, SDXL's VAE overflows in fp16) into the
+    pipeline's latents, so that any image folder can be scored."""
     from diffusers import AutoencoderKL
     lrm = load_lrm(cfg.lrm, cfg.base, device, dtype, f"python lrm.py --model {cfg.model}")
     base = resolve_model(cfg.base)
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae").to(device)  # in eval mode
-    vae.enable_slicing()
     timestep = final_timestep(base, cfg.num_inference_steps)
-    shift = vae.config.get("shift_factor") or 0.0  # SD1.5 / SDXL: None
 
     def score(images, prompts):
         arrays = [np.array(image.convert("RGB").resize((lrm.resolution, lrm.resolution)))
                   for image in images]
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
-        pixels = pixels.float().to(device) / 127.5 - 1.0  # in [-1, 1]
-        z = vae.encode(pixels).latent_dist.mean  # (B, C, h, w)
-        latents = (z - shift) * vae.config.scaling_factor
+        no_noise = torch.zeros(len(images), 1, 1, 1)
+        latents = encode_images(vae, pixels.float() / 127.5 - 1.0, no_noise, vae_batch_size=1)
         return {"lrm": lrm.score(latents, timestep, prompts=prompts).tolist()}
     return score
 
@@ -224,7 +215,7 @@ def load_scorer(name, cfg, device, dtype):
         return imagereward_scorer(device)
     if name == "lrm":
         return lrm_scorer(cfg, device, dtype)
-    return clip_scorer(name, cfg, device, dtype)
+    return load_clip_scorer(name, cfg, device, dtype)
 
 
 def load_scorers(cfg, device, dtype, rank):
@@ -256,14 +247,6 @@ def check_lrm(cfg):
 
 
 PAIRED_SETTINGS = ("scheduler", "num_inference_steps", "guidance_scale", "eta", "resolution", "vae")
-# sample.py's sampling.json before the CLI rename called two of them steps and guidance
-FORMER_NAMES = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
-
-
-def sampling_of(folder):
-    """A sample folder's sampling.json ({} without one), its former names read as today's."""
-    saved = read_json(os.path.join(folder, "sampling.json"))
-    return {FORMER_NAMES.get(key, key): value for key, value in saved.items()}
 
 
 def check_paired(base_dir, tuned_dir):
@@ -274,12 +257,13 @@ def check_paired(base_dir, tuned_dir):
     if len(rows) != len(rows_tuned):
         fail(f"mismatched image sets: {base_dir} has {len(rows)} images, {tuned_dir} has "
              f"{len(rows_tuned)}")
-    for pair in zip(rows, rows_tuned):
-        keys = [(row["index"], row["prompt"], row["seed"]) for row in pair]
-        if keys[0] != keys[1]:
-            fail(f"mismatched image sets: {base_dir} has {keys[0]} where {tuned_dir} has {keys[1]}")
-    settings_base = sampling_of(base_dir)
-    settings = sampling_of(tuned_dir)
+    key = itemgetter("index", "prompt", "seed")
+    for row, row_tuned in zip(rows, rows_tuned):
+        if key(row) != key(row_tuned):
+            fail(f"mismatched image sets: {base_dir} has {key(row)} where {tuned_dir} has "
+                 f"{key(row_tuned)}")
+    settings_base = read_json(os.path.join(base_dir, "sampling.json"))
+    settings = read_json(os.path.join(tuned_dir, "sampling.json"))
     for key in PAIRED_SETTINGS:
         if settings_base.get(key) != settings.get(key):
             fail(f"base and tuned were sampled differently: {key} = {settings_base.get(key)} vs "
@@ -328,7 +312,7 @@ def summarise(rows, cfg):
         if not finite.any():
             continue
         base, tuned = pairs[finite].T  # (n,) each
-        groups = [row["prompt"] for row, ok in zip(rows, finite) if ok]
+        groups = np.array([row["prompt"] for row in rows])[finite]  # (n,)
         rate, low, high = win_rate(tuned, base, n_boot=cfg.n_boot, seed=cfg.seed, groups=groups)
         summary[metric] = dict(base=float(base.mean()), tuned=float(tuned.mean()),
                                diff=float((tuned - base).mean()), win_rate=rate, ci_low=low,
@@ -352,19 +336,20 @@ def write_report(cfg, rows, scored, settings, folders):
     title = (f"**{settings.get('tuned') or folders['tuned']}** vs base "
              f"**{settings.get('base') or folders['base']}**: {report['n']} image pairs "
              f"({report['n_prompts']} prompts), {sampler_line(settings)}")
-    lines = [title, "", *TABLE] + [ROW.format(metric=name, **s) for name, s in summary.items()]
-    write_text(os.path.join(cfg.out, "eval.json"), json.dumps(report, indent=2))
-    write_text(os.path.join(cfg.out, "eval.md"), "\n".join(lines) + "\n")
-    write_text(os.path.join(cfg.out, "scores.jsonl"), "".join(json.dumps(r) + "\n" for r in scored))
+    rows_md = [ROW.format(metric=name, **s) for name, s in summary.items()]
+    table = "\n".join([title, "", *TABLE, *rows_md]) + "\n"
+    files = {"eval.json": json.dumps(report, indent=2), "eval.md": table,
+             "scores.jsonl": "".join(json.dumps(row) + "\n" for row in scored)}
+    for name, text in files.items():
+        write_text(os.path.join(cfg.out, name), text)
     metric = next(iter(summary))
-    labels = {f"{side}: {metric}": folder for side, folder in folders.items()}
     notes = {f"{side}: {metric}": {row["index"]: "%.2f" % row[f"{metric}/{side}"] for row in scored}
              for side in folders}
-    by_index = sorted(rows, key=itemgetter("index"))  # the first seed: the lowest index
-    grid = make_grid(labels, by_index, cfg.grid_rows, cfg.grid_cell, notes)
+    labels = dict(zip(notes, folders.values()))  # {"base: {metric}": base folder, ...}
+    grid = make_grid(labels, rows, cfg.grid_rows, cfg.grid_cell, notes)
     save_png(grid, os.path.join(cfg.out, "eval_grid.png"))
     log_jsonl(os.path.join(cfg.out, "log.jsonl"), dict(event="eval", n=len(scored), scores=summary))
-    print("\n" + "\n".join(lines) + "\n", flush=True)
+    print("\n" + table, flush=True)
 
 
 # ----------------------------------------------------------------------------- main

@@ -37,18 +37,19 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import decode_image, error_line, open_pairs
-from runs import (barrier, build_parser, check_ranges, command_line, fail, first_line, kill_point,
-                  log_jsonl, peek, prepare_run_folder, setup_distributed, write_text)
+from runs import (barrier, build_parser, check_ranges, close_distributed, command_line, fail,
+                  first_line, kill_point, log_jsonl, peek, prepare_run_folder, setup_distributed,
+                  write_text)
 
 
 @dataclass
@@ -90,10 +91,9 @@ def get_config(argv=None):
     parser = build_parser(Config, {**asdict(Config()), **PRESETS[model]}, __doc__)
     parser.add_argument("step_name", nargs="?", choices=STEPS, help="the same as --step")
     args = vars(parser.parse_args(argv))
-    step_name = args.pop("step_name")
+    args["step"] = args.pop("step_name") or args["step"]
     cfg = Config(**args)
     check_ranges(cfg)
-    cfg.step = step_name or cfg.step
     cfg.out = cfg.out or f"runs/mpcf-{model}"
     if cfg.step not in STEPS:
         fail(f"--step {cfg.step}: expected one of {', '.join(STEPS)}")
@@ -139,9 +139,8 @@ def mpcf_keep(aes_gap, clip_gap, vqa_gap, is_tie, strategy=2, bounds=None):
     inequalities both ways: a win-lose pair exactly on a bound is dropped, and so is a tie exactly
     on one. NaN gaps (unscored) never pass."""
     a, c, v, ta, tc, tv = STRATEGIES[strategy] if bounds is None else bounds
-    g_a = torch.as_tensor(aes_gap, dtype=torch.float64)
-    g_c = torch.as_tensor(clip_gap, dtype=torch.float64)
-    g_v = torch.as_tensor(vqa_gap, dtype=torch.float64)
+    gaps = (aes_gap, clip_gap, vqa_gap)
+    g_a, g_c, g_v = (torch.as_tensor(gap, dtype=torch.float64) for gap in gaps)
     win = (g_a > a) & (g_c > c) & (g_v > v)  # the winner is consistently not worse
     tie = (g_a.abs() < ta) & (g_c.abs() < tc) & (g_v.abs() < tv)  # consistently a tie
     return torch.where(torch.as_tensor(is_tie, dtype=torch.bool), tie, win)
@@ -213,6 +212,22 @@ def load_aesthetic_head(src):
     return torch.nn.Sequential(*linears).eval()
 
 
+def clip_scorer(model, processor, head=None, logit_scale=None):
+    """-> fn(images, captions) -> (N,): a CLIP model's aesthetic score (`head` given: G_A) or
+    clip_score (G_C; PickScore with logit_scale) of its projected image (and caption) embeddings.
+    model: a CLIPModel, or with a head a CLIPVisionModelWithProjection; eval.py's columns too."""
+    def score(images, captions):
+        pixels = processor(images=images, return_tensors="pt").pixel_values
+        vision = model.vision_model(pixel_values=pixels.to(model.device, model.dtype))
+        image_embeds = model.visual_projection(vision.pooler_output)  # (N, D)
+        if head is not None:
+            return aesthetic_score(image_embeds, head)
+        tokens = processor(text=captions, padding=True, truncation=True, return_tensors="pt")
+        text = model.text_model(**tokens.to(model.device))  # input_ids, attention_mask
+        return clip_score(image_embeds, model.text_projection(text.pooler_output), logit_scale)
+    return score
+
+
 def load_scorers(cfg, device):
     """-> score(images: list of PIL, captions) -> {aesthetic, clip, vqa}: per-image arrays (N,);
     the tiny world's judge gives its own three sub-scores (no real models needed)."""
@@ -226,30 +241,24 @@ def load_scorers(cfg, device):
     except (OSError, ValueError) as error:
         fail(f"--aesthetic_mlp {cfg.aesthetic_mlp}: {error_line(error)}")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
+    paths = (cfg.aesthetic_clip, cfg.clip_model, cfg.vqa_model)
+    kinds = (CLIPVisionModelWithProjection, CLIPModel, AutoModelForImageTextToText)
     try:
-        aesthetic_processor = AutoProcessor.from_pretrained(cfg.aesthetic_clip)
-        clip_processor = AutoProcessor.from_pretrained(cfg.clip_model)
-        vqa_processor = AutoProcessor.from_pretrained(cfg.vqa_model)
-        vision = CLIPVisionModelWithProjection.from_pretrained(cfg.aesthetic_clip, dtype=dtype)
-        clip = CLIPModel.from_pretrained(cfg.clip_model, dtype=dtype)
-        vlm = AutoModelForImageTextToText.from_pretrained(cfg.vqa_model, dtype=dtype)
+        aesthetic_processor, clip_processor, vqa_processor = (
+            AutoProcessor.from_pretrained(path) for path in paths)
+        vision, clip, vlm = (kind.from_pretrained(path, dtype=dtype)
+                             for kind, path in zip(kinds, paths))
     except (OSError, ValueError) as error:
         fail(f"cannot load a scorer ({error_line(error)}): check --aesthetic_clip, "
              "--clip_model and --vqa_model")
-    vision = vision.to(device)  # from_pretrained leaves a model in eval mode
-    clip = clip.to(device)
-    vlm = vlm.to(device)
+    # from_pretrained leaves a model in eval mode
+    scorers = dict(aesthetic=clip_scorer(vision.to(device), aesthetic_processor, head),
+                   clip=clip_scorer(clip.to(device), clip_processor),
+                   vqa=partial(vqa_score, vlm.to(device), vqa_processor, cfg.vqa_question))
+
     @torch.no_grad()
     def score_images(images, captions):
-        pixels = aesthetic_processor(images=images, return_tensors="pt").pixel_values
-        embeds = vision(pixel_values=pixels.to(device, dtype)).image_embeds  # (N, 768)
-        inputs = clip_processor(text=captions, images=images, return_tensors="pt", padding=True,
-                                truncation=True)
-        out = clip(**inputs.to(device=device, dtype=dtype))
-        yes = vqa_score(vlm, vqa_processor, cfg.vqa_question, images, captions)
-        return {"aesthetic": aesthetic_score(embeds, head).cpu().numpy(),
-                "clip": clip_score(out.image_embeds, out.text_embeds).cpu().numpy(),
-                "vqa": yes.cpu().numpy()}
+        return {key: scorer(images, captions).cpu().numpy() for key, scorer in scorers.items()}
     return score_images
 
 
@@ -257,7 +266,7 @@ def load_scorers(cfg, device):
 def load_pairs(path, split):
     """A Pick-a-Pic-schema split (data.open_pairs) and its labels, numpy (N,) each: labelled
     (has_label, labels summing to > 0), usable (labelled, two different images), is_tie
-    (label_0 == label_1), label_0, label_1."""
+    (label_0 == label_1)."""
     try:
         pairs = open_pairs(path, split)
     except ValueError as error:
@@ -269,22 +278,19 @@ def load_pairs(path, split):
     total = label_0 + label_1
     labelled = table["has_label"].astype(bool) & np.isfinite(total) & (total > 0)
     usable = labelled & table["are_different"].astype(bool)
-    return pairs, SimpleNamespace(labelled=labelled, usable=usable, is_tie=label_0 == label_1,
-                                  label_0=label_0, label_1=label_1)
+    return pairs, SimpleNamespace(labelled=labelled, usable=usable, is_tie=label_0 == label_1)
 
 
 def score_batch(scorer, rows):
     """Gaps (B, 3) of one batch of rows, NaN where an image cannot be decoded; decoded (B,).
     One scorer call on the 2m decoded pairs' images: the m images 0, then the m images 1."""
-    images_0 = [decode_image(x) for x in rows["jpg_0"]]
-    images_1 = [decode_image(x) for x in rows["jpg_1"]]
-    decoded = np.array([None not in pair for pair in zip(images_0, images_1)])  # (B,)
+    images = [[decode_image(x) for x in rows[column]] for column in ("jpg_0", "jpg_1")]  # (2, B)
+    decoded = np.array([None not in pair for pair in zip(*images)])  # (B,)
     picked = np.flatnonzero(decoded)  # (m,)
     gaps = np.full((len(decoded), 3), np.nan)  # (B, 3)
     if len(picked):
         captions = [rows["caption"][k] for k in picked]
-        images = [images_0[k] for k in picked] + [images_1[k] for k in picked]
-        scores = scorer(images, captions + captions)
+        scores = scorer([side[k] for side in images for k in picked], captions + captions)
         labels = np.array([rows["label_0"], rows["label_1"]])[:, picked]  # (2, m)
         for column, key in enumerate(SCORES):
             scores_0, scores_1 = np.reshape(scores[key], (2, -1))  # images 0, images 1: (m,) each
@@ -318,8 +324,8 @@ def score(cfg, pairs, labels, rank, world, device):
     with open(os.path.join(cfg.out, f"gaps.part{rank}.csv"), "a") as part:
         if part.tell() == 0:
             part.write(HEADER)
-        batches = range(0, len(mine), cfg.batch_size)
-        for number, first in enumerate(tqdm(batches, disable=rank != 0, desc="mpcf score"), 1):
+        batches = tqdm(range(0, len(mine), cfg.batch_size), disable=rank != 0, desc="mpcf score")
+        for number, first in enumerate(batches, 1):
             index = mine[first:first + cfg.batch_size]
             gaps, decoded = score_batch(scorer, pairs[index])
             for i, (aes, clip, vqa), ok in zip(index, gaps.tolist(), decoded):
@@ -374,9 +380,9 @@ def filter_pairs(cfg, pairs, labels):
     """Apply the MPCF rule to the gaps: OUT/keep.json, the log row, the printed counts."""
     gaps = read_gaps(cfg.gaps, len(pairs))  # (N, 3)
     bounds = rule_bounds(cfg)
-    keep = labels.usable & mpcf_keep(*gaps.T, labels.is_tie, bounds=bounds).numpy()  # (N,)
     usable = labels.usable
     tie = labels.is_tie
+    keep = usable & mpcf_keep(*gaps.T, tie, bounds=bounds).numpy()  # (N,)
     rows = dict(win_lose=usable & ~tie, win_lose_kept=keep & ~tie, ties=usable & tie,
                 ties_kept=keep & tie, no_label=~labels.labelled,
                 identical=labels.labelled & ~usable, unscored=usable & ~np.isfinite(gaps).all(1))
@@ -404,8 +410,7 @@ def main(cfg):
     pairs, labels = load_pairs(cfg.data, cfg.split)
     if cfg.step != "filter":
         score(cfg, pairs, labels, rank, world, device)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_distributed()  # every rank waits for rank 0's gaps.csv
     if cfg.step != "score" and rank == 0:
         return filter_pairs(cfg, pairs, labels)
 

@@ -25,6 +25,7 @@ import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from operator import itemgetter
 
 import huggingface_hub
 import torch
@@ -176,7 +177,7 @@ def check_sampling_inputs(cfg):
     """Bad input found from files and configs alone (nothing heavy is loaded): one line. Fills in
     --resolution 0 and --out "" (runs/samples/{name}: the LoRA folder's name, the merged
     denoiser's repo or folder name, or base), and returns the prompts."""
-    if not cfg.prompt and not cfg.prompts:
+    if not (cfg.prompt or cfg.prompts):
         fail("no prompts: give --prompts (a dataset or a file) or --prompt")
     for name in ["base", "lora", "unet", "vae"] + ([] if cfg.prompt else ["prompts"]):
         path = getattr(cfg, name)
@@ -257,12 +258,12 @@ def read_json(path):
 
 
 def make_grid(folders, rows, count, cell=256, notes=None):
-    """The first seed of each of the first `count` prompts of metadata `rows`, its image in each of
-    folders ({"base": folder, ...}) side by side, two pairs per row, the caption under each
-    pair (small images, as the tiny world's 32 px, enlarged with crisp pixels); notes: optional
-    {"base": {index: text}, ...} printed on each image."""
+    """The first seed (lowest index) of each of the first `count` prompts of metadata `rows`, its
+    image in each of folders ({"base": folder, ...}) side by side, two pairs per row, the caption
+    under each pair (small images, as the tiny world's 32 px, enlarged with crisp pixels); notes:
+    optional {"base": {index: text}, ...} printed on each image."""
     first = {}
-    for row in rows:
+    for row in sorted(rows, key=itemgetter("index")):
         first.setdefault(row["prompt"], row)
     rows = list(first.values())[:count]
     font = ImageFont.load_default(size=max(10, cell // 16))
@@ -308,38 +309,37 @@ def sampler_options(pipe, cfg):
 
 
 @torch.no_grad()
-def sample_folder(pipe, jobs, folder, settings, cfg, rank, world):
-    """Generate jobs [(index, prompt, seed)] into folder, sharded over ranks: each index once,
-    with its own noise stream, so its pixels do not depend on the batch or the rank."""
+def sample_folder(pipe, jobs, side, settings, cfg, rank, world):
+    """Generate jobs (metadata.jsonl's rows) into OUT/side, sharded over ranks: each index once,
+    with its own noise stream, so its pixels do not depend on the batch or the rank. -> folder"""
+    folder = os.path.join(cfg.out, side)
     prepare_run_folder(folder, resume=True)  # made, without the *.tmp a killed write leaves
     if rank == 0:
         write_text(os.path.join(folder, "sampling.json"), json.dumps(settings, indent=2))
     barrier()
     on_disk = set(os.listdir(folder))
-    todo = [(i, prompt, seed) for i, prompt, seed in jobs if file_name(i, seed) not in on_disk]
+    todo = [job for job in jobs if job["file_name"] not in on_disk]
     barrier()  # every rank has listed the folder before anyone writes to it
     mine = todo[rank::world]
     start = time.time()
-    for first in tqdm(range(0, len(mine), cfg.batch_size), disable=rank != 0,
-                      desc=os.path.basename(folder)):
+    for first in tqdm(range(0, len(mine), cfg.batch_size), disable=rank != 0, desc=side):
         batch = mine[first:first + cfg.batch_size]
-        generators = [torch.Generator().manual_seed(seed) for _, _, seed in batch]
-        images = pipe([prompt for _, prompt, _ in batch], generator=generators,
+        generators = [torch.Generator().manual_seed(job["seed"]) for job in batch]
+        images = pipe([job["prompt"] for job in batch], generator=generators,
                       num_inference_steps=cfg.num_inference_steps,
                       guidance_scale=cfg.guidance_scale, height=cfg.resolution,
                       width=cfg.resolution, **sampler_options(pipe, cfg)).images
-        for (index, _, seed), image in zip(batch, images):
-            save_png(image, os.path.join(folder, file_name(index, seed)))
+        for job, image in zip(batch, images):
+            save_png(image, os.path.join(folder, job["file_name"]))
     per_rank = gather_objects(len(mine))
     if rank == 0:
-        rows = [dict(file_name=file_name(index, seed), prompt=prompt, seed=seed, index=index,
-                     prompt_index=index // cfg.seeds_per_prompt) for index, prompt, seed in jobs]
         write_text(os.path.join(folder, "metadata.jsonl"),
-                   "".join(json.dumps(row) + "\n" for row in rows))
-        row = dict(folder=os.path.basename(folder), images=len(jobs), generated=sum(per_rank),
-                   per_rank=per_rank, seconds=round(time.time() - start, 2))
-        log_jsonl(os.path.join(os.path.dirname(folder), "log.jsonl"), row)
+                   "".join(json.dumps(job) + "\n" for job in jobs))
+        row = dict(folder=side, images=len(jobs), generated=sum(per_rank), per_rank=per_rank,
+                   seconds=round(time.time() - start, 2))
+        log_jsonl(os.path.join(cfg.out, "log.jsonl"), row)
     barrier()
+    return folder
 
 
 def sample_models(cfg, prompts, rank, world, device):
@@ -348,7 +348,9 @@ def sample_models(cfg, prompts, rank, world, device):
     without x0 clipping (a pixel-space default: SD latents are wider); tuned = the base with the
     LoRA loaded, or the merged denoiser. -> {"base": folder, "tuned": folder}"""
     per_prompt = cfg.seeds_per_prompt
-    jobs = [(i, prompts[i // per_prompt], cfg.seed + i) for i in range(len(prompts) * per_prompt)]
+    jobs = [dict(file_name=file_name(i, cfg.seed + i), prompt=prompts[i // per_prompt],
+                 seed=cfg.seed + i, index=i, prompt_index=i // per_prompt)
+            for i in range(len(prompts) * per_prompt)]
     dtype = torch_dtype(cfg.dtype, device)
     pipe = load_pipeline(cfg.base, device, dtype)
     if cfg.vae:
@@ -361,20 +363,18 @@ def sample_models(cfg, prompts, rank, world, device):
     if rank == 0:
         print(f"{len(prompts)} prompts x {per_prompt} seeds = {len(jobs)} images per model on "
               f"{world} rank(s): {sampler_line(settings)}", flush=True)
-    folders = {"base": os.path.join(cfg.out, "base")}
-    sample_folder(pipe, jobs, folders["base"], settings, cfg, rank, world)
-    if not (cfg.lora or cfg.unet):
-        return folders
+    folders = {"base": sample_folder(pipe, jobs, "base", settings, cfg, rank, world)}
     if cfg.lora:
         pipe.load_lora_weights(cfg.lora)
-    else:
+    elif cfg.unet:
         name = denoiser_name(pipe)
         folder, subfolder = denoiser_location(cfg.unet, name)
         denoiser = DENOISERS[name].from_pretrained(folder, subfolder=subfolder, dtype=dtype)
         setattr(pipe, name, denoiser.to(device))
-    folders["tuned"] = os.path.join(cfg.out, "tuned")
+    else:
+        return folders
     settings["tuned"] = cfg.lora or cfg.unet
-    sample_folder(pipe, jobs, folders["tuned"], settings, cfg, rank, world)
+    folders["tuned"] = sample_folder(pipe, jobs, "tuned", settings, cfg, rank, world)
     return folders
 
 

@@ -1653,8 +1653,10 @@ def test_tiny_presets_use_one_thread(monkeypatch, tmp_path):
 
 def test_mpcf_and_eval_share_one_definition_of_each_scorer():
     """One name, one meaning: eval's aesthetic and CLIP columns are MPCF's G_A and G_C scorers."""
-    for name in ("aesthetic_score", "clip_score", "load_aesthetic_head"):
+    for name in ("clip_scorer", "load_aesthetic_head"):  # clip_scorer: aesthetic_score, clip_score
         assert getattr(ev, name) is getattr(mpcf, name)
+    for name in ("aesthetic_score", "clip_score"):  # no second definition of either in eval.py
+        assert getattr(ev, name, getattr(mpcf, name)) is getattr(mpcf, name)
     assert not hasattr(ev, "EvalConfig") and ev.Config is not sample.Config
 
 
@@ -3184,9 +3186,9 @@ def test_vae_sees_one_image_at_a_time(lrm_dir, tmp):
     assert max(size for _, size in seen) == 1, seen
 
 
-def test_eval_compares_sampler_settings_under_their_former_names_too(tmp_path, capsys):
-    """Folders sampled before the CLI rename store steps / guidance: a base at CFG 7.5 and a tuned
-    at CFG 5.0 (the peers' evaluation bug) must still be refused; so must another VAE."""
+def test_eval_refuses_pairs_sampled_with_other_settings(tmp_path, capsys):
+    """A base at CFG 7.5 and a tuned at CFG 5.0 (the peers' evaluation bug) must be refused; so must
+    another VAE. (sampling.json's pre-release names steps / guidance are no longer read.)"""
     def folder(name, settings):
         path = tmp_path / name
         path.mkdir()
@@ -3196,14 +3198,13 @@ def test_eval_compares_sampler_settings_under_their_former_names_too(tmp_path, c
         if settings is not None:
             (path / "sampling.json").write_text(json.dumps(settings))
         return str(path)
-    legacy = dict(scheduler="DDIMScheduler", steps=20, eta=0.0, resolution=32)
-    with pytest.raises(SystemExit, match="guidance_scale = 7.5 vs 5.0"):
-        ev.check_paired(folder("a", dict(legacy, guidance=7.5)), folder("b", dict(legacy, guidance=5.0)))
     current = dict(scheduler="DDIMScheduler", num_inference_steps=20, guidance_scale=5.0, eta=0.0,
                    resolution=32)
+    with pytest.raises(SystemExit, match="guidance_scale = 7.5 vs 5.0"):
+        ev.check_paired(folder("a", dict(current, guidance_scale=7.5)), folder("b", current))
     with pytest.raises(SystemExit, match="vae = None vs my-vae"):
         ev.check_paired(folder("c", current), folder("d", dict(current, vae="my-vae")))
-    rows, settings = ev.check_paired(folder("e", dict(legacy, guidance=5.0)), folder("f", current))
+    rows, settings = ev.check_paired(folder("e", current), folder("f", current))
     assert len(rows) == 1 and settings["guidance_scale"] == 5.0
     ev.check_paired(folder("g", None), folder("h", None))  # no record: said, not refused
     assert "not checked" in capsys.readouterr().out
