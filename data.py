@@ -177,7 +177,8 @@ def read_keep(keep, n_rows):
 
 def pair_flags(pairs, data, split):
     """The one rule every stage judges a Pick-a-Pic split by, numpy (N,) flags: labelled
-    (has_label, finite labels summing to > 0), usable (labelled, two different images, a caption),
+    (has_label, finite labels summing to > 0), different (two different images), usable
+    (labelled, different, a caption),
     is_tie (label_0 == label_1), label_0, label_1. A split without a usable pair: ValueError with
     the counts."""
     table = pairs.with_format("numpy", columns=["label_0", "label_1", "has_label",
@@ -196,8 +197,8 @@ def pair_flags(pairs, data, split):
                          "blank caption)")
     if not len(pairs):
         raise ValueError(f"dataset {data!r} split {split!r} has no rows")
-    return SimpleNamespace(labelled=labelled, usable=usable, is_tie=label_0 == label_1,
-                           label_0=label_0, label_1=label_1)
+    return SimpleNamespace(labelled=labelled, different=different, usable=usable,
+                           is_tie=label_0 == label_1, label_0=label_0, label_1=label_1)
 
 
 def load_pairs(data, split, keep=""):

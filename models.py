@@ -372,7 +372,7 @@ def check_lora(path, base):
         layer = layers.get(match[2]) if match[1] == subfolder else None
         side = LORA_SIDES[match[3]]
         width = getattr(layer, f"{side}_features", None)
-        if width != weight.shape[side == "in"]:
+        if weight.ndim != 2 or width != weight.shape[side == "in"]:
             fail(f"--lora {path} does not fit {base}: {key} {tuple(weight.shape)} has no layer of "
                  f"its {subfolder} to go to (a LoRA of another model family?)")
         if not torch.isfinite(weight).all():

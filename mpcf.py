@@ -38,7 +38,6 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -46,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import decode_image, error_line, open_pairs
+from data import check_decodable, decode_image, error_line, open_pairs, pair_flags
 from runs import (barrier, build_parser, check_ranges, close_distributed, command_line, fail,
                   first_line, kill_point, log_jsonl, peek, prepare_run_folder, setup_distributed,
                   write_text)
@@ -264,21 +263,13 @@ def load_scorers(cfg, device):
 
 # ----------------------------------------------------------------------------- the two steps
 def load_pairs(path, split):
-    """A Pick-a-Pic-schema split (data.open_pairs) and its labels, numpy (N,) each: labelled
-    (has_label, labels summing to > 0), usable (labelled, two different images), is_tie
-    (label_0 == label_1)."""
+    """A Pick-a-Pic-schema split (data.open_pairs) and its flags by the one rule of the stages
+    (data.pair_flags: labelled, different, usable, is_tie)."""
     try:
         pairs = open_pairs(path, split)
+        return pairs, pair_flags(pairs, path, split)
     except ValueError as error:
         fail(first_line(error))
-    columns = ["label_0", "label_1", "has_label", "are_different"]
-    table = pairs.with_format("numpy", columns=columns)[:]
-    label_0 = table["label_0"].astype(np.float64)
-    label_1 = table["label_1"].astype(np.float64)
-    total = label_0 + label_1
-    labelled = table["has_label"].astype(bool) & np.isfinite(total) & (total > 0)
-    usable = labelled & table["are_different"].astype(bool)
-    return pairs, SimpleNamespace(labelled=labelled, usable=usable, is_tie=label_0 == label_1)
 
 
 def score_batch(scorer, rows):
@@ -343,10 +334,14 @@ def score(cfg, pairs, labels, rank, world, device):
         return
     table = read_parts(cfg.out).reindex(pd.RangeIndex(len(labels.usable), name="index"))
     table["different_flag"] = np.where(labels.labelled, ~labels.is_tie, -1)
-    status = np.where(labels.usable, table["status"].fillna("unscored"), "identical")
-    table["status"] = np.where(labels.labelled, status, "no_label")
+    unusable = [~labels.labelled, ~labels.different, ~labels.usable]
+    table["status"] = np.select(unusable, ["no_label", "identical", "blank_caption"],
+                                table["status"].fillna("unscored"))
     write_text(cfg.gaps, table.to_csv())
-    print(f"mpcf score -> {cfg.gaps}: rows by status {table['status'].value_counts().to_dict()}")
+    counts = table["status"].value_counts().to_dict()
+    print(f"mpcf score -> {cfg.gaps}: rows by status {counts}")
+    scored = counts.get("ok", 0) + counts.get("unreadable", 0)
+    check_decodable(counts.get("unreadable", 0), scored, cfg.data)  # (gaps.csv is kept)
 
 
 def read_gaps(path, num_rows):
@@ -385,7 +380,8 @@ def filter_pairs(cfg, pairs, labels):
     keep = usable & mpcf_keep(*gaps.T, tie, bounds=bounds).numpy()  # (N,)
     rows = dict(win_lose=usable & ~tie, win_lose_kept=keep & ~tie, ties=usable & tie,
                 ties_kept=keep & tie, no_label=~labels.labelled,
-                identical=labels.labelled & ~usable, unscored=usable & ~np.isfinite(gaps).all(1))
+                identical=labels.labelled & ~labels.different,
+                unscored=usable & ~np.isfinite(gaps).all(1))
     counts = {name: int(counted.sum()) for name, counted in rows.items()}
     kept = np.flatnonzero(keep).tolist()
     path = os.path.join(cfg.out, "keep.json")

@@ -19,7 +19,6 @@ and grid.png (base | tuned), atomically: --resume generates only the missing ima
 folder sampled with other settings). docs/reference.md describes the files, the sampler and the
 resume contract.
 """
-import glob
 import json
 import os
 import time
@@ -34,7 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from data import load_prompts
-from models import (BASES, DENOISERS, LORA_FILE, ROOT, denoiser_name, denoiser_subfolder, family,
+from models import (BASES, DENOISERS, ROOT, check_lora, denoiser_name, denoiser_subfolder, family,
                     geometry, is_flow_matching, load_pipeline, resolve_model, t5_length)
 from runs import (barrier, close_distributed, command_line, fail, gather_objects, kill_point,
                   log_jsonl, parse_config, peek, prepare_run_folder, settings_changes,
@@ -120,26 +119,6 @@ def findable(path):
     return False
 
 
-def check_lora(path):
-    """A local --lora must be a diffusers LoRA (a folder holding one, or its .safetensors): read
-    from the file headers alone, so a bad one is found before anything is sampled."""
-    from safetensors import safe_open
-    files = [path]
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    preferred = os.path.join(path, LORA_FILE)
-    files = [preferred] if preferred in files else files
-    if len(files) == 1:
-        try:
-            with safe_open(files[0], "pt") as weights:
-                if any("lora" in key for key in weights.keys()):
-                    return
-        except Exception as error:  # safetensors' own error type: a damaged or foreign file
-            fail(f"--lora {files[0]}: cannot read it ({type(error).__name__}): is it damaged?")
-    fail(f"--lora {path}: no LoRA there (expected pytorch_lora_weights.safetensors with lora_A / "
-         "lora_B weights, as lpo.py saves it)")
-
-
 def denoiser_location(path, name):
     """(folder or repo, subfolder) of a merged denoiser: its own folder, a folder holding
     {name}/ (a pipeline, or lpo.py's run folder), or hub "owner/repo[/sub/folder]"."""
@@ -184,8 +163,8 @@ def check_sampling_inputs(cfg):
         if path and not findable(path):
             fail(f"--{name} {path}: no such local file or folder, and no hub repo of that name "
                  "could be reached")
-    if os.path.exists(cfg.lora):  # a hub id: diffusers checks it when it loads it
-        check_lora(cfg.lora)
+    if os.path.exists(cfg.lora):  # a hub id: checked as it loads, below
+        check_lora(cfg.lora, cfg.base)
     cfg.resolution = geometry(cfg.base, cfg.resolution, cfg.vae)[0]
     if cfg.eta and sampler_of(cfg.base) is not DDIMScheduler:
         fail(f"--eta {cfg.eta}: {cfg.base} samples with its FlowMatchEulerDiscreteScheduler, the "
@@ -366,6 +345,9 @@ def sample_models(cfg, prompts, rank, world, device):
     folders = {"base": sample_folder(pipe, jobs, "base", settings, cfg, rank, world)}
     if cfg.lora:
         pipe.load_lora_weights(cfg.lora)
+        if not getattr(getattr(pipe, denoiser_name(pipe)), "peft_config", None):
+            fail(f"--lora {cfg.lora}: none of its weights went to {cfg.base}'s denoiser (a LoRA "
+                 "of another model family?): the tuned images would be the base's")
     elif cfg.unet:
         name = denoiser_name(pipe)
         folder, subfolder = denoiser_location(cfg.unet, name)

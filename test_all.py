@@ -3218,8 +3218,10 @@ def _sample_bad_files(folder):
     pd.DataFrame({"caption": [1, 2, 3]}).to_parquet(os.path.join(folder, "int_captions.parquet"))
     os.makedirs(os.path.join(folder, "not_a_lora"))
     save_file({"conv.weight": torch.zeros(2)}, os.path.join(folder, "not_a_lora", "model.safetensors"))
-    os.makedirs(os.path.join(folder, "lora"))   # passes the header check (enough to reach the next refusal)
-    save_file({"unet.a.lora_A.weight": torch.zeros(2)}, os.path.join(folder, "lora", "pytorch_lora_weights.safetensors"))
+    os.makedirs(os.path.join(folder, "lora"))   # fits tiny/sd15 (enough to reach the next refusal)
+    layer = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
+    save_file({f"{layer}.lora_A.weight": torch.zeros(8, 32), f"{layer}.lora_B.weight": torch.zeros(32, 8)},
+              os.path.join(folder, "lora", "pytorch_lora_weights.safetensors"))
     # a pipeline without its vae/ (the configs are all the checks read)
     os.makedirs(os.path.join(folder, "no_vae", "unet"))
     for name in ("model_index.json", "unet/config.json"):
@@ -3229,7 +3231,7 @@ def _sample_bad_files(folder):
         f.write("caption\tseed\na red circle\t1\na blue square\t2\textra\n")
 
 
-_SAMPLE_BAD = _made_once("sample-bad-inputs-v2", _sample_bad_files)
+_SAMPLE_BAD = _made_once("sample-bad-inputs-v3", _sample_bad_files)
 _TINY_LORA = ["--model", "tiny", "--lora", f"{_SAMPLE_BAD}/lora"]
 BAD_INPUTS = globals().get("BAD_INPUTS", [])
 BAD_INPUTS += [
@@ -3681,6 +3683,16 @@ def test_undecodable_images_stop_every_stage_by_one_rule(tmp_path):
                          str(tmp_path / "m")]))
     gaps = pd.read_csv(tmp_path / "m" / "gaps.csv")   # what was scored is kept
     assert (gaps["status"] == "unreadable").sum() == 40
+
+
+def test_a_lora_that_loads_nothing_is_refused_after_loading_too(tmp_path, monkeypatch):
+    """Formats models.check_lora cannot read ahead (a hub LoRA, another layout) are judged as they
+    load: a LoRA that gave the denoiser no adapter would make "tuned" images the base's."""
+    monkeypatch.setattr(sample, "check_lora", lambda path, base: None)   # as for a hub id
+    argv = ["--model", "tiny-sd3", "--lora", os.path.join(SEAM_BAD, "sd15_lora"), "--num_prompts", "1",
+            "--seeds_per_prompt", "1", "--out", str(tmp_path / "s")]
+    with pytest.raises(SystemExit, match="none of its weights went to .*tiny/sd3's denoiser"):
+        sample.main(sample.get_config(argv))
 
 
 def test_no_network_is_said_in_seconds(tmp_path):
