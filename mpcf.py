@@ -48,7 +48,7 @@ from tqdm import tqdm
 from data import check_decodable, decode_image, error_line, open_pairs, pair_flags
 from runs import (barrier, build_parser, check_ranges, close_distributed, command_line, fail,
                   first_line, kill_point, log_jsonl, peek, prepare_run_folder, setup_distributed,
-                  write_text)
+                  write_or_fail, write_text)
 
 
 @dataclass
@@ -289,6 +289,13 @@ def score_batch(scorer, rows):
     return gaps, decoded
 
 
+def append_lines(part, lines):
+    """On disk, fsync'd: a killed run loses at most the batch in flight."""
+    part.writelines(lines)
+    part.flush()
+    os.fsync(part.fileno())
+
+
 def read_parts(out):
     """All ranks' scored rows so far, one per dataset index (the last one written)."""
     parts = sorted(glob.glob(os.path.join(out, "gaps.part*.csv")))
@@ -312,18 +319,18 @@ def score(cfg, pairs, labels, rank, world, device):
     scorer = load_scorers(cfg, device)
     unreadable = 0
     start = time.time()
-    with open(os.path.join(cfg.out, f"gaps.part{rank}.csv"), "a") as part:
-        if part.tell() == 0:
-            part.write(HEADER)
+    path = os.path.join(cfg.out, f"gaps.part{rank}.csv")
+    with open(path, "a") as part:
+        lines = [] if part.tell() else [HEADER]
         batches = tqdm(range(0, len(mine), cfg.batch_size), disable=rank != 0, desc="mpcf score")
         for number, first in enumerate(batches, 1):
             index = mine[first:first + cfg.batch_size]
             gaps, decoded = score_batch(scorer, pairs[index])
             for i, (aes, clip, vqa), ok in zip(index, gaps.tolist(), decoded):
                 status = "ok" if ok else "unreadable"
-                part.write(f"{i},{int(not labels.is_tie[i])},{aes!r},{clip!r},{vqa!r},{status}\n")
-            part.flush()
-            os.fsync(part.fileno())  # on disk: a killed run loses at most the batch in flight
+                lines.append(f"{i},{int(not labels.is_tie[i])},{aes!r},{clip!r},{vqa!r},{status}\n")
+            write_or_fail(path, append_lines, part, lines)
+            lines = []
             kill_point(f"scored batch {number}")
             unreadable += int((~decoded).sum())
     log_jsonl(os.path.join(cfg.out, "log.jsonl"), dict(

@@ -402,11 +402,13 @@ def atomic_torch_save(obj, path):
 
 
 def write_text(path, text, kill_name=None):
-    """Write path.tmp, then rename: a file that exists at path is always complete."""
-    with open(path + ".tmp", "w") as file:
-        file.write(text)
-    kill_point("mid " + (kill_name or os.path.basename(path)))
-    os.replace(path + ".tmp", path)
+    """Write path.tmp, then rename (a file that exists at path is always complete), guarded."""
+    def write():
+        with open(path + ".tmp", "w") as file:
+            file.write(text)
+        kill_point("mid " + (kill_name or os.path.basename(path)))
+        os.replace(path + ".tmp", path)
+    write_or_fail(path, write)
 
 
 def write_safetensors(tensors, path):

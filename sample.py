@@ -37,7 +37,7 @@ from models import (BASES, DENOISERS, ROOT, check_lora, denoiser_name, denoiser_
                     geometry, is_flow_matching, load_pipeline, resolve_model, t5_length)
 from runs import (barrier, close_distributed, command_line, fail, gather_objects, kill_point,
                   log_jsonl, parse_config, peek, prepare_run_folder, settings_changes,
-                  setup_distributed, write_text)
+                  setup_distributed, write_or_fail, write_text)
 
 
 # ----------------------------------------------------------------------------- config
@@ -213,10 +213,12 @@ def file_name(index, seed):
 
 
 def save_png(image, path):
-    """Atomic: a killed run never leaves half an image for --resume to keep."""
-    image.save(path + ".tmp", format="PNG")
-    kill_point("mid " + "/".join(path.split(os.sep)[-2:]))
-    os.replace(path + ".tmp", path)
+    """Atomic (a killed run never leaves half an image for --resume to keep) and guarded."""
+    def write():
+        image.save(path + ".tmp", format="PNG")
+        kill_point("mid " + "/".join(path.split(os.sep)[-2:]))
+        os.replace(path + ".tmp", path)
+    write_or_fail(path, write)
 
 
 def read_metadata(folder):

@@ -3695,6 +3695,22 @@ def test_a_lora_that_loads_nothing_is_refused_after_loading_too(tmp_path, monkey
         sample.main(sample.get_config(argv))
 
 
+def test_every_write_is_guarded_full_disk_is_one_line(tmp_path, monkeypatch):
+    """A full disk while mpcf.py appends its scores or sample.py saves a PNG: one line naming the
+    file and --resume (the one guard, runs.write_or_fail), no traceback."""
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", full)
+        with pytest.raises(SystemExit, match=r"cannot write .*gaps.part0.csv \(No space left on device\).*--resume"):
+            main(get_config(["--model", "tiny", "--out", str(tmp_path / "m")]))
+    with monkeypatch.context() as patch:
+        patch.setattr(Image.Image, "save", full)
+        with pytest.raises(SystemExit, match=r"cannot write .*00000_1000000.png \(No space left on device\)"):
+            sample.main(sample.get_config(["--model", "tiny", "--num_prompts", "1", "--seeds_per_prompt", "1",
+                                           "--out", str(tmp_path / "s")]))
+
+
 def test_no_network_is_said_in_seconds(tmp_path):
     """A hub id with the hub unreachable (HF_HUB_OFFLINE unset): one warning that the hub does not
     answer, then the refusal, in seconds; not a minute of retries (48 s before) ending in blame
