@@ -48,8 +48,8 @@ import models
 from lpo import FlowSchedule, lpo_loss, make_schedule, pair_logprobs, sample_tuples
 from lrm_model import LatentRewardModel, take_rows
 from models import add_lora, encode_for_cfg, guided_prediction, text_encoders, uncond_then_cond
-from runs import (apply_update, command_line, fail, log_jsonl, parse_config, prepare_run_folder,
-                  write_text)
+from distributed import apply_update
+from runs import command_line, fail, log_jsonl, parse_config, prepare_run_folder, write_text
 from tiny.world import CAPTIONS
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

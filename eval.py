@@ -40,8 +40,8 @@ from lpo import PRESETS as LPO_PRESETS
 from lrm import encode_images
 from models import family, load_lrm, resolve_model
 from mpcf import clip_scorer, load_aesthetic_head
-from runs import (close_distributed, fail, first_line, gather_objects, inform, log_jsonl,
-                  prepare_run_folder, setup_distributed, write_text)
+from distributed import close_distributed, gather_objects, setup_distributed
+from runs import fail, first_line, inform, log_jsonl, prepare_run_folder, write_text
 from sample import (check_sampling_inputs, make_grid, parse_stage, read_json, read_metadata,
                     sample_models, sampler_line, sampler_of, save_png, torch_dtype)
 

@@ -50,11 +50,11 @@ from lrm_model import take_rows
 from models import (LORA_FILE, ROOT, add_lora, check_scheduler, denoiser_name, encode_for_cfg,
                     family, geometry, guided_prediction, is_flow_matching, load_lrm,
                     load_pipeline, save_lora, save_merged_denoiser)
-from runs import (NonFiniteUpdate, all_gather_cat, all_reduce_sums, apply_update, barrier,
-                  close_distributed, command_line, fail, inform, inputs_sha1,
-                  kill_point, log_jsonl, mixed_precision, open_run, parse_config, peak_memory_mb,
-                  peek, plan_rounds, restart_log, restore_training, run_folder,
-                  setup_distributed, stop_non_finite, timing, warn, weights_fingerprint,
+from distributed import (NonFiniteUpdate, all_gather_cat, all_reduce_sums, apply_update, barrier,
+                         close_distributed, mixed_precision, peak_memory_mb, setup_distributed,
+                         stop_non_finite, timing, weights_fingerprint)
+from runs import (command_line, fail, inform, inputs_sha1, kill_point, log_jsonl, open_run,
+                  parse_config, peek, restart_log, restore_training, run_folder, warn,
                   write_checkpoint)
 from tiny.world import judge_lora, win_rate_line
 
@@ -536,6 +536,14 @@ def get_config(argv=None):
              f"shape judge; pass --eval_samples 0 and evaluate the LoRA with sample.py / eval.py "
              f"(e.g. python eval.py --model sd15 --lora {cfg.out})")
     return cfg
+
+
+def plan_rounds(items, per_round, epochs, max_rounds):
+    """(rounds an epoch, rounds of the run, rounds the items give): ceil(items / per_round) rounds
+    an epoch, epochs of them, max_rounds at most (0: no limit)."""
+    per_epoch = math.ceil(items / per_round)
+    available = epochs * per_epoch
+    return per_epoch, min(max_rounds, available) if max_rounds > 0 else available, available
 
 
 def round_prompt_ids(num_prompts, cfg, world, rank, epoch, position):

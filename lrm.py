@@ -57,11 +57,11 @@ from tqdm import tqdm
 from data import check_decodable, decode_image, load_pairs
 from lrm_model import LatentRewardModel, mmdit_blocks
 from models import BASES, geometry, is_flow_matching, load_denoiser_config, resolve_model
-from runs import (NonFiniteUpdate, apply_update, atomic_torch_save, barrier,
-                  close_distributed, command_line, fail, first_line, gather_objects, kill_point,
-                  load_checkpoint, log_jsonl, mixed_precision, parse_config, peek,
-                  prepare_run_folder, run_folder, settings_changes, setup_distributed,
-                  stop_non_finite, truncate_log, warn, write_or_fail)
+from distributed import (NonFiniteUpdate, apply_update, barrier, close_distributed, gather_objects,
+                         mixed_precision, setup_distributed, stop_non_finite)
+from runs import (atomic_torch_save, command_line, fail, first_line, kill_point, load_checkpoint,
+                  log_jsonl, parse_config, peek, prepare_run_folder, run_folder, settings_changes,
+                  truncate_log, warn, write_or_fail)
 
 ACTIVATION_GB_PER_PAIR = 2.6  # see choose_micro_batch
 RESUMABLE = ("lr", "max_train_steps", "warmup", "eval_every", "save_every")  # change on resume

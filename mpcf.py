@@ -46,9 +46,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import check_decodable, decode_image, error_line, open_pairs, pair_flags
-from runs import (barrier, build_parser, check_ranges, close_distributed, command_line, fail,
-                  first_line, kill_point, log_jsonl, peek, prepare_run_folder, setup_distributed,
-                  write_or_fail, write_text)
+from distributed import barrier, close_distributed, setup_distributed
+from runs import (build_parser, check_ranges, command_line, fail, first_line, kill_point, log_jsonl,
+                  peek, prepare_run_folder, write_or_fail, write_text)
 
 
 @dataclass

@@ -4,22 +4,18 @@ checkpoints and what a resume may change, log rows, timings, the collectives the
 the kill points the resume tests use. Plain functions: a stage imports the ones it uses."""
 import argparse
 import atexit
-import datetime
 import hashlib
 import inspect
 import json
 import math
 import os
 import re
-import resource
 import shlex
 import shutil
 import signal
 import socket
 import sys
-import time
 import urllib.parse
-from contextlib import contextmanager
 from dataclasses import asdict, fields
 
 import torch
@@ -51,24 +47,10 @@ def inform(message):
     print(f"{PROG}: {message}", flush=True)
 
 
-def stop_non_finite(out, what, where, lower="--lr", checkpoint="ckpt.pt"):
-    """Stop a run on a non-finite loss, gradient, weight or score (what) found in `where`, before
-    anything of it is saved, with a way on that works: a lower `lower`, from the intact checkpoint
-    or from the start."""
-    path = os.path.join(out, checkpoint)
-    if os.path.exists(path):
-        fail(f"{where}: {what}; the last good checkpoint {path} is kept: continue it with --resume "
-             f"and a lower {lower}, or pass another --out")
-    fail(f"{where}: {what}; nothing is kept (it came before any checkpoint): run again with a "
-         f"lower {lower} and --resume (it starts over), or another --out")
-
-
 def first_line(error):
     """An exception's message cut to its first line (hub errors run over several)."""
     text = str(error).strip()
-    if not text:
-        return type(error).__name__
-    return text.splitlines()[0]
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ----------------------------------------------------------------------------- command line
@@ -202,105 +184,6 @@ def parse_config(config_class, defaults, doc, argv):
     return cfg
 
 
-# ----------------------------------------------------------------------------- torchrun
-def setup_distributed(timeout_minutes):
-    """torchrun sets RANK and LOCAL_RANK; a plain `python` run is rank 0 of 1."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if "RANK" in os.environ and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(device)
-        # explicit: NCCL's default (10 min) is shorter than a rank-0 save of an SDXL checkpoint
-        timeout = datetime.timedelta(minutes=timeout_minutes)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, device
-
-
-def barrier():
-    """Every rank calls it, in the same order."""
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_gather_cat(x, world):
-    """Concatenate the (N_r, ...) tensors of all ranks; their lengths first, as they differ."""
-    if world == 1:
-        return x
-    lengths = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
-    dist.all_gather(lengths, torch.tensor([len(x)], device=x.device))
-    lengths = [int(length) for length in lengths]
-    longest = max(lengths)
-    if longest == 0:  # nobody has anything: every rank returns here, together
-        return x
-    padded = torch.cat([x, x.new_zeros(longest - len(x), *x.shape[1:])])
-    gathered = [x.new_empty(longest, *x.shape[1:]) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    return torch.cat([part[:length] for part, length in zip(gathered, lengths)])
-
-
-def weights_fingerprint(params, world):
-    """(sum, sum of squares) in fp64 of the weights on every rank: equal rows, equal weights.
-    (world, 2)"""
-    vector = torch.nn.utils.parameters_to_vector(params).double()
-    return all_gather_cat(torch.stack([vector.sum(), vector.square().sum()])[None], world)
-
-
-def all_reduce_sums(sums, world, device=None):
-    """{name: number} summed over all ranks, by one all_reduce of their values (fp64)."""
-    values = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(values)
-    return dict(zip(sums, values.tolist()))
-
-
-class NonFiniteUpdate(Exception):
-    """A non-finite loss, gradient or weight, found before anything of it is saved; the message
-    is the reason (the stage adds where, and a way on: stop_non_finite)."""
-
-
-def apply_update(params, optimizer, loss, world, max_norm=1.0):
-    """Average the gradients of params (those with one) over the ranks (one all_reduce, the loss
-    with them), stop on a non-finite loss, gradient or weight, clip the gradient norm to max_norm,
-    step. Every rank calls it in the same order: all reach the same verdict. -> the pre-clip norm"""
-    params = [param for param in params if param.grad is not None]
-    flat = torch.cat([param.grad.flatten() for param in params] + [loss.detach().float()[None]])
-    if world > 1:
-        dist.all_reduce(flat)
-    flat /= world
-    if not torch.isfinite(flat).all():  # before the step: the last checkpoint stays good
-        raise NonFiniteUpdate("non-finite loss or gradient, stopped before its optimizer step")
-    for param, grad in zip(params, flat[:-1].split([param.numel() for param in params])):
-        param.grad.copy_(grad.view_as(param))
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # a list, clipped for real
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    # a finite gradient can still take a weight to inf (a huge lr): stop before it is saved
-    if not all(torch.isfinite(param).all() for param in params):
-        raise NonFiniteUpdate("non-finite weights after an update")
-    return norm.item()
-
-
-def close_distributed():
-    """The run's end: every rank waits for the others and leaves the process group (torchrun);
-    the run folder's lock goes."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    release_run_folders()
-
-
-def gather_objects(obj):
-    """Every rank's obj, in rank order (a collective: call it on every rank)."""
-    if not dist.is_initialized():
-        return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
 # ----------------------------------------------------------------------------- run folder, writes
 MARKER = "run.json"  # in each run folder: the stage whose run it holds; locked while one runs
 KIN = {"sample.py", "eval.py"}  # stages that continue each other's folders (eval.py samples too)
@@ -318,9 +201,8 @@ def folder_stage(out):
 
 def prepare_run_folder(out, resume, claim=True):
     """Refuse to write over a run unless resuming, and under --resume a folder of another stage's
-    run or of none; then rank 0 claims the folder (claim=False: a part of a run's folder): holds
-    its lock for the run's life (a second run is refused; a killed run's lock goes with its
-    process) and marks it with the stage; and drops the *.tmp that killed writes leave."""
+    run or of none; then rank 0 claims it (claim=False: a part of a run's folder), locked for the
+    run's life and marked with the stage, and drops the *.tmp that killed writes leave."""
     global RUN_FOLDER
     holds = os.path.isdir(out) and set(os.listdir(out)) - {MARKER}  # a marker alone: no run yet
     if holds and not resume:
@@ -329,7 +211,8 @@ def prepare_run_folder(out, resume, claim=True):
     if holds and claim and stage != PROG and not {stage, PROG} <= KIN:
         what = f"a {stage} run" if stage else "no run of this project"
         fail(f"--resume: {out} holds {what}, not a {PROG} one: pass another --out")
-    barrier()  # every rank has looked before rank 0 writes anything
+    if dist.is_initialized():  # every rank has looked before rank 0 writes anything
+        dist.barrier()
     RUN_FOLDER = RUN_FOLDER if not claim else out
     if dist.is_initialized() and dist.get_rank() > 0:
         return
@@ -383,9 +266,8 @@ def kill_point(name):
 
 
 def write_or_fail(path, write, *args, **kwargs):
-    """The guard of every write: run write(*args, **kwargs), which writes path; a full disk or a
-    read-only folder ends the run in one line naming the file (torch.save reports a failed write
-    as a RuntimeError, safetensors as a SafetensorError)."""
+    """The guard of every write: write(*args, **kwargs), which writes path; a full disk or a
+    read-only folder ends the run in one line naming the file (torch.save, safetensors too)."""
     try:
         write(*args, **kwargs)
     except (OSError, RuntimeError, SafetensorError) as error:
@@ -449,9 +331,8 @@ RUN_PLACE = ("out", "resume")  # where a run is and whether it goes on: never a 
 
 
 def settings_changes(saved, now, may_change):
-    """A resume's settings against its checkpoint's, both {name: value}: the refused differences
-    ("name old -> new", every name outside may_change) and the applied changes ({name: [old, new]},
-    in the order of may_change)."""
+    """A resume's settings against its checkpoint's ({name: value} each): the refused differences
+    ("name old -> new", outside may_change) and the applied changes ({name: [old, new]})."""
     refused = [f"{name} {saved.get(name)!r} -> {value!r}" for name, value in now.items()
                if name not in may_change + RUN_PLACE and saved.get(name) != value]
     applied = {name: [saved.get(name), now[name]] for name in may_change
@@ -475,12 +356,10 @@ def check_same_inputs(checkpoint, inputs, source, out, what="prompts"):
 
 
 def open_run(cfg, world, may_change, read_inputs, source):
-    """A run's refusals, in the order that leaves a refused run's folder as it was, then its
-    folder. Without --resume, a folder that holds a run is refused at once. With it: the
-    checkpoint {out}/ckpt.pt, refused where saved with other settings (its config, its
-    world_size) than may change, every difference in one line; then inputs (read_inputs(), from
-    `source`) other than those it holds a sha1 of. -> (checkpoint, the changes it applies,
-    inputs); (None, None, inputs) where there is nothing to resume"""
+    """A run's refusals, in an order that leaves a refused run's folder as it was: a used folder
+    without --resume; then {out}/ckpt.pt saved with other settings than may_change, every
+    difference in one line; then inputs (read_inputs(), from `source`) other than its sha1's.
+    -> (checkpoint, the changes it applies, inputs); (None, None, inputs): nothing to resume"""
     if not cfg.resume:
         prepare_run_folder(cfg.out, resume=False)
     path = os.path.join(cfg.out, "ckpt.pt")
@@ -513,9 +392,8 @@ def restore_training(checkpoint, optimizer, lr):
 
 
 def write_checkpoint(out, optimizer, step, next_round, **more):
-    """{out}/ckpt.pt, whole or not at all, between the kill points before ckpt and after ckpt:
-    the optimizer's parameters as one vector ("lora"), its state, the updates done, the next
-    round (which seeds all randomness), and `more`."""
+    """{out}/ckpt.pt, whole or not at all (kill points before / after ckpt): the optimizer's
+    parameters as one vector ("lora"), its state, the updates done, the next round, `more`."""
     kill_point("before ckpt")
     lora = torch.nn.utils.parameters_to_vector(optimizer.param_groups[0]["params"]).cpu()
     state = dict(lora=lora, optimizer=optimizer.state_dict(), step=step, next_round=next_round,
@@ -555,9 +433,8 @@ def truncate_log(path, last, key="step"):
 
 
 def restart_log(path, start, step, changes, key="round"):
-    """Rank 0 as a run starts at `start` (its key, e.g. round), `step` updates done: the log rows
-    past the checkpoint go (they run again: all of them without one, start 0). A resume (changes
-    not None) adds a row saying so, and a line for the settings it changes."""
+    """Rank 0 as a run starts at `start` (its key, e.g. round): the log rows past the checkpoint
+    go (they run again); a resume (changes not None) adds a row and a line saying what changed."""
     if changes:
         inform(f"resuming at {key} {start} with {changes}")
     write_or_fail(path, truncate_log, path, start - 1, key=key)
@@ -565,31 +442,9 @@ def restart_log(path, start, step, changes, key="round"):
         log_jsonl(path, {"resume": {f"next_{key}": start, "changed": changes}, "step": step})
 
 
-def plan_rounds(items, per_round, epochs, max_rounds):
-    """(rounds an epoch, rounds of the run, rounds the items give): ceil(items / per_round) rounds
-    an epoch, epochs of them, max_rounds at most (0: no limit)."""
-    per_epoch = math.ceil(items / per_round)
-    available = epochs * per_epoch
-    return per_epoch, min(max_rounds, available) if max_rounds > 0 else available, available
 
 
-@contextmanager
-def timing(seconds, key):
-    """Add the wall time of the block (a GPU's queued work included) to seconds[key]."""
-    start = time.perf_counter()
-    yield
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
 
 
-def mixed_precision(device):
-    """bf16 autocast on a GPU (frozen weights bf16, trained ones fp32); none on CPU (all fp32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def peak_memory_mb():
-    """GPU: peak allocated; CPU: peak resident memory of this process."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -35,9 +35,9 @@ from tqdm import tqdm
 from data import load_prompts
 from models import (BASES, DENOISERS, ROOT, check_lora, denoiser_name, denoiser_subfolder, family,
                     geometry, is_flow_matching, load_pipeline, resolve_model, t5_length)
-from runs import (barrier, close_distributed, command_line, fail, gather_objects, kill_point,
-                  log_jsonl, parse_config, peek, prepare_run_folder, settings_changes,
-                  setup_distributed, write_or_fail, write_text)
+from distributed import barrier, close_distributed, gather_objects, setup_distributed
+from runs import (command_line, fail, kill_point, log_jsonl, parse_config, peek, prepare_run_folder,
+                  settings_changes, write_or_fail, write_text)
 
 
 # ----------------------------------------------------------------------------- config

@@ -63,7 +63,7 @@ TARGETS = {
     ("lpo", "pair_logprobs"): f"{LOGPROBS} or test_lpo_update_trains_the_lora or {LOGGED}",
     ("lpo", "sample_tuples"): f"{SAMPLING} or {LOGGED} or test_tiny_sd3_run_resumes_bitwise",
     ("lpo", "pool_tuples"): f"{POOLED} or {LOGGED} or test_one_step_thresholds_and_the_pooling",
-    ("runs", "apply_update"): f"test_apply_update or {POOLED} or {LOGGED}",
+    ("distributed", "apply_update"): f"test_apply_update or {POOLED} or {LOGGED}",
     ("lpo", "train_on_pairs"): f"test_lpo_grad_accum or {POOLED} or {LOGGED}",
     ("lrm_model", "down_mid_features"): "test_score_runs_down_and_mid_only"
                                         " or test_real_sd15_and_sdxl",

@@ -1,0 +1,146 @@
+"""What a run on several processes needs (torchrun; NCCL on GPUs, gloo on CPUs): the process
+group with its timeout, the collectives the stages share, the update every rank takes the same way
+(gradients averaged in one all_reduce, one verdict on non-finite values), and the device's mixed
+precision, timings and peak memory. A plain `python` run is rank 0 of 1: all of it works there."""
+import datetime
+import os
+import resource
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from runs import fail, release_run_folders
+
+
+def setup_distributed(timeout_minutes):
+    """torchrun sets RANK and LOCAL_RANK; a plain `python` run is rank 0 of 1."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if "RANK" in os.environ and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        # explicit: NCCL's default (10 min) is shorter than a rank-0 save of an SDXL checkpoint
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def barrier():
+    """Every rank calls it, in the same order."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_cat(x, world):
+    """Concatenate the (N_r, ...) tensors of all ranks; their lengths first, as they differ."""
+    if world == 1:
+        return x
+    lengths = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(lengths, torch.tensor([len(x)], device=x.device))
+    lengths = [int(length) for length in lengths]
+    longest = max(lengths)
+    if longest == 0:  # nobody has anything: every rank returns here, together
+        return x
+    padded = torch.cat([x, x.new_zeros(longest - len(x), *x.shape[1:])])
+    gathered = [x.new_empty(longest, *x.shape[1:]) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([part[:length] for part, length in zip(gathered, lengths)])
+
+
+def weights_fingerprint(params, world):
+    """(sum, sum of squares) in fp64 of the weights on every rank: equal rows, equal weights.
+    (world, 2)"""
+    vector = torch.nn.utils.parameters_to_vector(params).double()
+    return all_gather_cat(torch.stack([vector.sum(), vector.square().sum()])[None], world)
+
+
+def all_reduce_sums(sums, world, device=None):
+    """{name: number} summed over all ranks, by one all_reduce of their values (fp64)."""
+    values = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(values)
+    return dict(zip(sums, values.tolist()))
+
+
+def stop_non_finite(out, what, where, lower="--lr", checkpoint="ckpt.pt"):
+    """Stop a run on a non-finite loss, gradient, weight or score (what) found in `where`, before
+    anything of it is saved, with a way on that works: a lower `lower`, from the intact checkpoint
+    or from the start."""
+    path = os.path.join(out, checkpoint)
+    if os.path.exists(path):
+        fail(f"{where}: {what}; the last good checkpoint {path} is kept: continue it with --resume "
+             f"and a lower {lower}, or pass another --out")
+    fail(f"{where}: {what}; nothing is kept (it came before any checkpoint): run again with a "
+         f"lower {lower} and --resume (it starts over), or another --out")
+
+
+class NonFiniteUpdate(Exception):
+    """A non-finite loss, gradient or weight, found before anything of it is saved; the message
+    is the reason (the stage adds where, and a way on: stop_non_finite)."""
+
+
+def apply_update(params, optimizer, loss, world, max_norm=1.0):
+    """Average the gradients of params (those with one) over the ranks (one all_reduce, the loss
+    with them), stop on a non-finite loss, gradient or weight, clip the gradient norm to max_norm,
+    step. Every rank calls it in the same order: all reach the same verdict. -> the pre-clip norm"""
+    params = [param for param in params if param.grad is not None]
+    flat = torch.cat([param.grad.flatten() for param in params] + [loss.detach().float()[None]])
+    if world > 1:
+        dist.all_reduce(flat)
+    flat /= world
+    if not torch.isfinite(flat).all():  # before the step: the last checkpoint stays good
+        raise NonFiniteUpdate("non-finite loss or gradient, stopped before its optimizer step")
+    for param, grad in zip(params, flat[:-1].split([param.numel() for param in params])):
+        param.grad.copy_(grad.view_as(param))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # a list, clipped for real
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # a finite gradient can still take a weight to inf (a huge lr): stop before it is saved
+    if not all(torch.isfinite(param).all() for param in params):
+        raise NonFiniteUpdate("non-finite weights after an update")
+    return norm.item()
+
+
+def close_distributed():
+    """The run's end: every rank waits for the others and leaves the process group (torchrun);
+    the run folder's lock goes."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    release_run_folders()
+
+
+def gather_objects(obj):
+    """Every rank's obj, in rank order (a collective: call it on every rank)."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+@contextmanager
+def timing(seconds, key):
+    """Add the wall time of the block (a GPU's queued work included) to seconds[key]."""
+    start = time.perf_counter()
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+
+
+def mixed_precision(device):
+    """bf16 autocast on a GPU (frozen weights bf16, trained ones fp32); none on CPU (all fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def peak_memory_mb():
+    """GPU: peak allocated; CPU: peak resident memory of this process."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
