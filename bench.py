@@ -45,11 +45,11 @@ from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjec
 import lpo
 import lrm
 import models
-from lpo import FlowSchedule, lpo_loss, make_schedule, pair_logprobs, sample_tuples
+from lpo import FlowSchedule, lpo_loss, pair_logprobs, sample_tuples
 from lrm_model import LatentRewardModel, take_rows
-from models import add_lora, encode_for_cfg, guided_prediction, text_encoders, uncond_then_cond
-from runs import (apply_update, command_line, fail, log_jsonl, parse_config, prepare_run_folder,
-                  write_text)
+from models import encode_for_cfg, guided_prediction, text_encoders, uncond_then_cond
+from runs import (apply_update, command_line, fail, log_jsonl, mixed_precision, parse_config,
+                  prepare_run_folder, write_text)
 from tiny.world import CAPTIONS
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -185,7 +185,7 @@ def preset(stage, name, **overrides):
 
 
 def captions(count):
-    return [CAPTIONS[i % len(CAPTIONS)] for i in range(count)]
+    return (CAPTIONS * count)[:count]
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -202,15 +202,12 @@ def load_lpo_stage(name, cfg, device):
     settings.resolution = settings.resolution or default_resolution(pipe)
     reward = latent_reward_model(pipe, settings.resolution, copy_networks=True).for_scoring()
     reward.to(device, torch.float16 if cuda else dtype)
-    lora = add_lora(denoiser(pipe), settings.lora_rank, settings.seed, settings.grad_ckpt)
     latent_size = settings.resolution // pipe.vae_scale_factor
-    schedule = make_schedule(pipe.scheduler.config, settings.num_inference_steps,
-                             settings.th_min, settings.th_max, device, latent_size)
-    return SimpleNamespace(
-        pipe=pipe, settings=settings, lrm=reward, lora=lora, schedule=schedule, device=device,
-        dtype=dtype, latent_size=latent_size,
-        optimizer=torch.optim.AdamW(lora, lr=settings.lr, weight_decay=1e-4, eps=1e-8),
-        autocast=torch.autocast(device.type, torch.bfloat16, enabled=cuda))
+    lora, optimizer, schedule = lpo.add_policy(denoiser(pipe), pipe.scheduler.config, settings,
+                                               device, latent_size)
+    return SimpleNamespace(pipe=pipe, settings=settings, lrm=reward, lora=lora,
+                           optimizer=optimizer, schedule=schedule, device=device, dtype=dtype,
+                           latent_size=latent_size)
 
 
 @torch.no_grad()
@@ -257,7 +254,7 @@ class PixelReward:
         deterministic step to the chain's end (x0; DDIM: to a_0), the VAE decode, the reward."""
         schedule = self.stage.schedule
         cond = uncond_then_cond(text["uncond"], text["cond"])
-        with self.stage.autocast:
+        with mixed_precision(self.stage.device):
             prediction = guided_prediction(denoiser(self.stage.pipe), latents, t, cond,
                                            self.stage.settings.guidance_scale)  # eps, or v
             x0, _ = schedule.step(prediction, latents, t, schedule.prev_timesteps[-1].item(), 0)
@@ -319,7 +316,7 @@ def dpo_update(stage, policy, optimizer, batch):
     def errors(network):  # per-sample MSE of the prediction, (2B,)
         return (network(x, timestep=t, **cond).sample.float() - target).pow(2).mean((1, 2, 3))
     reference = denoiser(stage.pipe)
-    with stage.autocast:
+    with mixed_precision(stage.device):
         err = errors(policy)
         with torch.no_grad():
             reference.disable_adapters()  # the reference: the base
