@@ -52,8 +52,6 @@ from runs import (apply_update, command_line, fail, log_jsonl, mixed_precision, 
                   prepare_run_folder, write_text)
 from tiny.world import CAPTIONS
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
 
 @dataclass
 class Config:
@@ -153,7 +151,7 @@ def load_pipeline(name, device, dtype=torch.float32):
                          transformer=SD3Transformer2DModel(**SD3_TRANSFORMER))
         if name in ("sdxl", "sd3"):
             parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))
-    pipe = DiffusionPipeline.from_pretrained(os.path.join(ROOT, FOLDERS[name]), **parts)
+    pipe = DiffusionPipeline.from_pretrained(os.path.join(models.ROOT, FOLDERS[name]), **parts)
     for tokenizer in models.tokenizers(pipe) if parts else []:
         tokenizer.model_max_length = 256 if "T5" in type(tokenizer).__name__ else 77
     pipe.set_progress_bar_config(disable=True)
@@ -339,15 +337,14 @@ def load_lrm_stage(name, cfg, device):
         model.denoiser.enable_gradient_checkpointing()
     trained, optimizer = lrm.make_optimizer(model, settings)
     return SimpleNamespace(lrm=model, vae=pipe.vae, trained=trained, optimizer=optimizer,
-                           noise_scheduler=pipe.scheduler, settings=settings,
-                           latent_size=settings.resolution // pipe.vae_scale_factor)
+                           noise_scheduler=pipe.scheduler, settings=settings)
 
 
 def make_pairs(stage, pairs, seed):
     """A batch as lrm.Pairs collates it: random images, image 0 preferred, the VAE's noise."""
     generator = torch.Generator().manual_seed(seed)
     size = stage.settings.resolution
-    noise = (pairs, 2, 2, stage.vae.config.latent_channels, stage.latent_size, stage.latent_size)
+    noise = (pairs, 2, 2, *lrm.latent_shape(stage.vae, size))  # (b, 2 images, VAE|noise, C, h, w)
     return dict(px=torch.rand(pairs, 2, 3, size, size, generator=generator) * 2 - 1,
                 eps=torch.randn(noise, generator=generator), caption=captions(pairs),
                 label=torch.tensor([[1.0, 0.0]]).repeat(pairs, 1), weight=torch.ones(pairs),

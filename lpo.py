@@ -156,13 +156,14 @@ def ddim_sigma(t, t_prev, alphas_cumprod, eta):
 
 
 def ddim_step(eps, x_t, t, t_prev, alphas_cumprod, eta):
-    """DDIM Eq. (12) as a Gaussian, x_{t_prev} ~ N(mean, std^2), for any step count. fp32"""
+    """DDIM Eq. (12) as a Gaussian, x_{t_prev} ~ N(mean, std^2), for any step count; alphas_cumprod
+    on x_t's device. fp32"""
     eps = eps.float()
     x_t = x_t.float()
     shape = (-1,) + (1,) * (x_t.ndim - 1)
-    a_t = alpha_bar(alphas_cumprod, t).to(x_t.device).view(shape)  # (B, 1, 1, 1)
-    a_prev = alpha_bar(alphas_cumprod, t_prev).to(x_t.device).view(shape)  # (B, 1, 1, 1)
-    std = ddim_sigma(t, t_prev, alphas_cumprod, eta).to(x_t.device).view(shape)  # (B, 1, 1, 1)
+    a_t = alpha_bar(alphas_cumprod, t).view(shape)  # (B, 1, 1, 1)
+    a_prev = alpha_bar(alphas_cumprod, t_prev).view(shape)  # (B, 1, 1, 1)
+    std = ddim_sigma(t, t_prev, alphas_cumprod, eta).view(shape)  # (B, 1, 1, 1)
     x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # (B, C, H, W)
     direction = (1 - a_prev - std**2).sqrt() * eps  # "direction pointing to x_t", (B, C, H, W)
     return a_prev.sqrt() * x0 + direction, std
@@ -333,11 +334,11 @@ def sample_tuples(denoiser, lrm, cond, lrm_text, prompt_ids, schedule, cfg, gene
     batch = len(prompt_ids)  # B prompts
     children = cfg.num_children  # K
     device = schedule.device
-    channels = denoiser.config.in_channels
     size = schedule.latent_size or denoiser.config.sample_size
     repeat = torch.arange(batch).repeat_interleave(children)  # the LRM's text: B x K rows
     lrm_text = dict(lrm_text, cond=take_rows(lrm_text["cond"], repeat))
-    x = torch.randn(batch, channels, size, size, generator=generator, device=device)  # (B, C, h, w)
+    shape = (batch, denoiser.config.in_channels, size, size)
+    x = torch.randn(shape, generator=generator, device=device)  # (B, C, h, w)
     rows = torch.arange(batch, device=device)
     kept = []  # each step's tuples: x_t, x_w, x_l, t, t_prev, prompt_ids
     scores = []
@@ -348,8 +349,7 @@ def sample_tuples(denoiser, lrm, cond, lrm_text, prompt_ids, schedule, cfg, gene
         with timing(seconds, "sample"), mixed_precision(device):
             prediction = guided_prediction(denoiser, x, t, cond, cfg.guidance_scale)  # eps or v
             mean, std = schedule.step(prediction, x, t, t_prev, cfg.eta)  # (B, C, h, w), (1, ...)
-            shape = (batch, children, channels, size, size)
-            noise = torch.randn(*shape, generator=generator, device=device)  # (B, K, C, h, w)
+            noise = torch.randn(batch, children, *shape[1:], generator=generator, device=device)
             kids = mean[:, None] + std[:, None] * noise  # (B, K, C, h, w)
         with timing(seconds, "score"):  # the B x K children, cond + uncond (VFE), one LRM call
             # deviation: the children sit at noise level t_prev; the official code tells the LRM t
@@ -452,11 +452,10 @@ def round_figures(kept_t, scores, sums, children, world):
     figures = dict(tuples=len(kept_t), kept_frac=len(kept_t) / len(gaps),
                    valid_per_bucket=buckets.tolist(), lrm_mean=scores.mean().item(),
                    lrm_std=scores.std(correction=0).item(), lrm_gap=gaps.mean().item())
-    summed = all_reduce_sums({key: sums[key] for key in ("pairs",) + PAIR_MEANS}, world,
-                             scores.device)
+    summed = all_reduce_sums(sums, world, scores.device)  # grad_norm, updates: each rank's alike
     for key in PAIR_MEANS:
         figures[key] = summed[key] / summed["pairs"] if summed["pairs"] else None
-    figures["grad_norm"] = sums["grad_norm"] / sums["updates"] if sums["updates"] else None
+    figures["grad_norm"] = summed["grad_norm"] / summed["updates"] if summed["updates"] else None
     if not math.isfinite(figures["lrm_mean"]):  # every rank sees it: the scores are everyone's
         raise NonFiniteUpdate("non-finite LRM scores (diverged samples)")
     return figures
@@ -466,8 +465,7 @@ def round_figures(kept_t, scores, sums, children, world):
 def gap_shortfall(history, cfg):
     """The LRM's score gaps over the rounds so far against the gaps s_w - s_l = 2 atanh(th) that
     the thresholds ask for."""
-    gap = np.mean([row["lrm_gap"] for row in history])
-    spread = np.mean([row["lrm_std"] for row in history])
+    gap, spread = (np.mean([row[key] for row in history]) for key in ("lrm_gap", "lrm_std"))
     low, high = 2 * math.atanh(cfg.th_min), 2 * math.atanh(cfg.th_max)
     return (f"the LRM's best-minus-worst score gap averaged {gap:.3g} (score std {spread:.3g}) "
             f"while --th_min {cfg.th_min} / --th_max {cfg.th_max} need {low:.3f} to {high:.3f}")
@@ -552,7 +550,7 @@ def main(cfg):
     judge's figures (tiny world) and a last log row. -> that row's figures"""
     rank, world, device = setup_distributed(cfg.dist_timeout)
     master = rank == 0
-    if cfg.threads > 0:
+    if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # setup: bad input first, one line each (nothing written yet, no weight read)
     cfg.resolution, latent_size = geometry(cfg.base, cfg.resolution)
@@ -578,9 +576,8 @@ def main(cfg):
     log_path = os.path.join(cfg.out, "log.jsonl")
     if master:
         restart_log(log_path, start, step, changes)
-    per_round = cfg.sample_batch_size * world
-    rounds_per_epoch, rounds, available = plan_rounds(len(prompts), per_round, cfg.epochs,
-                                                     cfg.max_rounds)
+    rounds_per_epoch, rounds, available = plan_rounds(
+        len(prompts), cfg.sample_batch_size * world, cfg.epochs, cfg.max_rounds)
     if master and cfg.max_rounds > available:
         warn(f"--max_rounds {cfg.max_rounds} but {len(prompts)} prompts x {cfg.epochs} epochs, "
              f"{cfg.sample_batch_size} prompts a rank x {world} ranks a round, give "
@@ -633,13 +630,12 @@ def main(cfg):
                                  config=asdict(cfg), prompts_sha1=inputs_sha1(prompts))
             barrier()  # nobody goes on while a checkpoint is being written
         kill_point(f"round {round_index}")
-    bar.close()
 
     # finish: the final files (a finished run resumed: again from its checkpoint, so they agree)
     if master and start >= rounds:
         save_lora(pipe, denoiser, cfg.out)
-    fingerprint = weights_fingerprint(params, world).tolist()  # equal rows: equal LoRAs
-    result = dict(step=step, out=cfg.out, lora_fingerprint=fingerprint)
+    fingerprint = weights_fingerprint(params, world)  # (world, 2): equal rows, equal LoRAs
+    result = dict(step=step, out=cfg.out, lora_fingerprint=fingerprint.tolist())
     if step == 0:
         if master:
             log_row(log_path, dict(final=result))
