@@ -565,10 +565,18 @@ def main(cfg):
     read = partial(load_prompts, cfg.prompts, "train", cfg.num_prompts, cfg.unique_prompts,
                    cfg.seed, strip=True)
     checkpoint, changes, prompts = open_run(cfg, world, MAY_CHANGE, read, cfg.prompts)
-    if master and len(prompts) < cfg.num_prompts:
-        kind = "distinct captions" if cfg.unique_prompts else "captions"
-        warn(f"--num_prompts {cfg.num_prompts} but {cfg.prompts} has only {len(prompts)} {kind} "
-             f"(train split): training on {len(prompts)}")
+    rounds_per_epoch, rounds, available = plan_rounds(
+        len(prompts), cfg.sample_batch_size * world, cfg.epochs, cfg.max_rounds)
+    if master:  # what the inputs give, told before the models load
+        if len(prompts) < cfg.num_prompts:
+            kind = "distinct captions" if cfg.unique_prompts else "captions"
+            warn(f"--num_prompts {cfg.num_prompts} but {cfg.prompts} has only {len(prompts)} "
+                 f"{kind} (train split): training on {len(prompts)}")
+        if cfg.max_rounds > available:
+            warn(f"--max_rounds {cfg.max_rounds} but {len(prompts)} prompts x {cfg.epochs} "
+                 f"epochs, {cfg.sample_batch_size} prompts a rank x {world} ranks a round, give "
+                 f"{available} rounds: running {available} (more --epochs or --num_prompts give "
+                 "more)")
     # the models, the LoRA and AdamW, restored where a --resume continues a checkpoint
     gpu = device.type == "cuda"
     lrm = load_lrm(cfg.lrm, cfg.base, device, torch.float16 if gpu else torch.float32,
@@ -581,12 +589,6 @@ def main(cfg):
     log_path = os.path.join(cfg.out, "log.jsonl")
     if master:
         restart_log(log_path, start, step, changes)
-    rounds_per_epoch, rounds, available = plan_rounds(
-        len(prompts), cfg.sample_batch_size * world, cfg.epochs, cfg.max_rounds)
-    if master and cfg.max_rounds > available:
-        warn(f"--max_rounds {cfg.max_rounds} but {len(prompts)} prompts x {cfg.epochs} epochs, "
-             f"{cfg.sample_batch_size} prompts a rank x {world} ranks a round, give "
-             f"{available} rounds: running {available} (more --epochs or --num_prompts give more)")
 
     history = []  # this run's log rows
     bar = tqdm(range(start, rounds), initial=start, total=rounds, disable=not master, desc="lpo")
