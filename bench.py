@@ -45,14 +45,12 @@ from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjec
 import lpo
 import lrm
 import models
-from lpo import FlowSchedule, lpo_loss, make_schedule, pair_logprobs, sample_tuples
+from lpo import FlowSchedule, lpo_loss, pair_logprobs, sample_tuples
 from lrm_model import LatentRewardModel, take_rows
-from models import add_lora, encode_for_cfg, guided_prediction, text_encoders, uncond_then_cond
-from distributed import apply_update
+from distributed import apply_update, mixed_precision
+from models import encode_for_cfg, guided_prediction, text_encoders, uncond_then_cond
 from runs import command_line, fail, log_jsonl, parse_config, prepare_run_folder, write_text
 from tiny.world import CAPTIONS
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclass
@@ -153,7 +151,7 @@ def load_pipeline(name, device, dtype=torch.float32):
                          transformer=SD3Transformer2DModel(**SD3_TRANSFORMER))
         if name in ("sdxl", "sd3"):
             parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))
-    pipe = DiffusionPipeline.from_pretrained(os.path.join(ROOT, FOLDERS[name]), **parts)
+    pipe = DiffusionPipeline.from_pretrained(os.path.join(models.ROOT, FOLDERS[name]), **parts)
     for tokenizer in models.tokenizers(pipe) if parts else []:
         tokenizer.model_max_length = 256 if "T5" in type(tokenizer).__name__ else 77
     pipe.set_progress_bar_config(disable=True)
@@ -185,7 +183,7 @@ def preset(stage, name, **overrides):
 
 
 def captions(count):
-    return [CAPTIONS[i % len(CAPTIONS)] for i in range(count)]
+    return (CAPTIONS * count)[:count]
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -202,15 +200,12 @@ def load_lpo_stage(name, cfg, device):
     settings.resolution = settings.resolution or default_resolution(pipe)
     reward = latent_reward_model(pipe, settings.resolution, copy_networks=True).for_scoring()
     reward.to(device, torch.float16 if cuda else dtype)
-    lora = add_lora(denoiser(pipe), settings.lora_rank, settings.seed, settings.grad_ckpt)
     latent_size = settings.resolution // pipe.vae_scale_factor
-    schedule = make_schedule(pipe.scheduler.config, settings.num_inference_steps,
-                             settings.th_min, settings.th_max, device, latent_size)
-    return SimpleNamespace(
-        pipe=pipe, settings=settings, lrm=reward, lora=lora, schedule=schedule, device=device,
-        dtype=dtype, latent_size=latent_size,
-        optimizer=torch.optim.AdamW(lora, lr=settings.lr, weight_decay=1e-4, eps=1e-8),
-        autocast=torch.autocast(device.type, torch.bfloat16, enabled=cuda))
+    lora, optimizer, schedule = lpo.add_policy(denoiser(pipe), pipe.scheduler.config, settings,
+                                               device, latent_size)
+    return SimpleNamespace(pipe=pipe, settings=settings, lrm=reward, lora=lora,
+                           optimizer=optimizer, schedule=schedule, device=device, dtype=dtype,
+                           latent_size=latent_size)
 
 
 @torch.no_grad()
@@ -257,7 +252,7 @@ class PixelReward:
         deterministic step to the chain's end (x0; DDIM: to a_0), the VAE decode, the reward."""
         schedule = self.stage.schedule
         cond = uncond_then_cond(text["uncond"], text["cond"])
-        with self.stage.autocast:
+        with mixed_precision(self.stage.device):
             prediction = guided_prediction(denoiser(self.stage.pipe), latents, t, cond,
                                            self.stage.settings.guidance_scale)  # eps, or v
             x0, _ = schedule.step(prediction, latents, t, schedule.prev_timesteps[-1].item(), 0)
@@ -319,7 +314,7 @@ def dpo_update(stage, policy, optimizer, batch):
     def errors(network):  # per-sample MSE of the prediction, (2B,)
         return (network(x, timestep=t, **cond).sample.float() - target).pow(2).mean((1, 2, 3))
     reference = denoiser(stage.pipe)
-    with stage.autocast:
+    with mixed_precision(stage.device):
         err = errors(policy)
         with torch.no_grad():
             reference.disable_adapters()  # the reference: the base
@@ -342,15 +337,14 @@ def load_lrm_stage(name, cfg, device):
         model.denoiser.enable_gradient_checkpointing()
     trained, optimizer = lrm.make_optimizer(model, settings)
     return SimpleNamespace(lrm=model, vae=pipe.vae, trained=trained, optimizer=optimizer,
-                           noise_scheduler=pipe.scheduler, settings=settings,
-                           latent_size=settings.resolution // pipe.vae_scale_factor)
+                           noise_scheduler=pipe.scheduler, settings=settings)
 
 
 def make_pairs(stage, pairs, seed):
     """A batch as lrm.Pairs collates it: random images, image 0 preferred, the VAE's noise."""
     generator = torch.Generator().manual_seed(seed)
     size = stage.settings.resolution
-    noise = (pairs, 2, 2, stage.vae.config.latent_channels, stage.latent_size, stage.latent_size)
+    noise = (pairs, 2, 2, *lrm.latent_shape(stage.vae, size))  # (b, 2 images, VAE|noise, C, h, w)
     return dict(px=torch.rand(pairs, 2, 3, size, size, generator=generator) * 2 - 1,
                 eps=torch.randn(noise, generator=generator), caption=captions(pairs),
                 label=torch.tensor([[1.0, 0.0]]).repeat(pairs, 1), weight=torch.ones(pairs),

@@ -107,35 +107,38 @@ TINY_DIR = os.path.join(ROOT, "tiny")
 TINY = dict(prompts=os.path.join(TINY_DIR, "pickapic"), th_min=0.1, th_max=0.2, lora_rank=8,
             lr=1e-3, sample_batch_size=32, train_batch_size=64, num_prompts=320,
             unique_prompts=False, epochs=1, eval_samples=300, ckpt_every=10, threads=1)
-# SD3-Medium: the paper gives no SD3 setting; each is a choice: its pipeline's steps and guidance
-# (28, 7.0); SDXL's thresholds, LoRA rank, lr, batches, checkpointing (the paper's ~1024 px model)
-SD3 = dict(num_inference_steps=28, guidance_scale=7.0, th_min=0.45, th_max=0.6, lora_rank=64,
-           lr=1e-5, sample_batch_size=4, train_batch_size=4, grad_ckpt=True)
+
+
+def tiny_preset(world, lrm, **more):
+    """A tiny world's preset: TINY, its pipeline and its LRM (folders under tiny/), and more."""
+    return dict(TINY, base=os.path.join(TINY_DIR, world), lrm=os.path.join(TINY_DIR, lrm), **more)
+
+
+SDXL = dict(th_min=0.45, th_max=0.6, lora_rank=64, lr=1e-5, sample_batch_size=4,
+            train_batch_size=4, grad_ckpt=True)  # the paper's SDXL settings
 PRESETS = {
     "sd15": dict(base="stable-diffusion-v1-5/stable-diffusion-v1-5", lrm="runs/lrm-sd15"),
-    "sdxl": dict(base="stabilityai/stable-diffusion-xl-base-1.0", lrm="runs/lrm-sdxl",
-                 th_min=0.45, th_max=0.6, lora_rank=64, lr=1e-5, sample_batch_size=4,
-                 train_batch_size=4, grad_ckpt=True),
-    "sd3": dict(SD3, base="stabilityai/stable-diffusion-3-medium-diffusers", lrm="runs/lrm-sd3"),
+    "sdxl": dict(SDXL, base="stabilityai/stable-diffusion-xl-base-1.0", lrm="runs/lrm-sdxl"),
+    # SD3-Medium: the paper gives no SD3 setting; each is a choice: its pipeline's steps and
+    # guidance (28, 7.0); SDXL's thresholds, LoRA rank, lr, batches, checkpointing (the paper's
+    # ~1024 px model)
+    "sd3": dict(SDXL, num_inference_steps=28, guidance_scale=7.0,
+                base="stabilityai/stable-diffusion-3-medium-diffusers", lrm="runs/lrm-sd3"),
     # SD3.5-Medium: its model card's 40 steps and CFG 4.5, the rest as SD3 (choices as above)
-    "sd35": dict(SD3, base="stabilityai/stable-diffusion-3.5-medium", lrm="runs/lrm-sd35",
-                 num_inference_steps=40, guidance_scale=4.5),
-    "tiny": dict(TINY, base=os.path.join(TINY_DIR, "sd15"), lrm=os.path.join(TINY_DIR, "lrm")),
-    "tiny-xl": dict(TINY, base=os.path.join(TINY_DIR, "sdxl"),
-                    lrm=os.path.join(TINY_DIR, "lrm-xl"), grad_ckpt=True),
+    "sd35": dict(SDXL, num_inference_steps=40, guidance_scale=4.5,
+                 base="stabilityai/stable-diffusion-3.5-medium", lrm="runs/lrm-sd35"),
+    "tiny": tiny_preset("sd15", "lrm"),
+    "tiny-xl": tiny_preset("sdxl", "lrm-xl", grad_ckpt=True),
     # deviation: tiny-sd3 makes two passes over its prompts (one gave a judge win-rate of ~0.62
     # over three seeds, two ~0.67); its guidance is the tiny SD3 world's choice, 5.0
-    "tiny-sd3": dict(TINY, base=os.path.join(TINY_DIR, "sd3"),
-                     lrm=os.path.join(TINY_DIR, "lrm-sd3"), epochs=2),
+    "tiny-sd3": tiny_preset("sd3", "lrm-sd3", epochs=2),
 }
 
 
 def preset_of(model):
     """The preset of a name; any other model takes its family's (SD1.5, SDXL or SD3), with itself
     as base."""
-    if model in PRESETS:
-        return PRESETS[model]
-    return dict(PRESETS[family(model)], base=model)
+    return PRESETS.get(model) or dict(PRESETS[family(model)], base=model)
 
 
 # ----------------------------------------------------------------------------- math
@@ -158,13 +161,14 @@ def ddim_sigma(t, t_prev, alphas_cumprod, eta):
 
 
 def ddim_step(eps, x_t, t, t_prev, alphas_cumprod, eta):
-    """DDIM Eq. (12) as a Gaussian, x_{t_prev} ~ N(mean, std^2), for any step count. fp32"""
+    """DDIM Eq. (12) as a Gaussian, x_{t_prev} ~ N(mean, std^2), for any step count; alphas_cumprod
+    on x_t's device. fp32"""
     eps = eps.float()
     x_t = x_t.float()
     shape = (-1,) + (1,) * (x_t.ndim - 1)
-    a_t = alpha_bar(alphas_cumprod, t).to(x_t.device).view(shape)  # (B, 1, 1, 1)
-    a_prev = alpha_bar(alphas_cumprod, t_prev).to(x_t.device).view(shape)  # (B, 1, 1, 1)
-    std = ddim_sigma(t, t_prev, alphas_cumprod, eta).to(x_t.device).view(shape)  # (B, 1, 1, 1)
+    a_t = alpha_bar(alphas_cumprod, t).view(shape)  # (B, 1, 1, 1)
+    a_prev = alpha_bar(alphas_cumprod, t_prev).view(shape)  # (B, 1, 1, 1)
+    std = ddim_sigma(t, t_prev, alphas_cumprod, eta).view(shape)  # (B, 1, 1, 1)
     x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # (B, C, H, W)
     direction = (1 - a_prev - std**2).sqrt() * eps  # "direction pointing to x_t", (B, C, H, W)
     return a_prev.sqrt() * x0 + direction, std
@@ -322,7 +326,6 @@ def make_schedule(scheduler_config, num_inference_steps, th_min, th_max, device,
 
 
 # ----------------------------------------------------------------------------- one round
-TUPLE_KEYS = ("x_t", "x_w", "x_l", "t", "t_prev", "prompt_ids")
 # a round's seed in a random stream (the seed; seed and rank) is stream x this + round: a prime
 SEED_STRIDE = 1_000_003  # above any round count, so that no two streams share a seed
 
@@ -336,13 +339,13 @@ def sample_tuples(denoiser, lrm, cond, lrm_text, prompt_ids, schedule, cfg, gene
     batch = len(prompt_ids)  # B prompts
     children = cfg.num_children  # K
     device = schedule.device
-    channels = denoiser.config.in_channels
     size = schedule.latent_size or denoiser.config.sample_size
     repeat = torch.arange(batch).repeat_interleave(children)  # the LRM's text: B x K rows
     lrm_text = dict(lrm_text, cond=take_rows(lrm_text["cond"], repeat))
-    x = torch.randn(batch, channels, size, size, generator=generator, device=device)  # (B, C, h, w)
+    shape = (batch, denoiser.config.in_channels, size, size)
+    x = torch.randn(shape, generator=generator, device=device)  # (B, C, h, w)
     rows = torch.arange(batch, device=device)
-    kept = {key: [] for key in TUPLE_KEYS}
+    kept = []  # each step's tuples: x_t, x_w, x_l, t, t_prev, prompt_ids
     scores = []
     seconds = {}
     steps = zip(schedule.timesteps.tolist(), schedule.prev_timesteps.tolist(),
@@ -351,8 +354,7 @@ def sample_tuples(denoiser, lrm, cond, lrm_text, prompt_ids, schedule, cfg, gene
         with timing(seconds, "sample"), mixed_precision(device):
             prediction = guided_prediction(denoiser, x, t, cond, cfg.guidance_scale)  # eps or v
             mean, std = schedule.step(prediction, x, t, t_prev, cfg.eta)  # (B, C, h, w), (1, ...)
-            shape = (batch, children, channels, size, size)
-            noise = torch.randn(*shape, generator=generator, device=device)  # (B, K, C, h, w)
+            noise = torch.randn(batch, children, *shape[1:], generator=generator, device=device)
             kids = mean[:, None] + std[:, None] * noise  # (B, K, C, h, w)
         with timing(seconds, "score"):  # the B x K children, cond + uncond (VFE), one LRM call
             # deviation: the children sit at noise level t_prev; the official code tells the LRM t
@@ -369,12 +371,11 @@ def sample_tuples(denoiser, lrm, cond, lrm_text, prompt_ids, schedule, cfg, gene
                      t=torch.full((batch,), t, device=device),
                      t_prev=torch.full((batch,), t_prev, device=device),
                      prompt_ids=prompt_ids.to(device))
-        for key in TUPLE_KEYS:
-            kept[key].append(found[key][ok])
+        kept.append({key: value[ok] for key, value in found.items()})
         # the trajectory goes on from a uniformly random child, not from the best one
         pick = torch.randint(children, (batch,), generator=generator, device=device)  # (B,)
         x = kids[rows, pick]  # (B, C, h, w)
-    tuples = {key: torch.cat(value) for key, value in kept.items()}
+    tuples = {key: torch.cat([step[key] for step in kept]) for key in kept[0]}
     return tuples, torch.cat(scores), seconds
 
 
@@ -410,6 +411,9 @@ def pair_logprobs(denoiser, minibatch, cond, schedule, cfg):
             for key in ("x_w", "x_l")]
 
 
+PAIR_MEANS = ("loss", "acc", "clipfrac")  # lpo_loss's figures, logged as means over the pairs
+
+
 def train_on_pairs(denoiser, pipe, optimizer, share, prompts, schedule, cfg, world):
     """Step 3: the step DPO loss on this rank's share of the pairs, train_batch_size a forward,
     grad_accum forwards an update of the optimizer's parameters (the LoRA). An update's gradient
@@ -431,7 +435,7 @@ def train_on_pairs(denoiser, pipe, optimizer, share, prompts, schedule, cfg, wor
         pairs_in_update = min(per_update, share_pairs - update_start)
         (loss * (pairs / pairs_in_update)).backward()  # weight 1 with one forward an update
         sums["pairs"] += pairs
-        for key in ("loss", "acc", "clipfrac"):
+        for key in PAIR_MEANS:
             sums[key] += stats[key] * pairs
         if (index + 1) % cfg.grad_accum == 0 or index == len(starts) - 1:
             # deviation: gradients really clipped (official: a no-op on a consumed iterator)
@@ -440,47 +444,33 @@ def train_on_pairs(denoiser, pipe, optimizer, share, prompts, schedule, cfg, wor
     return sums
 
 
-def round_figures(kept_t, scores, pooled_pairs, sums, children, world):
-    """A round's logged figures over all ranks (docs/reference.md), from this rank's kept tuples' t,
-    its LRM scores and loss sums: this rank's sums, by name, added up over the ranks by one
-    all_reduce. Kept pairs are counted by t in [0, 250) ... [750, 1000) (SD3: s x 1000, s = 1 in
-    the last). Raises NonFiniteUpdate on non-finite scores (diverged samples)."""
+def round_figures(kept_t, scores, sums, children, world):
+    """A round's logged figures over all ranks (docs/reference.md): every rank's kept tuples' t
+    and LRM scores, gathered, and its loss sums, added up over the ranks by one all_reduce. Kept
+    pairs are counted by t in [0, 250) ... [750, 1000) (SD3: s x 1000, s = 1 in the last).
+    Raises NonFiniteUpdate on non-finite scores (diverged samples)."""
+    kept_t = all_gather_cat(kept_t, world)  # (pairs,)
+    scores = all_gather_cat(scores.double(), world)  # (ranks T B K,) fp64
+    groups = scores.view(-1, children)  # (ranks T B, K): the children of one step of one prompt
+    gaps = groups.amax(-1) - groups.amin(-1)  # best minus worst
     buckets = torch.bincount((kept_t * 4 // 1000).long().clamp(0, 3), minlength=4)  # (4,)
-    scores = scores.double()  # fp64 sums: no cancellation in the variance
-    groups = scores.view(-1, children)  # (T B, K): the children of one step of one prompt
-    gaps = groups.max(-1).values - groups.min(-1).values  # (T B,) best minus worst
-    local = dict(n_scores=len(scores), score_sum=scores.sum().item(),
-                 score_squares=scores.square().sum().item(), n_groups=gaps.numel(),
-                 gap_sum=gaps.sum().item())
-    for key in ("pairs", "loss", "acc", "clipfrac"):
-        local[key] = sums[key]
-    for bucket, pairs in enumerate(buckets.tolist()):
-        local[f"bucket_{bucket}"] = pairs
-    summed = all_reduce_sums(local, world, scores.device)
-    score_mean = summed["score_sum"] / summed["n_scores"]
-    variance = max(summed["score_squares"] / summed["n_scores"] - score_mean**2, 0.0)
-    figures = dict(tuples=pooled_pairs, kept_frac=pooled_pairs / summed["n_groups"],
-                   valid_per_bucket=[int(summed[f"bucket_{bucket}"]) for bucket in range(4)],
-                   lrm_mean=score_mean, lrm_std=math.sqrt(variance),
-                   lrm_gap=summed["gap_sum"] / summed["n_groups"])
-    for key in ("loss", "acc", "clipfrac"):
+    figures = dict(tuples=len(kept_t), kept_frac=len(kept_t) / len(gaps),
+                   valid_per_bucket=buckets.tolist(), lrm_mean=scores.mean().item(),
+                   lrm_std=scores.std(correction=0).item(), lrm_gap=gaps.mean().item())
+    summed = all_reduce_sums(sums, world, scores.device)  # grad_norm, updates: each rank's alike
+    for key in PAIR_MEANS:
         figures[key] = summed[key] / summed["pairs"] if summed["pairs"] else None
-    figures["grad_norm"] = sums["grad_norm"] / sums["updates"] if sums["updates"] else None
-    if not math.isfinite(score_mean):  # every rank sees it: the sums are everyone's
+    figures["grad_norm"] = summed["grad_norm"] / summed["updates"] if summed["updates"] else None
+    if not math.isfinite(figures["lrm_mean"]):  # every rank sees it: the scores are everyone's
         raise NonFiniteUpdate("non-finite LRM scores (diverged samples)")
     return figures
 
 
 # ----------------------------------------------------------------------------- what goes wrong
-KEPT_WARN_ROUNDS = 3  # the first rounds, whose kept fraction is judged
-KEPT_WARN_FRACTION = 0.2
-
-
 def gap_shortfall(history, cfg):
     """The LRM's score gaps over the rounds so far against the gaps s_w - s_l = 2 atanh(th) that
     the thresholds ask for."""
-    gap = float(np.mean([row["lrm_gap"] for row in history]))
-    spread = float(np.mean([row["lrm_std"] for row in history]))
+    gap, spread = (np.mean([row[key] for row in history]) for key in ("lrm_gap", "lrm_std"))
     low, high = 2 * math.atanh(cfg.th_min), 2 * math.atanh(cfg.th_max)
     return (f"the LRM's best-minus-worst score gap averaged {gap:.3g} (score std {spread:.3g}) "
             f"while --th_min {cfg.th_min} / --th_max {cfg.th_max} need {low:.3f} to {high:.3f}")
@@ -490,13 +480,13 @@ def warn_if_stuck(history, cfg):
     """Warn, with the figures, when the first rounds kept few pairs (too few updates to move the
     model), and when every likelihood ratio has left the clip band two rounds running (the loss
     then passes no gradient: the policy has left the reference behind)."""
-    kept_frac = float(np.mean([row["kept_frac"] for row in history]))
-    if len(history) == KEPT_WARN_ROUNDS and kept_frac < KEPT_WARN_FRACTION:
+    kept_frac = np.mean([row["kept_frac"] for row in history])
+    if len(history) == 3 and kept_frac < 0.2:  # judged on the first three rounds
         warn(f"only {kept_frac:.1%} of the step groups kept a pair in the first {len(history)} "
              f"rounds: {gap_shortfall(history, cfg)}, so few updates will happen; train a "
              "stronger LRM (more steps, on MPCF-kept pairs) or lower the thresholds")
     clipped = [(row["clipfrac"] or 0.0) >= 0.99 for row in history[-3:]]
-    if clipped[-2:] == [True, True] and clipped[:-2] != [True]:  # a streak's start
+    if clipped in ([True, True], [False, True, True]):  # a streak's start
         warn(f"every likelihood ratio left the clip band [{1 - cfg.clip_eps:g}, "
              f"{1 + cfg.clip_eps:g}] in two rounds running: the policy has moved so far from the "
              f"reference that the loss passes no gradient; --lr {cfg.lr:g} is likely too high")
@@ -554,12 +544,15 @@ def round_prompt_ids(num_prompts, cfg, world, rank, epoch, position):
     return order[(torch.arange(cfg.sample_batch_size) + first) % num_prompts]
 
 
-def save_checkpoint(cfg, pipe, optimizer, step, next_round, prompts, world):
-    """The LoRA first, the checkpoint last: a ckpt.pt that exists means its LoRA is on disk.
-    next_round is the whole RNG state: every round reseeds from (seed, rank, round)."""
-    save_lora(pipe, getattr(pipe, denoiser_name(pipe)), cfg.out)
-    write_checkpoint(cfg.out, optimizer, step, next_round, world_size=world, config=asdict(cfg),
-                     prompts_sha1=inputs_sha1(prompts))
+def add_policy(denoiser, scheduler_config, cfg, device, latent_size):
+    """The policy: a LoRA on the denoiser and its AdamW (paper: (0.9, 0.999), weight decay 1e-4,
+    eps 1e-8: torch's betas and eps; constant lr), and the schedule it samples and trains on.
+    -> (the LoRA's parameters, the optimizer, the schedule)"""
+    params = add_lora(denoiser, cfg.lora_rank, cfg.seed, cfg.grad_ckpt)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    schedule = make_schedule(scheduler_config, cfg.num_inference_steps, cfg.th_min, cfg.th_max,
+                             device, latent_size)
+    return params, optimizer, schedule
 
 
 # ----------------------------------------------------------------------------- main
@@ -570,7 +563,7 @@ def main(cfg):
     judge's figures (tiny world) and a last log row. -> that row's figures"""
     rank, world, device = setup_distributed(cfg.dist_timeout)
     master = rank == 0
-    if cfg.threads > 0:
+    if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # setup: bad input first, one line each (nothing written yet, no weight read)
     cfg.resolution, latent_size = geometry(cfg.base, cfg.resolution)
@@ -580,33 +573,30 @@ def main(cfg):
     read = partial(load_prompts, cfg.prompts, "train", cfg.num_prompts, cfg.unique_prompts,
                    cfg.seed, strip=True)
     checkpoint, changes, prompts = open_run(cfg, world, MAY_CHANGE, read, cfg.prompts)
-    if master and len(prompts) < cfg.num_prompts:
-        kind = "distinct captions" if cfg.unique_prompts else "captions"
-        warn(f"--num_prompts {cfg.num_prompts} but {cfg.prompts} has only {len(prompts)} {kind} "
-             f"(train split): training on {len(prompts)}")
+    rounds_per_epoch, rounds, available = plan_rounds(
+        len(prompts), cfg.sample_batch_size * world, cfg.epochs, cfg.max_rounds)
+    if master:  # what the inputs give, told before the models load
+        if len(prompts) < cfg.num_prompts:
+            kind = "distinct captions" if cfg.unique_prompts else "captions"
+            warn(f"--num_prompts {cfg.num_prompts} but {cfg.prompts} has only {len(prompts)} "
+                 f"{kind} (train split): training on {len(prompts)}")
+        if cfg.max_rounds > available:
+            warn(f"--max_rounds {cfg.max_rounds} but {len(prompts)} prompts x {cfg.epochs} "
+                 f"epochs, {cfg.sample_batch_size} prompts a rank x {world} ranks a round, give "
+                 f"{available} rounds: running {available} (more --epochs or --num_prompts give "
+                 "more)")
     # the models, the LoRA and AdamW, restored where a --resume continues a checkpoint
     gpu = device.type == "cuda"
     lrm = load_lrm(cfg.lrm, cfg.base, device, torch.float16 if gpu else torch.float32,
                    lrm_hint(cfg))
     pipe = load_pipeline(cfg.base, device, torch.bfloat16 if gpu else torch.float32, vae=False)
     denoiser = getattr(pipe, denoiser_name(pipe))  # U-Net, or SD3's transformer
-    schedule = make_schedule(pipe.scheduler.config, cfg.num_inference_steps, cfg.th_min,
-                             cfg.th_max, device, latent_size)
-    params = add_lora(denoiser, cfg.lora_rank, cfg.seed, cfg.grad_ckpt)
-    # paper: AdamW (0.9, 0.999), weight decay 1e-4, eps 1e-8, constant lr
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4,
-                                  eps=1e-8)
+    params, optimizer, schedule = add_policy(denoiser, pipe.scheduler.config, cfg, device,
+                                             latent_size)
     step, start = restore_training(checkpoint, optimizer, cfg.lr)
     log_path = os.path.join(cfg.out, "log.jsonl")
     if master:
         restart_log(log_path, start, step, changes)
-    per_round = cfg.sample_batch_size * world
-    rounds_per_epoch, rounds, available = plan_rounds(len(prompts), per_round, cfg.epochs,
-                                                     cfg.max_rounds)
-    if master and cfg.max_rounds > available:
-        warn(f"--max_rounds {cfg.max_rounds} but {len(prompts)} prompts x {cfg.epochs} epochs, "
-             f"{cfg.sample_batch_size} prompts a rank x {world} ranks a round, give "
-             f"{available} rounds: running {available} (more --epochs or --num_prompts give more)")
 
     history = []  # this run's log rows
     bar = tqdm(range(start, rounds), initial=start, total=rounds, disable=not master, desc="lpo")
@@ -618,21 +608,20 @@ def main(cfg):
         captions = [prompts[i] for i in prompt_ids.tolist()]
         cond = encode_for_cfg(pipe, captions, cfg.resolution)
         lrm_text = lrm.encode_text(captions)  # the LRM's own tokenizer(s)
-        generator = torch.Generator(device)
-        generator.manual_seed((cfg.seed * world + rank) * SEED_STRIDE + round_index)
+        stream = cfg.seed * world + rank
+        generator = torch.Generator(device).manual_seed(stream * SEED_STRIDE + round_index)
         tuples, scores, seconds = sample_tuples(denoiser, lrm, cond, lrm_text, prompt_ids,
                                                 schedule, cfg, generator)
 
         # 2. pool the pairs of all ranks: one shared shuffle, an equal share each
-        share, pooled_pairs = pool_tuples(tuples, world, rank, cfg.seed, round_index)
+        share, _ = pool_tuples(tuples, world, rank, cfg.seed, round_index)
 
         # 3. train the LoRA on this rank's share
         try:
             with timing(seconds, "train"):
                 sums = train_on_pairs(denoiser, pipe, optimizer, share, prompts, schedule, cfg,
                                       world)
-            figures = round_figures(tuples["t"], scores, pooled_pairs, sums, cfg.num_children,
-                                    world)
+            figures = round_figures(tuples["t"], scores, sums, cfg.num_children, world)
         except NonFiniteUpdate as error:
             stop_non_finite(cfg.out, str(error), f"round {round_index}", "--lr (or --beta)")
         step += sums["updates"]
@@ -649,28 +638,30 @@ def main(cfg):
         # deviation: checkpoints at round ends only (a round's tuples are never saved)
         crossed = step // cfg.ckpt_every > (step - sums["updates"]) // cfg.ckpt_every
         if crossed or position == rounds_per_epoch - 1 or round_index == rounds - 1:
-            if master:
-                save_checkpoint(cfg, pipe, optimizer, step, round_index + 1, prompts, world)
+            if master:  # the LoRA first, the checkpoint last: a ckpt.pt means its LoRA is on disk
+                save_lora(pipe, denoiser, cfg.out)
+                # the next round is the whole RNG state: each round reseeds from (seed, rank, round)
+                write_checkpoint(cfg.out, optimizer, step, round_index + 1, world_size=world,
+                                 config=asdict(cfg), prompts_sha1=inputs_sha1(prompts))
             barrier()  # nobody goes on while a checkpoint is being written
         kill_point(f"round {round_index}")
-    bar.close()
 
     # finish: the final files (a finished run resumed: again from its checkpoint, so they agree)
     if master and start >= rounds:
         save_lora(pipe, denoiser, cfg.out)
-    fingerprint = weights_fingerprint(params, world).tolist()  # equal rows: equal LoRAs
-    result = dict(step=step, out=cfg.out, lora_fingerprint=fingerprint)
+    fingerprint = weights_fingerprint(params, world)  # (world, 2): equal rows, equal LoRAs
+    result = dict(step=step, out=cfg.out, lora_fingerprint=fingerprint.tolist())
     if step == 0:
         if master:
             log_jsonl(log_path, dict(final=result))
         fail(no_update_message(history, cfg))
-    if master and cfg.eval_samples > 0:  # the judge's figures: rank 0, no collectives inside
-        with mixed_precision(device):
-            result.update(judge_lora(pipe, cfg))
-        print(win_rate_line(result), flush=True)
-    if master and cfg.save_merged:
-        save_merged_denoiser(cfg.base, denoiser, cfg.out, denoiser_name(pipe))
-    if master:
+    if master:  # the judge's figures and the merged denoiser: rank 0, no collectives inside
+        if cfg.eval_samples > 0:
+            with mixed_precision(device):
+                result.update(judge_lora(pipe, cfg))
+            print(win_rate_line(result), flush=True)
+        if cfg.save_merged:
+            save_merged_denoiser(cfg.base, denoiser, cfg.out, denoiser_name(pipe))
         log_jsonl(log_path, dict(final=result))
         inform(f"{step} updates; LoRA in {cfg.out} ({LORA_FILE}), log in {log_path}")
     close_distributed()
