@@ -62,17 +62,20 @@ def command_line(stage_file, argv=None):
         signal.signal(signal.SIGINT, stop_on_signal)
         signal.signal(signal.SIGTERM, stop_on_signal)
     argv = snake_case_options(sys.argv[1:] if argv is None else argv)
-    offline_unless_hub_answers(argv)  # before the --model preset is looked up
+    given = {}  # {option: value}, to probe the hub before the --model preset is looked up
+    for arg, following in zip(argv, argv[1:] + [""]):
+        if arg.startswith("--"):
+            name, _, value = arg[2:].partition("=")
+            given[name] = value or following
+    offline_unless_hub_answers(given)
     return argv
 
 
 def stop_on_signal(number, frame):
-    """SIGINT (Ctrl-C) or SIGTERM (what cluster schedulers send): one line saying what is on disk
-    and the command that continues the run; exit status 128 + the signal's number (130, 143)."""
+    """Ctrl-C or SIGTERM (what schedulers send): one line, what is on disk and how to continue."""
     if os.environ.get("RANK", "0") == "0":
-        launcher = ["python"]
-        if "LOCAL_WORLD_SIZE" in os.environ:
-            launcher = ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"]
+        processes = os.environ.get("LOCAL_WORLD_SIZE")
+        launcher = ["torchrun", f"--nproc_per_node={processes}"] if processes else ["python"]
         again = [*launcher, *sys.argv] + ([] if "--resume" in sys.argv else ["--resume"])
         kept = "nothing was written"
         if RUN_FOLDER:
@@ -134,8 +137,7 @@ def build_parser(config_class, defaults, doc):
 
 
 def check_ranges(cfg):
-    """Every number option finite and inside the interval its Config comment declares (`in
-    (0, 1]`: 0 < x <= 1); the first one outside: one line."""
+    """Every number option finite and in the interval its Config comment declares (`in (0, 1]`)."""
     helps = option_helps(type(cfg))
     for name, value in asdict(cfg).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -146,16 +148,17 @@ def check_ranges(cfg):
         below = value < float(high) or closing == "]" and value == float(high)
         if not (math.isfinite(value) and above and below):
             fail(f"--{name} {value}: need a finite number in {opening}{low}, {high}{closing}")
-    offline_unless_hub_answers(asdict(cfg).values())
+    offline_unless_hub_answers(asdict(cfg))
 
 
 def offline_unless_hub_answers(options, seconds=5):
-    """Without network a hub call retries for minutes, then blames a missing file: where options
-    name a hub id (owner/name[/file], not a local path) and the hub does not answer in seconds, say
-    so once and work offline, from the local cache (what it lacks then fails at once, one line)."""
+    """Without network a hub call retries for minutes: where options ({name: value}) name a hub id
+    (owner/name[/file]; not an output, a local path, tiny/ or runs/) and the hub does not answer
+    in seconds, say so once and work offline from the local cache (what it lacks fails at once)."""
     import huggingface_hub.constants as hub
-    hub_ids = [option for option in options if isinstance(option, str) and not
-               os.path.exists(option) and re.fullmatch(r"[\w.-]+/[\w.-]+(/.*)?", option)]
+    hub_ids = [value for name, value in options.items() if name not in ("out", "save_dataset")
+               and isinstance(value, str) and not value.startswith(("tiny/", "runs/"))
+               and not os.path.exists(value) and re.fullmatch(r"[\w.-]+/[\w.-]+(/.*)?", value)]
     if hub.HF_HUB_OFFLINE or not hub_ids:
         return
     url = urllib.parse.urlparse(hub.ENDPOINT)
@@ -200,9 +203,8 @@ def folder_stage(out):
 
 
 def prepare_run_folder(out, resume, claim=True):
-    """Refuse to write over a run unless resuming, and under --resume a folder of another stage's
-    run or of none; then rank 0 claims it (claim=False: a part of a run's folder), locked for the
-    run's life and marked with the stage, and drops the *.tmp that killed writes leave."""
+    """Refuse a used folder unless resuming, and under --resume one of another stage's run or of
+    none; rank 0 claims it (locked, marked; claim=False: a run's sub-folder), drops killed *.tmp."""
     global RUN_FOLDER
     holds = os.path.isdir(out) and set(os.listdir(out)) - {MARKER}  # a marker alone: no run yet
     if holds and not resume:
@@ -232,8 +234,7 @@ def prepare_run_folder(out, resume, claim=True):
 
 
 def lock_run_folder(out):
-    """Lock out's marker (flock: the kernel drops it when the process ends, killed or not) and
-    write the stage into it; one line if another run holds it."""
+    """Lock out's marker (flock: freed when the process ends, killed or not), write the stage."""
     path = os.path.abspath(os.path.join(out, MARKER))
     if path in HELD:  # claimed already by this process (main() run again from Python)
         return
@@ -301,8 +302,7 @@ def write_safetensors(tensors, path):
 
 
 def load_checkpoint(path, mmap=False):
-    """torch.load (mmap: memory-mapped), or one line naming the file and the way out if it is
-    damaged or holds non-finite values (written by hand, or by a run without the finite check)."""
+    """torch.load (mmap: memory-mapped), or one line if it is damaged or holds non-finite values."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as error:

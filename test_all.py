@@ -44,6 +44,7 @@ import lrm as L  # noqa: E402
 import lrm_model as M  # noqa: E402
 import models  # noqa: E402
 import mpcf  # noqa: E402
+import runs  # noqa: E402
 import sample  # noqa: E402
 from mpcf import STRATEGIES, get_config, main, mpcf_keep, pair_gaps  # noqa: E402
 from tiny import make_world  # noqa: E402
@@ -3725,6 +3726,20 @@ def test_no_network_is_said_in_seconds(tmp_path):
     assert run.returncode == 1 and lines[-1].startswith("lpo.py: error:"), run.stderr[-2000:]
     assert "the hub http://127.0.0.1:9 is unreachable" in run.stderr and "Retrying" not in run.stderr, run.stderr
     assert time.time() - start < 40
+
+
+def test_only_hub_ids_make_the_hub_probe(monkeypatch, capsys):
+    """Outputs, local paths, tiny/ and runs/ never probe the hub (a tiny run offline says nothing);
+    a hub id among the inputs does, once, and then the process is offline."""
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    runs.offline_unless_hub_answers(dict(out="runs/lpo-new", save_dataset="x/y", data="tiny/pickapic",
+                                         lrm="runs/lrm-sd15", model="tiny", base=ROOT))
+    assert hub.HF_HUB_OFFLINE is False and "unreachable" not in capsys.readouterr().err
+    runs.offline_unless_hub_answers(dict(prompts="yuvalkirstain/pickapic_v1"))
+    assert hub.HF_HUB_OFFLINE is True and "the hub http://127.0.0.1:9 is unreachable" in capsys.readouterr().err
 
 
 def test_long_captions_are_cut_once_and_said_once(tmp_path, capsys):
