@@ -465,18 +465,6 @@ def check_resume(state, cfg, world):
     return settings_changes(saved, now, RESUMABLE)[1]
 
 
-def pick_resolution(base, requested):
-    """--resolution, or the base's own, as models.geometry checks it; an MMDiT's must also fit
-    its position embedding."""
-    resolution, latent = geometry(base, requested)
-    subfolder, config = load_denoiser_config(base)
-    if subfolder == "transformer" and latent > config["patch_size"] * config["pos_embed_max_size"]:
-        largest = resolution // latent * config["patch_size"] * config["pos_embed_max_size"]
-        fail(f"--resolution {requested}: {base}'s position embedding covers at most {largest} px")
-    return resolution
-
-
-# ----------------------------------------------------------------------------- main
 def main(cfg):
     """Setup: each bad input refused in one line before any weight is read, then the LRM, AdamW,
     the resumed state and the data. The loop's numbered parts, one global batch a step. Then the
@@ -498,7 +486,7 @@ def main(cfg):
     prepare_run_folder(cfg.out, cfg.resume)
     try:
         base = resolve_model(cfg.base or cfg.model)
-        resolution = pick_resolution(base, cfg.resolution)
+        resolution = geometry(base, cfg.resolution)[0]
         mmdit_blocks(*load_denoiser_config(base), cfg.lrm_blocks)
         train = load_pairs(cfg.data, "train", cfg.keep)
         val = load_pairs(cfg.data, "validation_unique")

@@ -5,6 +5,7 @@ loading its pipeline (and a Latent Reward Model for scoring), encoding prompts f
 classifier-free guidance and the guided output, a LoRA on its denoiser (added, saved, merged in
 fp32). The stages call `denoiser(x, timestep=t, **cond)` for every family."""
 import glob
+import math
 import os
 import re
 import shutil
@@ -89,7 +90,7 @@ def geometry(base, resolution=0, vae=None):
     """(resolution, latent side) from the base's configs, before any weight is read: resolution 0
     is the pipeline's own (denoiser sample_size x VAE factor); other sizes must be multiples of
     the VAE factor x the U-Net's downsampling (SD3: x the transformer's patch size), or the latent
-    could not be sampled. vae: another VAE folder to read the factor from."""
+    could not be sampled; an MMDiT's must fit its position embedding. vae: another VAE's folder."""
     try:
         vae_config = AutoencoderKL.load_config(vae or base, subfolder=None if vae else "vae")
         subfolder, denoiser = load_denoiser_config(base)
@@ -109,6 +110,9 @@ def geometry(base, resolution=0, vae=None):
     if resolution % multiple:
         fail(f"--resolution {resolution}: {base} needs a positive multiple of {multiple} "
              f"(VAE factor {vae_factor} x {name} {downsampling}); 0 takes its own size")
+    largest = multiple * denoiser.get("pos_embed_max_size", math.inf)  # an MMDiT's positions
+    if resolution > largest:
+        fail(f"--resolution {resolution}: {base}'s position embedding covers at most {largest} px")
     return resolution, resolution // vae_factor
 
 

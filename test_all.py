@@ -817,9 +817,9 @@ def test_split_files_by_name_and_base_needs_data(tmp_path):
     # --resolution: 0 is the pipeline's own (sample_size x VAE factor); refused unless a multiple of
     # VAE factor x U-Net downsampling (tiny: 4 x 2)
     tiny_base = models.resolve_model("tiny")
-    assert L.pick_resolution(tiny_base, 0) == 32 and L.pick_resolution(tiny_base, 64) == 64
+    assert models.geometry(tiny_base, 0)[0] == 32 and models.geometry(tiny_base, 64)[0] == 64
     with pytest.raises(SystemExit, match="multiple of 8"):
-        L.pick_resolution(tiny_base, 36)
+        models.geometry(tiny_base, 36)
     # a pipeline folder as --model: the paper's settings, its own folder name for the run
     cfg = L.get_config(["--model", "tiny/sd15", "--data", data])
     assert (cfg.max_train_steps, cfg.lr, cfg.out) == (4000, 1e-5, "runs/lrm-sd15")
@@ -2670,6 +2670,8 @@ BAD_INPUTS += [
     ("lpo", ["--out", "{tmp}/o", "--beta", "nan"], "beta"),
     ("lpo", ["--out", "{tmp}/o", "--guidance_scale", "nan"], "guidance_scale"),  # not the NaN guard
     ("lpo", ["--out", "{tmp}/o", "--seed", "-1"], "seed"),
+    ("lpo", ["--out", "{tmp}/o", "--model", "tiny-sd3", "--resolution", "256"], "position embedding"),
+    ("sample", ["--model", "tiny-sd3", "--resolution", "256", "--out", "{tmp}"], "position embedding"),
     ("lpo", ["--out", "{tmp}/o", "--num_inference_steps", "1001"], "num_inference_steps"),
     ("lpo", ["--out", "{tmp}/o", "--model", os.path.join(LPO_BAD, "short_schedule"), "--num_inference_steps", "200"],
      "timesteps"),
