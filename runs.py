@@ -77,9 +77,7 @@ def stop_on_signal(number, frame):
         processes = os.environ.get("LOCAL_WORLD_SIZE")
         launcher = ["torchrun", f"--nproc_per_node={processes}"] if processes else ["python"]
         again = [*launcher, *sys.argv] + ([] if "--resume" in sys.argv else ["--resume"])
-        kept = "nothing was written"
-        if RUN_FOLDER:
-            kept = f"{RUN_FOLDER} keeps every file written whole so far"
+        kept = f"{RUN_FOLDER} keeps every file written whole" if RUN_FOLDER else "nothing written"
         line = (f"{PROG}: stopped by {signal.Signals(number).name}: {kept}; continue with: "
                 f"{shlex.join(again)}")
         atexit.register(print, line, file=sys.stderr, flush=True)  # after progress bars close
@@ -246,6 +244,8 @@ def lock_run_folder(out):
         marker.close()
         fail(f"{out} is in use: another run writes there now (it holds {MARKER}'s lock): wait "
              "for it to end, or pass another --out")
+    except OSError as error:  # a file system without locks (some NFS or Lustre mounts)
+        warn(f"{out} cannot be locked ({error.strerror}): a second run into it is not refused")
     marker.truncate(0)
     marker.write(json.dumps({"stage": PROG}) + "\n")
     marker.flush()
@@ -253,15 +253,14 @@ def lock_run_folder(out):
 
 
 def release_run_folders():
-    """Let go of the run folders this process holds (at the run's end or its failure)."""
+    """Let go of the run folders this process holds (its run's end, or failure)."""
     for marker in HELD.values():
         marker.close()
     HELD.clear()
 
 
 def kill_point(name):
-    """Test hook: where LPO_KILL_AT names this point, send this process LPO_KILL_SIGNAL (default
-    SIGKILL): the resume and signal tests."""
+    """Test hook: where LPO_KILL_AT names this point, send LPO_KILL_SIGNAL (SIGKILL) to itself."""
     if os.environ.get("LPO_KILL_AT") == name:
         os.kill(os.getpid(), getattr(signal, os.environ.get("LPO_KILL_SIGNAL", "SIGKILL")))
 

@@ -3715,6 +3715,20 @@ def test_every_write_is_guarded_full_disk_is_one_line(tmp_path, monkeypatch):
                                            "--out", str(tmp_path / "s")]))
 
 
+def test_a_folder_that_cannot_be_locked_still_runs(tmp_path, monkeypatch, capsys):
+    """A file system without locks (some NFS or Lustre mounts): the run goes on, marked, with one
+    warning that a second run would not be refused."""
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(37, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    runs.prepare_run_folder(str(tmp_path / "r"), resume=False)
+    runs.release_run_folders()
+    assert json.load(open(tmp_path / "r" / "run.json"))["stage"] and "cannot be locked (No locks available)" in \
+        capsys.readouterr().err
+
+
 def test_no_network_is_said_in_seconds(tmp_path):
     """A hub id with the hub unreachable (HF_HUB_OFFLINE unset): one warning that the hub does not
     answer, then the refusal, in seconds; not a minute of retries (48 s before) ending in blame
@@ -3856,7 +3870,7 @@ def test_stage_files_read_like_the_anchors(path):
 # 34,000 AST nodes; until it is met, this ceiling is what the files hold now, so that size cannot
 # grow silently while the rest is cut
 LINE_BUDGETS = {"lpo.py": 700, "lrm.py": 650, "bench.py": 500}
-TOTAL_LINES, TOTAL_NODES = 4645, 36270
+TOTAL_LINES, TOTAL_NODES = 4640, 36285
 
 
 def test_root_files_keep_their_size_budgets():
