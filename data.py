@@ -192,7 +192,7 @@ def pair_flags(pairs, data, split):
     usable = labelled & different & captioned
     if len(pairs) and not usable.any():
         raise ValueError(f"dataset {data!r} split {split!r}: no usable pair in its {len(pairs)} "
-                         f"rows ({(~labelled).sum()} without labels or with NaN ones, "
+                         f"rows ({(~labelled).sum()} without labels or with non-finite ones, "
                          f"{(~different).sum()} of identical images, {(~captioned).sum()} with a "
                          "blank caption)")
     if not len(pairs):

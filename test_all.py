@@ -3639,7 +3639,8 @@ def seam_bad_data():
     folder = tempfile.mkdtemp(prefix="seam-bad-", dir=SCRATCH)
     good = data.open_split("tiny/pickapic", "validation_unique").to_pandas().head(40)
     broken = good.assign(jpg_0=[b"not a jpeg"] * 40, jpg_1=[b"nor this"] * 40)
-    tables = dict(nan_labels=good.assign(label_0=np.nan, label_1=np.nan), blank_captions=good.assign(caption="  "),
+    tables = dict(nan_labels=good.assign(label_0=[np.nan] * 20 + [np.inf] * 20,
+                                              label_1=[np.nan] * 20 + [0.0] * 20), blank_captions=good.assign(caption="  "),
                   no_rows=good.head(0), undecodable=broken)
     for name, table in tables.items():
         os.makedirs(os.path.join(folder, name))
@@ -3662,7 +3663,7 @@ def seam_bad_data():
 
 SEAM_BAD = seam_bad_data()
 BAD_INPUTS += [   # data judged by one rule in every stage, in one line with the counts
-    ("lrm", ["--data", os.path.join(SEAM_BAD, "nan_labels"), "--out", "{tmp}"], "without labels or with nan ones"),
+    ("lrm", ["--data", os.path.join(SEAM_BAD, "nan_labels"), "--out", "{tmp}"], "40 without labels or with non-finite ones"),
     ("lrm", ["--data", os.path.join(SEAM_BAD, "blank_captions"), "--out", "{tmp}"], "40 with a blank caption"),
     ("lrm", ["--data", os.path.join(SEAM_BAD, "no_rows"), "--out", "{tmp}"], "has no rows"),
     ("mpcf", ["--data", os.path.join(SEAM_BAD, "nan_labels"), "--out", "{tmp}"], "no usable pair"),
