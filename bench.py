@@ -154,7 +154,6 @@ def load_pipeline(name, device, dtype=torch.float32):
     pipe = DiffusionPipeline.from_pretrained(os.path.join(models.ROOT, FOLDERS[name]), **parts)
     for tokenizer in models.tokenizers(pipe) if parts else []:
         tokenizer.model_max_length = 256 if "T5" in type(tokenizer).__name__ else 77
-    pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype)
 
 
@@ -203,8 +202,8 @@ def load_lpo_stage(name, cfg, device):
     latent_size = settings.resolution // pipe.vae_scale_factor
     lora, optimizer, schedule = lpo.add_policy(denoiser(pipe), pipe.scheduler.config, settings,
                                                device, latent_size)
-    return SimpleNamespace(pipe=pipe, settings=settings, lrm=reward, lora=lora,
-                           optimizer=optimizer, schedule=schedule, device=device, dtype=dtype,
+    return SimpleNamespace(pipe=pipe, denoiser=denoiser(pipe), settings=settings, lrm=reward,
+                           lora=lora, optimizer=optimizer, schedule=schedule, device=device,
                            latent_size=latent_size)
 
 
@@ -213,12 +212,12 @@ def make_batch(stage, size, seed):
     """`size` prompts, their CFG conditioning, and random pairs: x_t at t, x_w and x_l at t - 50."""
     generator = torch.Generator(device=stage.device).manual_seed(seed)
     shape = (size, stage.pipe.vae.config.latent_channels, stage.latent_size, stage.latent_size)
-    x_t, x_w, x_l = (torch.randn(shape, generator=generator, device=stage.device)
-                     for _ in range(3))
+    pairs = {key: torch.randn(shape, generator=generator, device=stage.device)
+             for key in ("x_t", "x_w", "x_l")}
     t = torch.full((size,), T, device=stage.device)
     return dict(prompts=captions(size), prompt_ids=torch.arange(size), generator=generator,
                 cond=encode_for_cfg(stage.pipe, captions(size), stage.settings.resolution),
-                x_t=x_t, x_w=x_w, x_l=x_l, t=t, t_prev=t - 50)
+                **pairs, t=t, t_prev=t - 50)
 
 
 class PixelReward:
@@ -227,22 +226,22 @@ class PixelReward:
 
     def __init__(self, stage):
         self.stage = stage
-        vit = VIT_H if denoiser(stage.pipe).config.sample_size >= 64 else TINY_VIT
-        with torch.device(stage.device):
-            self.vit = CLIPVisionModelWithProjection(CLIPVisionConfig(**vit)).to(stage.dtype)
-            self.text = torch.randn(1, vit["projection_dim"])  # (1, D)
         self.vae = stage.pipe.vae.to(stage.device)
+        vit = VIT_H if stage.denoiser.config.sample_size >= 64 else TINY_VIT
+        with torch.device(stage.device):
+            self.vit = CLIPVisionModelWithProjection(CLIPVisionConfig(**vit)).to(self.vae.dtype)
+            self.text = torch.randn(1, vit["projection_dim"])  # (1, D)
 
     def encode_text(self, prompts):
         """Once a pass, as the LRM's: each prompt's conditioning (repeated K times) and uncond's."""
         cond = encode_for_cfg(self.stage.pipe, prompts, self.stage.settings.resolution)
-        rows = torch.arange(len(prompts), 2 * len(prompts))
+        rows = torch.arange(len(prompts), 2 * len(prompts))  # [uncond; cond]: the cond rows
         return dict(cond=take_rows(cond, rows), uncond=take_rows(cond, torch.arange(1)))
 
     def reward(self, images):
         """100 cos(image, text) of the images, resized to the tower's input."""
-        size = self.vit.config.image_size
-        pixels = F.interpolate(images.float(), size=size, mode="bicubic", antialias=True)
+        pixels = F.interpolate(images.float(), size=self.vit.config.image_size, mode="bicubic",
+                               antialias=True)
         embeds = self.vit(pixel_values=pixels.to(self.vit.dtype)).image_embeds
         return 100 * F.cosine_similarity(embeds.float(), self.text, dim=-1)  # (n,)
 
@@ -253,7 +252,7 @@ class PixelReward:
         schedule = self.stage.schedule
         cond = uncond_then_cond(text["uncond"], text["cond"])
         with mixed_precision(self.stage.device):
-            prediction = guided_prediction(denoiser(self.stage.pipe), latents, t, cond,
+            prediction = guided_prediction(self.stage.denoiser, latents, t, cond,
                                            self.stage.settings.guidance_scale)  # eps, or v
             x0, _ = schedule.step(prediction, latents, t, schedule.prev_timesteps[-1].item(), 0)
             config = self.vae.config
@@ -264,17 +263,14 @@ class PixelReward:
 def sampling_pass(stage, batch, reward):
     """lpo.py's whole sampling pass with this reward; returns lpo.py's own split of its seconds:
     "sample" (CFG denoise + the schedule's step) and "score" (the reward)."""
-    reward_text = reward.encode_text(batch["prompts"])
-    *_, seconds = sample_tuples(denoiser(stage.pipe), reward, batch["cond"], reward_text,
-                                batch["prompt_ids"], stage.schedule, stage.settings,
-                                batch["generator"])
-    return seconds
+    text = reward.encode_text(batch["prompts"])
+    return sample_tuples(stage.denoiser, reward, batch["cond"], text, batch["prompt_ids"],
+                         stage.schedule, stage.settings, batch["generator"])[-1]  # the seconds
 
 
 def lpo_update(stage, batch):
     """One update of lpo.py: lpo.pair_logprobs, lpo_loss, backward, lpo.apply_update."""
-    logprobs = pair_logprobs(denoiser(stage.pipe), batch, batch["cond"], stage.schedule,
-                             stage.settings)
+    logprobs = pair_logprobs(stage.denoiser, batch, batch["cond"], stage.schedule, stage.settings)
     loss, _ = lpo_loss(*logprobs, stage.settings.beta, stage.settings.clip_eps)
     loss.backward()
     apply_update(stage.lora, stage.optimizer, loss, 1)
@@ -283,9 +279,8 @@ def lpo_update(stage, batch):
 def make_dpo(stage, name):
     """Diffusion-DPO (SalesforceAIResearch/DiffusionDPO) trains the whole denoiser (fp32 weights):
     AdamW; for SDXL (and SD3) its train.py forces Adafactor and gradient checkpointing."""
-    base = denoiser(stage.pipe)
     with torch.device(stage.device):
-        policy = type(base).from_config(base.config)
+        policy = type(stage.denoiser).from_config(stage.denoiser.config)
     if name in ("sd15", "tiny"):
         return policy, torch.optim.AdamW(policy.parameters(), lr=1e-8 * 2048, weight_decay=1e-2)
     policy.enable_gradient_checkpointing()
@@ -313,13 +308,12 @@ def dpo_update(stage, policy, optimizer, batch):
 
     def errors(network):  # per-sample MSE of the prediction, (2B,)
         return (network(x, timestep=t, **cond).sample.float() - target).pow(2).mean((1, 2, 3))
-    reference = denoiser(stage.pipe)
     with mixed_precision(stage.device):
         err = errors(policy)
         with torch.no_grad():
-            reference.disable_adapters()  # the reference: the base
-            ref_err = errors(reference)
-            reference.enable_adapters()
+            stage.denoiser.disable_adapters()  # the reference: the base
+            ref_err = errors(stage.denoiser)
+            stage.denoiser.enable_adapters()
     diffusion_dpo_loss(err, ref_err, 5000.0).backward()  # --beta_dpo 5000
     torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     optimizer.step()
@@ -396,10 +390,10 @@ def free_memory():
 
 def bench_lpo(run):
     """LPO's phases on lpo.py's resident set; lpo_iteration first, with nothing else resident."""
-    cfg = run.cfg
+    cfg, results = run.cfg, run.results
     stage = load_lpo_stage(run.name, cfg, run.device)
     settings = stage.settings
-    run.results["resolution"] = settings.resolution
+    results["resolution"] = settings.resolution
     sample_batch = make_batch(stage, settings.sample_batch_size, seed=0)
     train_batch = make_batch(stage, settings.train_batch_size, seed=1)
 
@@ -415,14 +409,14 @@ def bench_lpo(run):
         return
     pixel = PixelReward(stage)
     measure(run, "pixel_step", lambda: sampling_pass(stage, batch, pixel), per=steps)
-    run.results["ratio_step"] = run.results["pixel_step_s"] / run.results["lpo_step_s"]
+    results["ratio_step"] = results["pixel_step_s"] / results["lpo_step_s"]
     stage.lrm = stage.optimizer = pixel = None  # what Diffusion-DPO does not hold
     for network in [stage.pipe.vae] + text_encoders(stage.pipe):
         network.to("cpu")
     free_memory()
     policy, optimizer = make_dpo(stage, run.name)
     measure(run, "dpo_update", lambda: dpo_update(stage, policy, optimizer, batch))
-    run.results["ratio_dpo"] = run.results["dpo_update_s"] / run.results["lpo_update_s"]
+    results["ratio_dpo"] = results["dpo_update_s"] / results["lpo_update_s"]
 
 
 def bench_lrm(run):
@@ -437,8 +431,8 @@ def bench_lrm(run):
 
 def table(results, env):
     """Markdown: a column a model, a row a number of bench.json (bench.md says what each is)."""
-    lines = [f"{env['device']}, torch {env['torch']}, diffusers {env['diffusers']}, {env['date']}",
-             "", "| phase | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
+    lines = ["{device}, torch {torch}, diffusers {diffusers}, {date}".format(**env), "",
+             "| phase | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
     for key in dict.fromkeys(key for row in results.values() for key in row):
         cells = [format(row[key], ".4g") if key in row else "n/a" for row in results.values()]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
@@ -454,16 +448,16 @@ def main(cfg):
                diffusers=diffusers.__version__, settings=asdict(cfg))
     prepare_run_folder(cfg.out, cfg.resume)  # refuses a run's folder without --resume
     path = os.path.join(cfg.out, "bench.json")
-    report = dict(environment=env, results={})
-    if os.path.exists(path):
+    results = {}
+    if os.path.exists(path):  # --resume: one table, one setting
         with open(path) as json_file:
             report = json.load(json_file)
-    same = [dict(e["settings"], model=0, resume=0, device=e["device"])
-            for e in (report["environment"], env)]
-    if same[0] != same[1]:  # one table, one setting
-        fail(f"--resume: {path} was measured on another device or with other settings; "
-             "pass another --out")
-    results = report["results"]
+        old = report["environment"]
+        if (old["device"], dict(old["settings"], model=cfg.model, resume=cfg.resume)) != (
+                env["device"], env["settings"]):
+            fail(f"--resume: {path} was measured on another device or with other settings; "
+                 "pass another --out")
+        results = report["results"]
     for model in cfg.model.split(","):
         if model not in results:
             run = SimpleNamespace(name=model, cfg=cfg, device=device, results={})

@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 from data import check_decodable, decode_image, error_line, open_pairs, pair_flags
 from distributed import barrier, close_distributed, setup_distributed
-from runs import (build_parser, check_ranges, command_line, fail, first_line, kill_point, log_jsonl,
-                  peek, prepare_run_folder, write_or_fail, write_text)
+from runs import (command_line, fail, first_line, kill_point, log_jsonl, parse_config, peek,
+                  prepare_run_folder, write_or_fail, write_text)
 
 
 @dataclass
@@ -84,15 +84,12 @@ STEPS = ("score", "filter", "all")
 def get_config(argv=None):
     """The Config of a command line; a given --gaps file is only read: scoring never writes it."""
     argv = command_line(__file__, argv)
+    if argv[:1] and argv[0] in STEPS:  # the step as the first word: `mpcf.py filter ...`
+        argv = ["--step", *argv]
     model = peek(argv, "model", Config.model)
     if model not in PRESETS:
         fail(f"--model {model}: expected one of {', '.join(PRESETS)}")
-    parser = build_parser(Config, {**asdict(Config()), **PRESETS[model]}, __doc__)
-    parser.add_argument("step_name", nargs="?", choices=STEPS, help="the same as --step")
-    args = vars(parser.parse_args(argv))
-    args["step"] = args.pop("step_name") or args["step"]
-    cfg = Config(**args)
-    check_ranges(cfg)
+    cfg = parse_config(Config, {**asdict(Config()), **PRESETS[model]}, __doc__, argv)
     cfg.out = cfg.out or f"runs/mpcf-{model}"
     if cfg.step not in STEPS:
         fail(f"--step {cfg.step}: expected one of {', '.join(STEPS)}")
@@ -192,23 +189,20 @@ def load_aesthetic_head(src):
     from huggingface_hub import hf_hub_download, snapshot_download
     if src.startswith(("/", ".", "~")) and not os.path.exists(src):
         raise FileNotFoundError(f"no file or folder {src}")
-    if not os.path.exists(src) and src.count("/") >= 2:  # a file in a hub repo
-        owner, name, filename = src.split("/", 2)
-        src = hf_hub_download(f"{owner}/{name}", filename)
-    if not os.path.isfile(src):  # a folder or a hub repo holding one .pth
-        folder = src if os.path.isdir(src) else snapshot_download(src, allow_patterns=["*.pth"])
-        found = sorted(glob.glob(os.path.join(folder, "*.pth")))
+    if not os.path.exists(src):  # a hub repo, or a file in one
+        parts = src.split("/", 2)
+        src = (hf_hub_download("/".join(parts[:2]), parts[2]) if len(parts) == 3
+               else snapshot_download(src, allow_patterns=["*.pth"]))
+    if os.path.isdir(src):
+        found = sorted(glob.glob(os.path.join(src, "*.pth")))
         if len(found) != 1:
             raise ValueError(f"expected exactly one .pth aesthetic head in {src}, found {found}")
         src = found[0]
     state = torch.load(src, map_location="cpu", weights_only=True)
-    linears = []
-    for i in sorted({int(key.split(".")[1]) for key in state if key.startswith("layers.")}):
-        weight = state[f"layers.{i}.weight"]  # (out, in)
-        linear = torch.nn.Linear(*weight.T.shape)
-        linear.load_state_dict({"weight": weight, "bias": state[f"layers.{i}.bias"]})
-        linears.append(linear)
-    return torch.nn.Sequential(*linears).eval()
+    tensors = [state[key] for key in state if key.startswith("layers.")]  # weight, bias, ...
+    head = torch.nn.Sequential(*(torch.nn.Linear(*weight.T.shape) for weight in tensors[::2]))
+    head.load_state_dict(dict(zip(head.state_dict(), tensors)))
+    return head.eval()
 
 
 def clip_scorer(model, processor, head=None, logit_scale=None):
@@ -235,25 +229,21 @@ def load_scorers(cfg, device):
         return judge_scores
     from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPModel,
                               CLIPVisionModelWithProjection)
-    try:
-        head = load_aesthetic_head(cfg.aesthetic_mlp).to(device)  # fp32: a tiny head
-    except (OSError, ValueError) as error:
-        fail(f"--aesthetic_mlp {cfg.aesthetic_mlp}: {error_line(error)}")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     paths = (cfg.aesthetic_clip, cfg.clip_model, cfg.vqa_model)
     kinds = (CLIPVisionModelWithProjection, CLIPModel, AutoModelForImageTextToText)
     try:
-        aesthetic_processor, clip_processor, vqa_processor = (
-            AutoProcessor.from_pretrained(path) for path in paths)
-        vision, clip, vlm = (kind.from_pretrained(path, dtype=dtype)
-                             for kind, path in zip(kinds, paths))
+        head = load_aesthetic_head(cfg.aesthetic_mlp).to(device)  # fp32: a tiny head
+        (vision, aesthetic_processor), (clip, clip_processor), (vlm, vqa_processor) = [
+            (kind.from_pretrained(path, dtype=dtype).to(device),
+             AutoProcessor.from_pretrained(path)) for kind, path in zip(kinds, paths)]
     except (OSError, ValueError) as error:
-        fail(f"cannot load a scorer ({error_line(error)}): check --aesthetic_clip, "
-             "--clip_model and --vqa_model")
+        fail(f"cannot load a scorer ({error_line(error)}): check --aesthetic_mlp, "
+             "--aesthetic_clip, --clip_model and --vqa_model")
     # from_pretrained leaves a model in eval mode
-    scorers = dict(aesthetic=clip_scorer(vision.to(device), aesthetic_processor, head),
-                   clip=clip_scorer(clip.to(device), clip_processor),
-                   vqa=partial(vqa_score, vlm.to(device), vqa_processor, cfg.vqa_question))
+    scorers = dict(aesthetic=clip_scorer(vision, aesthetic_processor, head),
+                   clip=clip_scorer(clip, clip_processor),
+                   vqa=partial(vqa_score, vlm, vqa_processor, cfg.vqa_question))
 
     @torch.no_grad()
     def score_images(images, captions):
@@ -283,9 +273,8 @@ def score_batch(scorer, rows):
         captions = [rows["caption"][k] for k in picked]
         scores = scorer([side[k] for side in images for k in picked], captions + captions)
         labels = np.array([rows["label_0"], rows["label_1"]])[:, picked]  # (2, m)
-        for column, key in enumerate(SCORES):
-            scores_0, scores_1 = np.reshape(scores[key], (2, -1))  # images 0, images 1: (m,) each
-            gaps[picked, column] = pair_gaps(scores_0, scores_1, *labels).numpy()
+        for column, key in enumerate(SCORES):  # scores: images 0, then images 1, (m,) each
+            gaps[picked, column] = pair_gaps(*np.reshape(scores[key], (2, -1)), *labels).numpy()
     return gaps, decoded
 
 
@@ -326,9 +315,9 @@ def score(cfg, pairs, labels, rank, world, device):
         for number, first in enumerate(batches, 1):
             index = mine[first:first + cfg.batch_size]
             gaps, decoded = score_batch(scorer, pairs[index])
-            for i, (aes, clip, vqa), ok in zip(index, gaps.tolist(), decoded):
-                status = "ok" if ok else "unreadable"
-                lines.append(f"{i},{int(not labels.is_tie[i])},{aes!r},{clip!r},{vqa!r},{status}\n")
+            lines += [f"{i},{int(not labels.is_tie[i])},{aes!r},{clip!r},{vqa!r},"
+                      f"{'ok' if ok else 'unreadable'}\n"
+                      for i, (aes, clip, vqa), ok in zip(index, gaps.tolist(), decoded)]
             write_or_fail(path, append_lines, part, lines)
             lines = []
             kill_point(f"scored batch {number}")
@@ -347,31 +336,26 @@ def score(cfg, pairs, labels, rank, world, device):
     write_text(cfg.gaps, table.to_csv())
     counts = table["status"].value_counts().to_dict()
     print(f"mpcf score -> {cfg.gaps}: rows by status {counts}")
-    scored = counts.get("ok", 0) + counts.get("unreadable", 0)
-    check_decodable(counts.get("unreadable", 0), scored, cfg.data)  # (gaps.csv is kept)
+    unreadable = counts.get("unreadable", 0)
+    check_decodable(unreadable, unreadable + counts.get("ok", 0), cfg.data)  # (gaps.csv is kept)
 
 
 def read_gaps(path, num_rows):
     """The (N, 3) gaps of a CSV or parquet file, row-aligned with the split (by `index` if any)."""
     try:
         table = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
-    except (OSError, ValueError, UnicodeDecodeError) as error:
+    except (OSError, ValueError) as error:  # (UnicodeDecodeError too)
         fail(f"--gaps {path}: cannot read it ({error_line(error)})")
     missing = [c for c in GAP_COLS if c not in table.columns]
     if missing:
         fail(f"--gaps {path} lacks the gap columns {missing}")
     if "index" in table.columns:
         table = table.sort_values("index")
-        index = table["index"].to_numpy()
-        if table.empty:
-            fail(f"--gaps {path} has no rows")
-        if not np.array_equal(index, np.arange(num_rows)):
-            fail(f"--gaps {path}: its index column holds {len(index)} values in "
-                 f"[{index.min()}, {index.max()}] but the split has rows 0..{num_rows - 1}: "
-                 "not row-aligned, refusing it")
-    elif len(table) != num_rows:
-        fail(f"--gaps {path} has {len(table)} rows but the split has {num_rows}: not row-aligned, "
-             "refusing it")
+    index = table.get("index", pd.RangeIndex(len(table))).to_numpy()
+    if not np.array_equal(index, np.arange(num_rows)):
+        held = f"rows {index.min()}..{index.max()} ({len(index)})" if len(index) else "no rows"
+        fail(f"--gaps {path} has {held} (by its index column, else in order) but the split has "
+             f"rows 0..{num_rows - 1}: not row-aligned, refusing it")
     try:
         return table[list(GAP_COLS)].to_numpy(dtype=np.float64)
     except (ValueError, TypeError):
