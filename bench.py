@@ -89,9 +89,10 @@ LRM_PAIRS_PER_GPU = {"sd15": 16, "sdxl": 4, "sd3": 4, "tiny": 4, "tiny-xl": 4, "
 def get_config(argv=None):
     argv = command_line(__file__, argv)
     defaults = asdict(Config())
-    for flag, preset_values in (("--tiny", TINY), ("--smoke", SMOKE)):
-        if flag in argv:
-            defaults.update(preset_values)
+    if "--tiny" in argv:
+        defaults.update(TINY)
+    if "--smoke" in argv:
+        defaults.update(SMOKE)
     cfg = parse_config(Config, defaults, __doc__, argv)
     if not set(cfg.model.split(",")) <= set(FOLDERS):
         fail(f"--model {cfg.model!r}: a comma list of {', '.join(FOLDERS)}")
@@ -211,13 +212,14 @@ def load_lpo_stage(name, cfg, device):
 def make_batch(stage, size, seed):
     """`size` prompts, their CFG conditioning, and random pairs: x_t at t, x_w and x_l at t - 50."""
     generator = torch.Generator(device=stage.device).manual_seed(seed)
-    shape = (size, stage.pipe.vae.config.latent_channels, stage.latent_size, stage.latent_size)
-    pairs = {key: torch.randn(shape, generator=generator, device=stage.device)
+    shape = (size, stage.denoiser.config.in_channels, stage.latent_size, stage.latent_size)
+    batch = {key: torch.randn(shape, generator=generator, device=stage.device)
              for key in ("x_t", "x_w", "x_l")}
     t = torch.full((size,), T, device=stage.device)
-    return dict(prompts=captions(size), prompt_ids=torch.arange(size), generator=generator,
-                cond=encode_for_cfg(stage.pipe, captions(size), stage.settings.resolution),
-                **pairs, t=t, t_prev=t - 50)
+    prompts = captions(size)
+    return dict(batch, prompts=prompts, prompt_ids=torch.arange(size), generator=generator,
+                cond=encode_for_cfg(stage.pipe, prompts, stage.settings.resolution), t=t,
+                t_prev=t - 50)
 
 
 class PixelReward:

@@ -84,7 +84,7 @@ STEPS = ("score", "filter", "all")
 def get_config(argv=None):
     """The Config of a command line; a given --gaps file is only read: scoring never writes it."""
     argv = command_line(__file__, argv)
-    if argv[:1] and argv[0] in STEPS:  # the step as the first word: `mpcf.py filter ...`
+    if argv and argv[0] in STEPS:  # the step as the first word: `mpcf.py filter ...`
         argv = ["--step", *argv]
     model = peek(argv, "model", Config.model)
     if model not in PRESETS:
@@ -106,11 +106,10 @@ def get_config(argv=None):
 
 def rule_bounds(cfg):
     """(a, c, v, ta, tc, tv) of --bounds, else of --strategy."""
-    if not cfg.bounds and cfg.strategy in STRATEGIES:
-        return STRATEGIES[cfg.strategy]
     try:
-        bounds = tuple(map(float, cfg.bounds.split(",")))
-    except ValueError:
+        bounds = STRATEGIES[cfg.strategy] if not cfg.bounds else tuple(
+            map(float, cfg.bounds.split(",")))
+    except (ValueError, KeyError):
         bounds = ()
     if len(bounds) != 6:
         fail(f"need --strategy 1, 2 or 3, or --bounds=a,c,v,ta,tc,tv (six numbers); got "
@@ -187,9 +186,9 @@ def load_aesthetic_head(src):
     "owner/repo/file.pth"): Linears at `layers.{0,2,4,6,7}`, Dropouts between, no activations.
     Dropout is the identity at eval, so the Linears alone, in order, are the head."""
     from huggingface_hub import hf_hub_download, snapshot_download
-    if src.startswith(("/", ".", "~")) and not os.path.exists(src):
-        raise FileNotFoundError(f"no file or folder {src}")
     if not os.path.exists(src):  # a hub repo, or a file in one
+        if src.startswith(("/", ".", "~")):
+            raise FileNotFoundError(f"no file or folder {src}")
         parts = src.split("/", 2)
         src = (hf_hub_download("/".join(parts[:2]), parts[2]) if len(parts) == 3
                else snapshot_download(src, allow_patterns=["*.pth"]))
@@ -346,9 +345,6 @@ def read_gaps(path, num_rows):
         table = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
     except (OSError, ValueError) as error:  # (UnicodeDecodeError too)
         fail(f"--gaps {path}: cannot read it ({error_line(error)})")
-    missing = [c for c in GAP_COLS if c not in table.columns]
-    if missing:
-        fail(f"--gaps {path} lacks the gap columns {missing}")
     if "index" in table.columns:
         table = table.sort_values("index")
     index = table.get("index", pd.RangeIndex(len(table))).to_numpy()
@@ -358,6 +354,8 @@ def read_gaps(path, num_rows):
              f"rows 0..{num_rows - 1}: not row-aligned, refusing it")
     try:
         return table[list(GAP_COLS)].to_numpy(dtype=np.float64)
+    except KeyError:
+        fail(f"--gaps {path} lacks a gap column: it needs {', '.join(GAP_COLS)}")
     except (ValueError, TypeError):
         fail(f"--gaps {path}: its gap columns hold something else than numbers")
 
