@@ -54,7 +54,7 @@ from runs import (command_line, fail, first_line, kill_point, log_jsonl, parse_c
 @dataclass
 class Config:
     model: str = "tiny"  # preset: tiny | tiny-xl | sd15 | sdxl (picks the data and the scorers)
-    step: str = "all"  # score | filter | all (also positional: `mpcf.py filter`)
+    step: str = "all"  # score | filter | all (also as the first word: `mpcf.py filter`)
     data: str = ""  # Pick-a-Pic-schema pairs: hub id, load_dataset or save_to_disk folder, .parquet
     split: str = "train"  # split of --data (a single .parquet file is its own split)
     out: str = ""  # run folder; "" = runs/mpcf-{model}
@@ -349,9 +349,9 @@ def read_gaps(path, num_rows):
         table = table.sort_values("index")
     index = table.get("index", pd.RangeIndex(len(table))).to_numpy()
     if not np.array_equal(index, np.arange(num_rows)):
-        held = f"rows {index.min()}..{index.max()} ({len(index)})" if len(index) else "no rows"
-        fail(f"--gaps {path} has {held} (by its index column, else in order) but the split has "
-             f"rows 0..{num_rows - 1}: not row-aligned, refusing it")
+        held = f"{len(index)} rows ({index.min()}..{index.max()})" if len(index) else "no rows"
+        fail(f"--gaps {path} has {held}, the split rows 0..{num_rows - 1} (matched by its index "
+             "column, else by position): not row-aligned, refusing it")
     try:
         return table[list(GAP_COLS)].to_numpy(dtype=np.float64)
     except KeyError:
