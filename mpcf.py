@@ -198,7 +198,7 @@ def load_aesthetic_head(src):
             raise ValueError(f"expected exactly one .pth aesthetic head in {src}, found {found}")
         src = found[0]
     state = torch.load(src, map_location="cpu", weights_only=True)
-    tensors = [state[key] for key in state if key.startswith("layers.")]  # weight, bias, ...
+    tensors = [state[key] for key in state if key.startswith("layers.")]  # as saved: w, b, w, ...
     head = torch.nn.Sequential(*(torch.nn.Linear(*weight.T.shape) for weight in tensors[::2]))
     head.load_state_dict(dict(zip(head.state_dict(), tensors)))
     return head.eval()
