@@ -180,17 +180,20 @@ def denoiser_name(pipe):
     return "transformer" if "transformer" in pipe.components else "unet"
 
 
+def numbered(pipe, name):
+    """pipe.name, pipe.name_2, pipe.name_3: those the pipeline has."""
+    found = [getattr(pipe, name + suffix, None) for suffix in ("", "_2", "_3")]
+    return [part for part in found if part is not None]
+
+
 def text_encoders(pipe):
     """SD1.5: [CLIP-L]; SDXL: [CLIP-L, OpenCLIP bigG]; SD3: [CLIP-L, OpenCLIP bigG, T5]."""
-    encoders = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
-                getattr(pipe, "text_encoder_3", None)]
-    return [encoder for encoder in encoders if encoder is not None]
+    return numbered(pipe, "text_encoder")
 
 
 def tokenizers(pipe):
     """The tokenizers of text_encoders(pipe), in the same order."""
-    found = [pipe.tokenizer, getattr(pipe, "tokenizer_2", None), getattr(pipe, "tokenizer_3", None)]
-    return [tokenizer for tokenizer in found if tokenizer is not None]
+    return numbered(pipe, "tokenizer")
 
 
 def t5_length(tokenizer):
@@ -267,28 +270,19 @@ def uncond_then_cond(uncond, cond):
 
 @torch.no_grad()
 def encode_for_cfg(pipe, prompts, resolution):
-    """Denoiser kwargs of the CFG batch [uncond; cond] (2B). SD1.5: one text encoder, uncond = the
-    empty prompt. SDXL: two, uncond = zeros with the real size conditions, as its pipeline does.
-    SD3: the pipeline's own encode_prompt (CLIP-L + bigG states zero-padded to T5's width, then
-    T5's; pooled CLIP projections), uncond = the empty prompt encoded the same way."""
-    if denoiser_name(pipe) == "transformer":
-        length = t5_length(pipe.tokenizer_3)
-        states, _, pooled, _ = pipe.encode_prompt(prompts, None, None, max_sequence_length=length,
-                                                  do_classifier_free_guidance=False)
-        empty, _, empty_pooled, _ = pipe.encode_prompt([""], None, None, max_sequence_length=length,
-                                                       do_classifier_free_guidance=False)
-        return dict(encoder_hidden_states=uncond_then_cond(empty, states),
-                    pooled_projections=uncond_then_cond(empty_pooled, pooled))
-    cond = encode_prompt(text_encoders(pipe), tokenizers(pipe), prompts, resolution)
-    uncond = encode_prompt(text_encoders(pipe), tokenizers(pipe), [""], resolution)
+    """Denoiser kwargs of the CFG batch [uncond; cond] (2B), encoded as the family's pipeline does
+    (encode_prompt): uncond = the empty prompt (SD1.5, SD3), or zeros with the real size
+    conditions where the pipeline forces zeros for it (SDXL)."""
+    encoders, tokens = text_encoders(pipe), tokenizers(pipe)
+    cond = encode_prompt(encoders, tokens, prompts, resolution)
+    uncond = encode_prompt(encoders, tokens, [""], resolution)
     if pipe.config.get("force_zeros_for_empty_prompt", False):
         added = cond["added_cond_kwargs"]
         if added:
             added = dict(added, text_embeds=added["text_embeds"] * 0)
         uncond = dict(encoder_hidden_states=cond["encoder_hidden_states"] * 0,
                       added_cond_kwargs=added)
-    names = [name for name in ("encoder_hidden_states", "added_cond_kwargs") if cond[name]
-             is not None]
+    names = [name for name, value in cond.items() if name != "pooled" and value is not None]
     return {name: uncond_then_cond(uncond[name], cond[name]) for name in names}
 
 
