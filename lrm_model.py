@@ -31,6 +31,7 @@ Choices:
 """
 import json
 import os
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -125,14 +126,16 @@ def base_config(base, denoiser_config, g=7.5, resolution=None):
                 latent_space=latent_space(vae))
 
 
-def take_rows(tree, rows):
-    """Rows `rows` (a (B,) index tensor) of every tensor in a (nested) dict of batch tensors;
-    None stays None."""
+def tree_map(function, tree):
+    """function on every tensor of a (nested) dict of them; None stays None."""
     if isinstance(tree, dict):
-        return {key: take_rows(value, rows) for key, value in tree.items()}
-    if tree is None:
-        return None
-    return tree[rows.to(tree.device)]
+        return {key: tree_map(function, value) for key, value in tree.items()}
+    return None if tree is None else function(tree)
+
+
+def take_rows(tree, rows):
+    """Rows `rows` (a (B,) index tensor) of every tensor in a (nested) dict of batch tensors."""
+    return tree_map(lambda tensor: tensor[rows.to(tensor.device)], tree)
 
 
 def cross_attention_kwargs(block, context):
@@ -313,11 +316,12 @@ class LatentRewardModel(torch.nn.Module):
             json.dump({**self.config, "g": self.g}, config_file, indent=2)
 
     @classmethod
-    def from_pretrained(cls, lrm_dir, base=None, force=False):
+    def from_pretrained(cls, lrm_dir, base=None, force=False, text=None):
         """An LRM folder of lrm.py, or of the official release (unet/, text_encoder*/ if trained,
         state_dict.pt; no config or tokenizers: those come from `base`, g = 7.5 as in its code).
         With `base`, refuse an LRM of another latent space unless force. Refuses non-finite
-        weights (a diverged training run)."""
+        weights (a diverged training run). text: the base pipeline's (encoders, tokenizers), taken
+        as they are where the LRM's are the base's frozen ones (SD3: one T5-XXL, not two)."""
         config_path = os.path.join(lrm_dir, "lrm_config.json")
         official = not os.path.exists(config_path)
         if official:
@@ -331,8 +335,9 @@ class LatentRewardModel(torch.nn.Module):
         # the release's tokenizers and frozen encoders, and all of SD3's, are the base's
         from_base = official or isinstance(denoiser, SD3Transformer2DModel)
         fallback = resolve_model(config["base"]) if from_base else None
-        encoders = load_text_encoders(lrm_dir, config["text_encoders"], fallback)
-        lrm = cls(denoiser, *encoders, config)
+        if text is None or not isinstance(denoiser, SD3Transformer2DModel):
+            text = load_text_encoders(lrm_dir, config["text_encoders"], fallback)
+        lrm = cls(denoiser, *text, config)
         heads = torch.load(os.path.join(lrm_dir, "state_dict.pt"), map_location="cpu",
                            weights_only=True)
         want = {name: head.weight.shape for name, head in lrm.heads().items()}
@@ -357,10 +362,13 @@ class LatentRewardModel(torch.nn.Module):
         encoders = list(self.text_encoders)
         position = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}
         rows = torch.tensor([position[prompt] for prompt in prompts])  # (B,) row of each prompt
-        distinct = encode_prompt(encoders, self.tokenizers, list(position), self.resolution)
+        # in the denoiser's dtype: text encoders shared with a pipeline may hold another one
+        as_denoiser = partial(tree_map, lambda tensor: tensor.to(self.denoiser.dtype))
+        distinct = as_denoiser(encode_prompt(encoders, self.tokenizers, list(position),
+                                             self.resolution))
         uncond = None
         if self.g != 1:
-            uncond = encode_prompt(encoders, self.tokenizers, [""], self.resolution)
+            uncond = as_denoiser(encode_prompt(encoders, self.tokenizers, [""], self.resolution))
         return {"cond": take_rows(distinct, rows), "uncond": uncond}
 
     def features(self, x, t, cond):

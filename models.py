@@ -160,19 +160,43 @@ def load_pipeline(base, device, dtype, vae=True):
     return pipe
 
 
-def load_lrm(folder, base, device, dtype, hint):
+def lrm_folder(path, hint):
+    """--lrm: a local folder, or hub "owner/repo/sub/folder", of which only sub/folder/ is
+    downloaded (a release holding several LRMs); one line if neither."""
+    parts = path.rstrip("/").split("/")
+    if os.path.isdir(path) or len(parts) < 3 or path.startswith((".", "/", "~")):
+        if not os.path.isdir(path):
+            fail(f"no LRM at {path}: train one ({hint}) and pass its --out as --lrm, or name a "
+                 "hub folder owner/repo/sub/folder")
+        return path
+    import huggingface_hub
+    repo, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        local = huggingface_hub.snapshot_download(repo, allow_patterns=[f"{subfolder}/*"])
+    except Exception as error:  # offline, no such repo, no access: the hub's many error types
+        fail(f"--lrm {path}: cannot download {subfolder}/ of the hub repo {repo} "
+             f"({first_line(error)})")
+    return os.path.join(local, subfolder)
+
+
+def load_lrm(folder, base, device, dtype, hint, pipe=None):
     """A frozen Latent Reward Model for scoring (lrm_model's, without the parts score() never
     runs), or one line. from_pretrained reads lrm_config.json first and refuses another latent
     space than base's before loading weights; it also refuses non-finite weights (saved by a
-    diverged training run: such an LRM would keep no pair). hint: a command that trains one."""
+    diverged training run: such an LRM would keep no pair). hint: a command that trains one.
+    pipe: the base pipeline, whose frozen text encoders an SD3 LRM then shares, as they are."""
     from lrm_model import LatentRewardModel  # (it imports this module)
+    text = (text_encoders(pipe), tokenizers(pipe)) if pipe else None
     try:
-        lrm = LatentRewardModel.from_pretrained(folder, base=base)
+        lrm = LatentRewardModel.from_pretrained(lrm_folder(folder, hint), base=base, text=text)
     except (ValueError, OSError, RuntimeError, KeyError) as error:
-        reason = str(error).splitlines()[0] if str(error) else "incomplete folder"
-        fail(f"--lrm {folder}: not a readable LRM ({type(error).__name__}): {reason}; train one "
-             f"({hint}) and pass its --out as --lrm")
-    return lrm.for_scoring().to(device, dtype)
+        fail(f"--lrm {folder}: not a readable LRM ({type(error).__name__}): {first_line(error)}; "
+             f"train one ({hint}) and pass its --out as --lrm")
+    encoders = lrm.for_scoring().text_encoders
+    if pipe and not lrm.text_trained:  # the pipeline's: not cast
+        lrm.text_encoders = torch.nn.ModuleList()
+    lrm.to(device, dtype).text_encoders = encoders
+    return lrm
 
 
 def denoiser_name(pipe):
