@@ -42,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models import (BASES, DENOISERS, denoiser_subfolder, encode_prompt, resolve_model,
                     uncond_then_cond)
+from runs import write_safetensors
 
 
 # ----------------------------------------------------------------------------- math
@@ -297,20 +298,22 @@ class LatentRewardModel(torch.nn.Module):
             lrm.text_projection.weight.data.copy_(clip.text_projection.weight)
         return lrm
 
-    def save_pretrained(self, out_dir):
+    def save_pretrained(self, out_dir, state=None):
         """The official LRM layout (unet/, text_encoder*/, state_dict.pt), the tokenizers, and
         lrm_config.json written last: a folder with lrm_config.json is complete. SD3: transformer/,
-        state_dict.pt, lrm_config.json (its frozen text encoders and tokenizers are the base's)."""
+        state_dict.pt, lrm_config.json (its frozen text encoders and tokenizers are the base's).
+        state: the full state dict to write (lrm.py's, gathered from the ranks that shard it)."""
         if self.scoring_only:
             raise ValueError("this LRM went through for_scoring() (no up blocks): save the full "
                              "model instead")
-        self.denoiser.save_pretrained(os.path.join(out_dir, self.denoiser_name))
-        parts = zip(self.config["text_encoders"], self.text_encoders, self.tokenizers)
-        for name, encoder, tokenizer in parts if self.text_trained else []:  # SD3: the base's
-            encoder.save_pretrained(os.path.join(out_dir, name))
+        state = self.state_dict() if state is None else state
+        save_model(self.denoiser, state, self.denoiser_name, out_dir)
+        parts = enumerate(zip(self.config["text_encoders"], self.text_encoders, self.tokenizers))
+        for i, (name, encoder, tokenizer) in parts if self.text_trained else []:  # SD3: the base's
+            save_model(encoder, state, f"text_encoders.{i}", out_dir, name)
             tokenizer.save_pretrained(os.path.join(out_dir, tokenizer_folder(name)))
-        heads = {name: head.state_dict() for name, head in self.heads().items()}
-        heads["logit_scale"] = self.logit_scale.detach().cpu()
+        heads = {name: {"weight": state[f"{name}.weight"].cpu()} for name in self.heads()}
+        heads["logit_scale"] = state["logit_scale"].detach().cpu()
         torch.save(heads, os.path.join(out_dir, "state_dict.pt"))
         with open(os.path.join(out_dir, "lrm_config.json"), "w") as config_file:
             json.dump({**self.config, "g": self.g}, config_file, indent=2)
@@ -354,6 +357,27 @@ class LatentRewardModel(torch.nn.Module):
                              f"{broken[0]}): a diverged training run; train it again or use "
                              "another LRM")
         return lrm
+
+    def shard_units(self):
+        """What lrm.py shards across ranks (FSDP2), inner modules first: each is called as a
+        module, so each gathers its weights as it runs. U-Net: the down and mid blocks' resnets
+        and attentions, the blocks, the time, added and input embeddings; MMDiT: the first N joint
+        blocks and the embedders; trained text encoders: their layers, then each; the heads.
+        logit_scale, one number, stays whole on every rank."""
+        if self.transformer is not None:
+            model = self.transformer
+            units = [*model.transformer_blocks[:self.blocks], model.pos_embed,
+                     model.time_text_embed, model.context_embedder]
+        else:
+            model = self.unet
+            blocks = [*model.down_blocks, model.mid_block]
+            units = [part for block in blocks for part in block.resnets]
+            units += [part for block in blocks for part in getattr(block, "attentions", None) or []]
+            units += blocks + [model.time_embedding, model.add_embedding, model.conv_in]
+        encoders = list(self.text_encoders) if self.text_trained else []
+        layers = [layer for encoder in encoders for layer in encoder.text_model.encoder.layers]
+        return [unit for unit in units + layers + encoders + list(self.heads().values())
+                if unit is not None]
 
     def encode_text(self, prompts):
         """Everything score() needs about the prompts (and "" for VFE): computed once, cacheable.
@@ -404,6 +428,20 @@ class LatentRewardModel(torch.nn.Module):
         if self.text_projection is not None:
             text_feature = self.text_projection(text_feature.to(self.text_projection.weight.dtype))
         return lrm_score(visual, text_feature, self.logit_scale)
+
+
+def save_model(model, state, prefix, out_dir, subfolder=None):
+    """A diffusers or transformers model folder from `model`'s config and the weights under
+    `prefix.` in a state dict: what save_pretrained writes, from weights that may be gathered."""
+    folder = os.path.join(out_dir, subfolder or prefix)
+    os.makedirs(folder, exist_ok=True)
+    weights = {key[len(prefix) + 1:]: value.detach().cpu().contiguous()
+               for key, value in state.items() if key.startswith(prefix + ".")}
+    if hasattr(model, "save_config"):  # diffusers
+        model.save_config(folder)
+        return write_safetensors(weights, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    model.config.save_pretrained(folder)
+    write_safetensors(weights, os.path.join(folder, "model.safetensors"))
 
 
 def official_config(lrm_dir, base):

@@ -3830,6 +3830,7 @@ def test_a_full_disk_while_publishing_best_is_one_line(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise SafetensorError("No space left on device (os error 28)")
     monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(safetensors.torch, "save", full)
     argv = _run_args(tmp_path / "l", "--max_train_steps", 1, "--train_batch_size", 8, "--eval_max_pairs", 2,
                      "--eval_timesteps", "1")
     with pytest.raises(SystemExit) as exit_info:
