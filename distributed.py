@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from runs import fail, release_run_folders
 
@@ -85,25 +86,66 @@ class NonFiniteUpdate(Exception):
 
 
 def apply_update(params, optimizer, loss, world, max_norm=1.0):
-    """Average the gradients of params (those with one) over the ranks (one all_reduce, the loss
-    with them), stop on a non-finite loss, gradient or weight, clip the gradient norm to max_norm,
-    step. Every rank calls it in the same order: all reach the same verdict. -> the pre-clip norm"""
+    """Average the gradients of params (those with one) over the ranks: one all_reduce of those
+    whole on every rank, the loss with them (sharded ones: FSDP2's reduce-scatter averaged them);
+    stop on a non-finite loss, gradient or weight; clip the gradient norm to max_norm; step; free
+    the gradients. Every rank calls it in the same order: all reach the same verdict. -> the
+    pre-clip norm"""
     params = [param for param in params if param.grad is not None]
-    flat = torch.cat([param.grad.flatten() for param in params] + [loss.detach().float()[None]])
+    whole = [param for param in params if not isinstance(param.grad, DTensor)]
+    flat = torch.cat([param.grad.flatten() for param in whole] + [loss.detach().float()[None]])
     if world > 1:
         dist.all_reduce(flat)
     flat /= world
-    if not torch.isfinite(flat).all():  # before the step: the last checkpoint stays good
-        raise NonFiniteUpdate("non-finite loss or gradient, stopped before its optimizer step")
-    for param, grad in zip(params, flat[:-1].split([param.numel() for param in params])):
+    for param, grad in zip(whole, flat[:-1].split([param.numel() for param in whole])):
         param.grad.copy_(grad.view_as(param))
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # a list, clipped for real
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # of every shard, clipped for real
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    if not (torch.isfinite(flat).all() and torch.isfinite(norm)):  # the last checkpoint stays good
+        raise NonFiniteUpdate("non-finite loss or gradient, stopped before its optimizer step")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     # a finite gradient can still take a weight to inf (a huge lr): stop before it is saved
-    if not all(torch.isfinite(param).all() for param in params):
+    local = [param.to_local() if isinstance(param, DTensor) else param for param in params]
+    broken = flat.new_tensor([sum(float(not torch.isfinite(param).all()) for param in local)])
+    if world > 1:
+        dist.all_reduce(broken)  # each rank checked its shards
+    if broken.item():
         raise NonFiniteUpdate("non-finite weights after an update")
     return norm.item()
+
+
+def shard(units, world, device):
+    """FSDP2 (torch's fully_shard: ZeRO-3) over `units`, inner ones first: each rank keeps
+    1/world of their weights, gradients and AdamW moments, and gathers a unit's weights only
+    while it runs (forward, and again in backward). One process: nothing to shard."""
+    if world == 1:
+        return
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (world,))
+    for unit in units:  # each unit is called as a module: it gathers and frees its own weights
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+
+
+def full_state(model, optimizer):
+    """(trained weights, optimizer state) as whole tensors on CPU, keyed by name: the same at any
+    world size, sharded or not (a collective: rank 0 gets them, the others {})."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def load_full_state(model, optimizer, weights, optimizer_state):
+    """full_state's output into a model and its optimizer, sharded or not (each rank takes its
+    shards); weights not in it (the frozen ones) stay as they are."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
 def close_distributed():

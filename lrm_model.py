@@ -31,6 +31,7 @@ Choices:
 """
 import json
 import os
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models import (BASES, DENOISERS, denoiser_subfolder, encode_prompt, resolve_model,
                     uncond_then_cond)
+from runs import write_safetensors
 
 
 # ----------------------------------------------------------------------------- math
@@ -125,14 +127,16 @@ def base_config(base, denoiser_config, g=7.5, resolution=None):
                 latent_space=latent_space(vae))
 
 
-def take_rows(tree, rows):
-    """Rows `rows` (a (B,) index tensor) of every tensor in a (nested) dict of batch tensors;
-    None stays None."""
+def tree_map(function, tree):
+    """function on every tensor of a (nested) dict of them; None stays None."""
     if isinstance(tree, dict):
-        return {key: take_rows(value, rows) for key, value in tree.items()}
-    if tree is None:
-        return None
-    return tree[rows.to(tree.device)]
+        return {key: tree_map(function, value) for key, value in tree.items()}
+    return None if tree is None else function(tree)
+
+
+def take_rows(tree, rows):
+    """Rows `rows` (a (B,) index tensor) of every tensor in a (nested) dict of batch tensors."""
+    return tree_map(lambda tensor: tensor[rows.to(tensor.device)], tree)
 
 
 def cross_attention_kwargs(block, context):
@@ -294,30 +298,33 @@ class LatentRewardModel(torch.nn.Module):
             lrm.text_projection.weight.data.copy_(clip.text_projection.weight)
         return lrm
 
-    def save_pretrained(self, out_dir):
+    def save_pretrained(self, out_dir, state=None):
         """The official LRM layout (unet/, text_encoder*/, state_dict.pt), the tokenizers, and
         lrm_config.json written last: a folder with lrm_config.json is complete. SD3: transformer/,
-        state_dict.pt, lrm_config.json (its frozen text encoders and tokenizers are the base's)."""
+        state_dict.pt, lrm_config.json (its frozen text encoders and tokenizers are the base's).
+        state: the full state dict to write (lrm.py's, gathered from the ranks that shard it)."""
         if self.scoring_only:
             raise ValueError("this LRM went through for_scoring() (no up blocks): save the full "
                              "model instead")
-        self.denoiser.save_pretrained(os.path.join(out_dir, self.denoiser_name))
-        parts = zip(self.config["text_encoders"], self.text_encoders, self.tokenizers)
-        for name, encoder, tokenizer in parts if self.text_trained else []:  # SD3: the base's
-            encoder.save_pretrained(os.path.join(out_dir, name))
+        state = self.state_dict() if state is None else state
+        save_model(self.denoiser, state, self.denoiser_name, out_dir)
+        parts = enumerate(zip(self.config["text_encoders"], self.text_encoders, self.tokenizers))
+        for i, (name, encoder, tokenizer) in parts if self.text_trained else []:  # SD3: the base's
+            save_model(encoder, state, f"text_encoders.{i}", out_dir, name)
             tokenizer.save_pretrained(os.path.join(out_dir, tokenizer_folder(name)))
-        heads = {name: head.state_dict() for name, head in self.heads().items()}
-        heads["logit_scale"] = self.logit_scale.detach().cpu()
+        heads = {name: {"weight": state[f"{name}.weight"].cpu()} for name in self.heads()}
+        heads["logit_scale"] = state["logit_scale"].detach().cpu()
         torch.save(heads, os.path.join(out_dir, "state_dict.pt"))
         with open(os.path.join(out_dir, "lrm_config.json"), "w") as config_file:
             json.dump({**self.config, "g": self.g}, config_file, indent=2)
 
     @classmethod
-    def from_pretrained(cls, lrm_dir, base=None, force=False):
+    def from_pretrained(cls, lrm_dir, base=None, force=False, text=None):
         """An LRM folder of lrm.py, or of the official release (unet/, text_encoder*/ if trained,
         state_dict.pt; no config or tokenizers: those come from `base`, g = 7.5 as in its code).
         With `base`, refuse an LRM of another latent space unless force. Refuses non-finite
-        weights (a diverged training run)."""
+        weights (a diverged training run). text: the base pipeline's (encoders, tokenizers), taken
+        as they are where the LRM's are the base's frozen ones (SD3: one T5-XXL, not two)."""
         config_path = os.path.join(lrm_dir, "lrm_config.json")
         official = not os.path.exists(config_path)
         if official:
@@ -331,8 +338,9 @@ class LatentRewardModel(torch.nn.Module):
         # the release's tokenizers and frozen encoders, and all of SD3's, are the base's
         from_base = official or isinstance(denoiser, SD3Transformer2DModel)
         fallback = resolve_model(config["base"]) if from_base else None
-        encoders = load_text_encoders(lrm_dir, config["text_encoders"], fallback)
-        lrm = cls(denoiser, *encoders, config)
+        if text is None or not isinstance(denoiser, SD3Transformer2DModel):
+            text = load_text_encoders(lrm_dir, config["text_encoders"], fallback)
+        lrm = cls(denoiser, *text, config)
         heads = torch.load(os.path.join(lrm_dir, "state_dict.pt"), map_location="cpu",
                            weights_only=True)
         want = {name: head.weight.shape for name, head in lrm.heads().items()}
@@ -350,6 +358,27 @@ class LatentRewardModel(torch.nn.Module):
                              "another LRM")
         return lrm
 
+    def shard_units(self):
+        """What lrm.py shards across ranks (FSDP2), inner modules first: each is called as a
+        module, so each gathers its weights as it runs. U-Net: the down and mid blocks' resnets
+        and attentions, the blocks, the time, added and input embeddings; MMDiT: the first N joint
+        blocks and the embedders; trained text encoders: their layers, then each; the heads.
+        logit_scale, one number, stays whole on every rank."""
+        if self.transformer is not None:
+            model = self.transformer
+            units = [*model.transformer_blocks[:self.blocks], model.pos_embed,
+                     model.time_text_embed, model.context_embedder]
+        else:
+            model = self.unet
+            blocks = [*model.down_blocks, model.mid_block]
+            units = [part for block in blocks for part in block.resnets]
+            units += [part for block in blocks for part in getattr(block, "attentions", None) or []]
+            units += blocks + [model.time_embedding, model.add_embedding, model.conv_in]
+        encoders = list(self.text_encoders) if self.text_trained else []
+        layers = [layer for encoder in encoders for layer in encoder.text_model.encoder.layers]
+        return [unit for unit in units + layers + encoders + list(self.heads().values())
+                if unit is not None]
+
     def encode_text(self, prompts):
         """Everything score() needs about the prompts (and "" for VFE): computed once, cacheable.
         Each distinct prompt is encoded once (callers repeat them: 2 images a pair, K children a
@@ -357,10 +386,13 @@ class LatentRewardModel(torch.nn.Module):
         encoders = list(self.text_encoders)
         position = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}
         rows = torch.tensor([position[prompt] for prompt in prompts])  # (B,) row of each prompt
-        distinct = encode_prompt(encoders, self.tokenizers, list(position), self.resolution)
+        # in the denoiser's dtype: text encoders shared with a pipeline may hold another one
+        as_denoiser = partial(tree_map, lambda tensor: tensor.to(self.denoiser.dtype))
+        distinct = as_denoiser(encode_prompt(encoders, self.tokenizers, list(position),
+                                             self.resolution))
         uncond = None
         if self.g != 1:
-            uncond = encode_prompt(encoders, self.tokenizers, [""], self.resolution)
+            uncond = as_denoiser(encode_prompt(encoders, self.tokenizers, [""], self.resolution))
         return {"cond": take_rows(distinct, rows), "uncond": uncond}
 
     def features(self, x, t, cond):
@@ -396,6 +428,20 @@ class LatentRewardModel(torch.nn.Module):
         if self.text_projection is not None:
             text_feature = self.text_projection(text_feature.to(self.text_projection.weight.dtype))
         return lrm_score(visual, text_feature, self.logit_scale)
+
+
+def save_model(model, state, prefix, out_dir, subfolder=None):
+    """A diffusers or transformers model folder from `model`'s config and the weights under
+    `prefix.` in a state dict: what save_pretrained writes, from weights that may be gathered."""
+    folder = os.path.join(out_dir, subfolder or prefix)
+    os.makedirs(folder, exist_ok=True)
+    weights = {key[len(prefix) + 1:]: value.detach().cpu().contiguous()
+               for key, value in state.items() if key.startswith(prefix + ".")}
+    if hasattr(model, "save_config"):  # diffusers
+        model.save_config(folder)
+        return write_safetensors(weights, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    model.config.save_pretrained(folder)
+    write_safetensors(weights, os.path.join(folder, "model.safetensors"))
 
 
 def official_config(lrm_dir, base):

@@ -160,19 +160,43 @@ def load_pipeline(base, device, dtype, vae=True):
     return pipe
 
 
-def load_lrm(folder, base, device, dtype, hint):
+def lrm_folder(path, hint):
+    """--lrm: a local folder, or hub "owner/repo/sub/folder", of which only sub/folder/ is
+    downloaded (a release holding several LRMs); one line if neither."""
+    parts = path.rstrip("/").split("/")
+    if os.path.isdir(path) or len(parts) < 3 or path.startswith((".", "/", "~")):
+        if not os.path.isdir(path):
+            fail(f"no LRM at {path}: train one ({hint}) and pass its --out as --lrm, or name a "
+                 "hub folder owner/repo/sub/folder")
+        return path
+    import huggingface_hub
+    repo, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        local = huggingface_hub.snapshot_download(repo, allow_patterns=[f"{subfolder}/*"])
+    except Exception as error:  # offline, no such repo, no access: the hub's many error types
+        fail(f"--lrm {path}: cannot download {subfolder}/ of the hub repo {repo} "
+             f"({first_line(error)})")
+    return os.path.join(local, subfolder)
+
+
+def load_lrm(folder, base, device, dtype, hint, pipe=None):
     """A frozen Latent Reward Model for scoring (lrm_model's, without the parts score() never
     runs), or one line. from_pretrained reads lrm_config.json first and refuses another latent
     space than base's before loading weights; it also refuses non-finite weights (saved by a
-    diverged training run: such an LRM would keep no pair). hint: a command that trains one."""
+    diverged training run: such an LRM would keep no pair). hint: a command that trains one.
+    pipe: the base pipeline, whose frozen text encoders an SD3 LRM then shares, as they are."""
     from lrm_model import LatentRewardModel  # (it imports this module)
+    text = (text_encoders(pipe), tokenizers(pipe)) if pipe else None
     try:
-        lrm = LatentRewardModel.from_pretrained(folder, base=base)
+        lrm = LatentRewardModel.from_pretrained(lrm_folder(folder, hint), base=base, text=text)
     except (ValueError, OSError, RuntimeError, KeyError) as error:
-        reason = str(error).splitlines()[0] if str(error) else "incomplete folder"
-        fail(f"--lrm {folder}: not a readable LRM ({type(error).__name__}): {reason}; train one "
-             f"({hint}) and pass its --out as --lrm")
-    return lrm.for_scoring().to(device, dtype)
+        fail(f"--lrm {folder}: not a readable LRM ({type(error).__name__}): {first_line(error)}; "
+             f"train one ({hint}) and pass its --out as --lrm")
+    encoders = lrm.for_scoring().text_encoders
+    if pipe and not lrm.text_trained:  # the pipeline's: not cast
+        lrm.text_encoders = torch.nn.ModuleList()
+    lrm.to(device, dtype).text_encoders = encoders
+    return lrm
 
 
 def denoiser_name(pipe):
@@ -180,17 +204,20 @@ def denoiser_name(pipe):
     return "transformer" if "transformer" in pipe.components else "unet"
 
 
+def numbered(pipe, name):
+    """pipe.name, pipe.name_2, pipe.name_3: those the pipeline has."""
+    found = [getattr(pipe, name + suffix, None) for suffix in ("", "_2", "_3")]
+    return [part for part in found if part is not None]
+
+
 def text_encoders(pipe):
     """SD1.5: [CLIP-L]; SDXL: [CLIP-L, OpenCLIP bigG]; SD3: [CLIP-L, OpenCLIP bigG, T5]."""
-    encoders = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
-                getattr(pipe, "text_encoder_3", None)]
-    return [encoder for encoder in encoders if encoder is not None]
+    return numbered(pipe, "text_encoder")
 
 
 def tokenizers(pipe):
     """The tokenizers of text_encoders(pipe), in the same order."""
-    found = [pipe.tokenizer, getattr(pipe, "tokenizer_2", None), getattr(pipe, "tokenizer_3", None)]
-    return [tokenizer for tokenizer in found if tokenizer is not None]
+    return numbered(pipe, "tokenizer")
 
 
 def t5_length(tokenizer):
@@ -267,28 +294,19 @@ def uncond_then_cond(uncond, cond):
 
 @torch.no_grad()
 def encode_for_cfg(pipe, prompts, resolution):
-    """Denoiser kwargs of the CFG batch [uncond; cond] (2B). SD1.5: one text encoder, uncond = the
-    empty prompt. SDXL: two, uncond = zeros with the real size conditions, as its pipeline does.
-    SD3: the pipeline's own encode_prompt (CLIP-L + bigG states zero-padded to T5's width, then
-    T5's; pooled CLIP projections), uncond = the empty prompt encoded the same way."""
-    if denoiser_name(pipe) == "transformer":
-        length = t5_length(pipe.tokenizer_3)
-        states, _, pooled, _ = pipe.encode_prompt(prompts, None, None, max_sequence_length=length,
-                                                  do_classifier_free_guidance=False)
-        empty, _, empty_pooled, _ = pipe.encode_prompt([""], None, None, max_sequence_length=length,
-                                                       do_classifier_free_guidance=False)
-        return dict(encoder_hidden_states=uncond_then_cond(empty, states),
-                    pooled_projections=uncond_then_cond(empty_pooled, pooled))
-    cond = encode_prompt(text_encoders(pipe), tokenizers(pipe), prompts, resolution)
-    uncond = encode_prompt(text_encoders(pipe), tokenizers(pipe), [""], resolution)
+    """Denoiser kwargs of the CFG batch [uncond; cond] (2B), encoded as the family's pipeline does
+    (encode_prompt): uncond = the empty prompt (SD1.5, SD3), or zeros with the real size
+    conditions where the pipeline forces zeros for it (SDXL)."""
+    encoders, tokens = text_encoders(pipe), tokenizers(pipe)
+    cond = encode_prompt(encoders, tokens, prompts, resolution)
+    uncond = encode_prompt(encoders, tokens, [""], resolution)
     if pipe.config.get("force_zeros_for_empty_prompt", False):
         added = cond["added_cond_kwargs"]
         if added:
             added = dict(added, text_embeds=added["text_embeds"] * 0)
         uncond = dict(encoder_hidden_states=cond["encoder_hidden_states"] * 0,
                       added_cond_kwargs=added)
-    names = [name for name in ("encoder_hidden_states", "added_cond_kwargs") if cond[name]
-             is not None]
+    names = [name for name, value in cond.items() if name != "pooled" and value is not None]
     return {name: uncond_then_cond(uncond[name], cond[name]) for name in names}
 
 

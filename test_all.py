@@ -3830,6 +3830,7 @@ def test_a_full_disk_while_publishing_best_is_one_line(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise SafetensorError("No space left on device (os error 28)")
     monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(safetensors.torch, "save", full)
     argv = _run_args(tmp_path / "l", "--max_train_steps", 1, "--train_batch_size", 8, "--eval_max_pairs", 2,
                      "--eval_timesteps", "1")
     with pytest.raises(SystemExit) as exit_info:
@@ -4292,6 +4293,52 @@ def test_save_load_round_trip_scores_identically_without_copying_the_text_encode
     os.remove(out / "lrm_config.json")
     with pytest.raises(ValueError, match="^incomplete LRM folder"):
         M.LatentRewardModel.from_pretrained(str(out), base="tiny-sd3")
+
+
+def test_an_sd3_lrm_shares_the_pipelines_frozen_text_encoders_uncast():
+    """lpo.py: one T5, not two. The shared encoders are the pipeline's own objects, left in its
+    dtype while the LRM is cast; the scores equal an LRM with its own copies (bf16 text: close)."""
+    x, t = _sd3_inputs()
+    own = models.load_lrm("tiny/lrm-sd3", "tiny-sd3", "cpu", torch.float32, "hint")
+    for dtype, tolerance in ((torch.float32, 0), (torch.bfloat16, 0.05)):
+        pipe = models.load_pipeline(models.resolve_model("tiny-sd3"), "cpu", dtype, vae=False)
+        shared = models.load_lrm("tiny/lrm-sd3", "tiny-sd3", "cpu", torch.float32, "hint", pipe)
+        encoders = models.text_encoders(pipe)
+        assert len(encoders) == 3 and all(a is b for a, b in zip(shared.text_encoders, encoders))
+        assert {p.dtype for e in encoders for p in e.parameters()} == {dtype}   # not cast
+        assert shared.transformer.dtype == torch.float32
+        with torch.no_grad():
+            torch.testing.assert_close(shared.score(x, t, SD3_PROMPTS), own.score(x, t, SD3_PROMPTS),
+                                       rtol=tolerance, atol=tolerance)
+    # a U-Net LRM trains its text encoder: it keeps its own even when given a pipeline
+    pipe = models.load_pipeline(models.resolve_model("tiny"), "cpu", torch.float32, vae=False)
+    lrm = models.load_lrm("tiny/lrm", "tiny", "cpu", torch.float32, "hint", pipe)
+    assert lrm.text_encoders[0] is not pipe.text_encoder
+
+
+def test_lrm_takes_a_hub_subfolder_and_downloads_only_it(monkeypatch, tmp_path):
+    """--lrm owner/repo/sub/folder (the released LRM-XL's way): snapshot_download of that
+    subfolder alone, then read from the cache; a failed download is one line naming it."""
+    import huggingface_hub
+    calls = []
+
+    def download(repo, allow_patterns=None, **kwargs):
+        calls.append((repo, allow_patterns))
+        shutil.copytree(os.path.join(ROOT, "tiny", "lrm"), tmp_path / "snap" / "sd15" / "lrm")
+        return str(tmp_path / "snap")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    lrm = models.load_lrm("someone/LRM/sd15/lrm", "tiny", "cpu", torch.float32, "hint")
+    assert calls == [("someone/LRM", ["sd15/lrm/*"])]
+    assert lrm.unet is not None and lrm.scoring_only
+
+    def offline(repo, **kwargs):
+        raise OSError("no connection to the hub\nmore lines")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(SystemExit, match=r"error: --lrm someone/LRM/sdxl: cannot download sdxl/ of the "
+                                         r"hub repo someone/LRM \(no connection to the hub\)$"):
+        models.load_lrm("someone/LRM/sdxl", "tiny", "cpu", torch.float32, "hint")
+    with pytest.raises(SystemExit, match="error: no LRM at runs/none: train one"):
+        models.load_lrm("runs/none", "tiny", "cpu", torch.float32, "hint")
 
 
 def test_for_scoring_same_scores_without_the_unused_blocks(tmp_path):
