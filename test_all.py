@@ -3514,18 +3514,24 @@ def test_memory_arithmetic_and_activation_counting_by_hand():
     """memory.row's bytes and marks, and the two activation counters, on cases small enough to
     count by hand."""
     # 1000 bf16 weights + 10 fp32 LoRA weights + 10 trained x 12 B (grad, AdamW m, v) + 500
-    row = memory.row("s", "b", [(1000, 2), (10, 4)], 10, 500)
+    assert memory.held([(1000, 2), (10, 4)]) == (1010, 2040)
+    row = memory.row("s", "b", 1010, 2040, 120, 500)
     assert (row["parameters"], row["total_gb"], row["train_state_gb"]) == (1010, 2660 / 1e9, 120 / 1e9)
-    assert memory.row("s", "b", [(1000, 2)], 10, 0, copies=True)["total_gb"] == 2140 / 1e9   # + bf16 copies
+    # lrm.py's trained parameters (10; the largest FSDP2 unit 3) on W ranks: (weights, state) a rank
+    assert memory.trained_bytes(10, 3, 1) == (10 * (4 + 2), 10 * 12)   # fp32 + bf16 autocast copy
+    assert memory.trained_bytes(10, 3, 1, backward=False) == (10 * 4, 10 * 12)
+    assert memory.trained_bytes(10, 3, 2) == (10 * 4 / 2 + 2 * 3 * 2, 10 * 12 / 2 + 3 * 4)
+    assert memory.trained_bytes(10, 3, 8, backward=False) == (10 * 4 / 8 + 2 * 3 * 2, 10 * 12 / 8)
     limit = 0.9 * 24 * 2**30
-    assert memory.row("s", "b", [], 0, limit)["marks"] == ["yes", "yes", "yes"]
-    assert memory.row("s", "b", [], 0, limit + 1)["marks"] == ["no", "yes", "yes"]
-    assert memory.row("s", "b", [(80 * 2**30, 1)], 0, 0)["marks"] == ["no", "no", "no"]
+    assert memory.row("s", "b", 0, 0, 0, limit)["marks"] == ["yes", "yes", "yes"]
+    assert memory.row("s", "b", 0, 0, 0, limit + 1)["marks"] == ["no", "yes", "yes"]
+    assert memory.row("s", "b", 0, 0, limit + 1, 0)["marks"] == ["no", "yes", "yes"]
+    assert memory.row("s", "b", 80 * 2**30, 80 * 2**30, 0, 0)["marks"] == ["no", "no", "no"]
     # lrm.py's accumulation: fits when a micro-batch does; 1 GiB fixed, 0.4 (2, 1) GiB a pair, 16 pairs
     gib = 2**30
-    assert memory.row("s", "b", [], 0, 16 * 0.4 * gib, gib, pairs=16)["marks"] == ["yes", "yes", "yes"]
-    assert memory.row("s", "b", [], 0, 16 * 2 * gib, gib, pairs=16)["marks"] == ["micro 8", "yes", "yes"]   # 24 GB: 8 x 2 <= 20.6
-    assert memory.row("s", "b", [], 0, 16 * gib, 30 * gib, pairs=16)["marks"] == ["no", "micro 4", "yes"]
+    assert memory.row("s", "b", 0, 0, 0, 16 * 0.4 * gib, gib, pairs=16)["marks"] == ["yes", "yes", "yes"]
+    assert memory.row("s", "b", 0, 0, 0, 16 * 2 * gib, gib, pairs=16)["marks"] == ["micro 8", "yes", "yes"]   # 24 GB: 8 x 2 <= 20.6
+    assert memory.row("s", "b", 0, 0, 0, 16 * gib, 30 * gib, pairs=16)["marks"] == ["no", "micro 4", "yes"]
     # linear (weight trained, not counted) saves its (2, 4) input, relu its (2, 3) output: fp32
     layer = torch.nn.Linear(4, 3, bias=False, device="meta")
     x = torch.zeros(2, 4, device="meta")
@@ -3554,13 +3560,41 @@ def test_memory_table_counts_the_published_networks(capsys):
     unet, vae, clip_l = 859_520_964, 83_653_863, 123_060_480
     assert rows["eval sampling batch"][4] == f"{(unet + vae + clip_l) / 1e9:.3f}B"
     heads = 4800 * 768 + 768 * 768 + 1   # visual and text projections, logit_scale
-    assert rows["LRM training step"][4] == f"{(unet + clip_l + heads + vae) / 1e9:.3f}B"
+    up_and_out = 510_808_004   # up blocks, conv_norm_out, conv_out: never run, not held
+    assert rows["LRM training step"][4] == f"{(unet - up_and_out + clip_l + heads + vae) / 1e9:.3f}B"
+    assert "sharded over 8 ranks (FSDP2)" in text.splitlines()[0]   # --world's default: the paper's 8 GPUs
     assert rows["LRM training step"][3] == "16 pairs" and rows["LPO iteration"][3] == "5x4 / 10"
     assert rows["eval sampling batch"][3] == "8 images" and rows["LRM validation batch"][3] == "32 pairs"
     marks = [mark for row in rows.values() for mark in row[-3:]]
     assert all(mark in ("yes", "no") or mark.startswith("micro ") for mark in marks), marks
     mpcf_row = [row for row in cells if len(row) == 12 and row[0] == "MPCF scoring batch"]
     assert mpcf_row and mpcf_row[0][1:4] == ["any", "224", "32 pairs"]
+
+
+def test_memory_shards_the_lrm_step_over_world_ranks():
+    """lrm.py's step on W ranks (FSDP2), on SD1.5's meta LRM: a rank's share of the trained
+    parameters, their gradients and AdamW's moments halves from W = 1 to 2, + the largest unit
+    unsharded (2 bf16 copies, 1 fp32 gradient); the up blocks and output convs are not held."""
+    unet, vae, clip_l = 859_520_964, 83_653_863, 123_060_480
+    heads = 4800 * 768 + 768 * 768 + 1
+    pipe = bench.load_pipeline("sd15", "meta")
+    unused = [pipe.unet.up_blocks, pipe.unet.conv_norm_out, pipe.unet.conv_out]
+    trained = unet - sum(p.numel() for part in unused for p in part.parameters()) + clip_l + heads
+    assert trained == 476_049_665
+    units = memory.fsdp_units(bench.latent_reward_model(pipe, 512, copy_networks=False))
+    assert len(units) == 4 + 1 + 12 + 1 and sum(units) == trained   # down, mid, CLIP-L layers, root
+    down2 = sum(p.numel() for p in pipe.unet.down_blocks[2].parameters())   # the largest unit
+    assert max(units) == down2 == 139_992_320
+    (step1, valid1), (step2, valid2) = [memory.estimate_lrm("sd15", bench.load_pipeline("sd15", "meta"), 512, world)
+                                        for world in (1, 2)]
+    assert step1["parameters"] == step2["parameters"] == trained + vae
+    assert step1["train_state_gb"] == valid1["train_state_gb"] == 12 * trained / 1e9
+    assert step2["train_state_gb"] == (12 * trained / 2 + 4 * down2) / 1e9
+    assert valid2["train_state_gb"] == 12 * trained / 2 / 1e9
+    assert step1["weights_gb"] == ((4 + 2) * trained + 4 * vae) / 1e9   # + bf16 autocast copies
+    assert valid1["weights_gb"] == (4 * trained + 4 * vae) / 1e9
+    assert step2["weights_gb"] == valid2["weights_gb"] == (4 * trained / 2 + 2 * 2 * down2 + 4 * vae) / 1e9
+    assert step1["activations_gb"] == step2["activations_gb"] > 0
 
 
 def test_tiny_run_writes_table_json_log_and_resumes(tmp_path, capsys, monkeypatch):
@@ -3614,6 +3648,7 @@ BAD_INPUTS += [
     ("bench", ["--tiny", "--warmup", "-1"], "warmup"),
     ("tools.memory", ["--model", "sd21"], "model"),
     ("tools.memory", ["--model", "tiny"], "model"),
+    ("tools.memory", ["--world", "0"], "world"),
 ]
 
 
@@ -4674,6 +4709,21 @@ def test_estimate_counts_sd3_medium_as_a_meta_device_instantiation():
     (row,) = memory.estimate_eval("sd3", pipe, 1024)
     assert row["parameters"] == sum(parts) and row["weights_gb"] == 2 * sum(parts) / 1e9
     assert row["batch"] == "4 images" and row["activations_gb"] > 0
+    # LPO: the policy (+ LoRA rank 64 on 24 x to_q, to_k, to_v, to_out.0), the pipeline's text
+    # encoders, once (the LRM shares them), the LRM's first 18 joint blocks + heads; no VAE
+    unused = [mmdit.transformer_blocks[18:], mmdit.norm_out, mmdit.proj_out]
+    lrm_mmdit = parts[0] - sum(count(module) for module in unused)
+    lora = 24 * 4 * 64 * (1536 + 1536)
+    text = parts[2] + parts[3] + parts[4]
+    (row,) = memory.estimate_lpo("sd3", bench.load_pipeline("sd3", "meta"), 1024)
+    assert row["parameters"] == parts[0] + lora + text + lrm_mmdit + 1536 * 2048 + 1 == 9_175_278_657
+    assert row["weights_gb"] == (2 * row["parameters"] + 2 * lora) / 1e9   # LoRA fp32, the rest 2 bytes
+    # LRM step on 8 ranks: the trained MMDiT part + heads sharded, the frozen text encoders bf16
+    (step, _) = memory.estimate_lrm("sd3", bench.load_pipeline("sd3", "meta"), 1024, 8)
+    trained, block = lrm_mmdit + 1536 * 2048 + 1, count(mmdit.transformer_blocks[0])
+    assert step["parameters"] == trained + text + parts[1]
+    assert step["weights_gb"] == (2 * text + 4 * parts[1] + 4 * trained / 8 + 2 * 2 * block) / 1e9
+    assert step["train_state_gb"] == (12 * trained / 8 + 4 * block) / 1e9
     # the default --model of both includes SD3
     assert "sd3" in bench.Config.model.split(",") and "sd3" in memory.Config.model.split(",")
 

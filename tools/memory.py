@@ -2,27 +2,38 @@
 architectures built on the meta device (no weights, no GPU, a minute of CPU) at each stage's
 per-GPU settings.
 
-A stage's bytes: parameters x bytes each (as the stage holds them), + 12 bytes a trained parameter
-(its fp32 gradient and AdamW's two fp32 moments; + 2 for a bf16 autocast copy), + activations,
-counted on the meta device at the real resolution and batch: for a training step, the bytes
-autograd saves for backward (attention counted as fused kernels save it: q, k, v and the output,
-never the attention matrix); for inference, the largest input + output of one layer. "Fits": the
-total stays under 90% of the GPU (the CUDA context and the allocator's cache take the rest);
-"micro N": it fits with lrm.py's gradient accumulation in micro-batches of N pairs.
+A stage's bytes per GPU: the weights it holds (parameters x bytes each, as the stage holds them),
+its train state, + activations, counted on the meta device at the real resolution and batch: for
+a training step, the bytes autograd saves for backward (attention counted as fused kernels save
+it: q, k, v and the output, never the attention matrix); for inference, the largest input +
+output of one layer. "Fits": the total stays under 90% of the GPU (the CUDA context and the
+allocator's cache take the rest); "micro N": it fits with lrm.py's gradient accumulation in
+micro-batches of N pairs.
+lrm.py's step on --world W ranks (FSDP2: one unit a down block, the mid block, a trained
+text-encoder layer, a joint block the LRM runs, + the root for the rest; bf16 parameters, fp32
+reductions): a rank holds 1/W of the trained parameters (fp32), of their fp32 gradients and of
+AdamW's two fp32 moments, + the largest unit unsharded twice in bf16 (the one running, the one
+prefetched) and its fp32 gradient once (reduce-scatter); the frozen parts it runs unsharded in bf16
+(SD3's text encoders), the VAE in fp32; never the parts the LRM does not run (the U-Net's up
+blocks and output convs, the MMDiT's blocks N.., norm_out, proj_out). W = 1: unsharded, each
+trained parameter + its bf16 autocast copy. lpo.py's SD3 LRM shares the pipeline's frozen text
+encoders (counted once); SD1.5's and SDXL's keep their own (trained) ones.
 Computed, not measured: bench.py measures.
 
-    python tools/memory.py                 # sd15, sdxl and sd3: the README's memory table
-    python tools/memory.py --model sdxl
+    python tools/memory.py                 # sd15, sdxl and sd3 (W = 8): the README's memory table
+    python tools/memory.py --model sdxl --world 1
 """
 import os
 import sys
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig,
                           CLIPVisionModelWithProjection, InstructBlipConfig,
                           InstructBlipForConditionalGeneration, T5Config)
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the stages
 import bench  # noqa: E402
@@ -38,6 +49,7 @@ from runs import command_line, fail, parse_config  # noqa: E402
 @dataclass
 class Config:
     model: str = "sd15,sdxl,sd3"  # comma list of the full-size models: sd15 | sdxl | sd3
+    world: int = 8  # ranks lrm.py's training step is sharded over (FSDP2), in [1, inf); paper: 8
 
 
 USABLE_SHARE = 0.9
@@ -153,27 +165,54 @@ def cfg_batch(pipe, prompts, resolution, dtype):
     return latents(pipe, 2 * prompts, resolution, dtype), t, cond
 
 
-def row(stage, batch, weights, trained, activations, fixed=0, copies=False, pairs=1):
-    """A table row: weights [(parameters, bytes each)], + 12 bytes (copies: 14) a trained
-    parameter, + activations (for `pairs` pairs) and `fixed` working bytes; per GPU size "yes",
-    "micro N" (micro-batches of N of the pairs fit) or "no"."""
-    weight_bytes = sum(n * size for n, size in weights)
-    state = (12 + 2 * copies) * trained
+def row(stage, batch, parameters, weights, state, activations, fixed=0, pairs=1):
+    """A table row of one GPU's bytes: `weights` (of `parameters` parameters), `state` (gradients
+    and AdamW's moments), activations (for `pairs` pairs) and `fixed` working bytes; per GPU size
+    "yes", "micro N" (micro-batches of N of the pairs fit) or "no"."""
     marks = []
     for size in GPU_SIZES_GB:
-        room = USABLE_SHARE * size * 2**30 - weight_bytes - state - fixed
+        room = USABLE_SHARE * size * 2**30 - weights - state - fixed
         fit = [d for d in range(1, pairs + 1) if pairs % d == 0 and d * activations <= room * pairs]
         marks.append("no" if not fit else "yes" if fit[-1] == pairs else f"micro {fit[-1]}")
-    return dict(stage=stage, batch=batch, parameters=sum(n for n, _ in weights),
-                weights_gb=weight_bytes / 1e9, train_state_gb=state / 1e9, marks=marks,
-                activations_gb=(activations + fixed) / 1e9,
-                total_gb=(weight_bytes + state + activations + fixed) / 1e9)
+    return dict(stage=stage, batch=batch, parameters=parameters, weights_gb=weights / 1e9,
+                train_state_gb=state / 1e9, marks=marks, activations_gb=(activations + fixed) / 1e9,
+                total_gb=(weights + state + activations + fixed) / 1e9)
+
+
+def held(weights):
+    """(parameters, bytes) of weights [(parameters, bytes each)]."""
+    return sum(n for n, _ in weights), sum(n * size for n, size in weights)
+
+
+def fsdp_units(model):
+    """Trained parameters of each of lrm.py's FSDP2 units of an LRM: a down block, the mid block, a
+    trained text-encoder layer, a joint block it runs; last the root's (the rest)."""
+    net = model.denoiser
+    if model.transformer is not None:
+        blocks = list(net.transformer_blocks[:model.blocks])
+    else:
+        blocks = [*net.down_blocks, net.mid_block]
+    encoders = model.text_encoders if model.text_trained else []
+    layers = [layer for encoder in encoders for layer in encoder.modules()
+              if isinstance(layer, CLIPEncoderLayer)]
+    units = [count([unit], trained=True) for unit in blocks + layers]
+    return units + [count([model], trained=True) - sum(units)]
+
+
+def trained_bytes(trained, unit, world, backward=True):
+    """One rank's bytes of `trained` parameters: (weights, train state). W = 1: fp32 + its bf16
+    autocast copy (while a backward needs it), fp32 gradient + AdamW's two moments; W > 1: 1/W of
+    those in fp32, + the largest unit (`unit` parameters) unsharded twice in bf16, and (backward)
+    its unsharded fp32 gradient."""
+    if world == 1:
+        return (4 + 2 * backward) * trained, 12 * trained
+    return 4 * trained / world + 2 * 2 * unit, 12 * trained / world + 4 * unit * backward
 
 
 # ----------------------------------------------------------------------------- the stages
-def estimate_lrm(name, pipe, resolution):
-    """lrm.py's training step at the paper's per-GPU batch (fp32 weights, bf16 autocast) and its
-    validation batch (lrm.pair_accuracy's 32 pairs, the training state resident)."""
+def estimate_lrm(name, pipe, resolution, world=8):
+    """lrm.py's training step at the paper's per-GPU batch on `world` ranks (bf16 activations) and
+    its validation batch (lrm.pair_accuracy's 32 pairs, the training state resident)."""
     pairs = bench.LRM_PAIRS_PER_GPU[name]
     settings = preset(lrm, name)
     model = latent_reward_model(pipe, resolution, copy_networks=False)
@@ -186,18 +225,28 @@ def estimate_lrm(name, pipe, resolution):
     def score(images):
         x = latents(pipe, images, resolution, torch.bfloat16)
         return model.score(x, T, prompts=[""] * images)
-    weights = [(count([model, pipe.vae]), 4)]
     trained = count([model], trained=True)
+    # frozen parts that run (SD3's text encoders) in bf16, the VAE in fp32; unused ones not held
+    frozen = count([model]) - trained - count(model.unused_parts())
+    parameters, weights = held([(frozen, 2), (count([pipe.vae]), 4)])
+    unit = max(fsdp_units(model))
     step = saved_bytes(lambda: score(2 * pairs), [model])
     validation = working_bytes(lambda: score(2 * PAIRS), [model])
-    return [row("LRM training step", f"{pairs} pairs", weights, trained, step, vae, True, pairs),
-            row("LRM validation batch", f"{PAIRS} pairs", weights, trained, validation, vae)]
+    rows = []
+    for stage, batch, backward, activations, micro_pairs in (
+            ("LRM training step", f"{pairs} pairs", True, step, pairs),
+            ("LRM validation batch", f"{PAIRS} pairs", False, validation, 1)):
+        own, state = trained_bytes(trained, unit, world, backward)
+        rows.append(row(stage, batch, parameters + trained, weights + own, state, activations,
+                        vae, micro_pairs))
+    return rows
 
 
 def estimate_lpo(name, pipe, resolution):
     """One LPO iteration at lpo.py's per-GPU preset: the sampling pass, the LRM's scoring or the
     update, whichever needs more, on top of what lpo.py holds: the frozen networks in bf16, the
-    LoRA in fp32, the LRM in fp16 (with its own copy of the text encoders)."""
+    LoRA in fp32, the LRM in fp16 (SD1.5, SDXL: with its own text encoders; SD3: the pipeline's).
+    Its ranks are data-parallel: each holds all of it."""
     settings = preset(lpo, name)
     children = settings.sample_batch_size * settings.num_children
     reward = latent_reward_model(pipe, resolution, copy_networks=True).for_scoring()
@@ -214,10 +263,12 @@ def estimate_lpo(name, pipe, resolution):
     x, t, cond = cfg_batch(pipe, settings.train_batch_size, resolution, torch.bfloat16)
     update = saved_bytes(lambda: policy(x, timestep=t, **cond).sample, [policy])
     trained = sum(p.numel() for p in lora)
-    weights = [(count([policy]) - trained, 2), (trained, 4), (count(text_encoders(pipe)), 2),
-               (count([reward]), 2)]
+    shared = 0 if reward.text_trained else count(reward.text_encoders)  # SD3: the pipeline's
+    parameters, weights = held([(count([policy]) - trained, 2), (trained, 4),
+                                (count(text_encoders(pipe)), 2), (count([reward]) - shared, 2)])
     batches = f"{settings.sample_batch_size}x{settings.num_children} / {settings.train_batch_size}"
-    return [row("LPO iteration", batches, weights, trained, max(sampling, scoring, update))]
+    activations = max(sampling, scoring, update)
+    return [row("LPO iteration", batches, parameters, weights, 12 * trained, activations)]
 
 
 def estimate_eval(name, pipe, resolution):
@@ -228,8 +279,10 @@ def estimate_eval(name, pipe, resolution):
     x, t, cond = cfg_batch(pipe, images, resolution, torch.float16)
     denoising = working_bytes(lambda: network(x, timestep=t, **cond), [network])
     decoding = working_bytes(lambda: pipe.vae.decode(x[:images]), [pipe.vae])
-    weights = [(count([network, pipe.vae] + text_encoders(pipe)), 2)]
-    return [row("eval sampling batch", f"{images} images", weights, 0, max(denoising, decoding))]
+    parameters = count([network, pipe.vae] + text_encoders(pipe))
+    activations = max(denoising, decoding)
+    return [row("eval sampling batch", f"{images} images", parameters, 2 * parameters, 0,
+                activations)]
 
 
 def mpcf_scorers(device):
@@ -254,26 +307,29 @@ def estimate_mpcf():
     towers = [aesthetic.half(), clip.half().vision_model, vqa.half().vision_model]
     activations = max(working_bytes(lambda: tower(pixel_values=pixels), [tower])
                       for tower in towers)
-    weights = [(count([aesthetic, clip, vqa]), 2), (count([head]), 4)]
-    return row("MPCF scoring batch", f"{PAIRS} pairs", weights, 0, activations)
+    parameters, weights = held([(count([aesthetic, clip, vqa]), 2), (count([head]), 4)])
+    return row("MPCF scoring batch", f"{PAIRS} pairs", parameters, weights, 0, activations)
 
 
 # ----------------------------------------------------------------------------- the table
-def estimate(models):
+def estimate(models, world=8):
     """The rows of every stage of the models (fresh meta networks for each: an estimate casts
-    them and adds a LoRA), then MPCF's, which does not depend on the model."""
+    them and adds a LoRA), lrm.py's on `world` ranks, then MPCF's, which does not depend on the
+    model."""
     rows = []
     for name in models:
-        for builder in (estimate_lrm, estimate_lpo, estimate_eval):
+        for builder in (partial(estimate_lrm, world=world), estimate_lpo, estimate_eval):
             pipe = load_pipeline(name, "meta")
             resolution = default_resolution(pipe)
             rows += [dict(r, model=name, px=resolution) for r in builder(name, pipe, resolution)]
     return rows + [dict(estimate_mpcf(), model="any", px=224)]
 
 
-def markdown(rows):
+def markdown(rows, world=8):
     """The table of the rows, as the README shows it."""
-    lines = ["Computed, not measured (python memory.py): see its docstring.", "",
+    sharding = f"lrm.py's step sharded over {world} ranks (FSDP2)" if world > 1 else "unsharded"
+    lines = [f"Computed, not measured (python tools/memory.py --world {world}): per GPU, "
+             f"{sharding}; see its docstring.", "",
              "| stage | model | px | per-GPU batch | parameters | weights GB | grads + AdamW GB |"
              " activations GB | total GB | 24 GB | 40 GB | 80 GB |",
              "|---" * 12 + "|"]
@@ -286,7 +342,7 @@ def markdown(rows):
 
 
 def main(cfg):
-    text = markdown(estimate(cfg.model.split(",")))
+    text = markdown(estimate(cfg.model.split(","), cfg.world), cfg.world)
     print(text)
     return text
 
