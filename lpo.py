@@ -275,8 +275,7 @@ class Schedule:
     prev_timesteps: torch.Tensor  # (T,) the next one each; the chain ends at -1 (DDIM), 0 (x_0)
     sigmas: torch.Tensor  # (T,) the eta = 1 std of each step (flow: flow_sigma, not the level s)
     thresholds: torch.Tensor  # (T,) softmax-gap threshold th_t of each step
-    device: torch.device
-    alphas_cumprod: torch.Tensor = None  # (1000,) fp32 on the device (DDIM's)
+    alphas_cumprod: torch.Tensor = None  # (1000,) fp32 on the denoiser's device (DDIM's)
     latent_size: int = 0  # latent side for the run's resolution (0: the denoiser's sample_size)
     train_timesteps: int = 1000  # flow: timestep = noise level s x this (the scheduler's config)
 
@@ -305,21 +304,19 @@ def make_schedule(scheduler_config, num_inference_steps, th_min, th_max, device,
     scheduler = (FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler).from_config(
         scheduler_config)
     scheduler.set_timesteps(num_inference_steps)
-    device = torch.device(device)
     if flow:
         timesteps = scheduler.timesteps.float().cpu()  # (T,)
         prev_timesteps = torch.cat([timesteps[1:], torch.zeros(1)])  # (T,)
         scale = scheduler.config.num_train_timesteps
         sigmas = flow_sigma(timesteps / scale, prev_timesteps / scale, 1.0)  # (T,) fp64
         return FlowSchedule(timesteps, prev_timesteps, sigmas,
-                            pair_thresholds(sigmas, th_min, th_max), device, None, latent_size,
-                            scale)
+                            pair_thresholds(sigmas, th_min, th_max), None, latent_size, scale)
     timesteps = scheduler.timesteps.long()
     prev_timesteps = torch.cat([timesteps[1:], torch.tensor([-1])])
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     sigmas = ddim_sigma(timesteps, prev_timesteps, alphas_cumprod, 1.0).cpu()
     return Schedule(timesteps, prev_timesteps, sigmas, pair_thresholds(sigmas, th_min, th_max),
-                    device, alphas_cumprod, latent_size)
+                    alphas_cumprod, latent_size)
 
 
 # ----------------------------------------------------------------------------- one round
@@ -332,13 +329,14 @@ def sample_tuples(denoiser, lrm, cond, lrm_text, prompt_ids, schedule, cfg, gene
     """Step 1: DDIM (eta 1; SD3: DDIM in flow form) + CFG from noise; every step K children of one
     parent, scored by the LRM; keep (x_t, x_w, x_l, t, t_prev, prompt id) where the pair clears
     th_t; go on from a uniformly random child. Returns the kept tuples, the LRM's scores of all
-    children and the seconds spent sampling and scoring."""
+    children (T B, K) and the seconds spent sampling and scoring."""
     batch = len(prompt_ids)  # B prompts
     children = cfg.num_children  # K
-    device = schedule.device
+    device = denoiser.device
     size = schedule.latent_size or denoiser.config.sample_size
-    repeat = torch.arange(batch).repeat_interleave(children)  # the LRM's text: B x K rows
-    lrm_text = dict(lrm_text, cond=take_rows(lrm_text["cond"], repeat))
+    # the LRM's text, B x K rows
+    lrm_text = dict(lrm_text, cond=take_rows(lrm_text["cond"],
+                                             torch.arange(batch).repeat_interleave(children)))
     shape = (batch, denoiser.config.in_channels, size, size)
     x = torch.randn(shape, generator=generator, device=device)  # (B, C, h, w)
     rows = torch.arange(batch, device=device)
@@ -356,9 +354,9 @@ def sample_tuples(denoiser, lrm, cond, lrm_text, prompt_ids, schedule, cfg, gene
             # deviation: the children sit at noise level t_prev; the official code tells the LRM t
             t_lrm = torch.full((batch * children,), max(t_prev, 0) if cfg.lrm_t == "child" else t,
                                device=device)
-            lrm_scores = lrm.score(kids.flatten(0, 1), t_lrm, text=lrm_text).float()  # (B K,)
-            scores.append(lrm_scores)
-            reward = (-lrm_scores if cfg.negate_reward else lrm_scores).view(batch, children)
+            lrm_scores = lrm.score(kids.flatten(0, 1), t_lrm, text=lrm_text)  # (B K,)
+            scores.append(lrm_scores.float().view(batch, children))  # (B, K)
+            reward = -scores[-1] if cfg.negate_reward else scores[-1]
             win, lose, ok = select_pairs(reward, threshold)  # (B,) each
             # a deterministic step (SD3's last, to x_0) has K equal children: no pair there
             ok = ok & (std.flatten() > 0)
@@ -420,8 +418,8 @@ def train_on_pairs(denoiser, pipe, optimizer, share, prompts, schedule, cfg, wor
         minibatch = {key: value[start:end] for key, value in share.items()}
         captions = [prompts[i] for i in minibatch["prompt_ids"].tolist()]
         cond = encode_for_cfg(pipe, captions, cfg.resolution)
-        logprobs = pair_logprobs(denoiser, minibatch, cond, schedule, cfg)  # [w, l, ref w, ref l]
-        loss, stats = lpo_loss(*logprobs, cfg.beta, cfg.clip_eps)
+        loss, stats = lpo_loss(*pair_logprobs(denoiser, minibatch, cond, schedule, cfg), cfg.beta,
+                               cfg.clip_eps)
         pairs = len(minibatch["t"])
         pairs_in_update = min(per_update, share_pairs - start // per_update * per_update)
         (loss * (pairs / pairs_in_update)).backward()  # weight 1 with one forward an update
@@ -436,15 +434,15 @@ def train_on_pairs(denoiser, pipe, optimizer, share, prompts, schedule, cfg, wor
     return sums
 
 
-def round_figures(kept_t, scores, sums, children, world):
+def round_figures(kept_t, scores, sums, world):
     """A round's logged figures over all ranks (docs/reference.md): every rank's kept tuples' t
     and LRM scores, gathered, and its loss sums, added up over the ranks by one all_reduce. Kept
     pairs are counted by t in [0, 250) ... [750, 1000) (SD3: s x 1000, s = 1 in the last).
     Raises NonFiniteUpdate on non-finite scores (diverged samples)."""
     kept_t = all_gather_cat(kept_t, world)  # (pairs,)
-    scores = all_gather_cat(scores.double(), world)  # (ranks T B K,) fp64
-    groups = scores.view(-1, children)  # (ranks T B, K): the children of one step of one prompt
-    gaps = groups.amax(-1) - groups.amin(-1)  # best minus worst
+    # (ranks T B, K) fp64: a row holds the children of one step of one prompt
+    scores = all_gather_cat(scores.double(), world)
+    gaps = scores.amax(-1) - scores.amin(-1)  # best minus worst
     buckets = torch.bincount((kept_t * 4 // 1000).long().clamp(0, 3), minlength=4)  # (4,)
     figures = dict(tuples=len(kept_t), kept_frac=len(kept_t) / len(gaps),
                    valid_per_bucket=buckets.tolist(), lrm_mean=scores.mean().item(),
@@ -506,8 +504,7 @@ def get_config(argv=None):
     """CLI generated from Config, defaults from the --model preset; bad values: one line."""
     argv = command_line(__file__, argv)
     model = peek(argv, "model", Config.model)
-    cfg = parse_config(Config, {**asdict(Config()), **preset_of(model), "model": model}, __doc__,
-                       argv)
+    cfg = parse_config(Config, {**asdict(Config()), **preset_of(model)}, __doc__, argv)
     if cfg.lrm_t not in ("child", "parent"):
         fail(f"--lrm_t {cfg.lrm_t}: choose child or parent")
     if cfg.th_min > cfg.th_max:
@@ -553,9 +550,9 @@ def main(cfg):
     rounds = min(cfg.max_rounds or available, available)  # max_rounds 0: every epoch
     if master:  # what the inputs give, told before the models load
         if len(prompts) < cfg.num_prompts:
-            kind = "distinct captions" if cfg.unique_prompts else "captions"
             warn(f"--num_prompts {cfg.num_prompts} but {cfg.prompts} has only {len(prompts)} "
-                 f"{kind} (train split): training on them")
+                 f"{'distinct ' if cfg.unique_prompts else ''}captions (train split): training on "
+                 "them")
         if cfg.max_rounds > available:
             warn(f"--max_rounds {cfg.max_rounds} but {len(prompts)} prompts x {cfg.epochs} "
                  f"epochs at {cfg.sample_batch_size * world} prompts a round give {available} "
@@ -587,8 +584,8 @@ def main(cfg):
         captions = [prompts[i] for i in prompt_ids.tolist()]
         cond = encode_for_cfg(pipe, captions, cfg.resolution)
         lrm_text = lrm.encode_text(captions)  # the LRM's own tokenizer(s)
-        stream = cfg.seed * world + rank  # this rank's random stream
-        generator = torch.Generator(device).manual_seed(stream * SEED_STRIDE + round_index)
+        generator = torch.Generator(device).manual_seed(  # stream (seed, rank), reseeded a round
+            (cfg.seed * world + rank) * SEED_STRIDE + round_index)
         tuples, scores, seconds = sample_tuples(denoiser, lrm, cond, lrm_text, prompt_ids,
                                                 schedule, cfg, generator)
 
@@ -600,7 +597,7 @@ def main(cfg):
             with timing(seconds, "train"):
                 sums = train_on_pairs(denoiser, pipe, optimizer, share, prompts, schedule, cfg,
                                       world)
-            figures = round_figures(tuples["t"], scores, sums, cfg.num_children, world)
+            figures = round_figures(tuples["t"], scores, sums, world)
         except NonFiniteUpdate as error:
             stop_non_finite(cfg.out, str(error), f"round {round_index}", "--lr (or --beta)")
         step += sums["updates"]
@@ -628,21 +625,21 @@ def main(cfg):
     # finish: the final files (a finished run resumed: again from its checkpoint, so they agree)
     if master and start >= rounds:
         save_lora(pipe, denoiser, cfg.out)
-    fingerprint = weights_fingerprint(params, world).tolist()  # (world, 2): equal rows, LoRAs
-    result = dict(step=step, out=cfg.out, lora_fingerprint=fingerprint)
-    if step == 0:
-        if master:
-            log_jsonl(log_path, dict(final=result))
-        fail(no_update_message(history, cfg))
-    if master:  # the judge's figures and the merged denoiser: rank 0, no collectives inside
+    # lora_fingerprint: (world, 2), equal rows for equal LoRAs
+    result = dict(step=step, out=cfg.out,
+                  lora_fingerprint=weights_fingerprint(params, world).tolist())
+    if master and step:  # the judge's figures and the merged denoiser: no collectives inside
         if cfg.eval_samples > 0:
             with mixed_precision(device):
                 result.update(judge_lora(pipe, cfg))
             print(win_rate_line(result), flush=True)
         if cfg.save_merged:
             save_merged_denoiser(cfg.base, denoiser, cfg.out, denoiser_name(pipe))
-        log_jsonl(log_path, dict(final=result))
         inform(f"{step} updates; LoRA in {cfg.out} ({LORA_FILE}), log in {log_path}")
+    if master:
+        log_jsonl(log_path, dict(final=result))
+    if not step:
+        fail(no_update_message(history, cfg))
     close_distributed()
     return result
 
