@@ -205,12 +205,9 @@ def flow_step(v, x_t, s, s_prev, eta):
     FlowMatchEulerDiscreteScheduler.step, for any shift and step count. At eta = 1, sig
     (flow_sigma) is the std of the posterior q(x_{s'} | x_s, x_0) of the Markov chain with these
     marginals: the DDPM posterior analogue, i.e. the DDIM eta = 1 step that the SD1.5 / SDXL path
-    runs, so that LPO's thresholds come from the same kind of sigma. Why not Flow-GRPO's SDE (an
-    Euler-Maruyama step with a free noise scale, its std ~ sqrt(s / (1 - s)) infinite at s = 1):
-    this step needs no extra constant, is finite at s = 1, and its eta -> 0 limit is exact Euler
-    on any grid.
-    The last step, to s' = 0, has std 0 (it lands on x_0): its K children are identical, so
-    sample_tuples keeps no pair there and no log-prob is ever taken there. fp32
+    runs, so that LPO's thresholds come from the same kind of sigma (docs/reference.md: why not
+    Flow-GRPO's SDE). The last step, to s' = 0, has std 0 (it lands on x_0): its K children are
+    identical, so sample_tuples keeps no pair there and no log-prob is ever taken there. fp32
     """
     v = v.float()
     x_t = x_t.float()
@@ -304,15 +301,14 @@ def make_schedule(scheduler_config, num_inference_steps, th_min, th_max, device,
     scheduler = (FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler).from_config(
         scheduler_config)
     scheduler.set_timesteps(num_inference_steps)
+    timesteps = scheduler.timesteps.float().cpu() if flow else scheduler.timesteps.long()  # (T,)
+    # (T,) the next one each, in timesteps' dtype: the chain ends at x_0 (flow: 0), a_0 (DDIM: -1)
+    prev_timesteps = torch.cat([timesteps[1:], timesteps.new_tensor([0 if flow else -1])])
     if flow:
-        timesteps = scheduler.timesteps.float().cpu()  # (T,)
-        prev_timesteps = torch.cat([timesteps[1:], torch.zeros(1)])  # (T,)
         scale = scheduler.config.num_train_timesteps
         sigmas = flow_sigma(timesteps / scale, prev_timesteps / scale, 1.0)  # (T,) fp64
         return FlowSchedule(timesteps, prev_timesteps, sigmas,
                             pair_thresholds(sigmas, th_min, th_max), None, latent_size, scale)
-    timesteps = scheduler.timesteps.long()
-    prev_timesteps = torch.cat([timesteps[1:], torch.tensor([-1])])
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     sigmas = ddim_sigma(timesteps, prev_timesteps, alphas_cumprod, 1.0).cpu()
     return Schedule(timesteps, prev_timesteps, sigmas, pair_thresholds(sigmas, th_min, th_max),
@@ -359,7 +355,7 @@ def sample_tuples(denoiser, lrm, cond, lrm_text, prompt_ids, schedule, cfg, gene
             reward = -scores[-1] if cfg.negate_reward else scores[-1]
             win, lose, ok = select_pairs(reward, threshold)  # (B,) each
             # a deterministic step (SD3's last, to x_0) has K equal children: no pair there
-            ok = ok & (std.flatten() > 0)
+            ok &= std.flatten() > 0
         found = dict(x_t=x, x_w=kids[rows, win], x_l=kids[rows, lose],
                      t=torch.full((batch,), t, device=device),
                      t_prev=torch.full((batch,), t_prev, device=device),
@@ -436,8 +432,7 @@ def train_on_pairs(denoiser, pipe, optimizer, share, prompts, schedule, cfg, wor
 
 def round_figures(kept_t, scores, sums, world):
     """A round's logged figures over all ranks (docs/reference.md): every rank's kept tuples' t
-    and LRM scores, gathered, and its loss sums, added up over the ranks by one all_reduce. Kept
-    pairs are counted by t in [0, 250) ... [750, 1000) (SD3: s x 1000, s = 1 in the last).
+    and LRM scores, gathered, and its loss sums, added up over the ranks by one all_reduce.
     Raises NonFiniteUpdate on non-finite scores (diverged samples)."""
     kept_t = all_gather_cat(kept_t, world)  # (pairs,)
     # (ranks T B, K) fp64: a row holds the children of one step of one prompt
