@@ -38,9 +38,7 @@ Deviations from the official code (Kwai-Kolors/LPO), each marked `# deviation:` 
 import math
 import os
 from dataclasses import asdict, dataclass
-from functools import partial
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -207,12 +205,9 @@ def flow_step(v, x_t, s, s_prev, eta):
     FlowMatchEulerDiscreteScheduler.step, for any shift and step count. At eta = 1, sig
     (flow_sigma) is the std of the posterior q(x_{s'} | x_s, x_0) of the Markov chain with these
     marginals: the DDPM posterior analogue, i.e. the DDIM eta = 1 step that the SD1.5 / SDXL path
-    runs, so that LPO's thresholds come from the same kind of sigma. Why not Flow-GRPO's SDE (an
-    Euler-Maruyama step with a free noise scale, its std ~ sqrt(s / (1 - s)) infinite at s = 1):
-    this step needs no extra constant, is finite at s = 1, and its eta -> 0 limit is exact Euler
-    on any grid.
-    The last step, to s' = 0, has std 0 (it lands on x_0): its K children are identical, so
-    sample_tuples keeps no pair there and no log-prob is ever taken there. fp32
+    runs, so that LPO's thresholds come from the same kind of sigma (docs/reference.md: why not
+    Flow-GRPO's SDE). The last step, to s' = 0, has std 0 (it lands on x_0): its K children are
+    identical, so sample_tuples keeps no pair there and no log-prob is ever taken there. fp32
     """
     v = v.float()
     x_t = x_t.float()
@@ -277,8 +272,7 @@ class Schedule:
     prev_timesteps: torch.Tensor  # (T,) the next one each; the chain ends at -1 (DDIM), 0 (x_0)
     sigmas: torch.Tensor  # (T,) the eta = 1 std of each step (flow: flow_sigma, not the level s)
     thresholds: torch.Tensor  # (T,) softmax-gap threshold th_t of each step
-    device: torch.device
-    alphas_cumprod: torch.Tensor = None  # (1000,) fp32 on the device (DDIM's)
+    alphas_cumprod: torch.Tensor = None  # (1000,) fp32 on the denoiser's device (DDIM's)
     latent_size: int = 0  # latent side for the run's resolution (0: the denoiser's sample_size)
     train_timesteps: int = 1000  # flow: timestep = noise level s x this (the scheduler's config)
 
@@ -303,26 +297,22 @@ def make_schedule(scheduler_config, num_inference_steps, th_min, th_max, device,
     with `leading` spacing, steps_offset 1 (the SD configs). Thresholds from each step's eta = 1
     std, whatever --eta is: the paper's thresholds follow the stochastic sampler's sigma_t."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
-    device = torch.device(device)
-    if is_flow_matching(scheduler_config):
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-        scheduler.set_timesteps(num_inference_steps)
-        timesteps = scheduler.timesteps.float().cpu()  # (T,)
-        prev_timesteps = torch.cat([timesteps[1:], torch.zeros(1)])  # (T,)
+    flow = is_flow_matching(scheduler_config)
+    scheduler = (FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler).from_config(
+        scheduler_config)
+    scheduler.set_timesteps(num_inference_steps)
+    timesteps = scheduler.timesteps.float().cpu() if flow else scheduler.timesteps.long()  # (T,)
+    # (T,) the next one each, in timesteps' dtype: the chain ends at x_0 (flow: 0), a_0 (DDIM: -1)
+    prev_timesteps = torch.cat([timesteps[1:], timesteps.new_tensor([0 if flow else -1])])
+    if flow:
         scale = scheduler.config.num_train_timesteps
         sigmas = flow_sigma(timesteps / scale, prev_timesteps / scale, 1.0)  # (T,) fp64
-        thresholds = pair_thresholds(sigmas, th_min, th_max)
-        return FlowSchedule(timesteps, prev_timesteps, sigmas, thresholds, device, None,
-                            latent_size, scale)
-    scheduler = DDIMScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(num_inference_steps)
-    timesteps = scheduler.timesteps.long()
-    prev_timesteps = torch.cat([timesteps[1:], torch.tensor([-1])])
+        return FlowSchedule(timesteps, prev_timesteps, sigmas,
+                            pair_thresholds(sigmas, th_min, th_max), None, latent_size, scale)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     sigmas = ddim_sigma(timesteps, prev_timesteps, alphas_cumprod, 1.0).cpu()
-    thresholds = pair_thresholds(sigmas, th_min, th_max)
-    return Schedule(timesteps, prev_timesteps, sigmas, thresholds, device, alphas_cumprod,
-                    latent_size)
+    return Schedule(timesteps, prev_timesteps, sigmas, pair_thresholds(sigmas, th_min, th_max),
+                    alphas_cumprod, latent_size)
 
 
 # ----------------------------------------------------------------------------- one round
@@ -335,22 +325,22 @@ def sample_tuples(denoiser, lrm, cond, lrm_text, prompt_ids, schedule, cfg, gene
     """Step 1: DDIM (eta 1; SD3: DDIM in flow form) + CFG from noise; every step K children of one
     parent, scored by the LRM; keep (x_t, x_w, x_l, t, t_prev, prompt id) where the pair clears
     th_t; go on from a uniformly random child. Returns the kept tuples, the LRM's scores of all
-    children and the seconds spent sampling and scoring."""
+    children (T B, K) and the seconds spent sampling and scoring."""
     batch = len(prompt_ids)  # B prompts
     children = cfg.num_children  # K
-    device = schedule.device
+    device = denoiser.device
     size = schedule.latent_size or denoiser.config.sample_size
-    repeat = torch.arange(batch).repeat_interleave(children)  # the LRM's text: B x K rows
-    lrm_text = dict(lrm_text, cond=take_rows(lrm_text["cond"], repeat))
+    # the LRM's text, B x K rows
+    lrm_text = dict(lrm_text, cond=take_rows(lrm_text["cond"],
+                                             torch.arange(batch).repeat_interleave(children)))
     shape = (batch, denoiser.config.in_channels, size, size)
     x = torch.randn(shape, generator=generator, device=device)  # (B, C, h, w)
     rows = torch.arange(batch, device=device)
-    kept = []  # each step's tuples: x_t, x_w, x_l, t, t_prev, prompt_ids
+    kept = []  # each step's tuples
     scores = []
     seconds = {}
-    steps = zip(schedule.timesteps.tolist(), schedule.prev_timesteps.tolist(),
-                schedule.thresholds.tolist())
-    for t, t_prev, threshold in steps:
+    for t, t_prev, threshold in zip(schedule.timesteps.tolist(), schedule.prev_timesteps.tolist(),
+                                    schedule.thresholds.tolist()):
         with timing(seconds, "sample"), mixed_precision(device):
             prediction = guided_prediction(denoiser, x, t, cond, cfg.guidance_scale)  # eps or v
             mean, std = schedule.step(prediction, x, t, t_prev, cfg.eta)  # (B, C, h, w), (1, ...)
@@ -358,15 +348,14 @@ def sample_tuples(denoiser, lrm, cond, lrm_text, prompt_ids, schedule, cfg, gene
             kids = mean[:, None] + std[:, None] * noise  # (B, K, C, h, w)
         with timing(seconds, "score"):  # the B x K children, cond + uncond (VFE), one LRM call
             # deviation: the children sit at noise level t_prev; the official code tells the LRM t
-            t_lrm = max(t_prev, 0) if cfg.lrm_t == "child" else t
-            t_lrm = torch.full((batch * children,), t_lrm, device=device)  # (B K,)
-            lrm_scores = lrm.score(kids.flatten(0, 1), t_lrm, text=lrm_text).float()  # (B K,)
-            lrm_scores = lrm_scores.view(batch, children)  # (B, K)
-            reward = -lrm_scores if cfg.negate_reward else lrm_scores
+            t_lrm = torch.full((batch * children,), max(t_prev, 0) if cfg.lrm_t == "child" else t,
+                               device=device)
+            lrm_scores = lrm.score(kids.flatten(0, 1), t_lrm, text=lrm_text)  # (B K,)
+            scores.append(lrm_scores.float().view(batch, children))  # (B, K)
+            reward = -scores[-1] if cfg.negate_reward else scores[-1]
             win, lose, ok = select_pairs(reward, threshold)  # (B,) each
             # a deterministic step (SD3's last, to x_0) has K equal children: no pair there
-            ok = ok & (std.flatten() > 0)
-        scores.append(lrm_scores.flatten())
+            ok &= std.flatten() > 0
         found = dict(x_t=x, x_w=kids[rows, win], x_l=kids[rows, lose],
                      t=torch.full((batch,), t, device=device),
                      t_prev=torch.full((batch,), t_prev, device=device),
@@ -385,8 +374,8 @@ def pool_tuples(tuples, world, rank, seed, round_index):
     -> (this rank's share, the number of pooled pairs)"""
     pooled = {key: all_gather_cat(value, world) for key, value in tuples.items()}
     pairs = len(pooled["t"])
-    generator = torch.Generator().manual_seed(seed * SEED_STRIDE + round_index)
-    order = torch.randperm(pairs, generator=generator)
+    order = torch.randperm(pairs, generator=torch.Generator().manual_seed(
+        seed * SEED_STRIDE + round_index))
     per_rank = pairs // world
     mine = order[rank * per_rank:(rank + 1) * per_rank]
     return {key: value[mine.to(value.device)] for key, value in pooled.items()}, pairs
@@ -398,20 +387,18 @@ def pair_logprobs(denoiser, minibatch, cond, schedule, cfg):
     [logp_w, logp_l, ref_w, ref_l]"""
     x_t = minibatch["x_t"]
     t = minibatch["t"]
-    chain = (t, minibatch["t_prev"], cfg.eta)  # the step's other inputs
-    with mixed_precision(x_t.device):
+
+    def step():  # the sampler's step from x_t with the denoiser as it is now: (mean, std)
         prediction = guided_prediction(denoiser, x_t, t, cond, cfg.guidance_scale)
-        mean, std = schedule.step(prediction, x_t, *chain)
+        return schedule.step(prediction, x_t, t, minibatch["t_prev"], cfg.eta)
+    with mixed_precision(x_t.device):
+        mean, std = step()
         with torch.no_grad():
             denoiser.disable_adapters()
-            prediction_ref = guided_prediction(denoiser, x_t, t, cond, cfg.guidance_scale)
-            mean_ref, _ = schedule.step(prediction_ref, x_t, *chain)
+            mean_ref, _ = step()
             denoiser.enable_adapters()
     return [step_logprob(minibatch[key], center, std) for center in (mean, mean_ref)
             for key in ("x_w", "x_l")]
-
-
-PAIR_MEANS = ("loss", "acc", "clipfrac")  # lpo_loss's figures, logged as means over the pairs
 
 
 def train_on_pairs(denoiser, pipe, optimizer, share, prompts, schedule, cfg, world):
@@ -419,48 +406,46 @@ def train_on_pairs(denoiser, pipe, optimizer, share, prompts, schedule, cfg, wor
     grad_accum forwards an update of the optimizer's parameters (the LoRA). An update's gradient
     is that of the mean loss over its pairs: each forward's mean loss weighted by its share of the
     update's pairs (a last, shorter group too). -> this rank's sums over its pairs, for the log"""
-    params = optimizer.param_groups[0]["params"]
     sums = dict(pairs=0.0, loss=0.0, acc=0.0, clipfrac=0.0, grad_norm=0.0, updates=0)
     share_pairs = len(share["t"])
     per_update = cfg.train_batch_size * cfg.grad_accum
-    starts = range(0, share_pairs, cfg.train_batch_size)
-    for index, start in enumerate(starts):
-        minibatch = {key: value[start:start + cfg.train_batch_size] for key, value in share.items()}
+    for start in range(0, share_pairs, cfg.train_batch_size):
+        end = start + cfg.train_batch_size
+        minibatch = {key: value[start:end] for key, value in share.items()}
         captions = [prompts[i] for i in minibatch["prompt_ids"].tolist()]
         cond = encode_for_cfg(pipe, captions, cfg.resolution)
-        logprobs = pair_logprobs(denoiser, minibatch, cond, schedule, cfg)
-        loss, stats = lpo_loss(*logprobs, cfg.beta, cfg.clip_eps)
+        loss, stats = lpo_loss(*pair_logprobs(denoiser, minibatch, cond, schedule, cfg), cfg.beta,
+                               cfg.clip_eps)
         pairs = len(minibatch["t"])
-        update_start = start - start % per_update
-        pairs_in_update = min(per_update, share_pairs - update_start)
+        pairs_in_update = min(per_update, share_pairs - start // per_update * per_update)
         (loss * (pairs / pairs_in_update)).backward()  # weight 1 with one forward an update
         sums["pairs"] += pairs
-        for key in PAIR_MEANS:
-            sums[key] += stats[key] * pairs
-        if (index + 1) % cfg.grad_accum == 0 or index == len(starts) - 1:
+        for key, value in stats.items():  # loss, acc, clipfrac
+            sums[key] += value * pairs
+        if end % per_update == 0 or end >= share_pairs:  # grad_accum forwards, or the last
             # deviation: gradients really clipped (official: a no-op on a consumed iterator)
-            sums["grad_norm"] += apply_update(params, optimizer, loss, world)
+            sums["grad_norm"] += apply_update(optimizer.param_groups[0]["params"], optimizer,
+                                              loss, world)
             sums["updates"] += 1
     return sums
 
 
-def round_figures(kept_t, scores, sums, children, world):
+def round_figures(kept_t, scores, sums, world):
     """A round's logged figures over all ranks (docs/reference.md): every rank's kept tuples' t
-    and LRM scores, gathered, and its loss sums, added up over the ranks by one all_reduce. Kept
-    pairs are counted by t in [0, 250) ... [750, 1000) (SD3: s x 1000, s = 1 in the last).
+    and LRM scores, gathered, and its loss sums, added up over the ranks by one all_reduce.
     Raises NonFiniteUpdate on non-finite scores (diverged samples)."""
     kept_t = all_gather_cat(kept_t, world)  # (pairs,)
-    scores = all_gather_cat(scores.double(), world)  # (ranks T B K,) fp64
-    groups = scores.view(-1, children)  # (ranks T B, K): the children of one step of one prompt
-    gaps = groups.amax(-1) - groups.amin(-1)  # best minus worst
+    # (ranks T B, K) fp64: a row holds the children of one step of one prompt
+    scores = all_gather_cat(scores.double(), world)
+    gaps = scores.amax(-1) - scores.amin(-1)  # best minus worst
     buckets = torch.bincount((kept_t * 4 // 1000).long().clamp(0, 3), minlength=4)  # (4,)
     figures = dict(tuples=len(kept_t), kept_frac=len(kept_t) / len(gaps),
                    valid_per_bucket=buckets.tolist(), lrm_mean=scores.mean().item(),
                    lrm_std=scores.std(correction=0).item(), lrm_gap=gaps.mean().item())
     summed = all_reduce_sums(sums, world, scores.device)  # grad_norm, updates: each rank's alike
-    for key in PAIR_MEANS:
-        figures[key] = summed[key] / summed["pairs"] if summed["pairs"] else None
-    figures["grad_norm"] = summed["grad_norm"] / summed["updates"] if summed["updates"] else None
+    for key in ("loss", "acc", "clipfrac", "grad_norm"):  # means over the pairs, or the updates
+        count = summed["updates" if key == "grad_norm" else "pairs"]
+        figures[key] = summed[key] / count if count else None
     if not math.isfinite(figures["lrm_mean"]):  # every rank sees it: the scores are everyone's
         raise NonFiniteUpdate("non-finite LRM scores (diverged samples)")
     return figures
@@ -468,38 +453,38 @@ def round_figures(kept_t, scores, sums, children, world):
 
 # ----------------------------------------------------------------------------- what goes wrong
 def gap_shortfall(history, cfg):
-    """The LRM's score gaps over the rounds so far against the gaps s_w - s_l = 2 atanh(th) that
-    the thresholds ask for."""
-    gap, spread = (np.mean([row[key] for row in history]) for key in ("lrm_gap", "lrm_std"))
-    low, high = 2 * math.atanh(cfg.th_min), 2 * math.atanh(cfg.th_max)
-    return (f"the LRM's best-minus-worst score gap averaged {gap:.3g} (score std {spread:.3g}) "
-            f"while --th_min {cfg.th_min} / --th_max {cfg.th_max} need {low:.3f} to {high:.3f}")
+    """The LRM's mean score gap so far against the gaps s_w - s_l = 2 atanh(th) that the
+    thresholds ask for."""
+    gap = sum(row["lrm_gap"] for row in history) / len(history)
+    return (f"the LRM's best-minus-worst score gap averaged {gap:.3g} while --th_min "
+            f"{cfg.th_min} / --th_max {cfg.th_max} need {2 * math.atanh(cfg.th_min):.3f} to "
+            f"{2 * math.atanh(cfg.th_max):.3f}")
 
 
 def warn_if_stuck(history, cfg):
     """Warn, with the figures, when the first rounds kept few pairs (too few updates to move the
     model), and when every likelihood ratio has left the clip band two rounds running (the loss
     then passes no gradient: the policy has left the reference behind)."""
-    kept_frac = np.mean([row["kept_frac"] for row in history])
+    kept_frac = sum(row["kept_frac"] for row in history) / len(history)
     if len(history) == 3 and kept_frac < 0.2:  # judged on the first three rounds
-        warn(f"only {kept_frac:.1%} of the step groups kept a pair in the first {len(history)} "
-             f"rounds: {gap_shortfall(history, cfg)}, so few updates will happen; train a "
-             "stronger LRM (more steps, on MPCF-kept pairs) or lower the thresholds")
+        warn(f"only {kept_frac:.1%} of the step groups kept a pair in the first 3 rounds: "
+             f"{gap_shortfall(history, cfg)}, so few updates will happen; train a stronger LRM "
+             "(more steps, on MPCF-kept pairs) or lower the thresholds")
     clipped = [(row["clipfrac"] or 0.0) >= 0.99 for row in history[-3:]]
     if clipped in ([True, True], [False, True, True]):  # a streak's start
         warn(f"every likelihood ratio left the clip band [{1 - cfg.clip_eps:g}, "
              f"{1 + cfg.clip_eps:g}] in two rounds running: the policy has moved so far from the "
-             f"reference that the loss passes no gradient; --lr {cfg.lr:g} is likely too high")
+             "reference that the loss passes no gradient; lower --lr")
 
 
 def no_update_message(history, cfg):
     """Why a run ended without a single update, with the figures of its rounds."""
-    if not history:
+    if not history:  # a finished run, resumed
         return f"no update in this run (step 0): see {cfg.out}/log.jsonl"
-    pairs = sum(row["tuples"] for row in history)
-    return (f"no update in {len(history)} rounds: {pairs} pairs kept (too few to share among the "
-            f"ranks, or none) because {gap_shortfall(history, cfg)}: use a stronger LRM "
-            f"({lrm_hint(cfg)}) or lower thresholds, with another --out")
+    return (f"no update in {len(history)} rounds: {sum(row['tuples'] for row in history)} pairs "
+            f"kept (too few to share among the ranks, or none) because "
+            f"{gap_shortfall(history, cfg)}: use a stronger LRM ({lrm_hint(cfg)}) or lower "
+            "thresholds, with another --out")
 
 
 def lrm_hint(cfg):
@@ -514,8 +499,7 @@ def get_config(argv=None):
     """CLI generated from Config, defaults from the --model preset; bad values: one line."""
     argv = command_line(__file__, argv)
     model = peek(argv, "model", Config.model)
-    defaults = {**asdict(Config()), **preset_of(model), "model": model}
-    cfg = parse_config(Config, defaults, __doc__, argv)
+    cfg = parse_config(Config, {**asdict(Config()), **preset_of(model)}, __doc__, argv)
     if cfg.lrm_t not in ("child", "parent"):
         fail(f"--lrm_t {cfg.lrm_t}: choose child or parent")
     if cfg.th_min > cfg.th_max:
@@ -528,31 +512,14 @@ def get_config(argv=None):
     return cfg
 
 
-def plan_rounds(items, per_round, epochs, max_rounds):
-    """(rounds an epoch, rounds of the run, rounds the items give): ceil(items / per_round) rounds
-    an epoch, epochs of them, max_rounds at most (0: no limit)."""
-    per_epoch = math.ceil(items / per_round)
-    available = epochs * per_epoch
-    return per_epoch, min(max_rounds, available) if max_rounds > 0 else available, available
-
-
-def round_prompt_ids(num_prompts, cfg, world, rank, epoch, position):
-    """This rank's prompts in a round: a per-epoch shuffle shared by all ranks, wrapped around to
-    fill the last round of an epoch. (B,)"""
-    order = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-    first = (position * world + rank) * cfg.sample_batch_size
-    return order[(torch.arange(cfg.sample_batch_size) + first) % num_prompts]
-
-
 def add_policy(denoiser, scheduler_config, cfg, device, latent_size):
     """The policy: a LoRA on the denoiser and its AdamW (paper: (0.9, 0.999), weight decay 1e-4,
     eps 1e-8: torch's betas and eps; constant lr), and the schedule it samples and trains on.
     -> (the LoRA's parameters, the optimizer, the schedule)"""
     params = add_lora(denoiser, cfg.lora_rank, cfg.seed, cfg.grad_ckpt)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
-    schedule = make_schedule(scheduler_config, cfg.num_inference_steps, cfg.th_min, cfg.th_max,
-                             device, latent_size)
-    return params, optimizer, schedule
+    return params, optimizer, make_schedule(scheduler_config, cfg.num_inference_steps, cfg.th_min,
+                                            cfg.th_max, device, latent_size)
 
 
 # ----------------------------------------------------------------------------- main
@@ -570,21 +537,21 @@ def main(cfg):
     check_scheduler(cfg.base, cfg.num_inference_steps)
     if not os.path.isdir(cfg.lrm):
         fail(f"no LRM at {cfg.lrm}: train one ({lrm_hint(cfg)}) and pass its --out as --lrm")
-    read = partial(load_prompts, cfg.prompts, "train", cfg.num_prompts, cfg.unique_prompts,
-                   cfg.seed, strip=True)
-    checkpoint, changes, prompts = open_run(cfg, world, MAY_CHANGE, read, cfg.prompts)
-    rounds_per_epoch, rounds, available = plan_rounds(
-        len(prompts), cfg.sample_batch_size * world, cfg.epochs, cfg.max_rounds)
+    checkpoint, changes, prompts = open_run(cfg, world, MAY_CHANGE, lambda: load_prompts(
+        cfg.prompts, "train", cfg.num_prompts, cfg.unique_prompts, cfg.seed, strip=True),
+        cfg.prompts)
+    rounds_per_epoch = math.ceil(len(prompts) / (cfg.sample_batch_size * world))
+    available = cfg.epochs * rounds_per_epoch
+    rounds = min(cfg.max_rounds or available, available)  # max_rounds 0: every epoch
     if master:  # what the inputs give, told before the models load
         if len(prompts) < cfg.num_prompts:
-            kind = "distinct captions" if cfg.unique_prompts else "captions"
             warn(f"--num_prompts {cfg.num_prompts} but {cfg.prompts} has only {len(prompts)} "
-                 f"{kind} (train split): training on {len(prompts)}")
+                 f"{'distinct ' if cfg.unique_prompts else ''}captions (train split): training on "
+                 "them")
         if cfg.max_rounds > available:
             warn(f"--max_rounds {cfg.max_rounds} but {len(prompts)} prompts x {cfg.epochs} "
-                 f"epochs, {cfg.sample_batch_size} prompts a rank x {world} ranks a round, give "
-                 f"{available} rounds: running {available} (more --epochs or --num_prompts give "
-                 "more)")
+                 f"epochs at {cfg.sample_batch_size * world} prompts a round give {available} "
+                 f"rounds: running {available}")
     # the models, the LoRA and AdamW, restored where a --resume continues a checkpoint
     gpu = device.type == "cuda"
     lrm = load_lrm(cfg.lrm, cfg.base, device, torch.float16 if gpu else torch.float32,
@@ -603,33 +570,37 @@ def main(cfg):
     for round_index in bar:
         epoch, position = divmod(round_index, rounds_per_epoch)
 
-        # 1. sample K-child trajectories of this rank's prompts; keep the pairs that clear th_t
-        prompt_ids = round_prompt_ids(len(prompts), cfg, world, rank, epoch, position)
+        # 1. this rank's prompts: a per-epoch shuffle shared by all ranks, wrapped around to fill
+        # an epoch's last round; sample their K-child trajectories, keep the pairs that clear th_t
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(
+            cfg.seed + epoch))
+        first = (position * world + rank) * cfg.sample_batch_size
+        prompt_ids = order[(torch.arange(cfg.sample_batch_size) + first) % len(prompts)]  # (B,)
         captions = [prompts[i] for i in prompt_ids.tolist()]
         cond = encode_for_cfg(pipe, captions, cfg.resolution)
         lrm_text = lrm.encode_text(captions)  # the LRM's own tokenizer(s)
-        stream = cfg.seed * world + rank
-        generator = torch.Generator(device).manual_seed(stream * SEED_STRIDE + round_index)
+        generator = torch.Generator(device).manual_seed(  # stream (seed, rank), reseeded a round
+            (cfg.seed * world + rank) * SEED_STRIDE + round_index)
         tuples, scores, seconds = sample_tuples(denoiser, lrm, cond, lrm_text, prompt_ids,
                                                 schedule, cfg, generator)
 
         # 2. pool the pairs of all ranks: one shared shuffle, an equal share each
-        share, _ = pool_tuples(tuples, world, rank, cfg.seed, round_index)
+        share = pool_tuples(tuples, world, rank, cfg.seed, round_index)[0]
 
         # 3. train the LoRA on this rank's share
         try:
             with timing(seconds, "train"):
                 sums = train_on_pairs(denoiser, pipe, optimizer, share, prompts, schedule, cfg,
                                       world)
-            figures = round_figures(tuples["t"], scores, sums, cfg.num_children, world)
+            figures = round_figures(tuples["t"], scores, sums, world)
         except NonFiniteUpdate as error:
             stop_non_finite(cfg.out, str(error), f"round {round_index}", "--lr (or --beta)")
         step += sums["updates"]
 
         # log on rank 0; checkpoint at round ends: rank 0 writes, every rank waits
-        row = dict(round=round_index, epoch=epoch, step=step, **figures)
-        row.update({f"sec_{key}": round(value, 3) for key, value in seconds.items()})
-        row.update(lr=optimizer.param_groups[0]["lr"], peak_mem_mb=round(peak_memory_mb(), 1))
+        row = dict(round=round_index, epoch=epoch, step=step, **figures,
+                   **{f"sec_{key}": round(value, 3) for key, value in seconds.items()},
+                   lr=cfg.lr, peak_mem_mb=round(peak_memory_mb(), 1))
         history.append(row)
         if master:
             log_jsonl(log_path, row)
@@ -649,21 +620,21 @@ def main(cfg):
     # finish: the final files (a finished run resumed: again from its checkpoint, so they agree)
     if master and start >= rounds:
         save_lora(pipe, denoiser, cfg.out)
-    fingerprint = weights_fingerprint(params, world)  # (world, 2): equal rows, equal LoRAs
-    result = dict(step=step, out=cfg.out, lora_fingerprint=fingerprint.tolist())
-    if step == 0:
-        if master:
-            log_jsonl(log_path, dict(final=result))
-        fail(no_update_message(history, cfg))
-    if master:  # the judge's figures and the merged denoiser: rank 0, no collectives inside
+    # lora_fingerprint: (world, 2), equal rows for equal LoRAs
+    result = dict(step=step, out=cfg.out,
+                  lora_fingerprint=weights_fingerprint(params, world).tolist())
+    if master and step:  # the judge's figures and the merged denoiser: no collectives inside
         if cfg.eval_samples > 0:
             with mixed_precision(device):
                 result.update(judge_lora(pipe, cfg))
             print(win_rate_line(result), flush=True)
         if cfg.save_merged:
             save_merged_denoiser(cfg.base, denoiser, cfg.out, denoiser_name(pipe))
-        log_jsonl(log_path, dict(final=result))
         inform(f"{step} updates; LoRA in {cfg.out} ({LORA_FILE}), log in {log_path}")
+    if master:
+        log_jsonl(log_path, dict(final=result))
+    if not step:
+        fail(no_update_message(history, cfg))
     close_distributed()
     return result
 
