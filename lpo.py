@@ -46,7 +46,7 @@ from tqdm import tqdm
 from data import load_prompts
 from lrm_model import take_rows
 from models import (LORA_FILE, ROOT, add_lora, check_scheduler, denoiser_name, encode_for_cfg,
-                    family, geometry, guided_prediction, is_flow_matching, load_lrm,
+                    family, geometry, guided_prediction, is_flow_matching, load_lrm, lrm_folder,
                     load_pipeline, save_lora, save_merged_denoiser)
 from distributed import (NonFiniteUpdate, all_gather_cat, all_reduce_sums, apply_update, barrier,
                          close_distributed, mixed_precision, peak_memory_mb, setup_distributed,
@@ -235,9 +235,14 @@ def pair_thresholds(sigmas, th_min, th_max):
     """LPO's dynamic threshold (Sec. "Latent Preference Optimization"):
     th_t = th_min + (sigma_t - sigma_min) / (sigma_max - sigma_min) (th_max - th_min). (T,) fp64"""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)
-    # deviation: sigma_t of the schedule actually run (official: a hard-coded 20-step table)
-    spread = (sigmas.max() - sigmas.min()).clamp(min=1e-12)
-    return th_min + (sigmas - sigmas.min()) / spread * (th_max - th_min)
+    # deviation: sigma_t of the schedule actually run (official: a hard-coded 20-step table),
+    # spanning [th_min, th_max] over the steps that can form a pair (sigma_t > 0)
+    live = sigmas[sigmas > 0]
+    if not len(live):  # no step can form a pair (a 1-step flow chain)
+        return torch.full_like(sigmas, th_max)
+    spread = (live.max() - live.min()).clamp(min=1e-12)
+    thresholds = th_min + (sigmas - live.min()) / spread * (th_max - th_min)
+    return thresholds.where(sigmas > 0, th_max)  # a deterministic step (SD3's last): no pair
 
 
 def select_pairs(scores, threshold):
@@ -306,9 +311,13 @@ def make_schedule(scheduler_config, num_inference_steps, th_min, th_max, device,
     prev_timesteps = torch.cat([timesteps[1:], timesteps.new_tensor([0 if flow else -1])])
     if flow:
         scale = scheduler.config.num_train_timesteps
-        sigmas = flow_sigma(timesteps / scale, prev_timesteps / scale, 1.0)  # (T,) fp64
+        s_prev = (prev_timesteps / scale).double()
+        sigmas = flow_sigma(timesteps / scale, s_prev, 1.0)  # (T,) fp64
+        # thresholds on the VP-equivalent sigma (the DDIM sigma the paper's th_t was set on): the
+        # flow's x_s is c(s) x_VP with c = sqrt((1 - s)^2 + s^2), so its std is c(s') sigma_VP
+        vp_sigmas = sigmas / ((1 - s_prev) ** 2 + s_prev**2).sqrt()
         return FlowSchedule(timesteps, prev_timesteps, sigmas,
-                            pair_thresholds(sigmas, th_min, th_max), None, latent_size, scale)
+                            pair_thresholds(vp_sigmas, th_min, th_max), None, latent_size, scale)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     sigmas = ddim_sigma(timesteps, prev_timesteps, alphas_cumprod, 1.0).cpu()
     return Schedule(timesteps, prev_timesteps, sigmas, pair_thresholds(sigmas, th_min, th_max),
@@ -344,6 +353,10 @@ def sample_tuples(denoiser, lrm, cond, lrm_text, prompt_ids, schedule, cfg, gene
         with timing(seconds, "sample"), mixed_precision(device):
             prediction = guided_prediction(denoiser, x, t, cond, cfg.guidance_scale)  # eps or v
             mean, std = schedule.step(prediction, x, t, t_prev, cfg.eta)  # (B, C, h, w), (1, ...)
+        if not std.any():  # a deterministic step (SD3's last, to x_0): K equal children, no pair
+            x = mean
+            continue
+        with timing(seconds, "sample"), mixed_precision(device):
             noise = torch.randn(batch, children, *shape[1:], generator=generator, device=device)
             kids = mean[:, None] + std[:, None] * noise  # (B, K, C, h, w)
         with timing(seconds, "score"):  # the B x K children, cond + uncond (VFE), one LRM call
@@ -354,8 +367,6 @@ def sample_tuples(denoiser, lrm, cond, lrm_text, prompt_ids, schedule, cfg, gene
             scores.append(lrm_scores.float().view(batch, children))  # (B, K)
             reward = -scores[-1] if cfg.negate_reward else scores[-1]
             win, lose, ok = select_pairs(reward, threshold)  # (B,) each
-            # a deterministic step (SD3's last, to x_0) has K equal children: no pair there
-            ok &= std.flatten() > 0
         found = dict(x_t=x, x_w=kids[rows, win], x_l=kids[rows, lose],
                      t=torch.full((batch,), t, device=device),
                      t_prev=torch.full((batch,), t_prev, device=device),
@@ -535,8 +546,7 @@ def main(cfg):
     # setup: bad input first, one line each (nothing written yet, no weight read)
     cfg.resolution, latent_size = geometry(cfg.base, cfg.resolution)
     check_scheduler(cfg.base, cfg.num_inference_steps)
-    if not os.path.isdir(cfg.lrm):
-        fail(f"no LRM at {cfg.lrm}: train one ({lrm_hint(cfg)}) and pass its --out as --lrm")
+    lrm_path = lrm_folder(cfg.lrm, lrm_hint(cfg))  # a local folder, or a hub one's download
     checkpoint, changes, prompts = open_run(cfg, world, MAY_CHANGE, lambda: load_prompts(
         cfg.prompts, "train", cfg.num_prompts, cfg.unique_prompts, cfg.seed, strip=True),
         cfg.prompts)
@@ -554,9 +564,10 @@ def main(cfg):
                  f"rounds: running {available}")
     # the models, the LoRA and AdamW, restored where a --resume continues a checkpoint
     gpu = device.type == "cuda"
-    lrm = load_lrm(cfg.lrm, cfg.base, device, torch.float16 if gpu else torch.float32,
-                   lrm_hint(cfg))
     pipe = load_pipeline(cfg.base, device, torch.bfloat16 if gpu else torch.float32, vae=False)
+    # SD3: the LRM's frozen text encoders are the pipeline's (one T5-XXL)
+    lrm = load_lrm(lrm_path, cfg.base, device, torch.float16 if gpu else torch.float32,
+                   lrm_hint(cfg), pipe)
     denoiser = getattr(pipe, denoiser_name(pipe))  # U-Net, or SD3's transformer
     params, optimizer, schedule = add_policy(denoiser, pipe.scheduler.config, cfg, device,
                                              latent_size)
