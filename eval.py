@@ -357,7 +357,7 @@ def main(cfg):
         check_lrm(cfg)
     if cfg.base_dir:
         rows, settings = check_paired(cfg.base_dir, cfg.tuned_dir)
-        cfg.out = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.tuned_dir)), "eval")
+        cfg.out = cfg.out or os.path.abspath(os.path.join(cfg.tuned_dir, "..", "eval"))
     else:
         prompts = check_sampling_inputs(cfg)
     rank, world, device = setup_distributed(cfg.dist_timeout)

@@ -230,10 +230,11 @@ def read_metadata(folder):
 
 def read_json(path):
     """A JSON file's content ({} without one)."""
-    if not os.path.exists(path):
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except FileNotFoundError:
         return {}
-    with open(path) as file:
-        return json.load(file)
 
 
 def make_grid(folders, rows, count, cell=256, notes=None):
