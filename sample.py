@@ -135,8 +135,8 @@ def merged_location(path, base):
     except (OSError, ValueError):
         found = f"no {name} config.json"
     if found != DENOISERS[name].__name__:
-        fail(f"--unet {path} holds {found}, not a {DENOISERS[name].__name__} as the base's "
-             f"denoiser: pass lpo.py --save_merged's {name}/ folder")
+        fail(f"--unet {path} holds {found}, where the base's denoiser is a "
+             f"{DENOISERS[name].__name__}: pass lpo.py --save_merged's {name}/ folder")
     return folder, subfolder
 
 
