@@ -38,7 +38,7 @@ from tqdm import tqdm
 import sample
 from lpo import PRESETS as LPO_PRESETS
 from lrm import encode_images
-from models import family, load_lrm, resolve_model
+from models import family, load_lrm, lrm_folder, resolve_model
 from mpcf import clip_scorer, load_aesthetic_head
 from data import error_line
 from distributed import close_distributed, gather_objects, setup_distributed
@@ -233,13 +233,12 @@ def load_scorers(cfg, device, dtype, rank):
 
 # ----------------------------------------------------------------------------- input checks
 def check_lrm(cfg):
-    """--lrm must be a folder, of --base's model family (models.family, from the configs alone:
-    SD1.5, SDXL or SD3; the official layout, without lrm_config.json, is its base's); its latent
-    space is lrm_model's to refuse as it loads, before sampling."""
-    if not os.path.isdir(cfg.lrm):
-        fail(f"--lrm {cfg.lrm}: no such folder: train one with lrm.py, or leave lrm out of "
-             "--scorers")
-    trained_on = read_json(os.path.join(cfg.lrm, "lrm_config.json")).get("base")
+    """--lrm must be a folder (or hub owner/repo/sub/folder: models.lrm_folder), of --base's model
+    family (models.family, from the configs alone: SD1.5, SDXL or SD3; the official layout,
+    without lrm_config.json, is its base's); its latent space is lrm_model's to refuse as it
+    loads, before sampling."""
+    folder = lrm_folder(cfg.lrm, f"python lrm.py --model {cfg.model}")
+    trained_on = read_json(os.path.join(folder, "lrm_config.json")).get("base")
     if trained_on and family(trained_on) != family(cfg.base):
         fail(f"--lrm {cfg.lrm} belongs to {trained_on}, of another model family than --base "
              f"{cfg.base}: an LRM scores its own family's images only")
