@@ -38,10 +38,11 @@ from tqdm import tqdm
 import sample
 from lpo import PRESETS as LPO_PRESETS
 from lrm import encode_images
-from models import family, load_lrm, resolve_model
+from models import family, load_lrm, lrm_folder, resolve_model
 from mpcf import clip_scorer, load_aesthetic_head
+from data import error_line
 from distributed import close_distributed, gather_objects, setup_distributed
-from runs import fail, first_line, inform, log_jsonl, prepare_run_folder, write_text
+from runs import fail, inform, log_jsonl, prepare_run_folder, write_text
 from sample import (check_sampling_inputs, make_grid, parse_stage, read_json, read_metadata,
                     sample_models, sampler_line, sampler_of, save_png, torch_dtype)
 
@@ -98,18 +99,17 @@ def win_rate(scores_tuned, scores_base, n_boot=10_000, seed=0, groups=None):
     (one group only: the pairs themselves). (N,), (N,) -> (rate, low, high)"""
     tuned = np.asarray(scores_tuned, np.float64)
     base = np.asarray(scores_base, np.float64)
-    same_shape = tuned.shape == base.shape and tuned.ndim == 1 and len(tuned) > 0
+    same_shape = tuned.shape == base.shape and tuned.ndim == 1 and tuned.size
     if not same_shape or not np.isfinite(tuned + base).all():
         raise ValueError(f"win_rate: need two equal-length non-empty 1-D finite arrays, got "
                          f"{tuned.shape} and {base.shape}")
     wins = (tuned > base) + 0.5 * (tuned == base)  # (N,) in {0, 0.5, 1}
     if groups is None or len(set(groups)) < 2:
         groups = np.arange(len(wins))
-    group_of = np.unique(np.asarray(groups), return_inverse=True)[1]  # (N,) in 0..G-1
+    group_of = np.unique(groups, return_inverse=True)[1]  # (N,) in 0..G-1
     sums = np.bincount(group_of, weights=wins)  # (G,) per-group totals
     counts = np.bincount(group_of)  # (G,)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(len(sums), size=(n_boot, len(sums)))  # (n_boot, G)
+    picks = np.random.default_rng(seed).integers(len(sums), size=(n_boot, len(sums)))  # (n_boot, G)
     rates = sums[picks].sum(1) / counts[picks].sum(1)  # (n_boot,) resampled win-rates
     low, high = np.percentile(rates, [2.5, 97.5])
     return float(wins.mean()), float(low), float(high)
@@ -121,8 +121,7 @@ def load_or_fail(name, path, load, **kwargs):
     try:
         return load(path, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as error:
-        fail(f"scorer {name}: cannot load weights from {path!r} ({type(error).__name__}: "
-             f"{first_line(error)[:200]})")
+        fail(f"scorer {name}: cannot load weights from {path!r} ({error_line(error)})")
 
 
 def load_clip_scorer(name, cfg, device, dtype):
@@ -227,20 +226,19 @@ def load_scorers(cfg, device, dtype, rank):
             scorers[name] = load_scorer(name, cfg, device, dtype)
         except Exception as error:  # optional: a missing package or download only costs its row
             if rank == 0:
-                inform(f"skipping {name}: {type(error).__name__}: {first_line(error)[:150]}")
+                inform(f"skipping {name}: {error_line(error)}")
     common = set.intersection(*map(set, gather_objects(sorted(scorers))))
     return {name: scorer for name, scorer in scorers.items() if name in common}
 
 
 # ----------------------------------------------------------------------------- input checks
 def check_lrm(cfg):
-    """--lrm must be a folder, of --base's model family (models.family, from the configs alone:
-    SD1.5, SDXL or SD3; the official layout, without lrm_config.json, is its base's); its latent
-    space is lrm_model's to refuse as it loads, before sampling."""
-    if not os.path.isdir(cfg.lrm):
-        fail(f"--lrm {cfg.lrm}: no such folder: train one with lrm.py, or leave lrm out of "
-             "--scorers")
-    trained_on = read_json(os.path.join(cfg.lrm, "lrm_config.json")).get("base")
+    """--lrm must be a folder (or hub owner/repo/sub/folder: models.lrm_folder), of --base's model
+    family (models.family, from the configs alone: SD1.5, SDXL or SD3; the official layout,
+    without lrm_config.json, is its base's); its latent space is lrm_model's to refuse as it
+    loads, before sampling."""
+    folder = lrm_folder(cfg.lrm, f"python lrm.py --model {cfg.model}")
+    trained_on = read_json(os.path.join(folder, "lrm_config.json")).get("base")
     if trained_on and family(trained_on) != family(cfg.base):
         fail(f"--lrm {cfg.lrm} belongs to {trained_on}, of another model family than --base "
              f"{cfg.base}: an LRM scores its own family's images only")
@@ -253,15 +251,11 @@ def check_paired(base_dir, tuned_dir):
     """The two folders' (index, prompt, seed) lists and sampler settings must agree: refuse,
     never truncate. -> (rows, the tuned folder's settings)"""
     rows = read_metadata(base_dir)
-    rows_tuned = read_metadata(tuned_dir)
-    if len(rows) != len(rows_tuned):
-        fail(f"mismatched image sets: {base_dir} has {len(rows)} images, {tuned_dir} has "
-             f"{len(rows_tuned)}")
     key = itemgetter("index", "prompt", "seed")
-    for row, row_tuned in zip(rows, rows_tuned):
-        if key(row) != key(row_tuned):
-            fail(f"mismatched image sets: {base_dir} has {key(row)} where {tuned_dir} has "
-                 f"{key(row_tuned)}")
+    keys_tuned = list(map(key, read_metadata(tuned_dir)))
+    if list(map(key, rows)) != keys_tuned:
+        fail(f"mismatched image sets: {base_dir} ({len(rows)} images) and {tuned_dir} "
+             f"({len(keys_tuned)}) list other (index, prompt, seed) rows")
     settings_base = read_json(os.path.join(base_dir, "sampling.json"))
     settings = read_json(os.path.join(tuned_dir, "sampling.json"))
     for key in PAIRED_SETTINGS:
@@ -362,7 +356,7 @@ def main(cfg):
         check_lrm(cfg)
     if cfg.base_dir:
         rows, settings = check_paired(cfg.base_dir, cfg.tuned_dir)
-        cfg.out = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.tuned_dir)), "eval")
+        cfg.out = cfg.out or os.path.abspath(os.path.join(cfg.tuned_dir, "..", "eval"))
     else:
         prompts = check_sampling_inputs(cfg)
     rank, world, device = setup_distributed(cfg.dist_timeout)

@@ -24,6 +24,7 @@ import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from functools import partial
 from operator import itemgetter
 
 import huggingface_hub
@@ -119,27 +120,24 @@ def findable(path):
     return False
 
 
-def denoiser_location(path, name):
-    """(folder or repo, subfolder) of a merged denoiser: its own folder, a folder holding
-    {name}/ (a pipeline, or lpo.py's run folder), or hub "owner/repo[/sub/folder]"."""
-    if os.path.isdir(path):
-        return path, name if os.path.exists(os.path.join(path, name, "config.json")) else None
-    return "/".join(path.split("/")[:2]), "/".join(path.split("/")[2:]) or name
-
-
-def check_merged(path, base):
-    """--unet must hold a denoiser of the base's kind, read from its config."""
+def merged_location(path, base):
+    """(folder or repo, subfolder) of --unet's merged denoiser: its own folder, a folder holding
+    {name}/ (a pipeline, or lpo.py's run folder), or hub "owner/repo[/sub/folder]"; refused
+    unless its config names a denoiser of the base's kind."""
     name = denoiser_subfolder(base)
-    wanted = DENOISERS[name].__name__
-    folder, subfolder = denoiser_location(path, name)
+    if os.path.isdir(path):
+        has_name = os.path.exists(os.path.join(path, name, "config.json"))
+        folder, subfolder = path, name if has_name else None
+    else:
+        folder, subfolder = "/".join(path.split("/")[:2]), "/".join(path.split("/")[2:]) or name
     try:
         found = DENOISERS[name].load_config(folder, subfolder=subfolder).get("_class_name")
-    except (OSError, ValueError) as error:
-        fail(f"--unet {path}: no {name} config.json there ({type(error).__name__}); the base's "
-             f"denoiser is a {wanted}")
-    if found != wanted:
-        fail(f"--unet {path} holds a {found}, but the base's denoiser is a {wanted}: pass lpo.py "
-             f"--save_merged's {name}/ folder")
+    except (OSError, ValueError):
+        found = f"no {name} config.json"
+    if found != DENOISERS[name].__name__:
+        fail(f"--unet {path} holds {found}, where the base's denoiser is a "
+             f"{DENOISERS[name].__name__}: pass lpo.py --save_merged's {name}/ folder")
+    return folder, subfolder
 
 
 def sampler_of(base):
@@ -158,19 +156,19 @@ def check_sampling_inputs(cfg):
     denoiser's repo or folder name, or base), and returns the prompts."""
     if not (cfg.prompt or cfg.prompts):
         fail("no prompts: give --prompts (a dataset or a file) or --prompt")
-    for name in ["base", "lora", "unet", "vae"] + ([] if cfg.prompt else ["prompts"]):
+    for name in ("lora", "unet", "vae"):  # --base: geometry reads it; --prompts: load_prompts
         path = getattr(cfg, name)
         if path and not findable(path):
             fail(f"--{name} {path}: no such local file or folder, and no hub repo of that name "
                  "could be reached")
+    cfg.resolution = geometry(cfg.base, cfg.resolution, cfg.vae)[0]
     if os.path.exists(cfg.lora):  # a hub id: checked as it loads, below
         check_lora(cfg.lora, cfg.base)
-    cfg.resolution = geometry(cfg.base, cfg.resolution, cfg.vae)[0]
     if cfg.eta and sampler_of(cfg.base) is not DDIMScheduler:
         fail(f"--eta {cfg.eta}: {cfg.base} samples with its FlowMatchEulerDiscreteScheduler, the "
              "deterministic Euler ODE of its flow, which has no eta: pass --eta 0")
     if cfg.unet:
-        check_merged(cfg.unet, cfg.base)
+        merged_location(cfg.unet, cfg.base)
     parts = (cfg.lora or cfg.unet or "base").rstrip("/").split("/")
     names = [part for part in parts if part not in ("unet", "transformer", ".")] or ["base"]
     cfg.out = cfg.out or os.path.join("runs", "samples", names[-1])
@@ -179,10 +177,10 @@ def check_sampling_inputs(cfg):
     return [cfg.prompt] if cfg.prompt else load_prompts(cfg.prompts, cfg.split, cfg.num_prompts)
 
 
-def sampling_settings(cfg):
+def sampling_settings(cfg, tuned=None):
     """sampling.json: what makes two folders comparable (eval.py refuses pairs sampled otherwise)
-    and what --resume must find unchanged."""
-    return dict(base=cfg.base, tuned=None, vae=cfg.vae or None,
+    and what --resume must find unchanged; tuned: the LoRA or merged denoiser (None: the base)."""
+    return dict(base=cfg.base, tuned=tuned, vae=cfg.vae or None,
                 scheduler=sampler_of(cfg.base).__name__,
                 num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                 eta=cfg.eta, resolution=cfg.resolution, dtype=cfg.dtype,
@@ -201,7 +199,7 @@ def check_resumable(cfg):
     for side, tuned in (("base", None), ("tuned", cfg.lora or cfg.unet)):
         path = os.path.join(cfg.out, side, "sampling.json")
         saved = read_json(path)
-        changed, _ = settings_changes(saved, dict(sampling_settings(cfg), tuned=tuned), ())
+        changed, _ = settings_changes(saved, sampling_settings(cfg, tuned), ())
         if saved and changed:
             fail(f"--resume: {path} holds other settings ({', '.join(changed)}): pass the same "
                  "ones, or another --out")
@@ -223,19 +221,20 @@ def save_png(image, path):
 
 def read_metadata(folder):
     """metadata.jsonl rows of a sample folder, or one line."""
-    path = os.path.join(folder, "metadata.jsonl")
-    if not os.path.exists(path):
+    try:
+        with open(os.path.join(folder, "metadata.jsonl")) as file:
+            return [json.loads(line) for line in file if line.strip()]
+    except FileNotFoundError:
         fail(f"{folder}: no metadata.jsonl (expected a sample.py folder)")
-    with open(path) as file:
-        return [json.loads(line) for line in file if line.strip()]
 
 
 def read_json(path):
     """A JSON file's content ({} without one)."""
-    if not os.path.exists(path):
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except FileNotFoundError:
         return {}
-    with open(path) as file:
-        return json.load(file)
 
 
 def make_grid(folders, rows, count, cell=256, notes=None):
@@ -247,7 +246,6 @@ def make_grid(folders, rows, count, cell=256, notes=None):
     for row in sorted(rows, key=itemgetter("index")):
         first.setdefault(row["prompt"], row)
     rows = list(first.values())[:count]
-    font = ImageFont.load_default(size=max(10, cell // 16))
     head = cell // 8
     foot = cell // 6
     gap = max(2, cell // 32)
@@ -256,23 +254,24 @@ def make_grid(folders, rows, count, cell=256, notes=None):
     height = head + -(-len(rows) // per_row) * (cell + foot)
     grid = Image.new("RGB", (per_row * block - 5 * gap, height), "white")
     draw = ImageDraw.Draw(grid)
+    draw.font = ImageFont.load_default(size=max(10, cell // 16))  # what each text is drawn in
     for r, row in enumerate(rows):
         left = (r % per_row) * block
         top = head + (r // per_row) * (cell + foot)
         for c, (name, folder) in enumerate(folders.items()):
             x = left + c * (cell + gap)
             if r < per_row:
-                draw.text((x + cell // 2, head // 2), name, fill="black", font=font, anchor="mm")
+                draw.text((x + cell // 2, head // 2), name, fill="black", anchor="mm")
             image = Image.open(os.path.join(folder, row["file_name"])).convert("RGB")
             method = Image.NEAREST if image.width < cell else Image.LANCZOS
             grid.paste(image.resize((cell, cell), method), (x, top))
             if notes:
-                draw.text((x + 3, top + 2), notes[name][row["index"]], fill="black", font=font,
-                          stroke_width=1, stroke_fill="white")
+                draw.text((x + 3, top + 2), notes[name][row["index"]], fill="black", stroke_width=1,
+                          stroke_fill="white")
         caption = row["prompt"]
-        while len(caption) > 8 and draw.textlength(caption, font=font) > block - 8 * gap:
+        while len(caption) > 8 and draw.textlength(caption) > block - 8 * gap:
             caption = caption[:-4] + "..."
-        draw.text((left + 4, top + cell + 2), caption, fill="black", font=font)
+        draw.text((left + 4, top + cell + 2), caption, fill="black")
     return grid
 
 
@@ -281,18 +280,11 @@ def torch_dtype(name, device):
     return DTYPES[name] or (torch.float16 if device.type == "cuda" else torch.float32)
 
 
-def sampler_options(pipe, cfg):
-    """The pipeline-call options of each family: DDIM's eta; SD3's T5 length (no T5: none)."""
-    if isinstance(pipe.scheduler, DDIMScheduler):
-        return dict(eta=cfg.eta)
-    tokenizer = getattr(pipe, "tokenizer_3", None)
-    return dict(max_sequence_length=t5_length(tokenizer)) if tokenizer else {}
-
-
 @torch.no_grad()
-def sample_folder(pipe, jobs, side, settings, cfg, rank, world):
-    """Generate jobs (metadata.jsonl's rows) into OUT/side, sharded over ranks: each index once,
-    with its own noise stream, so its pixels do not depend on the batch or the rank. -> folder"""
+def sample_folder(generate, jobs, side, settings, cfg, rank, world):
+    """Generate jobs (metadata.jsonl's rows) into OUT/side with generate(prompts, generator=...),
+    sharded over ranks: each index once, with its own noise stream, so its pixels do not depend on
+    the batch or the rank. -> folder"""
     folder = os.path.join(cfg.out, side)
     prepare_run_folder(folder, resume=True)  # made, without the *.tmp a killed write leaves
     if rank == 0:
@@ -306,19 +298,16 @@ def sample_folder(pipe, jobs, side, settings, cfg, rank, world):
     for first in tqdm(range(0, len(mine), cfg.batch_size), disable=rank != 0, desc=side):
         batch = mine[first:first + cfg.batch_size]
         generators = [torch.Generator().manual_seed(job["seed"]) for job in batch]
-        images = pipe([job["prompt"] for job in batch], generator=generators,
-                      num_inference_steps=cfg.num_inference_steps,
-                      guidance_scale=cfg.guidance_scale, height=cfg.resolution,
-                      width=cfg.resolution, **sampler_options(pipe, cfg)).images
+        images = generate([job["prompt"] for job in batch], generator=generators).images
         for job, image in zip(batch, images):
             save_png(image, os.path.join(folder, job["file_name"]))
     per_rank = gather_objects(len(mine))
     if rank == 0:
         write_text(os.path.join(folder, "metadata.jsonl"),
                    "".join(json.dumps(job) + "\n" for job in jobs))
-        row = dict(folder=side, images=len(jobs), generated=sum(per_rank), per_rank=per_rank,
-                   seconds=round(time.time() - start, 2))
-        log_jsonl(os.path.join(cfg.out, "log.jsonl"), row)
+        log_jsonl(os.path.join(cfg.out, "log.jsonl"), dict(
+            folder=side, images=len(jobs), generated=sum(per_rank), per_rank=per_rank,
+            seconds=round(time.time() - start, 2)))
     barrier()
     return folder
 
@@ -336,29 +325,35 @@ def sample_models(cfg, prompts, rank, world, device):
     pipe = load_pipeline(cfg.base, device, dtype)
     if cfg.vae:
         pipe.vae = AutoencoderKL.from_pretrained(cfg.vae, dtype=dtype).to(device)
+    options = dict(num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                   height=cfg.resolution, width=cfg.resolution)
     if not is_flow_matching(pipe.scheduler.config):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+        options["eta"] = cfg.eta
+    elif getattr(pipe, "tokenizer_3", None):  # SD3's T5: as long as every SD3 encoding here
+        options["max_sequence_length"] = t5_length(pipe.tokenizer_3)
+    generate = partial(pipe, **options)
     pipe.set_progress_bar_config(disable=True)
     pipe.vae.enable_slicing()  # the VAE decodes one image at a time: its memory does not grow
     settings = sampling_settings(cfg)
     if rank == 0:
         print(f"{len(prompts)} prompts x {per_prompt} seeds = {len(jobs)} images per model on "
               f"{world} rank(s): {sampler_line(settings)}", flush=True)
-    folders = {"base": sample_folder(pipe, jobs, "base", settings, cfg, rank, world)}
+    folders = {"base": sample_folder(generate, jobs, "base", settings, cfg, rank, world)}
+    name = denoiser_name(pipe)
     if cfg.lora:
         pipe.load_lora_weights(cfg.lora)
-        if not getattr(getattr(pipe, denoiser_name(pipe)), "peft_config", None):
+        if not getattr(getattr(pipe, name), "peft_config", None):
             fail(f"--lora {cfg.lora}: none of its weights went to {cfg.base}'s denoiser (a LoRA "
                  "of another model family?): the tuned images would be the base's")
     elif cfg.unet:
-        name = denoiser_name(pipe)
-        folder, subfolder = denoiser_location(cfg.unet, name)
+        folder, subfolder = merged_location(cfg.unet, cfg.base)
         denoiser = DENOISERS[name].from_pretrained(folder, subfolder=subfolder, dtype=dtype)
         setattr(pipe, name, denoiser.to(device))
     else:
         return folders
-    settings["tuned"] = cfg.lora or cfg.unet
-    folders["tuned"] = sample_folder(pipe, jobs, "tuned", settings, cfg, rank, world)
+    settings = sampling_settings(cfg, cfg.lora or cfg.unet)
+    folders["tuned"] = sample_folder(generate, jobs, "tuned", settings, cfg, rank, world)
     return folders
 
 
