@@ -2,32 +2,23 @@
 encoder(s) scoring *noisy latents* against a prompt (arXiv 2502.01051v3, Sec. "Latent Reward
 Model"). Training: lrm.py.
     lrm = LatentRewardModel.from_pretrained("runs/lrm-sd15", base="sd15")  # refuses another VAE
-    # (also reads the official release's folders, casiatao/LRM, given base=)
     s = lrm.score(latents, t, text=lrm.encode_text(prompts))  # latents as the pipeline's -> (B,)
-The score S(prompt, x_t, t) = exp(logit_scale) * cos(V, T): V projects the pooled outputs of the
-down stages and the mid block of the U-Net at x_t, t (the mid one enhanced by VFE: CFG on the
-feature, scale g = 7.5), T the prompt's pooled text feature (SD1.5: CLIP-L's EOS state through a
-768 x 768 projection; SDXL: text_encoder_2's projected text_embeds). Widths: SD1.5 320 + 640 +
-1280 + 1280 + mid 1280 = 4800 -> 768; SDXL 320 + 640 + 1280 + mid 1280 = 3520 -> 1280.
-SD3 (the paper's MMDiT version, on SD3-Medium): V projects the mean image token after joint block
-N of the MMDiT (lrm_config.json's lrm_blocks; paper: 18 of 24; default round(0.75 x blocks)),
-enhanced by VFE, 1536 -> 2048; T = the pipeline's pooled projections (CLIP-L's and bigG's
-projected pooled outputs, 768 + 1280), no text projection (as SDXL).
+S(prompt, x_t, t) = exp(logit_scale) cos(V, T): V projects the pooled outputs of the U-Net's down
+stages and mid block at x_t, t (the mid one enhanced by VFE: CFG on the feature, g = 7.5); T is
+the prompt's pooled text feature (SD1.5: CLIP-L's EOS state through a 768 x 768 projection; SDXL:
+text_encoder_2's text_embeds). Widths: SD1.5 4800 -> 768, SDXL 3520 -> 1280. SD3 (the paper's
+MMDiT version): V projects the mean image token after the first N joint blocks (the paper's
+"layer 18" of SD3-Medium's 24, read as its first 18 blocks; default round(0.75 x blocks)), with
+VFE, 1536 -> 2048; T = the pipeline's pooled projections (768 + 1280), no text projection.
 Units: latents as the pipeline's (z x scaling_factor; SD3 (z - shift_factor) x scaling_factor);
-t the denoiser's own (U-Net: the DDPM t, an integer in 0..999; SD3: sigma x 1000, a float, for
-x_sigma = (1 - sigma) x_0 + sigma e).
+t the denoiser's own (U-Net: DDPM's integer t; SD3: sigma x 1000, a float).
 Choices:
-- The U-Net keeps its (frozen) up blocks so unet/ stays a stock diffusers folder; they never run.
-  for_scoring() drops them from a frozen LRM (half of SDXL's U-Net: 1.32B parameters, 2.6 GB fp16).
-  The same for the MMDiT's blocks N.., norm_out and proj_out.
-- VFE's unconditional pass encodes "" on SDXL too (as the official LRM-XL), though SDXL's own CFG
-  uses zeros. SD3's own CFG uses "" too.
-- SD3's text encoders are frozen (paper) and not saved: an SD3 LRM folder is transformer/,
-  state_dict.pt and lrm_config.json; the text encoders and tokenizers come from its base, as the
-  official release leaves out its frozen encoders (T5-XXL alone is 9.5 GB in fp16). SD1.5's and
-  SDXL's text encoders train, and are saved.
-- SD3 prompts: T5's sequence length is min(256, tokenizer_3.model_max_length), 256 being the SD3
-  pipeline's default max_sequence_length (pipelines called with it give the same embeddings).
+- The U-Net keeps its frozen up blocks (never run) so unet/ stays a stock diffusers folder;
+  for_scoring() drops them (SDXL: 1.32B parameters), as the MMDiT's blocks N.., norm_out, proj_out.
+- VFE's unconditional pass encodes "" on SDXL too (as the official LRM-XL; SDXL's CFG uses zeros).
+- SD3's text encoders are frozen (paper) and not saved (T5-XXL is 9.5 GB in fp16): they and the
+  tokenizers come from the base, as in the official release; SD1.5's and SDXL's train and are
+  saved. T5 reads min(256, tokenizer_3.model_max_length) tokens, as the SD3 pipeline's default.
 """
 import json
 import os
@@ -67,9 +58,8 @@ def feature_widths(unet_config):
 
 
 def head_sizes(denoiser, text_encoders):
-    """(width of the pooled visual feature, width of the text feature T): SD1.5 4800, 768 (CLIP-L's
-    pooled EOS state); SDXL 3520, 1280 (text_embeds); SD3-Medium 1536 (the MMDiT's inner width),
-    2048 (the pooled projections)."""
+    """(width of the pooled visual feature, of the text feature T): SD1.5 4800, 768; SDXL 3520,
+    1280; SD3-Medium 1536 (the MMDiT's inner width), 2048 (the pooled projections)."""
     if isinstance(denoiser, SD3Transformer2DModel):
         config = denoiser.config
         return config.num_attention_heads * config.attention_head_dim, config.pooled_projection_dim
@@ -147,9 +137,8 @@ def cross_attention_kwargs(block, context):
 
 
 def down_mid_features(unet, x, t, context, added_cond_kwargs):
-    """Pooled features of a stock UNet2DConditionModel in its forward() order, stopping at the mid
-    block: time (+ SDXL text_time) embedding, conv_in, down blocks, mid block. Up blocks never
-    run. x (B, C, h, w) latents, t (B,) timesteps, context (B, L, D) the text states."""
+    """Pooled features of a stock UNet2DConditionModel in its forward() order up to the mid block
+    (time (+ SDXL's text_time) embedding, conv_in, down blocks, mid). x (B, C, h, w), t (B,)"""
     time_embedding = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t))  # (B, 4C)
     # SDXL: + the pooled text and time_ids ("text_time"); SD1.5: nothing
     added_embedding = unet.get_aug_embed(emb=time_embedding, encoder_hidden_states=context,
@@ -174,10 +163,8 @@ def down_mid_features(unet, x, t, context, added_cond_kwargs):
 
 def mmdit_features(transformer, x, timestep, context, pooled, blocks):
     """Mean image token after the first `blocks` joint blocks of a stock SD3Transformer2DModel, in
-    its forward() order: patch embedding with positions, time + pooled text embedding, context
-    embedder, joint blocks. The later blocks, norm_out and proj_out never run. x (B, C, h, w)
-    latents, timestep (B,) sigma x 1000, context (B, L, D_joint), pooled (B, D_pooled)
-    -> (B, inner)."""
+    its forward() order (patch and position, time + pooled text and context embeddings, blocks).
+    x (B, C, h, w), timestep (B,) sigma x 1000, context (B, L, D), pooled (B, P) -> (B, inner)"""
     hidden = transformer.pos_embed(x).contiguous()  # (B, h w / p^2, inner)
     time_text = transformer.time_text_embed(timestep, pooled)  # (B, inner)
     context = transformer.context_embedder(context)  # (B, L, inner)
@@ -193,8 +180,7 @@ def mmdit_features(transformer, x, timestep, context, pooled, blocks):
 
 def mmdit_blocks(subfolder, denoiser_config, lrm_blocks):
     """The MMDiT blocks an LRM runs: lrm_blocks, or for 0 round(0.75 x its blocks) (paper: 18 of
-    SD3-Medium's 24); 0 for a U-Net LRM (it reads its down and mid blocks). subfolder: "unet" or
-    "transformer"."""
+    SD3-Medium's 24); 0 for a U-Net LRM (subfolder "unet": it reads its down and mid blocks)."""
     if subfolder == "unet" and lrm_blocks:
         raise ValueError(f"lrm_blocks {lrm_blocks}: only an MMDiT (SD3) LRM has blocks to choose; "
                          "a U-Net LRM reads its down and mid blocks")
@@ -249,8 +235,8 @@ class LatentRewardModel(torch.nn.Module):
         return getattr(self, self.denoiser_name)
 
     def unused_parts(self):
-        """The denoiser's modules that score() never runs: the U-Net's up blocks and output convs,
-        the MMDiT's blocks N.., norm_out and proj_out."""
+        """The denoiser's modules that score() never runs (U-Net: up blocks, output convs; MMDiT:
+        blocks N.., norm_out, proj_out)."""
         if self.transformer is not None:
             model = self.transformer
             return [model.transformer_blocks[self.blocks:], model.norm_out, model.proj_out]
@@ -266,13 +252,12 @@ class LatentRewardModel(torch.nn.Module):
         return self
 
     def heads(self):
-        """{name: Linear} of the projection heads this LRM has (SDXL has no text projection)."""
+        """{name: Linear} of the projection heads (SDXL has no text projection)."""
         return {name: getattr(self, name) for name in HEADS if getattr(self, name) is not None}
 
     def for_scoring(self):
-        """Frozen and in eval mode, without the denoiser parts score() never runs (U-Net: up
-        blocks, output convs; MMDiT: blocks N.., norm_out, proj_out): the same scores in about
-        half the memory, but no longer savable or trainable."""
+        """Frozen, in eval mode, without unused_parts(): the same scores in about half the memory,
+        but no longer savable or trainable."""
         self.scoring_only = True
         if self.transformer is not None:
             model = self.transformer
@@ -286,8 +271,8 @@ class LatentRewardModel(torch.nn.Module):
     @classmethod
     def from_base(cls, model_id_or_path, g=7.5, resolution=None, text_projection_init=None,
                   lrm_blocks=0):
-        """A fresh LRM (random heads) over a pipeline's denoiser and text encoders; lrm_blocks:
-        the MMDiT blocks an SD3 LRM runs (0: round(0.75 x blocks))."""
+        """A fresh LRM (random heads) over a pipeline's denoiser and text encoders; lrm_blocks: an
+        SD3 LRM's N (0: round(0.75 x blocks))."""
         path = resolve_model(model_id_or_path)
         denoiser = load_denoiser(path)
         config = base_config(model_id_or_path, denoiser.config, g, resolution)
@@ -299,10 +284,9 @@ class LatentRewardModel(torch.nn.Module):
         return lrm
 
     def save_pretrained(self, out_dir, state=None):
-        """The official LRM layout (unet/, text_encoder*/, state_dict.pt), the tokenizers, and
-        lrm_config.json written last: a folder with lrm_config.json is complete. SD3: transformer/,
-        state_dict.pt, lrm_config.json (its frozen text encoders and tokenizers are the base's).
-        state: the full state dict to write (lrm.py's, gathered from the ranks that shard it)."""
+        """The official LRM layout (unet/ or SD3's transformer/, trained text_encoder*/ and their
+        tokenizers, state_dict.pt), lrm_config.json last: a folder with it is complete. state: the
+        full state dict to write (lrm.py's, gathered from the ranks that shard it)."""
         if self.scoring_only:
             raise ValueError("this LRM went through for_scoring() (no up blocks): save the full "
                              "model instead")
@@ -359,11 +343,9 @@ class LatentRewardModel(torch.nn.Module):
         return lrm
 
     def shard_units(self):
-        """What lrm.py shards across ranks (FSDP2), inner modules first: each is called as a
-        module, so each gathers its weights as it runs. U-Net: the down and mid blocks' resnets
-        and attentions, the blocks, the time, added and input embeddings; MMDiT: the first N joint
-        blocks and the embedders; trained text encoders: their layers, then each; the heads.
-        logit_scale, one number, stays whole on every rank."""
+        """The trained modules lrm.py shards (FSDP2), inner ones first, each called as a module:
+        the U-Net's down / mid resnets, attentions, blocks and embeddings (MMDiT: the first N
+        blocks, the embedders), trained text encoders' layers, then each; the heads."""
         if self.transformer is not None:
             model = self.transformer
             units = [*model.transformer_blocks[:self.blocks], model.pos_embed,
@@ -396,8 +378,7 @@ class LatentRewardModel(torch.nn.Module):
         return {"cond": take_rows(distinct, rows), "uncond": uncond}
 
     def features(self, x, t, cond):
-        """The denoiser's pooled features [(B, C_i)] at x, t, the last one VFE's: the U-Net's down
-        stages and mid block, or the MMDiT's image tokens after block N."""
+        """The denoiser's pooled features [(B, C_i)] at x, t, the last one VFE's."""
         context = cond["encoder_hidden_states"]  # (B, L, D)
         if self.transformer is None:
             return down_mid_features(self.unet, x, t.long(), context, cond["added_cond_kwargs"])
@@ -431,17 +412,16 @@ class LatentRewardModel(torch.nn.Module):
 
 
 def save_model(model, state, prefix, out_dir, subfolder=None):
-    """A diffusers or transformers model folder from `model`'s config and the weights under
-    `prefix.` in a state dict: what save_pretrained writes, from weights that may be gathered."""
+    """What save_pretrained writes (diffusers or transformers), from `model`'s config and the
+    weights under `prefix.` in a state dict."""
     folder = os.path.join(out_dir, subfolder or prefix)
     os.makedirs(folder, exist_ok=True)
     weights = {key[len(prefix) + 1:]: value.detach().cpu().contiguous()
                for key, value in state.items() if key.startswith(prefix + ".")}
-    if hasattr(model, "save_config"):  # diffusers
-        model.save_config(folder)
-        return write_safetensors(weights, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
-    model.config.save_pretrained(folder)
-    write_safetensors(weights, os.path.join(folder, "model.safetensors"))
+    diffusers = hasattr(model, "save_config")
+    (model.save_config if diffusers else model.config.save_pretrained)(folder)
+    name = "diffusion_pytorch_model" if diffusers else "model"
+    write_safetensors(weights, os.path.join(folder, f"{name}.safetensors"))
 
 
 def official_config(lrm_dir, base):
