@@ -229,56 +229,36 @@ def t5_length(tokenizer):
 
 #------------------------------------------------------------------------ prompt encoding, guidance
 def encode_prompt(encoders, tokenizers, prompts, resolution):
-    """SD1.5: last hidden state, pooled EOS state. SDXL: concat of both penultimate states, pooled =
-    text_encoder_2's projected text_embeds, added conditions with time_ids = (H, W, 0, 0, H, W).
-    SD3 (three encoders): encode_sd3_prompt."""
-    if len(encoders) == 3:
-        return encode_sd3_prompt(encoders, tokenizers, prompts)
+    """The denoiser's text inputs, as each family's pipeline encodes them. SD1.5: CLIP-L's last
+    hidden state, pooled = its EOS state. SDXL: both CLIPs' penultimate states concatenated,
+    pooled = bigG's projected text_embeds, added conditions with time_ids = (H, W, 0, 0, H, W).
+    SD3: both CLIPs' penultimate states (768 + 1280) zero-padded to T5's width and followed by
+    T5's states along the sequence (77 + 256 tokens), pooled = both projected text_embeds
+    (768 + 1280). The CLIPs tokenize to the first tokenizer's length, as the pipelines."""
     xl = len(encoders) > 1
     states = []
-    for encoder, tokenizer in zip(encoders, tokenizers):
-        tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+    pooled = []
+    for encoder, tokenizer in zip(encoders[:2], tokenizers[:2]):
+        tokens = tokenizer(prompts, padding="max_length", max_length=tokenizers[0].model_max_length,
                            truncation=True, return_tensors="pt")
         output = encoder(tokens.input_ids.to(encoder.device), output_hidden_states=xl)
-        if xl:
-            states.append(output.hidden_states[-2])  # (B, L, D_i)
-            pooled = getattr(output, "text_embeds", None)  # (B, D_text), the last encoder's
-        else:
-            states.append(output.last_hidden_state)  # (B, L, D)
-            pooled = output.pooler_output  # (B, D)
+        states.append(output.hidden_states[-2] if xl else output.last_hidden_state)  # (B, L, D_i)
+        pooled.append(getattr(output, "text_embeds", None) if xl else output.pooler_output)
+    context = torch.cat(states, -1)  # (B, L, sum D_i)
+    if len(encoders) == 3:
+        tokens = tokenizers[2](prompts, padding="max_length", truncation=True, return_tensors="pt",
+                               max_length=t5_length(tokenizers[2]))
+        t5_states = encoders[2](tokens.input_ids.to(encoders[2].device)).last_hidden_state
+        context = F.pad(context, (0, t5_states.shape[-1] - context.shape[-1]))
+        context = torch.cat([context, t5_states], -2)  # (B, 77 + L_T5, D_T5)
+        pooled = torch.cat(pooled, -1)  # (B, P_1 + P_2)
+        return {"encoder_hidden_states": context, "pooled_projections": pooled, "pooled": pooled}
     added = None
     if xl:
         size = [resolution, resolution, 0, 0, resolution, resolution]
-        time_ids = torch.tensor([size], device=pooled.device).to(pooled.dtype)  # (1, 6)
-        added = dict(text_embeds=pooled, time_ids=time_ids.expand(len(prompts), 6))
-    context = torch.cat(states, -1)  # (B, L, sum D_i)
-    return {"encoder_hidden_states": context, "added_cond_kwargs": added, "pooled": pooled}
-
-
-def encode_sd3_prompt(encoders, tokenizers, prompts):
-    """StableDiffusion3Pipeline.encode_prompt's prompt_embeds and pooled_prompt_embeds: CLIP-L's
-    and bigG's penultimate hidden states concatenated (768 + 1280), zero-padded to T5's width
-    (4096) and followed by T5's states along the sequence (77 + 256 tokens); pooled = the two CLIP
-    projected pooled outputs concatenated (768 + 1280). Both CLIPs tokenize to the first
-    tokenizer's length, as the pipeline."""
-    clip_length = tokenizers[0].model_max_length
-    clip_states = []
-    pooled = []
-    for encoder, tokenizer in zip(encoders[:2], tokenizers[:2]):
-        tokens = tokenizer(prompts, padding="max_length", max_length=clip_length,
-                           truncation=True, return_tensors="pt")
-        output = encoder(tokens.input_ids.to(encoder.device), output_hidden_states=True)
-        clip_states.append(output.hidden_states[-2])  # (B, 77, D_i)
-        pooled.append(output.text_embeds)  # (B, P_i)
-    t5 = encoders[2]
-    tokens = tokenizers[2](prompts, padding="max_length", truncation=True, return_tensors="pt",
-                           max_length=t5_length(tokenizers[2]))
-    t5_states = t5(tokens.input_ids.to(t5.device)).last_hidden_state  # (B, L_T5, D_T5)
-    clip_states = torch.cat(clip_states, -1)  # (B, 77, D_1 + D_2)
-    clip_states = F.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
-    context = torch.cat([clip_states, t5_states], -2)  # (B, 77 + L_T5, D_T5)
-    pooled = torch.cat(pooled, -1)  # (B, P_1 + P_2)
-    return {"encoder_hidden_states": context, "pooled_projections": pooled, "pooled": pooled}
+        time_ids = torch.tensor([size], device=pooled[-1].device).to(pooled[-1].dtype)  # (1, 6)
+        added = dict(text_embeds=pooled[-1], time_ids=time_ids.expand(len(prompts), 6))
+    return {"encoder_hidden_states": context, "added_cond_kwargs": added, "pooled": pooled[-1]}
 
 
 def uncond_then_cond(uncond, cond):

@@ -4286,8 +4286,8 @@ def test_score_is_vfe_on_the_mmdit_feature_by_hand(sd3_lrm):
     x, t = _sd3_inputs()
     encoders = list(sd3_lrm.text_encoders)
     with torch.no_grad():
-        cond = models.encode_sd3_prompt(encoders, sd3_lrm.tokenizers, SD3_PROMPTS)
-        empty = models.encode_sd3_prompt(encoders, sd3_lrm.tokenizers, [""] * 3)
+        cond = models.encode_prompt(encoders, sd3_lrm.tokenizers, SD3_PROMPTS, 32)
+        empty = models.encode_prompt(encoders, sd3_lrm.tokenizers, [""] * 3, 32)
         features = [M.mmdit_features(sd3_lrm.transformer, x, t, text["encoder_hidden_states"],
                                      text["pooled_projections"], 3) for text in (cond, empty)]
         visual = sd3_lrm.visual_projection(features[1] + 7.5 * (features[0] - features[1]))
