@@ -13,7 +13,7 @@ validation accuracy is measured at --eval_timesteps (default: the grid's t neare
     python lrm.py --model tiny-sd3              # CPU: ~2.5 min of one core -> runs/lrm-tiny-sd3
     torchrun --nproc_per_node=8 lrm.py --model sd3 --keep runs/mpcf-sd15/keep.json  # SD3-Medium
     torchrun --nproc_per_node=8 lrm.py --model ./my-sd15 --data /data/pickapic_v1  # paper settings
---out gets the final LRM (LatentRewardModel.from_pretrained reads it), best/, train_state.pt and
+--out gets the final LRM (LatentRewardModel.from_pretrained reads it), best/, ckpt.pt and
 metrics.jsonl. docs/reference.md gives their contents, the --data layouts read and what
 --resume keeps or refuses. Reading order: Config, the math (pair_loss, learning_rate, add_noise),
 the data (Pairs), train_step and pair_accuracy, then main: setup, the numbered loop,
@@ -34,10 +34,9 @@ Choices and deviations:
 7. deviation (tiny world only): lr 1e-3, weight decay 0.01, 400 steps x 32 pairs of MPCF's kept
    rows (tiny/pickapic/mpcf_keep.json, made by `python mpcf.py --model tiny`), one CPU thread.
 8. SD3: the LRM reads the first --lrm_blocks MMDiT blocks (paper: 18 of SD3-Medium's 24) and its
-   text encoders stay frozen (paper), so train_state.pt leaves them out: they are the base's. The
+   text encoders stay frozen (paper), so ckpt.pt (the trained parameters) leaves them out. The
    paper gives no SD3 recipe: the sd3 / sd35 presets take SDXL's (the same 1024 px).
 """
-import gc
 import math
 import os
 import shutil
@@ -59,14 +58,14 @@ from lrm_model import LatentRewardModel, mmdit_blocks
 from models import BASES, geometry, is_flow_matching, load_denoiser_config, resolve_model
 from distributed import (NonFiniteUpdate, apply_update, barrier, close_distributed, gather_objects,
                          mixed_precision, setup_distributed, stop_non_finite)
-from runs import (atomic_torch_save, command_line, fail, first_line, kill_point, load_checkpoint,
-                  log_jsonl, parse_config, peek, prepare_run_folder, run_folder, settings_changes,
-                  truncate_log, warn, write_or_fail)
+from runs import (command_line, fail, first_line, kill_point, log_jsonl, open_run, parse_config,
+                  peek, restart_log, restore_training, run_folder, warn, write_checkpoint,
+                  write_or_fail)
 
 ACTIVATION_GB_PER_PAIR = 2.6  # see choose_micro_batch
-RESUMABLE = ("lr", "max_train_steps", "warmup", "eval_every", "save_every")  # change on resume
-MECHANICS = ("micro_batch_size", "vae_batch_size", "workers", "threads", "dist_timeout",
-             "grad_ckpt")  # how a run executes: free to change on resume too
+# what a resume may change: the schedule, and how the run executes
+MAY_CHANGE = ("lr", "max_train_steps", "warmup", "eval_every", "save_every", "micro_batch_size",
+              "vae_batch_size", "workers", "threads", "dist_timeout", "grad_ckpt")
 
 
 # ----------------------------------------------------------------------------- config
@@ -79,7 +78,7 @@ class Config:
     data: str = "yuvalkirstain/pickapic_v1"  # pairs: hub id or folder (docs/reference.md)
     keep: str = ""  # rows kept by mpcf.py: JSON list of train rows, or parquet / CSV `index`
     out: str = ""  # run folder, default runs/lrm-{model}
-    resume: bool = False  # continue the run in --out from its train_state.pt
+    resume: bool = False  # continue the run in --out from its ckpt.pt
     max_train_steps: int = 4000  # optimizer steps in [1, inf); paper: 4,000 (SD1.5), 8,000 (SDXL)
     train_batch_size: int = 128  # global pairs per step in [1, inf); paper: 128 (SD1.5), 32 (SDXL)
     micro_batch_size: int = 0  # pairs per rank a pass, in [0, inf); 0 = auto (CPU: all; CUDA: fit)
@@ -93,7 +92,7 @@ class Config:
     eval_timesteps: str = ""  # validation t's (denoiser's unit); '' = grid's nearest 0..1000 by 250
     eval_every: int = 500  # steps in [1, inf) between validations (each then a checkpoint)
     eval_max_pairs: int = 0  # validation pairs used, in [0, inf); 0 = the whole split
-    save_every: int = 500  # steps in [1, inf) between checkpoints (train_state.pt)
+    save_every: int = 500  # steps in [1, inf) between checkpoints (ckpt.pt)
     vae_batch_size: int = 8  # images per VAE call, in [1, inf) (its memory: ~2.4 GB each, SDXL)
     text_projection_init: str = ""  # SD1.5 official init: openai/clip-vit-large-patch14
     grad_ckpt: bool = False  # gradient checkpointing in the U-Net
@@ -438,33 +437,6 @@ def publish_lrm(lrm, folder, staging, name):
     kill_point(f"after {name}")
 
 
-def save_checkpoint(path, lrm, optimizer, counters, cfg, world):
-    """train_state.pt: weights (not SD3's frozen text encoders: the base's; T5-XXL is 19 GB),
-    AdamW's state, the counters, the settings, the world size; no RNG state (seeded by the row)."""
-    weights = {name: value for name, value in lrm.state_dict().items()
-               if lrm.text_trained or not name.startswith("text_encoders.")}
-    checkpoint = {"model": weights, "optimizer": optimizer.state_dict(), **counters,
-                  "cfg": asdict(cfg), "world": world}
-    kill_point("before train_state.pt")
-    write_or_fail(path, atomic_torch_save, checkpoint, path)
-    kill_point("after train_state.pt")
-
-
-def check_resume(state, cfg, world):
-    """Refuse a checkpoint made with other settings than RESUMABLE and MECHANICS ones, in one line
-    listing each; -> the changed RESUMABLE settings {name: [old, new]}, which take effect."""
-    saved = {**state["cfg"], "processes": state.get("world")}
-    now = {**asdict(cfg), "processes": world}
-    refused = settings_changes(saved, now, RESUMABLE + MECHANICS)[0]
-    if refused:
-        fail(f"--resume: {cfg.out} was trained with other settings (--{'; --'.join(refused)}): "
-             "run with its settings, or pass another --out")
-    if state["step"] > cfg.max_train_steps:
-        fail(f"--resume: {cfg.out} is at step {state['step']}, past --max_train_steps "
-             f"{cfg.max_train_steps}: pass --max_train_steps >= {state['step']}, or another --out")
-    return settings_changes(saved, now, RESUMABLE)[1]
-
-
 def main(cfg):
     """Setup: each bad input refused in one line before any weight is read, then the LRM, AdamW,
     the resumed state and the data. The loop's numbered parts, one global batch a step. Then the
@@ -477,13 +449,11 @@ def main(cfg):
     if cfg.micro_batch_size and per_rank % cfg.micro_batch_size:
         fail(f"--micro_batch_size {cfg.micro_batch_size} does not divide the {per_rank} pairs "
              "of each process")
-    state_path = os.path.join(cfg.out, "train_state.pt")
-    log_path = os.path.join(cfg.out, "metrics.jsonl")
-    state = changes = None  # changes: {} when resumed with the same settings
-    if cfg.resume and os.path.exists(state_path):
-        state = load_checkpoint(state_path, mmap=True)  # SDXL's is ~30 GB
-        changes = check_resume(state, cfg, world)
-    prepare_run_folder(cfg.out, cfg.resume)
+    checkpoint, changes, _ = open_run(cfg, world, MAY_CHANGE)
+    if checkpoint and checkpoint["step"] > cfg.max_train_steps:
+        fail(f"--resume: {cfg.out} is at step {checkpoint['step']}, past --max_train_steps "
+             f"{cfg.max_train_steps}: pass --max_train_steps >= {checkpoint['step']}, or another "
+             "--out")
     try:
         base = resolve_model(cfg.base or cfg.model)
         resolution = geometry(base, cfg.resolution)[0]
@@ -532,20 +502,12 @@ def main(cfg):
     if cfg.grad_ckpt:
         lrm.denoiser.enable_gradient_checkpointing()
     params, optimizer = make_optimizer(lrm, cfg)
-    step, best, n_bad, n_seen = 0, -1.0, 0, 0
-    if state is not None:  # (what save_checkpoint left out stays as from_base loaded it)
-        lrm.load_state_dict({**lrm.state_dict(), **state["model"]})
-        optimizer.load_state_dict(state["optimizer"])
-        step, best, n_bad, n_seen = [state[key] for key in ("step", "best", "n_bad", "n_seen")]
-        del state  # restored: drop the loaded copy (SDXL: ~30 GB) before training
-        gc.collect()
-    if master and cfg.resume:
-        truncate_log(log_path, step)  # rows past the checkpoint will be logged again
-    if master and changes is not None:  # resumed: the changed settings printed, and logged
-        print(f"resuming {cfg.out} at step {step}",
-              *[f"{key} {old} -> {new}" for key, (old, new) in changes.items()], sep="\n  ")
-        if changes:
-            log_jsonl(log_path, {"step": step, "resumed_with": changes})
+    step = restore_training(checkpoint, optimizer, cfg.lr)[0]
+    best, n_bad, n_seen = checkpoint["counters"] if checkpoint else (-1.0, 0, 0)
+    del checkpoint  # restored: not kept while training (SDXL's is ~30 GB)
+    log_path = os.path.join(cfg.out, "metrics.jsonl")
+    if master:
+        restart_log(log_path, step + 1, step, changes, key="step")
     micro_batch = choose_micro_batch(cfg, per_rank, lrm, device)
     if master:
         print(f"{world} process(es), {per_rank} pairs each a step, micro-batches of {micro_batch}")
@@ -571,7 +533,7 @@ def main(cfg):
         try:  # all ranks: the averaged gradient, clipped; grad_norm before the clip
             grad_norm = apply_update(params, optimizer, torch.tensor(loss), world, cfg.grad_clip)
         except NonFiniteUpdate as error:
-            stop_non_finite(cfg.out, str(error), f"step {step + 1}", checkpoint="train_state.pt")
+            stop_non_finite(cfg.out, str(error), f"step {step + 1}")
         step += 1
         kill_point(f"step {step}")
         n_bad += int((weights == 0).sum())  # weight 0 = an undecodable image
@@ -609,8 +571,8 @@ def main(cfg):
 
         # 4. checkpoint, written last: one that exists means best/ and the final LRM are on disk
         if master and (validate or step % cfg.save_every == 0):
-            counters = dict(step=step, best=best, n_bad=n_bad, n_seen=n_seen)
-            save_checkpoint(state_path, lrm, optimizer, counters, cfg, world)
+            write_checkpoint(cfg.out, optimizer, step, counters=(best, n_bad, n_seen),
+                             config=asdict(cfg), world_size=world)
         barrier()  # every rank waits for the checkpoint
 
     if master and first_step == cfg.max_train_steps:  # a finished run resumed: its final LRM

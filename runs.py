@@ -354,17 +354,18 @@ def check_same_inputs(checkpoint, inputs, source, out, what="prompts"):
              "them, or pass another --out")
 
 
-def open_run(cfg, world, may_change, read_inputs, source):
+def open_run(cfg, world, may_change, read_inputs=list, source=""):
     """A run's refusals, in an order that leaves a refused run's folder as it was: a used folder
-    without --resume; then {out}/ckpt.pt saved with other settings than may_change, every
-    difference in one line; then inputs (read_inputs(), from `source`) other than its sha1's.
-    -> (checkpoint, the changes it applies, inputs); (None, None, inputs): nothing to resume"""
+    without --resume; then {out}/ckpt.pt (memory-mapped) saved with other settings than
+    may_change, every difference in one line; then inputs (read_inputs(), from `source`) other
+    than its sha1's. -> (checkpoint, the changes it applies, inputs); (None, None, inputs): nothing
+    to resume"""
     if not cfg.resume:
         prepare_run_folder(cfg.out, resume=False)
     path = os.path.join(cfg.out, "ckpt.pt")
     checkpoint = changes = None
     if cfg.resume and os.path.exists(path):
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_checkpoint(path, mmap=True)
         saved = dict(checkpoint["config"], world_size=checkpoint.get("world_size"))
         refused, changes = settings_changes(saved, dict(asdict(cfg), world_size=world), may_change)
         if refused:
@@ -377,24 +378,29 @@ def open_run(cfg, world, may_change, read_inputs, source):
     return checkpoint, changes, inputs
 
 
+def trained(optimizer):
+    """The parameters an optimizer updates, group by group."""
+    return [param for group in optimizer.param_groups for param in group["params"]]
+
+
 def restore_training(checkpoint, optimizer, lr):
     """write_checkpoint's parameters and optimizer state back, at this run's lr (the saved state
     would bring the old one back). -> (step, next round); (0, 0) without a checkpoint"""
     if not checkpoint:
         return 0, 0
-    params = optimizer.param_groups[0]["params"]
-    torch.nn.utils.vector_to_parameters(checkpoint["lora"].to(params[0].device), params)
+    params = trained(optimizer)  # (a copy: the loaded vector may be a memory-mapped file's)
+    torch.nn.utils.vector_to_parameters(checkpoint["lora"].to(params[0].device, copy=True), params)
     optimizer.load_state_dict(checkpoint["optimizer"])
     for group in optimizer.param_groups:
         group["lr"] = lr
     return checkpoint["step"], checkpoint["next_round"]
 
 
-def write_checkpoint(out, optimizer, step, next_round, **more):
+def write_checkpoint(out, optimizer, step, next_round=None, **more):
     """{out}/ckpt.pt, whole or not at all (kill points before / after ckpt): the optimizer's
     parameters as one vector ("lora"), its state, the updates done, the next round, `more`."""
     kill_point("before ckpt")
-    lora = torch.nn.utils.parameters_to_vector(optimizer.param_groups[0]["params"]).cpu()
+    lora = torch.nn.utils.parameters_to_vector(trained(optimizer)).cpu()
     state = dict(lora=lora, optimizer=optimizer.state_dict(), step=step, next_round=next_round,
                  **more)
     path = os.path.join(out, "ckpt.pt")
