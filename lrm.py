@@ -51,6 +51,7 @@ import torch.distributed as dist
 import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from data import check_decodable, decode_image, load_pairs
@@ -226,7 +227,7 @@ def decode_pair(example, resolution):
 
 
 @dataclass
-class Pairs(torch.utils.data.Dataset):
+class Pairs(Dataset):
     """(epoch, row) -> {px: both images (2, 3, H, W) in [-1, 1], caption, label (2,), weight (the
     paper's 1 / num_example_per_prompt), t (one for both images), eps (image, VAE sample | added
     noise, C, h, w)} with the pair's own randomness, from a generator seeded by (seed, epoch, row).
@@ -247,14 +248,13 @@ class Pairs(torch.utils.data.Dataset):
         except Exception:
             pixels = torch.zeros(2, self.resolution, self.resolution, 3, dtype=torch.uint8)
             bad = True
-        pick = torch.randint(len(self.timestep_grid), (), generator=generator)
-        return dict(
+        return dict(  # (t drawn before eps)
             px=pixels.permute(0, 3, 1, 2).float() / 127.5 - 1,
             caption=example["caption"],
             bad=bad,
             label=torch.tensor([example["label_0"], example["label_1"]], dtype=torch.float32),
             weight=torch.tensor(0.0 if bad else 1.0 / max(example["num_example_per_prompt"], 1)),
-            t=self.timestep_grid[pick],
+            t=self.timestep_grid[torch.randint(len(self.timestep_grid), (), generator=generator)],
             eps=torch.randn(2, 2, *self.latent_shape, generator=generator),
         )
 
@@ -327,10 +327,8 @@ def train_step(lrm, vae, noise_scheduler, batch, micro_batch_size, device, vae_b
         noisy = add_noise(noise_scheduler, latents, noise, t)  # independent noise per image
         prompts = [caption for caption in micro["caption"] for _ in range(2)]
         with mixed_precision(device):
-            scores = lrm.score(noisy, t, prompts=prompts).view(-1, 2)  # (m, 2)
-        scores = gather(scores)  # (world * m, 2)
-        labels = gather(micro["label"].to(device))  # (world * m, 2)
-        weights = gather(micro["weight"].to(device))  # (world * m,)
+            scores = gather(lrm.score(noisy, t, prompts=prompts).view(-1, 2))  # (world * m, 2)
+        labels, weights = [gather(micro[key].to(device)) for key in ("label", "weight")]
         part_loss = pair_loss(scores[:, 0], scores[:, 1], labels[:, 0], labels[:, 1], weights,
                               total_weight)  # (not scores.T: its gradient would not be contiguous)
         part_loss.backward()
@@ -360,8 +358,7 @@ def choose_micro_batch(cfg, per_rank, lrm, device):
         return per_rank
     total_gb = torch.cuda.get_device_properties(device).total_memory / 2**30
     fixed_gb = 16 * sum(p.numel() for p in lrm.parameters() if p.requires_grad) / 2**30
-    area = (lrm.resolution / 512) ** 2
-    pair_gb = ACTIVATION_GB_PER_PAIR * area * (0.25 if cfg.grad_ckpt else 1.0)
+    pair_gb = ACTIVATION_GB_PER_PAIR * (lrm.resolution / 512) ** 2 * (0.25 if cfg.grad_ckpt else 1)
     fits = max(1, int((0.85 * total_gb - fixed_gb) / pair_gb))
     mine = max(d for d in range(1, min(fits, per_rank) + 1) if per_rank % d == 0)
     return min(gather_objects(mine))
@@ -387,8 +384,7 @@ def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pa
     was_training = lrm.training
     lrm.eval()
     for start in range(rank * batch_size, len(rows), world * batch_size):
-        items = [data[(0, row)] for row in rows[start:start + batch_size]]
-        batch = torch.utils.data.default_collate(items)
+        batch = default_collate([data[(0, row)] for row in rows[start:start + batch_size]])
         latents, noise = pair_latents(vae, batch, device, vae_batch_size)  # (2b, C, h, w)
         text = lrm.encode_text([caption for caption in batch["caption"] for _ in range(2)])
         label_0, label_1 = batch["label"].T  # (b,)
@@ -398,14 +394,15 @@ def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pa
             t_batch = torch.full((len(latents),), t, device=device)  # (2b,)
             noisy = add_noise(noise_scheduler, latents, noise, t_batch)
             with mixed_precision(device):
-                s0, s1 = lrm.score(noisy, t_batch, text=text).float().cpu().view(-1, 2).T
+                s0, s1 = lrm.score(noisy, t_batch, text=text).float().cpu().view(-1, 2).T  # (b,)
             right = ((s0 > s1) == (label_0 > label_1)) & decisive  # (b,)
             credit = pair_credit(s0, s1, label_0, label_1) * good
             sums[:, i] += torch.stack([right.sum(), credit.sum(), decisive.sum(), good.sum()])
     lrm.train(was_training)
-    right, credit, n_decisive, n_counted = sum(gather_objects(sums))  # over ranks
-    return {"decisive": dict(zip(timesteps, (right / n_decisive.clamp_min(1)).tolist())),
-            "ties_half": dict(zip(timesteps, (credit / n_counted.clamp_min(1)).tolist()))}
+    sums = sum(gather_objects(sums))  # over ranks
+    decisive, ties_half = (sums[:2] / sums[2:].clamp_min(1)).tolist()
+    return {"decisive": dict(zip(timesteps, decisive)),
+            "ties_half": dict(zip(timesteps, ties_half))}
 
 
 def by_label(tree):
@@ -421,8 +418,7 @@ def publish_lrm(lrm, folder, staging, name):
     """Save an LRM to staging (a *.tmp folder), then move it into folder, lrm_config.json last: a
     kill leaves a complete LRM, or a folder without lrm_config.json that the resume writes again."""
     kill_point(f"before {name}")
-    shutil.rmtree(staging, ignore_errors=True)
-    lrm.save_pretrained(staging)
+    lrm.save_pretrained(staging)  # (prepare_run_folder drops a killed publish's *.tmp)
     os.makedirs(folder, exist_ok=True)
     config = os.path.join(folder, "lrm_config.json")
     if os.path.exists(config):
@@ -458,6 +454,7 @@ def main(cfg):
         base = resolve_model(cfg.base or cfg.model)
         resolution = geometry(base, cfg.resolution)[0]
         mmdit_blocks(*load_denoiser_config(base), cfg.lrm_blocks)
+        noise_scheduler, grid = noise_schedule(base)
         train = load_pairs(cfg.data, "train", cfg.keep)
         val = load_pairs(cfg.data, "validation_unique")
         test = load_pairs(cfg.data, "test_unique")
@@ -473,16 +470,12 @@ def main(cfg):
         fail(f"{cfg.data}: {len(train)} usable train pairs < --train_batch_size "
              f"{cfg.train_batch_size}")
     try:
-        noise_scheduler, grid = noise_schedule(base)
-    except (ValueError, OSError) as error:
-        fail(f"cannot load the scheduler of {base}: {first_line(error)}")
-    try:
         timesteps = parse_timesteps(cfg.eval_timesteps) or default_eval_timesteps(grid)
     except ValueError:
         fail(f"--eval_timesteps {cfg.eval_timesteps!r}: comma-separated numbers, e.g. 1,501,951")
     # a DDPM t indexes its levels, an int in 0..999 (parse_timesteps: whole numbers are ints)
-    ddpm = not is_flow_matching(noise_scheduler.config)
-    if not all(t in range(1000) if ddpm else 0 <= t <= 1000 for t in timesteps):
+    flow = is_flow_matching(noise_scheduler.config)
+    if not all(0 <= t <= 1000 if flow else t in range(1000) for t in timesteps):
         fail(f"--eval_timesteps {cfg.eval_timesteps!r}: {base}'s t's are in 0..1000 (a DDPM "
              "model's: integers in 0..999)")
 
@@ -514,15 +507,14 @@ def main(cfg):
     dataset = Pairs(train, resolution, latent_shape(vae, resolution), grid, cfg.seed)
     sampler = steps_sampler(len(train), cfg.train_batch_size, rank, world, cfg.seed, step,
                             cfg.max_train_steps)
-    loader = torch.utils.data.DataLoader(dataset, per_rank, sampler=sampler,
-                                         num_workers=cfg.workers)
+    loader = DataLoader(dataset, per_rank, sampler=sampler, num_workers=cfg.workers)
     accuracy = partial(pair_accuracy, lrm, timesteps=timesteps, vae=vae, seed=cfg.seed,
                        max_pairs=cfg.eval_max_pairs, vae_batch_size=cfg.vae_batch_size)
     first_step = step
     last_val = None
     best_folder = os.path.join(cfg.out, "best")
     final_staging = os.path.join(cfg.out, "final.tmp")
-    start_time = time.perf_counter()
+    start = time.perf_counter()
     for batch in tqdm(loader, "lrm", cfg.max_train_steps, initial=step, disable=not master):
         # 1. one optimizer step on the global batch (micro-batches accumulate in train_step)
         lr = learning_rate(step, cfg)
@@ -539,8 +531,7 @@ def main(cfg):
         n_bad += int((weights == 0).sum())  # weight 0 = an undecodable image
         n_seen += len(weights)
         last_step = step == cfg.max_train_steps
-        whole_data = step % (len(train) // cfg.train_batch_size) == 0 or last_step  # epoch's end
-        if whole_data:
+        if step % (len(train) // cfg.train_batch_size) == 0 or last_step:  # the whole data seen
             check_decodable(n_bad, n_seen, cfg.data)
 
         # 2. log (rank 0); pairs_per_s over this run's wall time, validations and checkpoints in
@@ -548,7 +539,7 @@ def main(cfg):
             pairs = (step - first_step) * cfg.train_batch_size
             row = dict(step=step, loss=loss, acc=batch_accuracy(scores, labels, weights), lr=lr,
                        grad_norm=grad_norm, logit_scale=lrm.logit_scale.item(),
-                       pairs_per_s=pairs / (time.perf_counter() - start_time), bad_pairs=n_bad)
+                       pairs_per_s=pairs / (time.perf_counter() - start), bad_pairs=n_bad)
             log_jsonl(log_path, row)
 
         # 3. validate (each rank its shard); rank 0 publishes best/ when the accuracy at the first
@@ -556,16 +547,17 @@ def main(cfg):
         validate = step % cfg.eval_every == 0 or last_step
         if validate:
             last_val = accuracy(val)
-            improved = last_val["decisive"][timesteps[0]] > best
-            best = max(best, last_val["decisive"][timesteps[0]])
-        if master and validate:
-            row = {"step": step, **{f"val_acc@{t:g}": a for t, a in last_val["decisive"].items()}}
-            row.update({f"val_acc_ties_half@{t:g}": a for t, a in last_val["ties_half"].items()})
-            log_jsonl(log_path, row)
-            tqdm.write(f"validation: {row}")
-            if improved:
+            first_t = last_val["decisive"][timesteps[0]]
+            if master:
+                row = {"step": step}
+                for key, name in (("decisive", "val_acc"), ("ties_half", "val_acc_ties_half")):
+                    row.update({f"{name}@{t:g}": a for t, a in last_val[key].items()})
+                log_jsonl(log_path, row)
+                tqdm.write(f"validation: {row}")
+            if master and first_t > best:
                 write_or_fail(best_folder, publish_lrm, lrm, best_folder, best_folder + ".tmp",
                               "best/")
+            best = max(best, first_t)
         if master and last_step:
             write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, final_staging, "final LRM")
 
