@@ -3637,7 +3637,7 @@ BAD_INPUTS += [
     ("lpo", ["--out", "{other}", "--resume"], "lrm.py run"),
     ("mpcf", ["--out", "{other}", "--resume"], "lrm.py run"),
     ("mpcf", ["--out", "{run}", "--resume"], "no run of this project"),
-    ("lrm", ["--out", "{run}", "--resume"], "no run of this project"),
+    ("lrm", ["--out", "{run}", "--resume"], "damaged"),  # its ckpt.pt is read first, as lpo.py's
     ("sample", ["--model", "tiny", "--out", "{other}", "--resume"], "lrm.py run"),
     ("eval", ["--model", "tiny", "--unet", os.path.join(ROOT, "tiny", "sd15"), "--scorers", "judge", "--out", "{run}",
               "--resume"], "no run of this project"),
