@@ -547,17 +547,17 @@ def main(cfg):
         validate = step % cfg.eval_every == 0 or last_step
         if validate:
             last_val = accuracy(val)
-            first_t = last_val["decisive"][timesteps[0]]
+            at_first_t = last_val["decisive"][timesteps[0]]
             if master:
                 row = {"step": step}
                 for key, name in (("decisive", "val_acc"), ("ties_half", "val_acc_ties_half")):
                     row.update({f"{name}@{t:g}": a for t, a in last_val[key].items()})
                 log_jsonl(log_path, row)
                 tqdm.write(f"validation: {row}")
-            if master and first_t > best:
+            if master and at_first_t > best:
                 write_or_fail(best_folder, publish_lrm, lrm, best_folder, best_folder + ".tmp",
                               "best/")
-            best = max(best, first_t)
+            best = max(best, at_first_t)
         if master and last_step:
             write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, final_staging, "final LRM")
 
