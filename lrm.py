@@ -13,7 +13,7 @@ validation accuracy is measured at --eval_timesteps (default: the grid's t neare
     python lrm.py --model tiny-sd3              # CPU: ~2.5 min of one core -> runs/lrm-tiny-sd3
     torchrun --nproc_per_node=8 lrm.py --model sd3 --keep runs/mpcf-sd15/keep.json  # SD3-Medium
     torchrun --nproc_per_node=8 lrm.py --model ./my-sd15 --data /data/pickapic_v1  # paper settings
---out gets the final LRM (LatentRewardModel.from_pretrained reads it), best/, train_state.pt and
+--out gets the final LRM (LatentRewardModel.from_pretrained reads it), best/, ckpt.pt and
 metrics.jsonl. docs/reference.md gives their contents, the --data layouts read and what
 --resume keeps or refuses. Reading order: Config, the math (pair_loss, learning_rate, add_noise),
 the data (Pairs), train_step and pair_accuracy, then main: setup, the numbered loop,
@@ -34,10 +34,9 @@ Choices and deviations:
 7. deviation (tiny world only): lr 1e-3, weight decay 0.01, 400 steps x 32 pairs of MPCF's kept
    rows (tiny/pickapic/mpcf_keep.json, made by `python mpcf.py --model tiny`), one CPU thread.
 8. SD3: the LRM reads the first --lrm_blocks MMDiT blocks (paper: 18 of SD3-Medium's 24) and its
-   text encoders stay frozen (paper), so train_state.pt leaves them out: they are the base's. The
+   text encoders stay frozen (paper), so ckpt.pt (the trained parameters) leaves them out. The
    paper gives no SD3 recipe: the sd3 / sd35 presets take SDXL's (the same 1024 px).
 """
-import gc
 import math
 import os
 import shutil
@@ -52,6 +51,7 @@ import torch.distributed as dist
 import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from data import check_decodable, decode_image, load_pairs
@@ -59,14 +59,14 @@ from lrm_model import LatentRewardModel, mmdit_blocks
 from models import BASES, geometry, is_flow_matching, load_denoiser_config, resolve_model
 from distributed import (NonFiniteUpdate, apply_update, barrier, close_distributed, gather_objects,
                          mixed_precision, setup_distributed, stop_non_finite)
-from runs import (atomic_torch_save, command_line, fail, first_line, kill_point, load_checkpoint,
-                  log_jsonl, parse_config, peek, prepare_run_folder, run_folder, settings_changes,
-                  truncate_log, warn, write_or_fail)
+from runs import (command_line, fail, first_line, kill_point, log_jsonl, open_run, parse_config,
+                  peek, restart_log, restore_training, run_folder, warn, write_checkpoint,
+                  write_or_fail)
 
 ACTIVATION_GB_PER_PAIR = 2.6  # see choose_micro_batch
-RESUMABLE = ("lr", "max_train_steps", "warmup", "eval_every", "save_every")  # change on resume
-MECHANICS = ("micro_batch_size", "vae_batch_size", "workers", "threads", "dist_timeout",
-             "grad_ckpt")  # how a run executes: free to change on resume too
+# what a resume may change: the schedule, and how the run executes
+MAY_CHANGE = ("lr", "max_train_steps", "warmup", "eval_every", "save_every", "micro_batch_size",
+              "vae_batch_size", "workers", "threads", "dist_timeout", "grad_ckpt")
 
 
 # ----------------------------------------------------------------------------- config
@@ -79,7 +79,7 @@ class Config:
     data: str = "yuvalkirstain/pickapic_v1"  # pairs: hub id or folder (docs/reference.md)
     keep: str = ""  # rows kept by mpcf.py: JSON list of train rows, or parquet / CSV `index`
     out: str = ""  # run folder, default runs/lrm-{model}
-    resume: bool = False  # continue the run in --out from its train_state.pt
+    resume: bool = False  # continue the run in --out from its ckpt.pt
     max_train_steps: int = 4000  # optimizer steps in [1, inf); paper: 4,000 (SD1.5), 8,000 (SDXL)
     train_batch_size: int = 128  # global pairs per step in [1, inf); paper: 128 (SD1.5), 32 (SDXL)
     micro_batch_size: int = 0  # pairs per rank a pass, in [0, inf); 0 = auto (CPU: all; CUDA: fit)
@@ -93,7 +93,7 @@ class Config:
     eval_timesteps: str = ""  # validation t's (denoiser's unit); '' = grid's nearest 0..1000 by 250
     eval_every: int = 500  # steps in [1, inf) between validations (each then a checkpoint)
     eval_max_pairs: int = 0  # validation pairs used, in [0, inf); 0 = the whole split
-    save_every: int = 500  # steps in [1, inf) between checkpoints (train_state.pt)
+    save_every: int = 500  # steps in [1, inf) between checkpoints (ckpt.pt)
     vae_batch_size: int = 8  # images per VAE call, in [1, inf) (its memory: ~2.4 GB each, SDXL)
     text_projection_init: str = ""  # SD1.5 official init: openai/clip-vit-large-patch14
     grad_ckpt: bool = False  # gradient checkpointing in the U-Net
@@ -227,7 +227,7 @@ def decode_pair(example, resolution):
 
 
 @dataclass
-class Pairs(torch.utils.data.Dataset):
+class Pairs(Dataset):
     """(epoch, row) -> {px: both images (2, 3, H, W) in [-1, 1], caption, label (2,), weight (the
     paper's 1 / num_example_per_prompt), t (one for both images), eps (image, VAE sample | added
     noise, C, h, w)} with the pair's own randomness, from a generator seeded by (seed, epoch, row).
@@ -248,14 +248,13 @@ class Pairs(torch.utils.data.Dataset):
         except Exception:
             pixels = torch.zeros(2, self.resolution, self.resolution, 3, dtype=torch.uint8)
             bad = True
-        pick = torch.randint(len(self.timestep_grid), (), generator=generator)
-        return dict(
+        return dict(  # (t drawn before eps)
             px=pixels.permute(0, 3, 1, 2).float() / 127.5 - 1,
             caption=example["caption"],
             bad=bad,
             label=torch.tensor([example["label_0"], example["label_1"]], dtype=torch.float32),
             weight=torch.tensor(0.0 if bad else 1.0 / max(example["num_example_per_prompt"], 1)),
-            t=self.timestep_grid[pick],
+            t=self.timestep_grid[torch.randint(len(self.timestep_grid), (), generator=generator)],
             eps=torch.randn(2, 2, *self.latent_shape, generator=generator),
         )
 
@@ -328,10 +327,8 @@ def train_step(lrm, vae, noise_scheduler, batch, micro_batch_size, device, vae_b
         noisy = add_noise(noise_scheduler, latents, noise, t)  # independent noise per image
         prompts = [caption for caption in micro["caption"] for _ in range(2)]
         with mixed_precision(device):
-            scores = lrm.score(noisy, t, prompts=prompts).view(-1, 2)  # (m, 2)
-        scores = gather(scores)  # (world * m, 2)
-        labels = gather(micro["label"].to(device))  # (world * m, 2)
-        weights = gather(micro["weight"].to(device))  # (world * m,)
+            scores = gather(lrm.score(noisy, t, prompts=prompts).view(-1, 2))  # (world * m, 2)
+        labels, weights = [gather(micro[key].to(device)) for key in ("label", "weight")]
         part_loss = pair_loss(scores[:, 0], scores[:, 1], labels[:, 0], labels[:, 1], weights,
                               total_weight)  # (not scores.T: its gradient would not be contiguous)
         part_loss.backward()
@@ -361,8 +358,7 @@ def choose_micro_batch(cfg, per_rank, lrm, device):
         return per_rank
     total_gb = torch.cuda.get_device_properties(device).total_memory / 2**30
     fixed_gb = 16 * sum(p.numel() for p in lrm.parameters() if p.requires_grad) / 2**30
-    area = (lrm.resolution / 512) ** 2
-    pair_gb = ACTIVATION_GB_PER_PAIR * area * (0.25 if cfg.grad_ckpt else 1.0)
+    pair_gb = ACTIVATION_GB_PER_PAIR * (lrm.resolution / 512) ** 2 * (0.25 if cfg.grad_ckpt else 1)
     fits = max(1, int((0.85 * total_gb - fixed_gb) / pair_gb))
     mine = max(d for d in range(1, min(fits, per_rank) + 1) if per_rank % d == 0)
     return min(gather_objects(mine))
@@ -388,8 +384,7 @@ def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pa
     was_training = lrm.training
     lrm.eval()
     for start in range(rank * batch_size, len(rows), world * batch_size):
-        items = [data[(0, row)] for row in rows[start:start + batch_size]]
-        batch = torch.utils.data.default_collate(items)
+        batch = default_collate([data[(0, row)] for row in rows[start:start + batch_size]])
         latents, noise = pair_latents(vae, batch, device, vae_batch_size)  # (2b, C, h, w)
         text = lrm.encode_text([caption for caption in batch["caption"] for _ in range(2)])
         label_0, label_1 = batch["label"].T  # (b,)
@@ -399,14 +394,15 @@ def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pa
             t_batch = torch.full((len(latents),), t, device=device)  # (2b,)
             noisy = add_noise(noise_scheduler, latents, noise, t_batch)
             with mixed_precision(device):
-                s0, s1 = lrm.score(noisy, t_batch, text=text).float().cpu().view(-1, 2).T
+                s0, s1 = lrm.score(noisy, t_batch, text=text).float().cpu().view(-1, 2).T  # (b,)
             right = ((s0 > s1) == (label_0 > label_1)) & decisive  # (b,)
             credit = pair_credit(s0, s1, label_0, label_1) * good
             sums[:, i] += torch.stack([right.sum(), credit.sum(), decisive.sum(), good.sum()])
     lrm.train(was_training)
-    right, credit, n_decisive, n_counted = sum(gather_objects(sums))  # over ranks
-    return {"decisive": dict(zip(timesteps, (right / n_decisive.clamp_min(1)).tolist())),
-            "ties_half": dict(zip(timesteps, (credit / n_counted.clamp_min(1)).tolist()))}
+    sums = sum(gather_objects(sums))  # over ranks
+    decisive, ties_half = (sums[:2] / sums[2:].clamp_min(1)).tolist()
+    return {"decisive": dict(zip(timesteps, decisive)),
+            "ties_half": dict(zip(timesteps, ties_half))}
 
 
 def by_label(tree):
@@ -422,8 +418,7 @@ def publish_lrm(lrm, folder, staging, name):
     """Save an LRM to staging (a *.tmp folder), then move it into folder, lrm_config.json last: a
     kill leaves a complete LRM, or a folder without lrm_config.json that the resume writes again."""
     kill_point(f"before {name}")
-    shutil.rmtree(staging, ignore_errors=True)
-    lrm.save_pretrained(staging)
+    lrm.save_pretrained(staging)  # (prepare_run_folder drops a killed publish's *.tmp)
     os.makedirs(folder, exist_ok=True)
     config = os.path.join(folder, "lrm_config.json")
     if os.path.exists(config):
@@ -438,33 +433,6 @@ def publish_lrm(lrm, folder, staging, name):
     kill_point(f"after {name}")
 
 
-def save_checkpoint(path, lrm, optimizer, counters, cfg, world):
-    """train_state.pt: weights (not SD3's frozen text encoders: the base's; T5-XXL is 19 GB),
-    AdamW's state, the counters, the settings, the world size; no RNG state (seeded by the row)."""
-    weights = {name: value for name, value in lrm.state_dict().items()
-               if lrm.text_trained or not name.startswith("text_encoders.")}
-    checkpoint = {"model": weights, "optimizer": optimizer.state_dict(), **counters,
-                  "cfg": asdict(cfg), "world": world}
-    kill_point("before train_state.pt")
-    write_or_fail(path, atomic_torch_save, checkpoint, path)
-    kill_point("after train_state.pt")
-
-
-def check_resume(state, cfg, world):
-    """Refuse a checkpoint made with other settings than RESUMABLE and MECHANICS ones, in one line
-    listing each; -> the changed RESUMABLE settings {name: [old, new]}, which take effect."""
-    saved = {**state["cfg"], "processes": state.get("world")}
-    now = {**asdict(cfg), "processes": world}
-    refused = settings_changes(saved, now, RESUMABLE + MECHANICS)[0]
-    if refused:
-        fail(f"--resume: {cfg.out} was trained with other settings (--{'; --'.join(refused)}): "
-             "run with its settings, or pass another --out")
-    if state["step"] > cfg.max_train_steps:
-        fail(f"--resume: {cfg.out} is at step {state['step']}, past --max_train_steps "
-             f"{cfg.max_train_steps}: pass --max_train_steps >= {state['step']}, or another --out")
-    return settings_changes(saved, now, RESUMABLE)[1]
-
-
 def main(cfg):
     """Setup: each bad input refused in one line before any weight is read, then the LRM, AdamW,
     the resumed state and the data. The loop's numbered parts, one global batch a step. Then the
@@ -477,17 +445,16 @@ def main(cfg):
     if cfg.micro_batch_size and per_rank % cfg.micro_batch_size:
         fail(f"--micro_batch_size {cfg.micro_batch_size} does not divide the {per_rank} pairs "
              "of each process")
-    state_path = os.path.join(cfg.out, "train_state.pt")
-    log_path = os.path.join(cfg.out, "metrics.jsonl")
-    state = changes = None  # changes: {} when resumed with the same settings
-    if cfg.resume and os.path.exists(state_path):
-        state = load_checkpoint(state_path, mmap=True)  # SDXL's is ~30 GB
-        changes = check_resume(state, cfg, world)
-    prepare_run_folder(cfg.out, cfg.resume)
+    checkpoint, changes, _ = open_run(cfg, world, MAY_CHANGE)
+    if checkpoint and checkpoint["step"] > cfg.max_train_steps:
+        fail(f"--resume: {cfg.out} is at step {checkpoint['step']}, past --max_train_steps "
+             f"{cfg.max_train_steps}: pass --max_train_steps >= {checkpoint['step']}, or another "
+             "--out")
     try:
         base = resolve_model(cfg.base or cfg.model)
         resolution = geometry(base, cfg.resolution)[0]
         mmdit_blocks(*load_denoiser_config(base), cfg.lrm_blocks)
+        noise_scheduler, grid = noise_schedule(base)
         train = load_pairs(cfg.data, "train", cfg.keep)
         val = load_pairs(cfg.data, "validation_unique")
         test = load_pairs(cfg.data, "test_unique")
@@ -503,16 +470,12 @@ def main(cfg):
         fail(f"{cfg.data}: {len(train)} usable train pairs < --train_batch_size "
              f"{cfg.train_batch_size}")
     try:
-        noise_scheduler, grid = noise_schedule(base)
-    except (ValueError, OSError) as error:
-        fail(f"cannot load the scheduler of {base}: {first_line(error)}")
-    try:
         timesteps = parse_timesteps(cfg.eval_timesteps) or default_eval_timesteps(grid)
     except ValueError:
         fail(f"--eval_timesteps {cfg.eval_timesteps!r}: comma-separated numbers, e.g. 1,501,951")
     # a DDPM t indexes its levels, an int in 0..999 (parse_timesteps: whole numbers are ints)
-    ddpm = not is_flow_matching(noise_scheduler.config)
-    if not all(t in range(1000) if ddpm else 0 <= t <= 1000 for t in timesteps):
+    flow = is_flow_matching(noise_scheduler.config)
+    if not all(0 <= t <= 1000 if flow else t in range(1000) for t in timesteps):
         fail(f"--eval_timesteps {cfg.eval_timesteps!r}: {base}'s t's are in 0..1000 (a DDPM "
              "model's: integers in 0..999)")
 
@@ -532,35 +495,26 @@ def main(cfg):
     if cfg.grad_ckpt:
         lrm.denoiser.enable_gradient_checkpointing()
     params, optimizer = make_optimizer(lrm, cfg)
-    step, best, n_bad, n_seen = 0, -1.0, 0, 0
-    if state is not None:  # (what save_checkpoint left out stays as from_base loaded it)
-        lrm.load_state_dict({**lrm.state_dict(), **state["model"]})
-        optimizer.load_state_dict(state["optimizer"])
-        step, best, n_bad, n_seen = [state[key] for key in ("step", "best", "n_bad", "n_seen")]
-        del state  # restored: drop the loaded copy (SDXL: ~30 GB) before training
-        gc.collect()
-    if master and cfg.resume:
-        truncate_log(log_path, step)  # rows past the checkpoint will be logged again
-    if master and changes is not None:  # resumed: the changed settings printed, and logged
-        print(f"resuming {cfg.out} at step {step}",
-              *[f"{key} {old} -> {new}" for key, (old, new) in changes.items()], sep="\n  ")
-        if changes:
-            log_jsonl(log_path, {"step": step, "resumed_with": changes})
+    step = restore_training(checkpoint, optimizer, cfg.lr)[0]
+    best, n_bad, n_seen = checkpoint["counters"] if checkpoint else (-1.0, 0, 0)
+    del checkpoint  # restored: not kept while training (SDXL's is ~30 GB)
+    log_path = os.path.join(cfg.out, "metrics.jsonl")
+    if master:
+        restart_log(log_path, step + 1, step, changes, key="step")
     micro_batch = choose_micro_batch(cfg, per_rank, lrm, device)
     if master:
         print(f"{world} process(es), {per_rank} pairs each a step, micro-batches of {micro_batch}")
     dataset = Pairs(train, resolution, latent_shape(vae, resolution), grid, cfg.seed)
     sampler = steps_sampler(len(train), cfg.train_batch_size, rank, world, cfg.seed, step,
                             cfg.max_train_steps)
-    loader = torch.utils.data.DataLoader(dataset, per_rank, sampler=sampler,
-                                         num_workers=cfg.workers)
+    loader = DataLoader(dataset, per_rank, sampler=sampler, num_workers=cfg.workers)
     accuracy = partial(pair_accuracy, lrm, timesteps=timesteps, vae=vae, seed=cfg.seed,
                        max_pairs=cfg.eval_max_pairs, vae_batch_size=cfg.vae_batch_size)
     first_step = step
     last_val = None
     best_folder = os.path.join(cfg.out, "best")
     final_staging = os.path.join(cfg.out, "final.tmp")
-    start_time = time.perf_counter()
+    start = time.perf_counter()
     for batch in tqdm(loader, "lrm", cfg.max_train_steps, initial=step, disable=not master):
         # 1. one optimizer step on the global batch (micro-batches accumulate in train_step)
         lr = learning_rate(step, cfg)
@@ -571,14 +525,13 @@ def main(cfg):
         try:  # all ranks: the averaged gradient, clipped; grad_norm before the clip
             grad_norm = apply_update(params, optimizer, torch.tensor(loss), world, cfg.grad_clip)
         except NonFiniteUpdate as error:
-            stop_non_finite(cfg.out, str(error), f"step {step + 1}", checkpoint="train_state.pt")
+            stop_non_finite(cfg.out, str(error), f"step {step + 1}")
         step += 1
         kill_point(f"step {step}")
         n_bad += int((weights == 0).sum())  # weight 0 = an undecodable image
         n_seen += len(weights)
         last_step = step == cfg.max_train_steps
-        whole_data = step % (len(train) // cfg.train_batch_size) == 0 or last_step  # epoch's end
-        if whole_data:
+        if step % (len(train) // cfg.train_batch_size) == 0 or last_step:  # the whole data seen
             check_decodable(n_bad, n_seen, cfg.data)
 
         # 2. log (rank 0); pairs_per_s over this run's wall time, validations and checkpoints in
@@ -586,7 +539,7 @@ def main(cfg):
             pairs = (step - first_step) * cfg.train_batch_size
             row = dict(step=step, loss=loss, acc=batch_accuracy(scores, labels, weights), lr=lr,
                        grad_norm=grad_norm, logit_scale=lrm.logit_scale.item(),
-                       pairs_per_s=pairs / (time.perf_counter() - start_time), bad_pairs=n_bad)
+                       pairs_per_s=pairs / (time.perf_counter() - start), bad_pairs=n_bad)
             log_jsonl(log_path, row)
 
         # 3. validate (each rank its shard); rank 0 publishes best/ when the accuracy at the first
@@ -594,23 +547,24 @@ def main(cfg):
         validate = step % cfg.eval_every == 0 or last_step
         if validate:
             last_val = accuracy(val)
-            improved = last_val["decisive"][timesteps[0]] > best
-            best = max(best, last_val["decisive"][timesteps[0]])
-        if master and validate:
-            row = {"step": step, **{f"val_acc@{t:g}": a for t, a in last_val["decisive"].items()}}
-            row.update({f"val_acc_ties_half@{t:g}": a for t, a in last_val["ties_half"].items()})
-            log_jsonl(log_path, row)
-            tqdm.write(f"validation: {row}")
-            if improved:
+            at_first_t = last_val["decisive"][timesteps[0]]
+            if master:
+                row = {"step": step}
+                for key, name in (("decisive", "val_acc"), ("ties_half", "val_acc_ties_half")):
+                    row.update({f"{name}@{t:g}": a for t, a in last_val[key].items()})
+                log_jsonl(log_path, row)
+                tqdm.write(f"validation: {row}")
+            if master and at_first_t > best:
                 write_or_fail(best_folder, publish_lrm, lrm, best_folder, best_folder + ".tmp",
                               "best/")
+            best = max(best, at_first_t)
         if master and last_step:
             write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, final_staging, "final LRM")
 
         # 4. checkpoint, written last: one that exists means best/ and the final LRM are on disk
         if master and (validate or step % cfg.save_every == 0):
-            counters = dict(step=step, best=best, n_bad=n_bad, n_seen=n_seen)
-            save_checkpoint(state_path, lrm, optimizer, counters, cfg, world)
+            write_checkpoint(cfg.out, optimizer, step, counters=(best, n_bad, n_seen),
+                             config=asdict(cfg), world_size=world)
         barrier()  # every rank waits for the checkpoint
 
     if master and first_step == cfg.max_train_steps:  # a finished run resumed: its final LRM

@@ -4,6 +4,7 @@ checkpoints and what a resume may change, log rows, timings, the collectives the
 the kill points the resume tests use. Plain functions: a stage imports the ones it uses."""
 import argparse
 import atexit
+import glob
 import hashlib
 import inspect
 import json
@@ -62,12 +63,8 @@ def command_line(stage_file, argv=None):
         signal.signal(signal.SIGINT, stop_on_signal)
         signal.signal(signal.SIGTERM, stop_on_signal)
     argv = snake_case_options(sys.argv[1:] if argv is None else argv)
-    given = {}  # {option: value}, to probe the hub before the --model preset is looked up
-    for arg, following in zip(argv, argv[1:] + [""]):
-        if arg.startswith("--"):
-            name, _, value = arg[2:].partition("=")
-            given[name] = value or following
-    offline_unless_hub_answers(given)
+    # a hub --model is probed before its family's preset is looked up (the rest: check_ranges)
+    offline_unless_hub_answers({"model": peek(argv, "model", "")})
     return argv
 
 
@@ -87,14 +84,9 @@ def stop_on_signal(number, frame):
 
 def snake_case_options(argv):
     """--lora-rank 8, --lora-rank=8 and --no-grad-ckpt read as --lora_rank and --no-grad_ckpt."""
-    fixed = []
-    for arg in argv:
-        if arg.startswith("--"):
-            name, sep, value = arg[2:].partition("=")
-            prefix = "no-" if name.startswith("no-") else ""
-            arg = "--" + prefix + name[len(prefix):].replace("-", "_") + sep + value
-        fixed.append(arg)
-    return fixed
+    return [re.sub(r"^--(no-)?([^=]*)",
+                   lambda match: "--" + (match[1] or "") + match[2].replace("-", "_"), arg)
+            for arg in argv]
 
 
 def peek(argv, name, default):
@@ -109,12 +101,9 @@ INTERVAL = re.compile(r"\bin ([\[(])(\S+), (\S+?)([\])])")  # "in [1, inf)" in a
 
 def option_helps(config_class):
     """{field: its trailing comment}: the --help line, and the range (`in [0, 1)`) it declares."""
-    helps = {}  # a subclass's comments come after its base's (eval.py's Config: sample.py's)
-    for line in "".join(map(inspect.getsource, config_class.__mro__[-2::-1])).splitlines():
-        match = re.match(r"\s+(\w+): [^#]*#\s*(.*)", line)
-        if match:
-            helps[match[1]] = match[2]
-    return helps
+    # a subclass's comments come after its base's (eval.py's Config: sample.py's)
+    source = "".join(map(inspect.getsource, config_class.__mro__[-2::-1]))
+    return dict(re.findall(r"^[ \t]+(\w+): [^#\n]*#[ \t]*(.*)", source, re.MULTILINE))
 
 
 def build_parser(config_class, defaults, doc):
@@ -124,13 +113,10 @@ def build_parser(config_class, defaults, doc):
         prog=PROG, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in fields(config_class):
         default = defaults[field.name]
-        help_line = f"{helps.get(field.name, '')} (default: {default!r})"
-        if isinstance(default, bool):
-            action = argparse.BooleanOptionalAction
-            parser.add_argument(f"--{field.name}", default=default, action=action, help=help_line)
-        else:
-            kind = type(default)
-            parser.add_argument(f"--{field.name}", default=default, type=kind, help=help_line)
+        kind = (dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool)
+                else dict(type=type(default)))
+        parser.add_argument(f"--{field.name}", default=default, **kind,
+                            help=f"{helps.get(field.name, '')} (default: {default!r})")
     return parser
 
 
@@ -213,20 +199,19 @@ def prepare_run_folder(out, resume, claim=True):
         fail(f"--resume: {out} holds {what}, not a {PROG} one: pass another --out")
     if dist.is_initialized():  # every rank has looked before rank 0 writes anything
         dist.barrier()
-    RUN_FOLDER = RUN_FOLDER if not claim else out
+    if claim:
+        RUN_FOLDER = out
     if dist.is_initialized() and dist.get_rank() > 0:
         return
     try:
         os.makedirs(out, exist_ok=True)
         if claim:
             lock_run_folder(out)
-        for name in os.listdir(out):
-            if name.endswith(".tmp"):
-                leftover = os.path.join(out, name)
-                if os.path.isdir(leftover):
-                    shutil.rmtree(leftover)
-                else:
-                    os.remove(leftover)
+        for leftover in glob.glob(os.path.join(out, "*.tmp")):
+            if os.path.isdir(leftover):
+                shutil.rmtree(leftover)
+            else:
+                os.remove(leftover)
     except OSError as error:
         fail(f"cannot write to {out} ({error.strerror}): pass another --out")
 
@@ -271,7 +256,7 @@ def write_or_fail(path, write, *args, **kwargs):
     try:
         write(*args, **kwargs)
     except (OSError, RuntimeError, SafetensorError) as error:
-        reason = getattr(error, "strerror", None) or str(error).splitlines()[0][:120]
+        reason = getattr(error, "strerror", None) or first_line(error)[:120]
         fail(f"cannot write {path} ({reason}): free some space or make the folder writable, "
              "then continue the run with --resume")
 
@@ -283,12 +268,12 @@ def atomic_torch_save(obj, path):
     os.replace(path + ".tmp", path)
 
 
-def write_text(path, text, kill_name=None):
+def write_text(path, text):
     """Write path.tmp, then rename (a file that exists at path is always complete), guarded."""
     def write():
         with open(path + ".tmp", "w") as file:
             file.write(text)
-        kill_point("mid " + (kill_name or os.path.basename(path)))
+        kill_point("mid " + os.path.basename(path))
         os.replace(path + ".tmp", path)
     write_or_fail(path, write)
 
@@ -300,10 +285,11 @@ def write_safetensors(tensors, path):
         weight_file.write(save(tensors, metadata={"format": "pt"}))
 
 
-def load_checkpoint(path, mmap=False):
-    """torch.load (mmap: memory-mapped), or one line if it is damaged or holds non-finite values."""
+def load_checkpoint(path):
+    """torch.load, memory-mapped (an SDXL LRM's is ~30 GB), or one line if it is damaged or holds
+    non-finite values."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as error:
         fail(f"{path} is damaged ({type(error).__name__}): delete it to restart the run, "
              "or pass another --out")
@@ -316,24 +302,23 @@ def load_checkpoint(path, mmap=False):
 
 def non_finite(tree, name="checkpoint"):
     """The name of the first tensor with a NaN or inf in a (nested) dict or list, or None."""
-    if isinstance(tree, torch.Tensor):
-        return name if tree.is_floating_point() and not torch.isfinite(tree).all() else None
-    if not isinstance(tree, (dict, list, tuple)):
-        return None
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
-    found = (non_finite(value, f"{name}[{key!r}]") for key, value in items)
-    return next(filter(None, found), None)
+    if isinstance(tree, (list, tuple)):
+        tree = dict(enumerate(tree))
+    if isinstance(tree, dict):
+        found = (non_finite(value, f"{name}[{key!r}]") for key, value in tree.items())
+        return next(filter(None, found), None)
+    if isinstance(tree, torch.Tensor) and tree.is_floating_point():
+        return None if torch.isfinite(tree).all() else name
+    return None
 
 
 # ----------------------------------------------------------------------------- resume
-RUN_PLACE = ("out", "resume")  # where a run is and whether it goes on: never a changed setting
-
-
 def settings_changes(saved, now, may_change):
     """A resume's settings against its checkpoint's ({name: value} each): the refused differences
-    ("name old -> new", outside may_change) and the applied changes ({name: [old, new]})."""
+    ("name old -> new", outside may_change) and the applied changes ({name: [old, new]}). Where a
+    run is (out) and whether it goes on (resume) are never a changed setting."""
     refused = [f"{name} {saved.get(name)!r} -> {value!r}" for name, value in now.items()
-               if name not in may_change + RUN_PLACE and saved.get(name) != value]
+               if name not in (*may_change, "out", "resume") and saved.get(name) != value]
     applied = {name: [saved.get(name), now[name]] for name in may_change
                if saved.get(name) != now[name]}
     return refused, applied
@@ -344,21 +329,12 @@ def inputs_sha1(inputs):
     return hashlib.sha1(json.dumps(inputs).encode()).hexdigest()
 
 
-def check_same_inputs(checkpoint, inputs, source, out, what="prompts"):
-    """Refuse a resume whose inputs differ from those the checkpoint holds a sha1 of (under
-    "{what}_sha1"): the same source string can name a file or dataset that has changed since."""
-    saved = checkpoint.get(what + "_sha1") if checkpoint else None
-    if saved and saved != inputs_sha1(inputs):
-        fail(f"--resume of {out}: {source} now gives other {what} than the run was trained on "
-             f"({len(inputs)} now; sha1 {saved[:10]} -> {inputs_sha1(inputs)[:10]}): restore "
-             "them, or pass another --out")
-
-
-def open_run(cfg, world, may_change, read_inputs, source):
+def open_run(cfg, world, may_change, read_inputs=list, source=""):
     """A run's refusals, in an order that leaves a refused run's folder as it was: a used folder
     without --resume; then {out}/ckpt.pt saved with other settings than may_change, every
-    difference in one line; then inputs (read_inputs(), from `source`) other than its sha1's.
-    -> (checkpoint, the changes it applies, inputs); (None, None, inputs): nothing to resume"""
+    difference in one line; then inputs (read_inputs(), from `source`) other than its
+    "prompts_sha1" (the same source can name a file or dataset changed since). -> (checkpoint, the
+    changes it applies, inputs); (None, None, inputs): nothing to resume"""
     if not cfg.resume:
         prepare_run_folder(cfg.out, resume=False)
     path = os.path.join(cfg.out, "ckpt.pt")
@@ -371,10 +347,19 @@ def open_run(cfg, world, may_change, read_inputs, source):
             fail(f"--resume of {cfg.out} with other settings than its checkpoint's ("
                  f"{'; '.join(refused)}): resume with the saved ones, or pass another --out")
     inputs = read_inputs()
-    check_same_inputs(checkpoint, inputs, source, cfg.out)
+    sha1 = checkpoint and checkpoint.get("prompts_sha1")
+    if sha1 and sha1 != inputs_sha1(inputs):
+        fail(f"--resume of {cfg.out}: {source} now gives other prompts than the run was trained "
+             f"on ({len(inputs)} now; sha1 {sha1[:10]} -> {inputs_sha1(inputs)[:10]}): restore "
+             "them, or pass another --out")
     if cfg.resume:  # after every refusal: a refused --resume leaves the run folder as it was
         prepare_run_folder(cfg.out, resume=True)
     return checkpoint, changes, inputs
+
+
+def trained(optimizer):
+    """The parameters an optimizer updates, group by group."""
+    return [param for group in optimizer.param_groups for param in group["params"]]
 
 
 def restore_training(checkpoint, optimizer, lr):
@@ -382,21 +367,20 @@ def restore_training(checkpoint, optimizer, lr):
     would bring the old one back). -> (step, next round); (0, 0) without a checkpoint"""
     if not checkpoint:
         return 0, 0
-    params = optimizer.param_groups[0]["params"]
-    torch.nn.utils.vector_to_parameters(checkpoint["lora"].to(params[0].device), params)
+    params = trained(optimizer)  # (a copy: the loaded vector may be a memory-mapped file's)
+    torch.nn.utils.vector_to_parameters(checkpoint["lora"].to(params[0].device, copy=True), params)
     optimizer.load_state_dict(checkpoint["optimizer"])
     for group in optimizer.param_groups:
         group["lr"] = lr
     return checkpoint["step"], checkpoint["next_round"]
 
 
-def write_checkpoint(out, optimizer, step, next_round, **more):
+def write_checkpoint(out, optimizer, step, next_round=None, **more):
     """{out}/ckpt.pt, whole or not at all (kill points before / after ckpt): the optimizer's
     parameters as one vector ("lora"), its state, the updates done, the next round, `more`."""
     kill_point("before ckpt")
-    lora = torch.nn.utils.parameters_to_vector(optimizer.param_groups[0]["params"]).cpu()
-    state = dict(lora=lora, optimizer=optimizer.state_dict(), step=step, next_round=next_round,
-                 **more)
+    state = dict(lora=torch.nn.utils.parameters_to_vector(trained(optimizer)).cpu(),
+                 optimizer=optimizer.state_dict(), step=step, next_round=next_round, **more)
     path = os.path.join(out, "ckpt.pt")
     write_or_fail(path, atomic_torch_save, state, path)
     kill_point("after ckpt")
@@ -414,21 +398,14 @@ def log_jsonl(path, row):
 
 
 def truncate_log(path, last, key="step"):
-    """On resume: keep the log rows up to the checkpoint, row[key] <= last (the rest run again)."""
+    """On resume: keep the log rows up to the checkpoint, row[key] <= last (the rest run again;
+    so does a last line that a kill cut short of its newline)."""
     if not os.path.exists(path):
         return
-    kept = []
     with open(path) as log_file:
-        for line in log_file:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if row.get(key, 0) <= last and "final" not in row:
-                kept.append(row)
-    with open(path + ".tmp", "w") as log_file:
-        log_file.writelines(json.dumps(row) + "\n" for row in kept)
-    os.replace(path + ".tmp", path)
+        rows = [json.loads(line) for line in log_file if line.endswith("\n")]
+    write_text(path, "".join(json.dumps(row) + "\n" for row in rows
+                             if row.get(key, 0) <= last and "final" not in row))
 
 
 def restart_log(path, start, step, changes, key="round"):

@@ -531,7 +531,19 @@ def test_bad_inputs(tmp_path):
 
 # ----------------------------------------------------------------------------- training
 def _state(out):
-    return torch.load(os.path.join(out, "train_state.pt"), map_location="cpu", weights_only=False)
+    return torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)
+
+
+def _trained(out, base="tiny"):
+    """An lrm.py checkpoint's parameter vector as {name: tensor}: exactly the LRM's trained
+    parameters (frozen text encoders left out), in AdamW's order (lrm.make_optimizer)."""
+    lrm = M.LatentRewardModel.from_base(base)
+    params = runs.trained(L.make_optimizer(lrm, L.Config())[1])
+    vector = _state(out)["lora"]
+    assert vector.numel() == sum(param.numel() for param in params)
+    torch.nn.utils.vector_to_parameters(vector, params)
+    names = {id(param): name for name, param in lrm.named_parameters()}
+    return {names[id(param)]: param.detach() for param in params}
 
 
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
@@ -550,12 +562,11 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert _state(tmp_path / "b")["step"] == 2
     monkeypatch.setattr(L, "log_jsonl", real_log)
     L.main(L.get_config(_run_args(tmp_path / "b", *args, "--resume")))
-    a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
-    assert a["step"] == b["step"] == 4
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert _state(tmp_path / "a")["step"] == _state(tmp_path / "b")["step"] == 4
+    a, b = _trained(tmp_path / "a"), _trained(tmp_path / "b")
+    _assert_same_tensors(a, b)
     fresh = M.LatentRewardModel.from_base("tiny").state_dict()
-    assert not torch.equal(a["model"]["visual_projection.weight"], fresh["visual_projection.weight"])  # it trained
+    assert not torch.equal(a["visual_projection.weight"], fresh["visual_projection.weight"])  # it trained
 
 
 def test_two_processes_equal_one_process_with_double_batch(tmp_path):
@@ -565,14 +576,14 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                     "lrm.py", *_run_args(tmp_path / "two", *common)], cwd=ROOT, env=env, check=True, capture_output=True)
     L.main(L.get_config(_run_args(tmp_path / "one", *common)))   # in this process (one thread)
-    two, one = _state(tmp_path / "two"), _state(tmp_path / "one")
+    two, one = _trained(tmp_path / "two"), _trained(tmp_path / "one")
     init = M.LatentRewardModel.from_base("tiny").state_dict()
     # Adam turns float noise in near-zero gradients (e.g. CLIP's k_proj bias) into updates up to ~lr,
     # so compare each tensor within a fraction of lr and the total difference against the total update
-    diff = sum((two["model"][k] - v).abs().sum().item() for k, v in one["model"].items())
-    moved = sum((v - init[k]).abs().sum().item() for k, v in one["model"].items())
-    for k, v in one["model"].items():
-        torch.testing.assert_close(two["model"][k], v, rtol=0, atol=3e-5, msg=k)
+    diff = sum((two[k] - v).abs().sum().item() for k, v in one.items())
+    moved = sum((v - init[k]).abs().sum().item() for k, v in one.items())
+    for k, v in one.items():
+        torch.testing.assert_close(two[k], v, rtol=0, atol=3e-5, msg=k)
     assert moved > 1.0 and diff < 1e-3 * moved, (diff, moved)
     logs = [[json.loads(line) for line in open(tmp_path / d / "metrics.jsonl") if '"loss"' in line] for d in ("two", "one")]
     for r2, r1 in zip(*logs):   # global loss and pre-clip gradient norm: catches a gradient scaled by world size
@@ -584,7 +595,7 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
     assert killed.returncode != 0 and _state(tmp_path / "killed")["step"] == 2
     subprocess.run(launch + _run_args(tmp_path / "killed", *common, "--resume"), cwd=ROOT, env=env, check=True,
                    capture_output=True)
-    _assert_same_tensors(_state(tmp_path / "killed")["model"], two["model"])
+    assert torch.equal(_state(tmp_path / "killed")["lora"], _state(tmp_path / "two")["lora"])
     _assert_same_tensors(_lrm_weights(tmp_path / "killed"), _lrm_weights(tmp_path / "two"))
 
 
@@ -643,8 +654,8 @@ def _run_killed(args, point):
     return process.exitcode
 
 
-LRM_KILL_POINTS = ["step 1", "before best/", "mid best/", "after best/", "before train_state.pt",
-                   "mid train_state.pt", "after train_state.pt", "step 3", "step 4", "before final LRM",
+LRM_KILL_POINTS = ["step 1", "before best/", "mid best/", "after best/", "before ckpt",
+                   "mid ckpt.pt", "after ckpt", "step 3", "step 4", "before final LRM",
                    "mid final LRM", "after final LRM", "final table"]
 
 
@@ -662,7 +673,7 @@ def test_lrm_kill_anywhere_then_resume_is_bitwise_identical(tmp_path, capsys):
         L.main(L.get_config(args + ["--resume"]))
         _assert_same_tensors(_lrm_weights(out), want)
         _assert_same_tensors(_lrm_weights(out / "best"), want_best)
-        _assert_same_tensors(_state(out)["model"], _state(tmp_path / "whole")["model"])
+        assert torch.equal(_state(out)["lora"], _state(tmp_path / "whole")["lora"]), point
         assert not [name for name in os.listdir(out) if name.endswith(".tmp")], point
         rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
         assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4], point   # no repeated rows
@@ -671,9 +682,9 @@ def test_lrm_kill_anywhere_then_resume_is_bitwise_identical(tmp_path, capsys):
 
 
 def test_checkpoint_is_written_last_and_covers_the_final_lrm(tmp_path, monkeypatch):
-    """The order of writes at the last step: best/, the final LRM, then train_state.pt."""
+    """The order of writes at the last step: best/, the final LRM, then ckpt.pt."""
     order = []
-    real_publish, real_save = L.publish_lrm, L.atomic_torch_save
+    real_publish, real_save = L.publish_lrm, runs.atomic_torch_save
 
     def publish(lrm, folder, staging, name):
         order.append(name)
@@ -683,15 +694,15 @@ def test_checkpoint_is_written_last_and_covers_the_final_lrm(tmp_path, monkeypat
         order.append(os.path.basename(path))
         real_save(obj, path)
     monkeypatch.setattr(L, "publish_lrm", publish)
-    monkeypatch.setattr(L, "atomic_torch_save", save)
+    monkeypatch.setattr(runs, "atomic_torch_save", save)
     L.main(L.get_config(_run_args(tmp_path / "run", *LRM_TINY_RUN)))
-    assert order[-2:] == ["final LRM", "train_state.pt"] and order[0] == "best/"
-    assert order.index("train_state.pt") > order.index("best/")
+    assert order[-2:] == ["final LRM", "ckpt.pt"] and order[0] == "best/"
+    assert order.index("ckpt.pt") > order.index("best/")
     # a finished run resumed writes its final LRM again, from the checkpoint
     os.remove(tmp_path / "run" / "state_dict.pt")
     L.main(L.get_config(_run_args(tmp_path / "run", *LRM_TINY_RUN, "--resume")))
-    _assert_same_tensors(_lrm_weights(tmp_path / "run"),
-                         {k: v for k, v in _state(tmp_path / "run")["model"].items()})
+    final, trained = _lrm_weights(tmp_path / "run"), _trained(tmp_path / "run")
+    _assert_same_tensors({k: final[k] for k in trained}, trained)
 
 
 def test_rerun_refused_and_resume_checks_settings(tmp_path, capsys):
@@ -699,8 +710,8 @@ def test_rerun_refused_and_resume_checks_settings(tmp_path, capsys):
     L.main(L.get_config(_run_args(run, *LRM_TINY_RUN, "--max_train_steps", 2)))
     before = _tree_hash(run)
     refusals = [([], "already holds a run"),                                  # no --resume
-                (["--resume", "--seed", "1", "--train_batch_size", "2"], "--seed 0 -> 1"),
-                (["--resume", "--base", "tiny/sdxl", "--data", "tiny/pickapic"], "--base"),
+                (["--resume", "--seed", "1", "--train_batch_size", "2"], "seed 0 -> 1"),
+                (["--resume", "--base", "tiny/sdxl", "--data", "tiny/pickapic"], "base '' -> 'tiny/sdxl'"),
                 (["--resume", "--vfe_scale", "1.0"], "vfe_scale"),
                 (["--resume", "--max_train_steps", "1"], "past --max_train_steps"),
                 (["--resume", "--max_train_steps", "1"], "pass --max_train_steps >= 2, or another --out")]
@@ -716,16 +727,17 @@ def test_rerun_refused_and_resume_checks_settings(tmp_path, capsys):
     capsys.readouterr()
     L.main(L.get_config(_run_args(run, *LRM_TINY_RUN, "--resume", "--max_train_steps", 3, "--lr", 5e-4,
                                   "--warmup", 1, "--grad_ckpt")))   # --grad_ckpt: how, not what
-    assert "lr 0.001 -> 0.0005" in capsys.readouterr().out
+    assert "resuming at step 3 with {'lr': [0.001, 0.0005]" in capsys.readouterr().out
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    assert {"step": 2, "resumed_with": {"lr": [1e-3, 5e-4], "max_train_steps": [2, 3], "warmup": [2, 1]}} in rows
+    changed = {"lr": [1e-3, 5e-4], "max_train_steps": [2, 3], "warmup": [2, 1], "grad_ckpt": [False, True]}
+    assert {"resume": {"next_step": 3, "changed": changed}, "step": 2} in rows
     step3 = [r for r in rows if r.get("step") == 3 and "loss" in r][0]
     # the new schedule at optimizer step 2: past the warm-up (max(1, 2) = 2), decaying over 3 - 2
     assert math.isclose(step3["lr"], 5e-4 * (3 - 2) / (3 - 2), rel_tol=1e-12)
     # a truncated checkpoint: one line naming it
-    state = run / "train_state.pt"
+    state = run / "ckpt.pt"
     state.write_bytes(state.read_bytes()[:1000])
-    with pytest.raises(SystemExit, match="train_state.pt is damaged"):
+    with pytest.raises(SystemExit, match="ckpt.pt is damaged"):
         L.main(L.get_config(_run_args(run, *LRM_TINY_RUN, "--resume")))
 
 
@@ -745,13 +757,13 @@ def test_non_finite_loss_stops_before_the_step_and_keeps_the_checkpoint(tmp_path
     assert "non-finite" in message and "step 2" in message and "last good checkpoint" in message, message
     assert "--resume" in message and "--lr" in message and "\n" not in message
     state = _state(out)
-    assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["step"] == 1 and torch.isfinite(state["lora"]).all()
     assert not os.path.exists(out / "lrm_config.json")     # no final LRM
     # NaN at the first step: nothing to keep, and the message says so
     calls.update(n=0, nan_at=1)
     with pytest.raises(SystemExit, match="before any checkpoint"):
         L.main(L.get_config(_run_args(tmp_path / "first", *LRM_TINY_RUN)))
-    assert not os.path.exists(tmp_path / "first" / "train_state.pt")
+    assert not os.path.exists(tmp_path / "first" / "ckpt.pt")
     # huge lr: NaN for real; never an all-NaN LRM on disk
     monkeypatch.setattr(L, "pair_loss", real_loss)
     with pytest.raises(SystemExit, match="non-finite"):
@@ -768,8 +780,8 @@ def test_non_finite_loss_stops_before_the_step_and_keeps_the_checkpoint(tmp_path
 def test_disk_full_is_one_line(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(L, "atomic_torch_save", full)
-    with pytest.raises(SystemExit, match=r"cannot write .*train_state.pt \(No space left on device\)"):
+    monkeypatch.setattr(runs, "atomic_torch_save", full)
+    with pytest.raises(SystemExit, match=r"cannot write .*ckpt.pt \(No space left on device\)"):
         L.main(L.get_config(_run_args(tmp_path / "a", *LRM_TINY_RUN)))
     monkeypatch.setattr(M.LatentRewardModel, "save_pretrained", full)
     with pytest.raises(SystemExit, match=r"cannot write .*best \(No space left on device\)"):
@@ -1082,7 +1094,7 @@ def test_logged_numbers_match_independent_computations(tmp_path, monkeypatch):
         assert row["bad_pairs"] == 0
         # pairs this run trained / seconds since its start: 8 (step + 1) pairs in 10 (step + 1) s
         assert math.isclose(row["pairs_per_s"], 0.8, rel_tol=1e-12), step
-    final = _state(out)["model"]
+    final = _trained(out)
     assert train_rows[-1]["logit_scale"] == final["logit_scale"].item()
     # validation: the first 12 pairs of the split, at t = 1 and 501
     val_pairs = L.load_pairs(cfg.data, "validation_unique").select(range(12))
@@ -1105,7 +1117,7 @@ def _lrm_bad_files():
     json.dump([0, 5, 99999], open(os.path.join(folder, "keep_out_of_range.json"), "w"))
     json.dump({"rows": [1, 2]}, open(os.path.join(folder, "keep_not_a_list.json"), "w"))
     os.makedirs(os.path.join(folder, "damaged"))
-    open(os.path.join(folder, "damaged", "train_state.pt"), "wb").write(b"PK\x03\x04 cut short")
+    open(os.path.join(folder, "damaged", "ckpt.pt"), "wb").write(b"PK\x03\x04 cut short")
     train = pd.read_parquet(os.path.join(ROOT, "tiny/pickapic/data/train-00000-of-00001.parquet")).iloc[:40]
     os.makedirs(os.path.join(folder, "strings"))
     for split in ("train", "validation_unique", "test_unique"):
@@ -1164,7 +1176,7 @@ def test_half_published_lrm_folder_is_refused_not_read_as_the_official_layout(tm
 
 
 def test_resume_maps_the_checkpoint_and_drops_it_before_training(tmp_path, monkeypatch):
-    """--resume reads train_state.pt memory-mapped and keeps no reference to it while training
+    """--resume reads ckpt.pt memory-mapped and keeps no reference to it while training
     (SDXL's is ~30 GB a rank); the checkpoint holds no unused RNG state."""
     import weakref
     run = tmp_path / "run"
@@ -1178,7 +1190,7 @@ def test_resume_maps_the_checkpoint_and_drops_it_before_training(tmp_path, monke
 
     def load(path, *args, **kwargs):
         loaded = real_load(path, *args, **kwargs)
-        if str(path).endswith("train_state.pt"):
+        if str(path).endswith("ckpt.pt"):
             seen["mmap"] = kwargs.get("mmap")
             loaded = Loaded(loaded)
             seen["state"] = weakref.ref(loaded)
@@ -3660,7 +3672,7 @@ BAD_INPUTS += [
     ("lpo", ["--out", "{other}", "--resume"], "lrm.py run"),
     ("mpcf", ["--out", "{other}", "--resume"], "lrm.py run"),
     ("mpcf", ["--out", "{run}", "--resume"], "no run of this project"),
-    ("lrm", ["--out", "{run}", "--resume"], "no run of this project"),
+    ("lrm", ["--out", "{run}", "--resume"], "damaged"),  # its ckpt.pt is read first, as lpo.py's
     ("sample", ["--model", "tiny", "--out", "{other}", "--resume"], "lrm.py run"),
     ("eval", ["--model", "tiny", "--unet", os.path.join(ROOT, "tiny", "sd15"), "--scorers", "judge", "--out", "{run}",
               "--resume"], "no run of this project"),
@@ -3690,7 +3702,7 @@ def seam_bad_data():
         os.makedirs(os.path.join(folder, name))
         save_file(weights, os.path.join(folder, name, "pytorch_lora_weights.safetensors"))
     for name, file, state in (("nan_lpo_run", "ckpt.pt", {"lora": torch.tensor([1.0, math.nan]), "step": 1}),
-                              ("nan_lrm_run", "train_state.pt", {"model": {"w": torch.tensor([math.inf])}, "step": 1})):
+                              ("nan_lrm_run", "ckpt.pt", {"lora": torch.tensor([math.inf]), "step": 1})):
         os.makedirs(os.path.join(folder, name))
         torch.save(state, os.path.join(folder, name, file))
     return folder
@@ -4460,7 +4472,7 @@ def test_tiny_sd3_run_trains_logs_and_resumes_bitwise(tmp_path, monkeypatch):
     assert "val_acc@8.92857" in rows[3] and "val_acc_ties_half@1000" in rows[3]
     assert set(rows[-1]["final"]["test_unique"]["decisive"]) == {
         "8.92857", "266.33", "520.074", "730.974", "1000"}
-    a = torch.load(tmp_path / "a" / "train_state.pt", weights_only=False)["model"]
+    a = _trained(tmp_path / "a", "tiny-sd3")   # (exactly the trained parameters)
     assert not any(key.startswith("text_encoders.") for key in a)   # frozen: the base's
     assert any(key.startswith("transformer.") for key in a)
     assert sorted(os.listdir(tmp_path / "a" / "best")) == ["lrm_config.json", "state_dict.pt",
@@ -4477,10 +4489,8 @@ def test_tiny_sd3_run_trains_logs_and_resumes_bitwise(tmp_path, monkeypatch):
         L.main(L.get_config(_sd3_lrm_args(tmp_path / "b")))
     monkeypatch.setattr(L, "log_jsonl", real_log)
     L.main(L.get_config(_sd3_lrm_args(tmp_path / "b", "--resume")))
-    b = torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)
-    assert b["step"] == 3 and a.keys() == b["model"].keys()
-    for key in a:
-        assert torch.equal(a[key], b["model"][key]), key
+    assert _state(tmp_path / "b")["step"] == 3
+    _assert_same_tensors(a, _trained(tmp_path / "b", "tiny-sd3"))
     init = M.LatentRewardModel.from_base("tiny-sd3").state_dict()
     assert not torch.equal(a["visual_projection.weight"], init["visual_projection.weight"])
 
@@ -4514,8 +4524,7 @@ def test_two_gloo_ranks_train_as_one_process_with_their_batch(tmp_path):
         process.join(120)
     assert [process.exitcode for process in ranks] == [0, 0]
     L.main(L.get_config(_sd3_lrm_args(tmp_path / "one", *common)))
-    two = torch.load(tmp_path / "two" / "train_state.pt", weights_only=False)["model"]
-    one = torch.load(tmp_path / "one" / "train_state.pt", weights_only=False)["model"]
+    two, one = _trained(tmp_path / "two", "tiny-sd3"), _trained(tmp_path / "one", "tiny-sd3")
     init = M.LatentRewardModel.from_base("tiny-sd3").state_dict()
     moved = sum((value - init[key]).abs().sum().item() for key, value in one.items())
     diff = sum((two[key] - value).abs().sum().item() for key, value in one.items())
