@@ -122,30 +122,59 @@ def shard(units, world, device):
     if world == 1:
         return
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (world,))
+    # a GPU gathers bf16 copies and reduces fp32 gradients (the autocast of the unsharded step)
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for unit in units:  # each unit is called as a module: it gathers and frees its own weights
-        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True,
+                    mp_policy=bf16 if device.type == "cuda" else MixedPrecisionPolicy())
 
 
-def full_state(model, optimizer):
-    """(trained weights, optimizer state) as whole tensors on CPU, keyed by name: the same at any
-    world size, sharded or not (a collective: rank 0 gets them, the others {})."""
+def trained_names(model, optimizer):
+    """The names of the parameters an optimizer updates, in its order."""
+    names = {param: name for name, param in model.named_parameters()}
+    return [names[param] for group in optimizer.param_groups for param in group["params"]]
+
+
+def gather_training(model, optimizer):
+    """A checkpoint's "lora" (the trained weights as one vector, in the optimizer's order) and
+    "optimizer" (its state by parameter name): whole tensors on CPU, the same at any world size,
+    sharded or not. A collective: rank 0 gets them, the others {}."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    return (get_model_state_dict(model, options=options),
-            get_optimizer_state_dict(model, optimizer, options=options))
+    weights = get_model_state_dict(model, options=options)
+    state = get_optimizer_state_dict(model, optimizer, options=options)
+    if not weights:
+        return {}
+    names = trained_names(model, optimizer)
+    return dict(lora=torch.cat([weights[name].flatten() for name in names]), optimizer=state)
 
 
-def load_full_state(model, optimizer, weights, optimizer_state):
-    """full_state's output into a model and its optimizer, sharded or not (each rank takes its
-    shards); weights not in it (the frozen ones) stay as they are."""
+def scatter_training(model, optimizer, checkpoint):
+    """gather_training's entries back into a model and its optimizer at any world size, sharded
+    or not (each rank takes its shards)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
+    params = dict(model.named_parameters())  # a sharded one has its whole shape
+    names = trained_names(model, optimizer)
+    chunks = checkpoint["lora"].split([params[name].numel() for name in names])
+    weights = {name: chunk.view(params[name].shape) for name, chunk in zip(names, chunks)}
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, weights, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=options)
+
+
+def whole_state(model):
+    """model.state_dict() with its sharded tensors gathered whole, to CPU (a collective)."""
+    return {name: value.full_tensor().cpu() if isinstance(value, DTensor) else value
+            for name, value in model.state_dict().items()}
+
+
+def local_numel(params):
+    """The elements of params this rank holds (its shards of sharded ones)."""
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
 
 
 def close_distributed():

@@ -564,10 +564,10 @@ def main(cfg):
                  f"rounds: running {available}")
     # the models, the LoRA and AdamW, restored where a --resume continues a checkpoint
     gpu = device.type == "cuda"
-    pipe = load_pipeline(cfg.base, device, torch.bfloat16 if gpu else torch.float32, vae=False)
-    # SD3: the LRM's frozen text encoders are the pipeline's (one T5-XXL)
+    dtype = torch.bfloat16 if gpu else torch.float32  # the frozen weights'
     lrm = load_lrm(lrm_path, cfg.base, device, torch.float16 if gpu else torch.float32,
-                   lrm_hint(cfg), pipe)
+                   lrm_hint(cfg), text_dtype=dtype)
+    pipe = load_pipeline(cfg.base, device, dtype, vae=False, lrm=lrm)  # SD3: one T5-XXL
     denoiser = getattr(pipe, denoiser_name(pipe))  # U-Net, or SD3's transformer
     params, optimizer, schedule = add_policy(denoiser, pipe.scheduler.config, cfg, device,
                                              latent_size)

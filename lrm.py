@@ -58,15 +58,17 @@ from data import check_decodable, decode_image, load_pairs
 from lrm_model import LatentRewardModel, mmdit_blocks
 from models import BASES, geometry, is_flow_matching, load_denoiser_config, resolve_model
 from distributed import (NonFiniteUpdate, apply_update, barrier, close_distributed, gather_objects,
-                         mixed_precision, setup_distributed, stop_non_finite)
+                         gather_training, local_numel, mixed_precision, scatter_training, shard,
+                         setup_distributed, stop_non_finite, whole_state)
 from runs import (command_line, fail, first_line, kill_point, log_jsonl, open_run, parse_config,
-                  peek, restart_log, restore_training, run_folder, warn, write_checkpoint,
-                  write_or_fail)
+                  peek, restart_log, run_folder, warn, write_checkpoint, write_or_fail)
 
 ACTIVATION_GB_PER_PAIR = 2.6  # see choose_micro_batch
-# what a resume may change: the schedule, and how the run executes
+# what a resume may change: the schedule, and how the run executes (on as many processes as it
+# likes: the checkpoint holds whole tensors, the global batches are the same rows)
 MAY_CHANGE = ("lr", "max_train_steps", "warmup", "eval_every", "save_every", "micro_batch_size",
-              "vae_batch_size", "workers", "threads", "dist_timeout", "grad_ckpt")
+              "vae_batch_size", "workers", "threads", "dist_timeout", "grad_ckpt", "shard",
+              "world_size")
 
 
 # ----------------------------------------------------------------------------- config
@@ -97,6 +99,7 @@ class Config:
     vae_batch_size: int = 8  # images per VAE call, in [1, inf) (its memory: ~2.4 GB each, SDXL)
     text_projection_init: str = ""  # SD1.5 official init: openai/clip-vit-large-patch14
     grad_ckpt: bool = False  # gradient checkpointing in the U-Net
+    shard: bool = True  # several processes: FSDP2 shards the trained weights, grads and AdamW state
     workers: int = 4  # DataLoader processes decoding the JPEGs, in [0, inf)
     threads: int = 0  # CPU intra-op threads in [0, inf), 0 = torch's default
     dist_timeout: int = 180  # minutes in [1, inf) a collective may wait (SDXL checkpoints)
@@ -201,13 +204,15 @@ def add_noise(noise_scheduler, latents, noise, timesteps):
 def noise_schedule(base):
     """The base's noising and its grid of training t's, the noise levels of its 20-step sampling
     schedule (paper: the 20-step DDIM grid): DDPM (SD1.5, SDXL: t in {1, 51, ..., 951}), or
-    flow matching (SD3: t = 1000 sigma, the FlowMatchEulerDiscreteScheduler's 20 sigmas)."""
+    flow matching (SD3: t = 1000 sigma, the levels below 1 of FlowMatchEulerDiscreteScheduler's
+    20 steps, those LPO's children take: at sigma = 1, x_t is pure noise and a pair no signal)."""
     config = DDPMScheduler.load_config(base, subfolder="scheduler")
     flow = is_flow_matching(config)
     noising = FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler
     sampler = (FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler).from_config(config)
     sampler.set_timesteps(20)
-    return noising.from_config(config), sorted(sampler.timesteps.tolist())
+    grid = sorted(sampler.timesteps.tolist())
+    return noising.from_config(config), grid[:-1] if flow else grid
 
 
 def default_eval_timesteps(grid):
@@ -383,12 +388,16 @@ def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pa
     sums = torch.zeros(4, len(timesteps), dtype=torch.float64)
     was_training = lrm.training
     lrm.eval()
-    for start in range(rank * batch_size, len(rows), world * batch_size):
-        batch = default_collate([data[(0, row)] for row in rows[start:start + batch_size]])
+    # every rank runs as many batches (sharded, each pass gathers weights from all): a rank out
+    # of rows scores a stand-in that casts no vote
+    for start in range(rank * batch_size, math.ceil(len(rows) / world / batch_size) * world
+                       * batch_size, world * batch_size):
+        mine = rows[start:start + batch_size]
+        batch = default_collate([data[(0, row)] for row in mine or rows[:1]])
         latents, noise = pair_latents(vae, batch, device, vae_batch_size)  # (2b, C, h, w)
         text = lrm.encode_text([caption for caption in batch["caption"] for _ in range(2)])
         label_0, label_1 = batch["label"].T  # (b,)
-        good = ~batch["bad"]  # an undecodable pair casts no vote
+        good = ~batch["bad"] & bool(mine)  # an undecodable pair casts no vote
         decisive = (label_0 != label_1) & good
         for i, t in enumerate(timesteps):
             t_batch = torch.full((len(latents),), t, device=device)  # (2b,)
@@ -414,11 +423,11 @@ def by_label(tree):
 
 
 # ----------------------------------------------------------------------------- run files
-def publish_lrm(lrm, folder, staging, name):
+def publish_lrm(lrm, folder, staging, name, state=None):
     """Save an LRM to staging (a *.tmp folder), then move it into folder, lrm_config.json last: a
     kill leaves a complete LRM, or a folder without lrm_config.json that the resume writes again."""
     kill_point(f"before {name}")
-    lrm.save_pretrained(staging)  # (prepare_run_folder drops a killed publish's *.tmp)
+    lrm.save_pretrained(staging, state)  # (prepare_run_folder drops a killed publish's *.tmp)
     os.makedirs(folder, exist_ok=True)
     config = os.path.join(folder, "lrm_config.json")
     if os.path.exists(config):
@@ -491,19 +500,30 @@ def main(cfg):
     except (ValueError, OSError) as error:
         fail(f"cannot load the LRM and its VAE from {base}: {first_line(error)}")
     lrm.to(device).train()
+    for part in lrm.unused_parts():  # never run: held off the GPU (SDXL's up blocks: 1.32B)
+        part.to("cpu")
+    if device.type == "cuda" and not lrm.text_trained:  # SD3's frozen text encoders: bf16
+        lrm.text_encoders.to(torch.bfloat16)
     vae.to(device).requires_grad_(False)
     if cfg.grad_ckpt:
         lrm.denoiser.enable_gradient_checkpointing()
+    sharded = cfg.shard and world > 1
+    if sharded:  # each rank holds 1 / world of what trains (see the module docstring)
+        shard(lrm.shard_units(), world, device)
     params, optimizer = make_optimizer(lrm, cfg)
-    step = restore_training(checkpoint, optimizer, cfg.lr)[0]
-    best, n_bad, n_seen = checkpoint["counters"] if checkpoint else (-1.0, 0, 0)
+    step, (best, n_bad, n_seen) = 0, (-1.0, 0, 0)
+    if checkpoint:  # saved whole at any world size: each rank takes its shards
+        scatter_training(lrm, optimizer, checkpoint)
+        step, (best, n_bad, n_seen) = checkpoint["step"], checkpoint["counters"]
     del checkpoint  # restored: not kept while training (SDXL's is ~30 GB)
     log_path = os.path.join(cfg.out, "metrics.jsonl")
     if master:
         restart_log(log_path, step + 1, step, changes, key="step")
     micro_batch = choose_micro_batch(cfg, per_rank, lrm, device)
-    if master:
-        print(f"{world} process(es), {per_rank} pairs each a step, micro-batches of {micro_batch}")
+    if master:  # trained state: fp32 weights, gradients and AdamW's two moments
+        print(f"{world} process(es){', sharded' if sharded else ''}, {per_rank} pairs each a step, "
+              f"micro-batches of {micro_batch}, trained state "
+              f"{16 * local_numel(params) / 2**20:.1f} MiB a process")
     dataset = Pairs(train, resolution, latent_shape(vae, resolution), grid, cfg.seed)
     sampler = steps_sampler(len(train), cfg.train_batch_size, rank, world, cfg.seed, step,
                             cfg.max_train_steps)
@@ -515,6 +535,10 @@ def main(cfg):
     best_folder = os.path.join(cfg.out, "best")
     final_staging = os.path.join(cfg.out, "final.tmp")
     start = time.perf_counter()
+
+    def publish(folder, staging, name, state):  # rank 0 writes
+        if master:
+            write_or_fail(folder, publish_lrm, lrm, folder, staging, name, state)
     for batch in tqdm(loader, "lrm", cfg.max_train_steps, initial=step, disable=not master):
         # 1. one optimizer step on the global batch (micro-batches accumulate in train_step)
         lr = learning_rate(step, cfg)
@@ -554,21 +578,22 @@ def main(cfg):
                     row.update({f"{name}@{t:g}": a for t, a in last_val[key].items()})
                 log_jsonl(log_path, row)
                 tqdm.write(f"validation: {row}")
-            if master and at_first_t > best:
-                write_or_fail(best_folder, publish_lrm, lrm, best_folder, best_folder + ".tmp",
-                              "best/")
+            if at_first_t > best:  # (whole_state: a collective, every rank gathers)
+                publish(best_folder, best_folder + ".tmp", "best/", whole_state(lrm))
             best = max(best, at_first_t)
-        if master and last_step:
-            write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, final_staging, "final LRM")
+        if last_step:
+            publish(cfg.out, final_staging, "final LRM", whole_state(lrm))
 
         # 4. checkpoint, written last: one that exists means best/ and the final LRM are on disk
-        if master and (validate or step % cfg.save_every == 0):
-            write_checkpoint(cfg.out, optimizer, step, counters=(best, n_bad, n_seen),
-                             config=asdict(cfg), world_size=world)
+        if validate or step % cfg.save_every == 0:
+            training = gather_training(lrm, optimizer)  # whole tensors (a collective)
+            if master:
+                write_checkpoint(cfg.out, optimizer, step, training=training, world_size=world,
+                                 counters=(best, n_bad, n_seen), config=asdict(cfg))
         barrier()  # every rank waits for the checkpoint
 
-    if master and first_step == cfg.max_train_steps:  # a finished run resumed: its final LRM
-        write_or_fail(cfg.out, publish_lrm, lrm, cfg.out, final_staging, "final LRM")  # again
+    if first_step == cfg.max_train_steps:  # a finished run resumed: its final LRM again
+        publish(cfg.out, final_staging, "final LRM", whole_state(lrm))
     kill_point("final table")
     table = {"validation_unique": last_val or accuracy(val), "test_unique": accuracy(test)}
     if master:

@@ -303,12 +303,11 @@ class LatentRewardModel(torch.nn.Module):
             json.dump({**self.config, "g": self.g}, config_file, indent=2)
 
     @classmethod
-    def from_pretrained(cls, lrm_dir, base=None, force=False, text=None):
+    def from_pretrained(cls, lrm_dir, base=None, force=False):
         """An LRM folder of lrm.py, or of the official release (unet/, text_encoder*/ if trained,
         state_dict.pt; no config or tokenizers: those come from `base`, g = 7.5 as in its code).
         With `base`, refuse an LRM of another latent space unless force. Refuses non-finite
-        weights (a diverged training run). text: the base pipeline's (encoders, tokenizers), taken
-        as they are where the LRM's are the base's frozen ones (SD3: one T5-XXL, not two)."""
+        weights (a diverged training run)."""
         config_path = os.path.join(lrm_dir, "lrm_config.json")
         official = not os.path.exists(config_path)
         if official:
@@ -322,9 +321,8 @@ class LatentRewardModel(torch.nn.Module):
         # the release's tokenizers and frozen encoders, and all of SD3's, are the base's
         from_base = official or isinstance(denoiser, SD3Transformer2DModel)
         fallback = resolve_model(config["base"]) if from_base else None
-        if text is None or not isinstance(denoiser, SD3Transformer2DModel):
-            text = load_text_encoders(lrm_dir, config["text_encoders"], fallback)
-        lrm = cls(denoiser, *text, config)
+        encoders = load_text_encoders(lrm_dir, config["text_encoders"], fallback)
+        lrm = cls(denoiser, *encoders, config)
         heads = torch.load(os.path.join(lrm_dir, "state_dict.pt"), map_location="cpu",
                            weights_only=True)
         want = {name: head.weight.shape for name, head in lrm.heads().items()}
@@ -353,11 +351,12 @@ class LatentRewardModel(torch.nn.Module):
         else:
             model = self.unet
             blocks = [*model.down_blocks, model.mid_block]
-            units = [part for block in blocks for part in block.resnets]
-            units += [part for block in blocks for part in getattr(block, "attentions", None) or []]
-            units += blocks + [model.time_embedding, model.add_embedding, model.conv_in]
+            parts = [[*block.resnets, *(getattr(block, "attentions", None) or [])]
+                     for block in blocks]
+            units = [part for inner in parts for part in inner] + blocks
+            units += [model.time_embedding, getattr(model, "add_embedding", None), model.conv_in]
         encoders = list(self.text_encoders) if self.text_trained else []
-        layers = [layer for encoder in encoders for layer in encoder.text_model.encoder.layers]
+        layers = [layer for encoder in encoders for layer in encoder.encoder.layers]
         return [unit for unit in units + layers + encoders + list(self.heads().values())
                 if unit is not None]
 
@@ -368,7 +367,7 @@ class LatentRewardModel(torch.nn.Module):
         encoders = list(self.text_encoders)
         position = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}
         rows = torch.tensor([position[prompt] for prompt in prompts])  # (B,) row of each prompt
-        # in the denoiser's dtype: text encoders shared with a pipeline may hold another one
+        # in the denoiser's dtype: text encoders shared with a pipeline may be in another
         as_denoiser = partial(tree_map, lambda tensor: tensor.to(self.denoiser.dtype))
         distinct = as_denoiser(encode_prompt(encoders, self.tokenizers, list(position),
                                              self.resolution))

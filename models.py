@@ -143,10 +143,11 @@ def check_scheduler(base, num_inference_steps):
 
 
 # ----------------------------------------------------------------------------- loading
-def load_pipeline(base, device, dtype, vae=True):
+def load_pipeline(base, device, dtype, vae=True, lrm=None):
     """The base pipeline (DiffusionPipeline picks SD1.5's, SDXL's or SD3's class) with frozen text
     encoders, without its safety checker and image encoders (and VAE with vae=False: only images
-    need it); frozen weights in dtype."""
+    need it); frozen weights in dtype. lrm: one whose text encoders are the base's frozen ones
+    (SD3's), which the pipeline then uses instead of a second copy (one T5-XXL)."""
     components = DiffusionPipeline.load_config(base)
     optional = ["safety_checker", "feature_extractor", "image_encoder"] + ([] if vae else ["vae"])
     skipped = {name: None for name in optional if name in components}
@@ -154,6 +155,10 @@ def load_pipeline(base, device, dtype, vae=True):
         skipped["requires_safety_checker"] = False
     # loaded straight in dtype (bf16 / fp16 on a GPU; transformers keeps T5's wo layers in fp32
     # there): a LoRA added later keeps fp32 weights
+    if lrm is not None and not lrm.text_trained:
+        for name, encoder, tokenizer in zip(lrm.config["text_encoders"], lrm.text_encoders,
+                                            lrm.tokenizers):
+            skipped.update({name: encoder, name.replace("text_encoder", "tokenizer"): tokenizer})
     pipe = DiffusionPipeline.from_pretrained(base, dtype=dtype, **skipped).to(device)
     for encoder in text_encoders(pipe):
         encoder.requires_grad_(False)
@@ -179,21 +184,21 @@ def lrm_folder(path, hint):
     return os.path.join(local, subfolder)
 
 
-def load_lrm(folder, base, device, dtype, hint, pipe=None):
+def load_lrm(folder, base, device, dtype, hint, text_dtype=None):
     """A frozen Latent Reward Model for scoring (lrm_model's, without the parts score() never
     runs), or one line. from_pretrained reads lrm_config.json first and refuses another latent
     space than base's before loading weights; it also refuses non-finite weights (saved by a
     diverged training run: such an LRM would keep no pair). hint: a command that trains one.
-    pipe: the base pipeline, whose frozen text encoders an SD3 LRM then shares, as they are."""
+    text_dtype: frozen text encoders (SD3's) in it, not dtype, for a pipeline to share them."""
     from lrm_model import LatentRewardModel  # (it imports this module)
-    text = (text_encoders(pipe), tokenizers(pipe)) if pipe else None
     try:
-        lrm = LatentRewardModel.from_pretrained(lrm_folder(folder, hint), base=base, text=text)
+        lrm = LatentRewardModel.from_pretrained(lrm_folder(folder, hint), base=base)
     except (ValueError, OSError, RuntimeError, KeyError) as error:
         fail(f"--lrm {folder}: not a readable LRM ({type(error).__name__}): {first_line(error)}; "
              f"train one ({hint}) and pass its --out as --lrm")
     encoders = lrm.for_scoring().text_encoders
-    if pipe and not lrm.text_trained:  # the pipeline's: not cast
+    if text_dtype and not lrm.text_trained:  # kept out of the cast below
+        encoders.to(device, text_dtype)
         lrm.text_encoders = torch.nn.ModuleList()
     lrm.to(device, dtype).text_encoders = encoders
     return lrm

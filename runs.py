@@ -375,12 +375,14 @@ def restore_training(checkpoint, optimizer, lr):
     return checkpoint["step"], checkpoint["next_round"]
 
 
-def write_checkpoint(out, optimizer, step, next_round=None, **more):
+def write_checkpoint(out, optimizer, step, next_round=None, training=None, **more):
     """{out}/ckpt.pt, whole or not at all (kill points before / after ckpt): the optimizer's
-    parameters as one vector ("lora"), its state, the updates done, the next round, `more`."""
+    parameters as one vector ("lora") and its state (or `training`, the two as the caller gathered
+    them), the updates done, the next round, `more`."""
     kill_point("before ckpt")
-    state = dict(lora=torch.nn.utils.parameters_to_vector(trained(optimizer)).cpu(),
-                 optimizer=optimizer.state_dict(), step=step, next_round=next_round, **more)
+    training = training or dict(lora=torch.nn.utils.parameters_to_vector(trained(optimizer)).cpu(),
+                                optimizer=optimizer.state_dict())
+    state = dict(training, step=step, next_round=next_round, **more)
     path = os.path.join(out, "ckpt.pt")
     write_or_fail(path, atomic_torch_save, state, path)
     kill_point("after ckpt")
