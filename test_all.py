@@ -3605,9 +3605,15 @@ def test_memory_shards_the_lrm_step_over_world_ranks():
     trained = unet - sum(p.numel() for part in unused for p in part.parameters()) + clip_l + heads
     assert trained == 476_049_665
     units = memory.fsdp_units(bench.latent_reward_model(pipe, 512, copy_networks=False))
-    assert len(units) == 4 + 1 + 12 + 1 and sum(units) == trained   # down, mid, CLIP-L layers, root
-    down2 = sum(p.numel() for p in pipe.unet.down_blocks[2].parameters())   # the largest unit
-    assert max(units) == down2 == 139_992_320
+    # resnets and attentions (8 + 6 down, 2 + 1 mid), 5 blocks, 2 embeddings + conv_in, CLIP-L's 12
+    # layers and itself, the 2 heads; logit_scale
+    assert len(units) == 17 + 5 + 2 + 13 + 2 + 1 and sum(units) == trained and units[-1] == 1
+    blocks = [*pipe.unet.down_blocks, pipe.unet.mid_block]
+    parts = [part for block in blocks for part in [*block.resnets, *(getattr(block, "attentions", None) or [])]]
+    attention = max(sum(p.numel() for p in part.parameters()) for part in parts)
+    layers = sum(p.numel() for p in pipe.text_encoder.encoder.layers.parameters())
+    down2 = max(units)   # the largest unit: CLIP-L's own weights (token + position embeddings, LN)
+    assert down2 == clip_l - layers == 38_006_016 > attention == 34_760_960
     (step1, valid1), (step2, valid2) = [memory.estimate_lrm("sd15", bench.load_pipeline("sd15", "meta"), 512, world)
                                         for world in (1, 2)]
     assert step1["parameters"] == step2["parameters"] == trained + vae

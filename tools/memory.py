@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig,
                           CLIPVisionModelWithProjection, InstructBlipConfig,
                           InstructBlipForConditionalGeneration, T5Config)
-from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the stages
 import bench  # noqa: E402
@@ -185,17 +184,14 @@ def held(weights):
 
 
 def fsdp_units(model):
-    """Trained parameters of each of lrm.py's FSDP2 units of an LRM: a down block, the mid block, a
-    trained text-encoder layer, a joint block it runs; last the root's (the rest)."""
-    net = model.denoiser
-    if model.transformer is not None:
-        blocks = list(net.transformer_blocks[:model.blocks])
-    else:
-        blocks = [*net.down_blocks, net.mid_block]
-    encoders = model.text_encoders if model.text_trained else []
-    layers = [layer for encoder in encoders for layer in encoder.modules()
-              if isinstance(layer, CLIPEncoderLayer)]
-    units = [count([unit], trained=True) for unit in blocks + layers]
+    """Trained parameters each of lrm.py's FSDP2 units holds itself (the LRM's shard_units, inner
+    ones first: a unit's nested units hold their own); last the rest (logit_scale, kept whole)."""
+    claimed = set()
+    units = []
+    for unit in model.shard_units():
+        own = [p for p in unit.parameters() if p.requires_grad and p not in claimed]
+        claimed.update(own)
+        units.append(sum(p.numel() for p in own))
     return units + [count([model], trained=True) - sum(units)]
 
 
