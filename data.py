@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from datasets import DatasetDict, disable_progress_bars, load_dataset, load_from_disk
+from datasets import disable_progress_bars, load_dataset, load_from_disk
 from PIL import Image
 
 from runs import fail, first_line, warn
@@ -24,7 +24,6 @@ TABLES = {"csv": "csv", "tsv": "csv", "parquet": "parquet", "json": "json", "jso
           "arrow": "arrow"}
 # a folder's parquet files of a split: those of the first of these patterns that matches
 SPLIT_FILES = ("{}.parquet", "{}-*.parquet", "{}/*.parquet", "data/{}.parquet", "data/{}-*.parquet")
-SAVED = ("dataset_dict.json", "state.json")  # what save_to_disk writes: a DatasetDict, a Dataset
 CAPTION_COLUMNS = ("caption", "prompt", "Prompt", "text")  # PartiPrompts: a .tsv with "Prompt"
 PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "are_different")
 NUMBER = ("float", "int", "bool")
@@ -59,10 +58,11 @@ def open_split(data, split, **options):
         raise ValueError(f"{data}: unknown file type .{extension} (tables: {' '.join(TABLES)})")
     if extension == "tsv":
         options["delimiter"] = "\t"
+    if os.path.isfile(os.path.join(local, "dataset_dict.json")):  # save_to_disk: a folder a split
+        local = os.path.join(local, split)
     try:
-        if any(os.path.isfile(os.path.join(local, name)) for name in SAVED):
-            split_or_all = load_from_disk(local)
-            return split_or_all[split] if isinstance(split_or_all, DatasetDict) else split_or_all
+        if os.path.isfile(os.path.join(local, "state.json")):  # save_to_disk's Dataset
+            return load_from_disk(local)
         if files:
             return load_dataset(TABLES[extension], data_files=files, split="train", **options)
         return load_dataset(local, split=split, **options)
@@ -116,7 +116,7 @@ def load_prompts(source, split="train", n=0, unique=True, seed=None, strip=False
         if unique and seed is not None:
             size = min(n, len(chosen))
             picks = np.random.default_rng(seed).choice(len(chosen), size, replace=False)
-            chosen = [chosen[i] for i in np.sort(picks)]
+            chosen = [chosen[i] for i in sorted(picks)]  # in the order of the data
     except (OSError, ValueError) as error:
         fail(f"--prompts {source} (split {split}): cannot read prompts from it "
              f"({error_line(error)})")
@@ -140,7 +140,7 @@ def open_pairs(data, split, columns=PAIR_COLUMNS):
         kind = getattr(pairs.features[column], "dtype", "")
         if not kind.startswith(KINDS.get(column, kind)):
             raise ValueError(f"dataset {data!r} split {split!r}: column {column!r} holds "
-                             f"{kind or pairs.features[column]}, not {' / '.join(KINDS[column])}")
+                             f"{pairs.features[column]}, not {' / '.join(KINDS[column])}")
     return pairs
 
 
@@ -170,15 +170,13 @@ def pair_flags(pairs, data, split):
     (has_label, finite labels summing to > 0), different (two different images), usable
     (labelled, different, a caption), is_tie (label_0 == label_1). A split without a usable
     pair: ValueError with the counts."""
-    if not len(pairs):
-        raise ValueError(f"dataset {data!r} split {split!r} has no rows")
     table = pairs.with_format("numpy", columns=["label_0", "label_1", "has_label",
                                                 "are_different"])[:]
-    label_0, label_1 = (table[name].astype(np.float64) for name in ("label_0", "label_1"))
+    label_0, label_1 = (table[name].astype(float) for name in ("label_0", "label_1"))
     total = label_0 + label_1
     labelled = table["has_label"].astype(bool) & np.isfinite(total) & (total > 0)
     different = table["are_different"].astype(bool)
-    captioned = np.array([bool(caption and caption.strip()) for caption in pairs["caption"]])
+    captioned = np.array([bool(caption and caption.strip()) for caption in pairs["caption"]], bool)
     usable = labelled & different & captioned
     if not usable.any():
         raise ValueError(f"dataset {data!r} split {split!r}: no usable pair in its {len(pairs)} "

@@ -120,7 +120,6 @@ STRATEGIES = {  # the paper's three strategies differ in the aesthetic bound a o
     2: (-0.5, 0.0, 0.0, 0.2, 0.03, 0.07),
     3: (-1.0, 0.0, 0.0, 0.2, 0.03, 0.07),
 }
-SCORES = ("aesthetic", "clip", "vqa")
 GAP_COLS = ("aesthetic_gap", "clip_gap", "vqa_gap")
 HEADER = "index,different_flag,aesthetic_gap,clip_gap,vqa_gap,status\n"  # gaps.csv and its parts
 
@@ -130,7 +129,7 @@ def mpcf_keep(aes_gap, clip_gap, vqa_gap, is_tie, strategy=2, bounds=None):
     win-lose lower bounds on G_A, G_C, G_V, then tie bounds on |G_A|, |G_C|, |G_V|. Strict
     inequalities both ways: a win-lose pair exactly on a bound is dropped, and so is a tie exactly
     on one. NaN gaps (unscored) never pass."""
-    bounds = np.array(STRATEGIES[strategy] if bounds is None else bounds, dtype=np.float64)
+    bounds = np.array(STRATEGIES[strategy] if bounds is None else bounds)  # (6,)
     gaps = np.stack([aes_gap, clip_gap, vqa_gap], -1)  # (N, 3): G_A, G_C, G_V
     win = (gaps > bounds[:3]).all(-1)  # the winner is consistently not worse: G_A > a, ...
     tie = (np.abs(gaps) < bounds[3:]).all(-1)  # consistently a tie: |G_A| < ta, ...
@@ -141,7 +140,7 @@ def pair_gaps(scores_0, scores_1, label_0, label_1):
     """Winner minus loser of one per-image score; ties (labels equal): image 0 minus image 1.
     (N,) each -> (N,) float64"""
     sign = np.where(np.asarray(label_1) > np.asarray(label_0), -1.0, 1.0)  # (N,)
-    return (np.asarray(scores_0, np.float64) - np.asarray(scores_1, np.float64)) * sign
+    return (np.asarray(scores_0, float) - np.asarray(scores_1, float)) * sign  # float64
 
 
 def aesthetic_score(image_embeds, head):
@@ -163,7 +162,7 @@ def vqa_score(vlm, processor, question, images, captions):
     failing batch would fail on every --resume). Decoder-only LMs: pad left. T5-style encoders: pad
     right, as left pads (after the image tokens) would shift the text's relative positions."""
     prompts = [f"Question: {question.format(caption=c[:1000])} Answer:" for c in captions]
-    text_config = getattr(vlm.config, "text_config", vlm.config)
+    text_config = vlm.config.get_text_config()  # the VLM's language model
     processor.tokenizer.padding_side = "right" if text_config.is_encoder_decoder else "left"
     inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True).to(
         device=vlm.device, dtype=vlm.dtype)  # casts the float tensors only
@@ -254,7 +253,7 @@ def score_batch(scorer, rows):
         captions = [rows["caption"][k] for k in picked]
         scores = scorer([side[k] for side in images for k in picked], captions + captions)
         labels = np.array([rows["label_0"], rows["label_1"]])[:, picked]  # (2, m)
-        for column, key in enumerate(SCORES):  # scores: images 0, then images 1, (m,) each
+        for column, key in enumerate(("aesthetic", "clip", "vqa")):  # images 0, then images 1
             gaps[picked, column] = pair_gaps(*np.reshape(scores[key], (2, -1)), *labels)
     return gaps, decoded
 
@@ -270,8 +269,8 @@ def append_lines(path, lines):
 
 def read_parts(out):
     """All ranks' scored rows so far, one per dataset index (the last one written)."""
-    parts = sorted(glob.glob(os.path.join(out, "gaps.part*.csv")))
-    tables = [pd.read_csv(path) for path in parts if os.path.getsize(path)]  # 0: killed early
+    tables = [pd.read_csv(path) for path in sorted(glob.glob(os.path.join(out, "gaps.part*.csv")))
+              if os.path.getsize(path)]  # 0 bytes: killed before its header reached the disk
     rows = pd.concat(tables) if tables else pd.read_csv(io.StringIO(HEADER))
     return rows.drop_duplicates("index", keep="last").set_index("index")
 
@@ -287,7 +286,7 @@ def score(cfg, pairs, labels, rank, world, device):
     done = set(read_parts(cfg.out).index)
     barrier()  # every rank has read the parts before any rank appends to them
     todo = np.flatnonzero(labels.usable[:cfg.max_pairs or None]).tolist()  # (all ranks)
-    mine = [i for i in todo if i not in done][rank::world]
+    mine = sorted(set(todo) - done)[rank::world]
     scorer = load_scorers(cfg, device)
     path = os.path.join(cfg.out, f"gaps.part{rank}.csv")
     unreadable, start = 0, time.time()
@@ -324,15 +323,13 @@ def read_gaps(path, num_rows):
     try:
         table = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
         table = table.set_index("index").sort_index() if "index" in table else table
-        gaps = table[list(GAP_COLS)].to_numpy(dtype=np.float64)
+        gaps = table[list(GAP_COLS)].to_numpy(float)
     except (OSError, ValueError, KeyError, TypeError) as error:  # (UnicodeDecodeError too)
         fail(f"--gaps {path}: cannot read numbers from its columns {', '.join(GAP_COLS)} "
              f"({error_line(error)})")
-    index = table.index
-    if not index.equals(pd.RangeIndex(num_rows)):
-        held = f"{len(index)} rows ({index.min()}..{index.max()})" if len(index) else "no rows"
-        fail(f"--gaps {path} has {held}, the split rows 0..{num_rows - 1} (matched by its index "
-             "column, else by position): not row-aligned, refusing it")
+    if not table.index.equals(pd.RangeIndex(num_rows)):
+        fail(f"--gaps {path} has {len(table) or 'no'} rows, not row-aligned with the split's rows "
+             f"0..{num_rows - 1} (matched by its index column, else by position)")
     return gaps
 
 
