@@ -285,7 +285,7 @@ def score(cfg, pairs, labels, rank, world, device):
     barrier()
     done = set(read_parts(cfg.out).index)
     barrier()  # every rank has read the parts before any rank appends to them
-    todo = np.flatnonzero(labels.usable[:cfg.max_pairs or None]).tolist()  # (all ranks)
+    todo = np.flatnonzero(labels.usable[:cfg.max_pairs or None]).tolist()  # the same on all ranks
     mine = sorted(set(todo) - done)[rank::world]
     scorer = load_scorers(cfg, device)
     path = os.path.join(cfg.out, f"gaps.part{rank}.csv")
