@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
-from datasets import DatasetDict, disable_progress_bars, load_dataset, load_from_disk
+import pyarrow.parquet as pq
+from datasets import disable_progress_bars, load_dataset, load_from_disk
 from PIL import Image
 
 from runs import fail, first_line, warn
@@ -23,7 +24,6 @@ TABLES = {"csv": "csv", "tsv": "csv", "parquet": "parquet", "json": "json", "jso
           "arrow": "arrow"}
 # a folder's parquet files of a split: those of the first of these patterns that matches
 SPLIT_FILES = ("{}.parquet", "{}-*.parquet", "{}/*.parquet", "data/{}.parquet", "data/{}-*.parquet")
-SAVED = ("dataset_dict.json", "state.json")  # what save_to_disk writes: a DatasetDict, a Dataset
 CAPTION_COLUMNS = ("caption", "prompt", "Prompt", "text")  # PartiPrompts: a .tsv with "Prompt"
 PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "are_different")
 NUMBER = ("float", "int", "bool")
@@ -52,33 +52,25 @@ def open_split(data, split, **options):
     disable_progress_bars()
     local = local_path(data)
     found = [sorted(glob.glob(os.path.join(local, name.format(split)))) for name in SPLIT_FILES]
-    builder, files = "parquet", next(filter(None, found), [])  # the first pattern's files
-    if os.path.isfile(local):
-        extension = local.rsplit(".", 1)[-1].lower()
-        if extension not in TABLES:
-            raise ValueError(f"{data}: unknown file type .{extension} (tables: {' '.join(TABLES)})")
-        builder, files = TABLES[extension], local
-        if extension == "tsv":
-            options["delimiter"] = "\t"
+    files = [local] if os.path.isfile(local) else next(filter(None, found), [])  # the first match
+    extension = files[0].rsplit(".", 1)[-1].lower() if files else ""
+    if files and extension not in TABLES:
+        raise ValueError(f"{data}: unknown file type .{extension} (tables: {' '.join(TABLES)})")
+    if extension == "tsv":
+        options["delimiter"] = "\t"
+    if os.path.isfile(os.path.join(local, "dataset_dict.json")):  # save_to_disk: a folder a split
+        local = os.path.join(local, split)
     try:
-        if any(os.path.isfile(os.path.join(local, name)) for name in SAVED):
-            split_or_all = load_from_disk(local)
-            return split_or_all[split] if isinstance(split_or_all, DatasetDict) else split_or_all
+        if os.path.isfile(os.path.join(local, "state.json")):  # save_to_disk's Dataset
+            return load_from_disk(local)
         if files:
-            return load_dataset(builder, data_files=files, split="train", **options)
-        return load_dataset(local if os.path.isdir(local) else data, split=split, **options)
-    except Exception as error:
-        if builder == "parquet" and files and not parquet_rows(files):  # datasets: a vague error
+            return load_dataset(TABLES[extension], data_files=files, split="train", **options)
+        return load_dataset(local, split=split, **options)
+    except Exception as error:  # datasets says no more than that for parquet files without rows
+        if extension == "parquet" and not sum(pq.read_metadata(path).num_rows for path in files):
             raise ValueError(f"dataset {data!r} split {split!r} has no rows") from None
         raise ValueError(f"dataset {data!r} has no readable split {split!r} "
                          f"({error_line(error)})") from None
-
-
-def parquet_rows(files):
-    """The rows of parquet files (a path or a list of them), from their footers."""
-    import pyarrow.parquet
-    paths = [files] if isinstance(files, str) else files
-    return sum(pyarrow.parquet.ParquetFile(path).metadata.num_rows for path in paths)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -123,8 +115,8 @@ def load_prompts(source, split="train", n=0, unique=True, seed=None, strip=False
         chosen = list(dict.fromkeys(captions) if unique else itertools.islice(captions, n or None))
         if unique and seed is not None:
             size = min(n, len(chosen))
-            picks = np.random.default_rng(seed).choice(len(chosen), size=size, replace=False)
-            chosen = [chosen[i] for i in np.sort(picks)]
+            picks = np.random.default_rng(seed).choice(len(chosen), size, replace=False)
+            chosen = [chosen[i] for i in sorted(picks)]  # in the order of the data
     except (OSError, ValueError) as error:
         fail(f"--prompts {source} (split {split}): cannot read prompts from it "
              f"({error_line(error)})")
@@ -141,15 +133,14 @@ def open_pairs(data, split, columns=PAIR_COLUMNS):
     """A Pick-a-Pic-schema split with `columns`, holding what they must (captions text, labels
     numbers); images stay as stored. ValueError names what is missing or wrong."""
     pairs = open_split(data, split)
-    missing = [column for column in columns if column not in pairs.column_names]
-    if missing:
-        raise ValueError(f"dataset {data!r} split {split!r} lacks the Pick-a-Pic columns "
-                         f"{missing} (it has {pairs.column_names})")
     for column in columns:
+        if column not in pairs.features:
+            raise ValueError(f"dataset {data!r} split {split!r} lacks the Pick-a-Pic column "
+                             f"{column!r} (it has {pairs.column_names})")
         kind = getattr(pairs.features[column], "dtype", "")
         if not kind.startswith(KINDS.get(column, kind)):
             raise ValueError(f"dataset {data!r} split {split!r}: column {column!r} holds "
-                             f"{kind or pairs.features[column]}, not {' / '.join(KINDS[column])}")
+                             f"{pairs.features[column]}, not {' / '.join(KINDS[column])}")
     return pairs
 
 
@@ -166,39 +157,34 @@ def read_keep(keep, n_rows):
             rows = read(path)["index"].tolist()
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"--keep {keep}: not a list of row indices ({error!r})") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"--keep {keep}: expected a list of integer row indices")
-    wrong = [row for row in rows if not isinstance(row, int) or not 0 <= row < n_rows]
+    wrong = ([row for row in rows if not isinstance(row, int) or not 0 <= row < n_rows]
+             if isinstance(rows, list) else [rows])
     if wrong:
-        raise ValueError(f"--keep {keep}: row {wrong[0]!r} is outside the train split's "
-                         f"{n_rows} rows (a keep file of another dataset?)")
+        raise ValueError(f"--keep {keep}: expected a list of the train split's row indices "
+                         f"0..{n_rows - 1}, found {wrong[0]!r:.80} (of another dataset?)")
     return sorted(rows)
 
 
 def pair_flags(pairs, data, split):
     """The one rule every stage judges a Pick-a-Pic split by, numpy (N,) flags: labelled
     (has_label, finite labels summing to > 0), different (two different images), usable
-    (labelled, different, a caption),
-    is_tie (label_0 == label_1), label_0, label_1. A split without a usable pair: ValueError with
-    the counts."""
+    (labelled, different, a caption), is_tie (label_0 == label_1). A split without a usable
+    pair: ValueError with the counts."""
     table = pairs.with_format("numpy", columns=["label_0", "label_1", "has_label",
                                                 "are_different"])[:]
-    label_0 = table["label_0"].astype(np.float64)
-    label_1 = table["label_1"].astype(np.float64)
+    label_0, label_1 = (table[name].astype(float) for name in ("label_0", "label_1"))
     total = label_0 + label_1
     labelled = table["has_label"].astype(bool) & np.isfinite(total) & (total > 0)
     different = table["are_different"].astype(bool)
-    captioned = np.array([bool(caption and caption.strip()) for caption in pairs["caption"]])
+    captioned = np.array([bool(caption and caption.strip()) for caption in pairs["caption"]], bool)
     usable = labelled & different & captioned
-    if len(pairs) and not usable.any():
+    if not usable.any():
         raise ValueError(f"dataset {data!r} split {split!r}: no usable pair in its {len(pairs)} "
                          f"rows ({(~labelled).sum()} without labels or with non-finite ones, "
                          f"{(~different).sum()} of identical images, {(~captioned).sum()} with a "
                          "blank caption)")
-    if not len(pairs):
-        raise ValueError(f"dataset {data!r} split {split!r} has no rows")
     return SimpleNamespace(labelled=labelled, different=different, usable=usable,
-                           is_tie=label_0 == label_1, label_0=label_0, label_1=label_1)
+                           is_tie=label_0 == label_1)
 
 
 def load_pairs(data, split, keep=""):

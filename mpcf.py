@@ -86,19 +86,16 @@ def get_config(argv=None):
     argv = command_line(__file__, argv)
     if argv and argv[0] in STEPS:  # the step as the first word: `mpcf.py filter ...`
         argv = ["--step", *argv]
-    model = peek(argv, "model", Config.model)
-    if model not in PRESETS:
-        fail(f"--model {model}: expected one of {', '.join(PRESETS)}")
-    cfg = parse_config(Config, {**asdict(Config()), **PRESETS[model]}, __doc__, argv)
-    cfg.out = cfg.out or f"runs/mpcf-{model}"
-    if cfg.step not in STEPS:
-        fail(f"--step {cfg.step}: expected one of {', '.join(STEPS)}")
+    preset = PRESETS.get(peek(argv, "model", Config.model), TINY)  # an unknown one: refused below
+    cfg = parse_config(Config, {**asdict(Config()), **preset}, __doc__, argv)
+    for name, choices in (("model", PRESETS), ("step", STEPS), ("scorers", ("tiny", "real"))):
+        if getattr(cfg, name) not in choices:
+            fail(f"--{name} {getattr(cfg, name)}: expected one of {', '.join(choices)}")
+    cfg.out = cfg.out or f"runs/mpcf-{cfg.model}"
     if cfg.gaps and cfg.step != "filter":
         fail(f"--gaps {cfg.gaps} is an input of the filter step: run `mpcf.py filter --gaps FILE`")
     cfg.gaps = cfg.gaps or os.path.join(cfg.out, "gaps.csv")
     rule_bounds(cfg)
-    if cfg.scorers not in ("tiny", "real"):
-        fail(f"--scorers {cfg.scorers}: expected tiny or real")
     if cfg.step == "filter" and not os.path.isfile(cfg.gaps):
         fail(f"no gaps file at {cfg.gaps}: run `python mpcf.py score` first, or pass --gaps FILE")
     return cfg
@@ -123,7 +120,6 @@ STRATEGIES = {  # the paper's three strategies differ in the aesthetic bound a o
     2: (-0.5, 0.0, 0.0, 0.2, 0.03, 0.07),
     3: (-1.0, 0.0, 0.0, 0.2, 0.03, 0.07),
 }
-SCORES = ("aesthetic", "clip", "vqa")
 GAP_COLS = ("aesthetic_gap", "clip_gap", "vqa_gap")
 HEADER = "index,different_flag,aesthetic_gap,clip_gap,vqa_gap,status\n"  # gaps.csv and its parts
 
@@ -133,21 +129,18 @@ def mpcf_keep(aes_gap, clip_gap, vqa_gap, is_tie, strategy=2, bounds=None):
     win-lose lower bounds on G_A, G_C, G_V, then tie bounds on |G_A|, |G_C|, |G_V|. Strict
     inequalities both ways: a win-lose pair exactly on a bound is dropped, and so is a tie exactly
     on one. NaN gaps (unscored) never pass."""
-    a, c, v, ta, tc, tv = STRATEGIES[strategy] if bounds is None else bounds
-    gaps = (aes_gap, clip_gap, vqa_gap)
-    g_a, g_c, g_v = (torch.as_tensor(gap, dtype=torch.float64) for gap in gaps)
-    win = (g_a > a) & (g_c > c) & (g_v > v)  # the winner is consistently not worse
-    tie = (g_a.abs() < ta) & (g_c.abs() < tc) & (g_v.abs() < tv)  # consistently a tie
-    return torch.where(torch.as_tensor(is_tie, dtype=torch.bool), tie, win)
+    bounds = np.array(STRATEGIES[strategy] if bounds is None else bounds)  # (6,)
+    gaps = np.stack([aes_gap, clip_gap, vqa_gap], -1)  # (N, 3): G_A, G_C, G_V
+    win = (gaps > bounds[:3]).all(-1)  # the winner is consistently not worse: G_A > a, ...
+    tie = (np.abs(gaps) < bounds[3:]).all(-1)  # consistently a tie: |G_A| < ta, ...
+    return np.where(is_tie, tie, win)
 
 
 def pair_gaps(scores_0, scores_1, label_0, label_1):
     """Winner minus loser of one per-image score; ties (labels equal): image 0 minus image 1.
     (N,) each -> (N,) float64"""
-    sign = torch.where(torch.as_tensor(label_1) > torch.as_tensor(label_0), -1.0, 1.0)  # (N,)
-    scores_0 = torch.as_tensor(scores_0, dtype=torch.float64)
-    scores_1 = torch.as_tensor(scores_1, dtype=torch.float64)
-    return (scores_0 - scores_1) * sign
+    sign = np.where(np.asarray(label_1) > np.asarray(label_0), -1.0, 1.0)  # (N,)
+    return (np.asarray(scores_0, float) - np.asarray(scores_1, float)) * sign  # float64
 
 
 def aesthetic_score(image_embeds, head):
@@ -160,9 +153,7 @@ def clip_score(image_embeds, text_embeds, logit_scale=None):
     """cos(image, text) per row; PickScore multiplies it by exp(logit_scale) (Kirstain et al.
     2023). (N, D), (N, D) -> (N,)"""
     cosine = F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
-    if logit_scale is None:
-        return cosine
-    return logit_scale.float().exp() * cosine
+    return cosine if logit_scale is None else logit_scale.float().exp() * cosine
 
 
 def vqa_score(vlm, processor, question, images, captions):
@@ -171,7 +162,7 @@ def vqa_score(vlm, processor, question, images, captions):
     failing batch would fail on every --resume). Decoder-only LMs: pad left. T5-style encoders: pad
     right, as left pads (after the image tokens) would shift the text's relative positions."""
     prompts = [f"Question: {question.format(caption=c[:1000])} Answer:" for c in captions]
-    text_config = getattr(vlm.config, "text_config", vlm.config)
+    text_config = vlm.config.get_text_config()  # the VLM's language model
     processor.tokenizer.padding_side = "right" if text_config.is_encoder_decoder else "left"
     inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True).to(
         device=vlm.device, dtype=vlm.dtype)  # casts the float tensors only
@@ -229,20 +220,20 @@ def load_scorers(cfg, device):
     from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPModel,
                               CLIPVisionModelWithProjection)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    paths = (cfg.aesthetic_clip, cfg.clip_model, cfg.vqa_model)
-    kinds = (CLIPVisionModelWithProjection, CLIPModel, AutoModelForImageTextToText)
+
+    def load(kind, path):  # a model (from_pretrained leaves it in eval mode) and its processor
+        model = kind.from_pretrained(path, dtype=dtype).to(device)
+        return model, AutoProcessor.from_pretrained(path)
     try:
         head = load_aesthetic_head(cfg.aesthetic_mlp).to(device)  # fp32: a tiny head
-        (vision, aesthetic_processor), (clip, clip_processor), (vlm, vqa_processor) = [
-            (kind.from_pretrained(path, dtype=dtype).to(device),
-             AutoProcessor.from_pretrained(path)) for kind, path in zip(kinds, paths)]
+        scorers = dict(
+            aesthetic=clip_scorer(*load(CLIPVisionModelWithProjection, cfg.aesthetic_clip), head),
+            clip=clip_scorer(*load(CLIPModel, cfg.clip_model)),
+            vqa=partial(vqa_score, *load(AutoModelForImageTextToText, cfg.vqa_model),
+                        cfg.vqa_question))
     except (OSError, ValueError) as error:
         fail(f"cannot load a scorer ({error_line(error)}): check --aesthetic_mlp, "
              "--aesthetic_clip, --clip_model and --vqa_model")
-    # from_pretrained leaves a model in eval mode
-    scorers = dict(aesthetic=clip_scorer(vision, aesthetic_processor, head),
-                   clip=clip_scorer(clip, clip_processor),
-                   vqa=partial(vqa_score, vlm, vqa_processor, cfg.vqa_question))
 
     @torch.no_grad()
     def score_images(images, captions):
@@ -251,16 +242,6 @@ def load_scorers(cfg, device):
 
 
 # ----------------------------------------------------------------------------- the two steps
-def load_pairs(path, split):
-    """A Pick-a-Pic-schema split (data.open_pairs) and its flags by the one rule of the stages
-    (data.pair_flags: labelled, different, usable, is_tie)."""
-    try:
-        pairs = open_pairs(path, split)
-        return pairs, pair_flags(pairs, path, split)
-    except ValueError as error:
-        fail(first_line(error))
-
-
 def score_batch(scorer, rows):
     """Gaps (B, 3) of one batch of rows, NaN where an image cannot be decoded; decoded (B,).
     One scorer call on the 2m decoded pairs' images: the m images 0, then the m images 1."""
@@ -272,22 +253,24 @@ def score_batch(scorer, rows):
         captions = [rows["caption"][k] for k in picked]
         scores = scorer([side[k] for side in images for k in picked], captions + captions)
         labels = np.array([rows["label_0"], rows["label_1"]])[:, picked]  # (2, m)
-        for column, key in enumerate(SCORES):  # scores: images 0, then images 1, (m,) each
-            gaps[picked, column] = pair_gaps(*np.reshape(scores[key], (2, -1)), *labels).numpy()
+        for column, key in enumerate(("aesthetic", "clip", "vqa")):  # images 0, then images 1
+            gaps[picked, column] = pair_gaps(*np.reshape(scores[key], (2, -1)), *labels)
     return gaps, decoded
 
 
-def append_lines(part, lines):
-    """On disk, fsync'd: a killed run loses at most the batch in flight."""
-    part.writelines(lines)
-    part.flush()
-    os.fsync(part.fileno())
+def append_lines(path, lines):
+    """Append to a part file (its header first), fsync'd: a kill loses at most the batch in
+    flight."""
+    with open(path, "a") as part:
+        part.writelines(([] if part.tell() else [HEADER]) + lines)
+        part.flush()
+        os.fsync(part.fileno())
 
 
 def read_parts(out):
     """All ranks' scored rows so far, one per dataset index (the last one written)."""
-    parts = sorted(glob.glob(os.path.join(out, "gaps.part*.csv")))
-    tables = [pd.read_csv(path) for path in parts if os.path.getsize(path)]  # 0: killed early
+    tables = [pd.read_csv(path) for path in sorted(glob.glob(os.path.join(out, "gaps.part*.csv")))
+              if os.path.getsize(path)]  # 0 bytes: killed before its header reached the disk
     rows = pd.concat(tables) if tables else pd.read_csv(io.StringIO(HEADER))
     return rows.drop_duplicates("index", keep="last").set_index("index")
 
@@ -302,25 +285,21 @@ def score(cfg, pairs, labels, rank, world, device):
     barrier()
     done = set(read_parts(cfg.out).index)
     barrier()  # every rank has read the parts before any rank appends to them
-    todo = np.flatnonzero(labels.usable[:cfg.max_pairs or None]).tolist()
-    mine = [i for i in todo if i not in done][rank::world]
+    todo = np.flatnonzero(labels.usable[:cfg.max_pairs or None]).tolist()  # the same on all ranks
+    mine = sorted(set(todo) - done)[rank::world]
     scorer = load_scorers(cfg, device)
-    unreadable = 0
-    start = time.time()
     path = os.path.join(cfg.out, f"gaps.part{rank}.csv")
-    with open(path, "a") as part:
-        lines = [] if part.tell() else [HEADER]
-        batches = tqdm(range(0, len(mine), cfg.batch_size), disable=rank != 0, desc="mpcf score")
-        for number, first in enumerate(batches, 1):
-            index = mine[first:first + cfg.batch_size]
-            gaps, decoded = score_batch(scorer, pairs[index])
-            lines += [f"{i},{int(not labels.is_tie[i])},{aes!r},{clip!r},{vqa!r},"
-                      f"{'ok' if ok else 'unreadable'}\n"
-                      for i, (aes, clip, vqa), ok in zip(index, gaps.tolist(), decoded)]
-            write_or_fail(path, append_lines, part, lines)
-            lines = []
-            kill_point(f"scored batch {number}")
-            unreadable += int((~decoded).sum())
+    unreadable, start = 0, time.time()
+    batches = tqdm(range(0, len(mine), cfg.batch_size), disable=rank != 0, desc="mpcf score")
+    for number, first in enumerate(batches, 1):
+        index = mine[first:first + cfg.batch_size]
+        gaps, decoded = score_batch(scorer, pairs[index])
+        write_or_fail(path, append_lines, path, [
+            f"{i},{int(not labels.is_tie[i])},{aes!r},{clip!r},{vqa!r},"
+            f"{'ok' if ok else 'unreadable'}\n"
+            for i, (aes, clip, vqa), ok in zip(index, gaps.tolist(), decoded)])
+        kill_point(f"scored batch {number}")
+        unreadable += int((~decoded).sum())
     log_jsonl(os.path.join(cfg.out, "log.jsonl"), dict(
         step="score", rank=rank, pairs=len(mine), unreadable=unreadable,
         seconds=round(time.time() - start, 1)))
@@ -329,8 +308,8 @@ def score(cfg, pairs, labels, rank, world, device):
         return
     table = read_parts(cfg.out).reindex(pd.RangeIndex(len(labels.usable), name="index"))
     table["different_flag"] = np.where(labels.labelled, ~labels.is_tie, -1)
-    unusable = [~labels.labelled, ~labels.different, ~labels.usable]
-    table["status"] = np.select(unusable, ["no_label", "identical", "blank_caption"],
+    table["status"] = np.select([~labels.labelled, ~labels.different, ~labels.usable],
+                                ["no_label", "identical", "blank_caption"],
                                 table["status"].fillna("unscored"))
     write_text(cfg.gaps, table.to_csv())
     counts = table["status"].value_counts().to_dict()
@@ -343,35 +322,27 @@ def read_gaps(path, num_rows):
     """The (N, 3) gaps of a CSV or parquet file, row-aligned with the split (by `index` if any)."""
     try:
         table = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
-    except (OSError, ValueError) as error:  # (UnicodeDecodeError too)
-        fail(f"--gaps {path}: cannot read it ({error_line(error)})")
-    if "index" in table.columns:
-        table = table.sort_values("index")
-    index = table.get("index", pd.RangeIndex(len(table))).to_numpy()
-    if not np.array_equal(index, np.arange(num_rows)):
-        held = f"{len(index)} rows ({index.min()}..{index.max()})" if len(index) else "no rows"
-        fail(f"--gaps {path} has {held}, the split rows 0..{num_rows - 1} (matched by its index "
-             "column, else by position): not row-aligned, refusing it")
-    try:
-        return table[list(GAP_COLS)].to_numpy(dtype=np.float64)
-    except KeyError:
-        fail(f"--gaps {path} lacks a gap column: it needs {', '.join(GAP_COLS)}")
-    except (ValueError, TypeError):
-        fail(f"--gaps {path}: its gap columns hold something else than numbers")
+        table = table.set_index("index").sort_index() if "index" in table else table
+        gaps = table[list(GAP_COLS)].to_numpy(float)
+    except (OSError, ValueError, KeyError, TypeError) as error:  # (UnicodeDecodeError too)
+        fail(f"--gaps {path}: cannot read numbers from its columns {', '.join(GAP_COLS)} "
+             f"({error_line(error)})")
+    if not table.index.equals(pd.RangeIndex(num_rows)):
+        fail(f"--gaps {path} has {len(table) or 'no'} rows, not row-aligned with the split's rows "
+             f"0..{num_rows - 1} (matched by its index column, else by position)")
+    return gaps
 
 
 def filter_pairs(cfg, pairs, labels):
     """Apply the MPCF rule to the gaps: OUT/keep.json, the log row, the printed counts."""
     gaps = read_gaps(cfg.gaps, len(pairs))  # (N, 3)
     bounds = rule_bounds(cfg)
-    usable = labels.usable
-    tie = labels.is_tie
-    keep = usable & mpcf_keep(*gaps.T, tie, bounds=bounds).numpy()  # (N,)
-    rows = dict(win_lose=usable & ~tie, win_lose_kept=keep & ~tie, ties=usable & tie,
-                ties_kept=keep & tie, no_label=~labels.labelled,
-                identical=labels.labelled & ~labels.different,
-                unscored=usable & ~np.isfinite(gaps).all(1))
-    counts = {name: int(counted.sum()) for name, counted in rows.items()}
+    usable, tie = labels.usable, labels.is_tie
+    keep = usable & mpcf_keep(*gaps.T, tie, bounds=bounds)  # (N,)
+    counts = {name: int(rows.sum()) for name, rows in dict(
+        win_lose=usable & ~tie, win_lose_kept=keep & ~tie, ties=usable & tie, ties_kept=keep & tie,
+        no_label=~labels.labelled, identical=labels.labelled & ~labels.different,
+        unscored=usable & ~np.isfinite(gaps).all(1)).items()}
     kept = np.flatnonzero(keep).tolist()
     path = os.path.join(cfg.out, "keep.json")
     write_text(path, json.dumps(kept))
@@ -392,7 +363,11 @@ def main(cfg):
         torch.set_num_threads(cfg.threads)
     rank, world, device = setup_distributed(cfg.dist_timeout)
     prepare_run_folder(cfg.out, cfg.resume or cfg.step == "filter")  # filter may be rerun
-    pairs, labels = load_pairs(cfg.data, cfg.split)
+    try:  # a Pick-a-Pic-schema split and its flags by the one rule of the stages (data.py)
+        pairs = open_pairs(cfg.data, cfg.split)
+        labels = pair_flags(pairs, cfg.data, cfg.split)  # labelled, different, usable, is_tie
+    except ValueError as error:
+        fail(first_line(error))
     if cfg.step != "filter":
         score(cfg, pairs, labels, rank, world, device)
     close_distributed()  # every rank waits for rank 0's gaps.csv
