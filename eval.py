@@ -33,6 +33,7 @@ from operator import itemgetter
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import sample
@@ -75,10 +76,8 @@ KNOWN = ("pickscore", "clip", "aesthetic", "lrm", "judge", "hpsv2", "imagereward
 def get_config(argv=None):
     """sample.py's options and checks, and the scorers'."""
     cfg = parse_stage(__file__, Config, PRESETS, __doc__, argv)
-    if bool(cfg.base_dir) != bool(cfg.tuned_dir):
-        fail("give both --base_dir and --tuned_dir, or neither")
-    if not (cfg.base_dir or cfg.lora or cfg.unet):
-        fail("nothing to compare: give --lora or --unet (sampled here), or --base_dir and "
+    if bool(cfg.base_dir) != bool(cfg.tuned_dir) or not (cfg.base_dir or cfg.lora or cfg.unet):
+        fail("nothing to compare: give --lora or --unet (sampled here), or both --base_dir and "
              "--tuned_dir")
     every = names(f"{cfg.scorers},{cfg.extra_scorers}")
     unknown = sorted(set(every).difference(KNOWN))
@@ -97,22 +96,19 @@ def win_rate(scores_tuned, scores_base, n_boot=10_000, seed=0, groups=None):
     """Win-rate of tuned over base: mean over pairs of 1 (tuned higher), 0.5 (tie), 0 (lower),
     with a percentile-bootstrap 95% interval; `groups` (e.g. prompt ids) resamples whole groups
     (one group only: the pairs themselves). (N,), (N,) -> (rate, low, high)"""
-    tuned = np.asarray(scores_tuned, np.float64)
-    base = np.asarray(scores_base, np.float64)
-    same_shape = tuned.shape == base.shape and tuned.ndim == 1 and tuned.size
-    if not same_shape or not np.isfinite(tuned + base).all():
+    pairs = np.array([scores_tuned, scores_base], np.float64)  # (2, N)
+    if pairs.ndim != 2 or not pairs.size or not np.isfinite(pairs).all():
         raise ValueError(f"win_rate: need two equal-length non-empty 1-D finite arrays, got "
-                         f"{tuned.shape} and {base.shape}")
+                         f"{pairs.shape}")
+    tuned, base = pairs
     wins = (tuned > base) + 0.5 * (tuned == base)  # (N,) in {0, 0.5, 1}
     if groups is None or len(set(groups)) < 2:
         groups = np.arange(len(wins))
     group_of = np.unique(groups, return_inverse=True)[1]  # (N,) in 0..G-1
     sums = np.bincount(group_of, weights=wins)  # (G,) per-group totals
-    counts = np.bincount(group_of)  # (G,)
     picks = np.random.default_rng(seed).integers(len(sums), size=(n_boot, len(sums)))  # (n_boot, G)
-    rates = sums[picks].sum(1) / counts[picks].sum(1)  # (n_boot,) resampled win-rates
-    low, high = np.percentile(rates, [2.5, 97.5])
-    return float(wins.mean()), float(low), float(high)
+    rates = sums[picks].sum(1) / np.bincount(group_of)[picks].sum(1)  # (n_boot,) resampled rates
+    return tuple(map(float, (wins.mean(), *np.percentile(rates, [2.5, 97.5]))))
 
 
 # ----------------------------------------------------------------------------- scorers
@@ -130,18 +126,14 @@ def load_clip_scorer(name, cfg, device, dtype):
     aesthetic predictor on the CLIP-L/14 image embedding, MPCF's G_A (mpcf.clip_scorer, all
     three). -> fn(images, prompts) -> {name: (B,) values}"""
     from transformers import CLIPModel, CLIPProcessor
-    path = {"pickscore": cfg.pickscore, "clip": cfg.clip, "aesthetic": cfg.aesthetic_clip}[name]
-    processor_path = cfg.pickscore_processor if name == "pickscore" else path
+    path = cfg.aesthetic_clip if name == "aesthetic" else getattr(cfg, name)
     model = load_or_fail(name, path, CLIPModel.from_pretrained, dtype=dtype).to(device)
-    processor = load_or_fail(name, processor_path, CLIPProcessor.from_pretrained)
-    head = None
-    if name == "aesthetic":
-        head = load_or_fail(name, cfg.aesthetic_mlp, load_aesthetic_head).to(device)
+    processor = load_or_fail(name, cfg.pickscore_processor if name == "pickscore" else path,
+                             CLIPProcessor.from_pretrained)
+    head = (load_or_fail(name, cfg.aesthetic_mlp, load_aesthetic_head).to(device)
+            if name == "aesthetic" else None)
     score = clip_scorer(model, processor, head, model.logit_scale if name == "pickscore" else None)
-
-    def scores(images, prompts):
-        return {name: score(images, prompts).tolist()}
-    return scores
+    return lambda images, prompts: {name: score(images, prompts).tolist()}
 
 
 def final_timestep(base, num_inference_steps):
@@ -164,12 +156,11 @@ def lrm_scorer(cfg, device, dtype):
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae").to(device)  # in eval mode
     timestep = final_timestep(base, cfg.num_inference_steps)
 
-    def score(images, prompts):
-        arrays = [np.array(image.convert("RGB").resize((lrm.resolution, lrm.resolution)))
-                  for image in images]
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
-        no_noise = torch.zeros(len(images), 1, 1, 1)
-        latents = encode_images(vae, pixels.float() / 127.5 - 1.0, no_noise, vae_batch_size=1)
+    def score(images, prompts):  # RGB images
+        size = (lrm.resolution, lrm.resolution)
+        pixels = torch.from_numpy(np.stack([image.resize(size) for image in images]))  # uint8
+        latents = encode_images(vae, pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0,
+                                torch.zeros(len(images), 1, 1, 1), vae_batch_size=1)
         return {"lrm": lrm.score(latents, timestep, prompts=prompts).tolist()}
     return score
 
@@ -250,12 +241,11 @@ PAIRED_SETTINGS = ("scheduler", "num_inference_steps", "guidance_scale", "eta", 
 def check_paired(base_dir, tuned_dir):
     """The two folders' (index, prompt, seed) lists and sampler settings must agree: refuse,
     never truncate. -> (rows, the tuned folder's settings)"""
-    rows = read_metadata(base_dir)
+    rows, rows_tuned = read_metadata(base_dir), read_metadata(tuned_dir)
     key = itemgetter("index", "prompt", "seed")
-    keys_tuned = list(map(key, read_metadata(tuned_dir)))
-    if list(map(key, rows)) != keys_tuned:
+    if list(map(key, rows)) != list(map(key, rows_tuned)):
         fail(f"mismatched image sets: {base_dir} ({len(rows)} images) and {tuned_dir} "
-             f"({len(keys_tuned)}) list other (index, prompt, seed) rows")
+             f"({len(rows_tuned)}) list other (index, prompt, seed) rows")
     settings_base = read_json(os.path.join(base_dir, "sampling.json"))
     settings = read_json(os.path.join(tuned_dir, "sampling.json"))
     for key in PAIRED_SETTINGS:
@@ -266,11 +256,10 @@ def check_paired(base_dir, tuned_dir):
         inform(f"note: {tuned_dir} records no sampler settings (sampling.json): that base and "
                "tuned share steps and CFG is not checked")
     for folder in (base_dir, tuned_dir):
-        missing = [r["file_name"] for r in rows
-                   if not os.path.exists(os.path.join(folder, r["file_name"]))]
+        missing = {row["file_name"] for row in rows} - set(os.listdir(folder))
         if missing:
             fail(f"{folder}: {len(missing)} images listed in metadata.jsonl are missing, e.g. "
-                 f"{missing[0]}")
+                 f"{min(missing)}")
     return rows, settings
 
 
@@ -279,10 +268,9 @@ def check_paired(base_dir, tuned_dir):
 def score_pairs(rows, folders, scorers, cfg, rank, world):
     """Every image of both folders under every scorer; each rank scores every world-th pair.
     -> one dict per pair, sorted by index: {index, prompt, seed, "{metric}/{base|tuned}": score}"""
-    mine = rows[rank::world]
     scored = []
-    for first in tqdm(range(0, len(mine), cfg.eval_batch_size), disable=rank != 0, desc="score"):
-        batch = mine[first:first + cfg.eval_batch_size]
+    for batch in tqdm(DataLoader(rows[rank::world], cfg.eval_batch_size, collate_fn=list),
+                      disable=rank > 0, desc="score"):
         prompts = [row["prompt"] for row in batch]
         records = [{key: row[key] for key in ("index", "prompt", "seed")} for row in batch]
         for side, folder in folders.items():
@@ -298,27 +286,29 @@ def score_pairs(rows, folders, scorers, cfg, rank, world):
 
 def summarise(rows, cfg):
     """Per metric: mean of each model, tuned - base, win-rate [95% CI], ties, n; a non-finite
-    score (e.g. an fp16 overflow) is left out and counted."""
+    score (e.g. an fp16 overflow) is left out and counted. Means: numpy floats (JSON-writable)."""
     summary = {}
+    prompts = np.array([row["prompt"] for row in rows])  # (N,)
     for metric in [key.removesuffix("/base") for key in rows[0] if key.endswith("/base")]:
-        pairs = np.array([[row[f"{metric}/base"], row[f"{metric}/tuned"]] for row in rows], float)
+        pairs = np.array([[row[f"{metric}/base"], row[f"{metric}/tuned"]] for row in rows])
         finite = np.isfinite(pairs).all(1)  # (N,)
-        if not finite.any():
-            continue
         base, tuned = pairs[finite].T  # (n,) each
-        groups = np.array([row["prompt"] for row in rows])[finite]  # (n,)
-        rate, low, high = win_rate(tuned, base, n_boot=cfg.n_boot, seed=cfg.seed, groups=groups)
-        summary[metric] = dict(base=float(base.mean()), tuned=float(tuned.mean()),
-                               diff=float((tuned - base).mean()), win_rate=rate, ci_low=low,
-                               ci_high=high, ties=float((tuned == base).mean()),
-                               n=int(finite.sum()), nonfinite=int((~finite).sum()))
+        if finite.any():
+            rate, low, high = win_rate(tuned, base, cfg.n_boot, cfg.seed, prompts[finite])
+            summary[metric] = dict(base=base.mean(), tuned=tuned.mean(), diff=(tuned - base).mean(),
+                                   win_rate=rate, ci_low=low, ci_high=high,
+                                   ties=(tuned == base).mean(), n=len(base),
+                                   nonfinite=len(rows) - len(base))
     return summary
 
 
-TABLE = ["| scorer | base | tuned | tuned - base | win-rate tuned > base [95% CI] | ties | n |",
-         "|---|---|---|---|---|---|---|"]
+REPORT = """**{tuned}** vs base **{base}**: {n} image pairs ({n_prompts} prompts), {sampler}
+
+| scorer | base | tuned | tuned - base | win-rate tuned > base [95% CI] | ties | n |
+|---|---|---|---|---|---|---|
+"""
 ROW = ("| {metric} | {base:.4f} | {tuned:.4f} | {diff:+.4f} | {win_rate:.3f} [{ci_low:.3f}, "
-       "{ci_high:.3f}] | {ties:.2f} | {n} |")
+       "{ci_high:.3f}] | {ties:.2f} | {n} |\n")
 
 
 def write_report(cfg, rows, scored, settings, folders):
@@ -327,21 +317,18 @@ def write_report(cfg, rows, scored, settings, folders):
     summary = summarise(scored, cfg)
     report = dict(settings=settings, base_dir=folders["base"], tuned_dir=folders["tuned"],
                   n=len(scored), n_prompts=len({row["prompt"] for row in scored}), scores=summary)
-    title = (f"**{settings.get('tuned') or folders['tuned']}** vs base "
-             f"**{settings.get('base') or folders['base']}**: {report['n']} image pairs "
-             f"({report['n_prompts']} prompts), {sampler_line(settings)}")
-    rows_md = [ROW.format(metric=name, **s) for name, s in summary.items()]
-    table = "\n".join([title, "", *TABLE, *rows_md]) + "\n"
-    files = {"eval.json": json.dumps(report, indent=2), "eval.md": table,
-             "scores.jsonl": "".join(json.dumps(row) + "\n" for row in scored)}
-    for name, text in files.items():
+    table = REPORT.format(**report, tuned=settings.get("tuned") or folders["tuned"],
+                          base=settings.get("base") or folders["base"],
+                          sampler=sampler_line(settings))
+    table += "".join(ROW.format(metric=name, **scores) for name, scores in summary.items())
+    for name, text in {"eval.json": json.dumps(report, indent=2), "eval.md": table,
+                       "scores.jsonl": "".join(json.dumps(row) + "\n" for row in scored)}.items():
         write_text(os.path.join(cfg.out, name), text)
     metric = next(iter(summary))
     notes = {f"{side}: {metric}": {row["index"]: "%.2f" % row[f"{metric}/{side}"] for row in scored}
-             for side in folders}
-    labels = dict(zip(notes, folders.values()))  # {"base: {metric}": base folder, ...}
-    grid = make_grid(labels, rows, cfg.grid_rows, cfg.grid_cell, notes)
-    save_png(grid, os.path.join(cfg.out, "eval_grid.png"))
+             for side in folders}  # columns named "base: {metric}", ...
+    save_png(make_grid(dict(zip(notes, folders.values())), rows, cfg.grid_rows, cfg.grid_cell,
+                       notes), os.path.join(cfg.out, "eval_grid.png"))
     log_jsonl(os.path.join(cfg.out, "log.jsonl"), dict(event="eval", n=len(scored), scores=summary))
     print("\n" + table, flush=True)
 
@@ -362,8 +349,9 @@ def main(cfg):
     rank, world, device = setup_distributed(cfg.dist_timeout)
     prepare_run_folder(cfg.out, cfg.resume)
     scorers = load_scorers(cfg, device, torch_dtype(cfg.dtype, device), rank)
-    folders = {"base": cfg.base_dir, "tuned": cfg.tuned_dir}
-    if not cfg.base_dir:
+    if cfg.base_dir:
+        folders = {"base": cfg.base_dir, "tuned": cfg.tuned_dir}
+    else:
         folders = sample_models(cfg, prompts, rank, world, device)
         rows, settings = check_paired(folders["base"], folders["tuned"])
     scored = score_pairs(rows, folders, scorers, cfg, rank, world)

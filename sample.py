@@ -21,6 +21,7 @@ resume contract.
 """
 import json
 import os
+import re
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -31,6 +32,7 @@ import huggingface_hub
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data import load_prompts
@@ -42,6 +44,9 @@ from runs import (command_line, fail, kill_point, log_jsonl, parse_config, peek,
 
 
 # ----------------------------------------------------------------------------- config
+PICKAPIC = "yuvalkirstain/pickapic_v1"  # mirrors: pickapic-anonymous/pickapic_v1, a local copy
+
+
 @dataclass
 class Config:
     model: str = "sd15"  # preset: sd15 | sdxl | sd3 | tiny | tiny-xl | tiny-sd3, or a pipeline
@@ -49,7 +54,7 @@ class Config:
     lora: str = ""  # tuned = base + this LoRA (lpo.py's output folder, diffusers format)
     unet: str = ""  # ... or a merged U-Net (SD3: transformer): folder, or hub "owner/repo/sub/dir"
     vae: str = ""  # VAE for both models instead of the base's (SDXL: the fp16-fix VAE)
-    prompts: str = ""  # dataset (hub id / folder) or a .txt / .json / .tsv / .csv / .parquet file
+    prompts: str = PICKAPIC  # dataset (hub id / folder) or a .txt / .json / .tsv / .csv / .parquet
     split: str = "validation_unique"  # split of a --prompts dataset
     prompt: str = ""  # one prompt instead of a prompt set
     num_prompts: int = 0  # first N unique prompts, in [0, inf); 0 = all
@@ -69,15 +74,14 @@ class Config:
     dist_timeout: int = 180  # minutes in [1, inf) a rank may wait at a barrier (torchrun)
 
 
-PICKAPIC = "yuvalkirstain/pickapic_v1"  # mirrors: pickapic-anonymous/pickapic_v1, a local copy
 # held-out seeds (LPO trains on low ones); one thread: the tiny networks are too small to split
 TINY = dict(prompts=os.path.join(ROOT, "tiny/pickapic"), batch_size=50, seeds_per_prompt=10,
             seed=1_000_000, grid_rows=15, grid_cell=128, threads=1)
 PRESETS = {
-    "sd15": dict(base=BASES["sd15"], prompts=PICKAPIC),
-    "sdxl": dict(base=BASES["sdxl"], prompts=PICKAPIC, batch_size=4,
+    "sd15": dict(base=BASES["sd15"]),
+    "sdxl": dict(base=BASES["sdxl"], batch_size=4,
                  vae="madebyollin/sdxl-vae-fp16-fix"),  # SDXL's own VAE overflows in fp16
-    "sd3": dict(base=BASES["sd3"], prompts=PICKAPIC, batch_size=4, num_inference_steps=28,
+    "sd3": dict(base=BASES["sd3"], batch_size=4, num_inference_steps=28,
                 guidance_scale=7.0),  # its pipeline's defaults: the paper gives no SD3 sampler
     **{name: dict(TINY, base=resolve_model(name)) for name in ("tiny", "tiny-xl", "tiny-sd3")},
 }
@@ -95,8 +99,7 @@ def parse_stage(stage_file, config_class, presets, doc, argv):
     argv = command_line(stage_file, argv)
     model = peek(argv, "model", config_class.model)
     preset = presets.get(model) or dict(presets[family(model)], base=model)
-    defaults = {**asdict(config_class()), **preset, "model": model}
-    cfg = parse_config(config_class, defaults, doc, argv)
+    cfg = parse_config(config_class, {**asdict(config_class()), **preset}, doc, argv)
     if cfg.lora and cfg.unet:
         fail("give --lora or --unet, not both")
     if cfg.dtype not in DTYPES:
@@ -107,13 +110,13 @@ def parse_stage(stage_file, config_class, presets, doc, argv):
 # ----------------------------------------------------------------------------- input checks
 def findable(path):
     """A local path, or a hub model or dataset repo ("owner/name[/sub/folder]") that the hub or
-    its cache has."""
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or "/" not in path:
+    its cache has (a local-looking path, /x/y or ./x/y, is no valid repo id: refused at once)."""
+    if os.path.exists(path) or "/" not in path:
         return os.path.exists(path)
-    repo = "/".join(path.split("/")[:2])
     for kind in ("model", "dataset"):
         try:  # a few small JSON files; works offline from the cache
-            huggingface_hub.snapshot_download(repo, repo_type=kind, allow_patterns=["*.json"])
+            huggingface_hub.snapshot_download("/".join(path.split("/")[:2]), repo_type=kind,
+                                              allow_patterns=["*.json"])
             return True
         except Exception:
             pass
@@ -125,18 +128,19 @@ def merged_location(path, base):
     {name}/ (a pipeline, or lpo.py's run folder), or hub "owner/repo[/sub/folder]"; refused
     unless its config names a denoiser of the base's kind."""
     name = denoiser_subfolder(base)
+    denoiser = DENOISERS[name]
     if os.path.isdir(path):
-        has_name = os.path.exists(os.path.join(path, name, "config.json"))
-        folder, subfolder = path, name if has_name else None
+        folder = path
+        subfolder = name if os.path.exists(os.path.join(path, name, "config.json")) else None
     else:
         folder, subfolder = "/".join(path.split("/")[:2]), "/".join(path.split("/")[2:]) or name
     try:
-        found = DENOISERS[name].load_config(folder, subfolder=subfolder).get("_class_name")
+        found = denoiser.load_config(folder, subfolder=subfolder).get("_class_name")
     except (OSError, ValueError):
         found = f"no {name} config.json"
-    if found != DENOISERS[name].__name__:
-        fail(f"--unet {path} holds {found}, where the base's denoiser is a "
-             f"{DENOISERS[name].__name__}: pass lpo.py --save_merged's {name}/ folder")
+    if found != denoiser.__name__:
+        fail(f"--unet {path} holds {found}, where the base's denoiser is a {denoiser.__name__}: "
+             f"pass lpo.py --save_merged's {name}/ folder")
     return folder, subfolder
 
 
@@ -144,10 +148,11 @@ def sampler_of(base):
     """The scheduler class sample.py samples `base` with: a flow-matching base (SD3) keeps its own
     Euler sampler (the ODE its pipeline runs); SD1.5 and SDXL get DDIM (the paper's evaluation)."""
     try:
-        flow = is_flow_matching(DDIMScheduler.load_config(base, subfolder="scheduler"))
+        if is_flow_matching(DDIMScheduler.load_config(base, subfolder="scheduler")):
+            return FlowMatchEulerDiscreteScheduler
     except (OSError, ValueError) as error:
         fail(f"--base {base}: not a diffusers pipeline (no scheduler: {type(error).__name__})")
-    return FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler
+    return DDIMScheduler
 
 
 def check_sampling_inputs(cfg):
@@ -169,23 +174,25 @@ def check_sampling_inputs(cfg):
              "deterministic Euler ODE of its flow, which has no eta: pass --eta 0")
     if cfg.unet:
         merged_location(cfg.unet, cfg.base)
-    parts = (cfg.lora or cfg.unet or "base").rstrip("/").split("/")
-    names = [part for part in parts if part not in ("unet", "transformer", ".")] or ["base"]
-    cfg.out = cfg.out or os.path.join("runs", "samples", names[-1])
+    tuned = re.sub("/(unet|transformer)$", "", os.path.abspath(cfg.lora or cfg.unet or "base"))
+    cfg.out = cfg.out or os.path.join("runs", "samples", os.path.basename(tuned))
     if cfg.resume:
         check_resumable(cfg)
     return [cfg.prompt] if cfg.prompt else load_prompts(cfg.prompts, cfg.split, cfg.num_prompts)
 
 
-def sampling_settings(cfg, tuned=None):
-    """sampling.json: what makes two folders comparable (eval.py refuses pairs sampled otherwise)
-    and what --resume must find unchanged; tuned: the LoRA or merged denoiser (None: the base)."""
-    return dict(base=cfg.base, tuned=tuned, vae=cfg.vae or None,
-                scheduler=sampler_of(cfg.base).__name__,
-                num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                eta=cfg.eta, resolution=cfg.resolution, dtype=cfg.dtype,
-                prompts=cfg.prompt or cfg.prompts, split=cfg.split, num_prompts=cfg.num_prompts,
-                seeds_per_prompt=cfg.seeds_per_prompt, seed=cfg.seed)
+SAMPLING = ("base", "tuned", "vae", "scheduler", "num_inference_steps", "guidance_scale", "eta",
+            "resolution", "dtype", "prompts", "split", "num_prompts", "seeds_per_prompt", "seed")
+
+
+def sampling_settings(cfg, side):
+    """OUT/side/sampling.json, SAMPLING's values: what makes two folders comparable (eval.py
+    refuses pairs sampled otherwise) and what --resume must find unchanged; tuned: the LoRA or
+    merged denoiser (None in base/), prompts: --prompt or --prompts."""
+    values = dict(asdict(cfg), tuned=(cfg.lora or cfg.unet) if side == "tuned" else None,
+                  vae=cfg.vae or None, scheduler=sampler_of(cfg.base).__name__,
+                  prompts=cfg.prompt or cfg.prompts)
+    return {name: values[name] for name in SAMPLING}
 
 
 def sampler_line(settings):
@@ -196,10 +203,10 @@ def sampler_line(settings):
 
 def check_resumable(cfg):
     """--resume into folders sampled with other settings would mix images: refused."""
-    for side, tuned in (("base", None), ("tuned", cfg.lora or cfg.unet)):
+    for side in ("base", "tuned"):
         path = os.path.join(cfg.out, side, "sampling.json")
         saved = read_json(path)
-        changed, _ = settings_changes(saved, sampling_settings(cfg, tuned), ())
+        changed, _ = settings_changes(saved, sampling_settings(cfg, side), ())
         if saved and changed:
             fail(f"--resume: {path} holds other settings ({', '.join(changed)}): pass the same "
                  "ones, or another --out")
@@ -281,22 +288,21 @@ def torch_dtype(name, device):
 
 
 @torch.no_grad()
-def sample_folder(generate, jobs, side, settings, cfg, rank, world):
+def sample_folder(generate, jobs, side, cfg, rank, world):
     """Generate jobs (metadata.jsonl's rows) into OUT/side with generate(prompts, generator=...),
     sharded over ranks: each index once, with its own noise stream, so its pixels do not depend on
     the batch or the rank. -> folder"""
     folder = os.path.join(cfg.out, side)
-    prepare_run_folder(folder, resume=True)  # made, without the *.tmp a killed write leaves
+    todo = [job for job in jobs if not os.path.exists(os.path.join(folder, job["file_name"]))]
+    prepare_run_folder(folder, resume=True)  # (a barrier: all have looked) made, *.tmp removed
     if rank == 0:
-        write_text(os.path.join(folder, "sampling.json"), json.dumps(settings, indent=2))
+        write_text(os.path.join(folder, "sampling.json"),
+                   json.dumps(sampling_settings(cfg, side), indent=2))
     barrier()
-    on_disk = set(os.listdir(folder))
-    todo = [job for job in jobs if job["file_name"] not in on_disk]
-    barrier()  # every rank has listed the folder before anyone writes to it
     mine = todo[rank::world]
     start = time.time()
-    for first in tqdm(range(0, len(mine), cfg.batch_size), disable=rank != 0, desc=side):
-        batch = mine[first:first + cfg.batch_size]
+    for batch in tqdm(DataLoader(mine, cfg.batch_size, collate_fn=list), disable=rank > 0,
+                      desc=side):
         generators = [torch.Generator().manual_seed(job["seed"]) for job in batch]
         images = generate([job["prompt"] for job in batch], generator=generators).images
         for job, image in zip(batch, images):
@@ -335,25 +341,23 @@ def sample_models(cfg, prompts, rank, world, device):
     generate = partial(pipe, **options)
     pipe.set_progress_bar_config(disable=True)
     pipe.vae.enable_slicing()  # the VAE decodes one image at a time: its memory does not grow
-    settings = sampling_settings(cfg)
     if rank == 0:
         print(f"{len(prompts)} prompts x {per_prompt} seeds = {len(jobs)} images per model on "
-              f"{world} rank(s): {sampler_line(settings)}", flush=True)
-    folders = {"base": sample_folder(generate, jobs, "base", settings, cfg, rank, world)}
+              f"{world} rank(s): {sampler_line(sampling_settings(cfg, 'base'))}", flush=True)
+    folders = {"base": sample_folder(generate, jobs, "base", cfg, rank, world)}
     name = denoiser_name(pipe)
     if cfg.lora:
         pipe.load_lora_weights(cfg.lora)
-        if not getattr(getattr(pipe, name), "peft_config", None):
+        if name not in pipe.get_list_adapters():
             fail(f"--lora {cfg.lora}: none of its weights went to {cfg.base}'s denoiser (a LoRA "
                  "of another model family?): the tuned images would be the base's")
     elif cfg.unet:
         folder, subfolder = merged_location(cfg.unet, cfg.base)
-        denoiser = DENOISERS[name].from_pretrained(folder, subfolder=subfolder, dtype=dtype)
-        setattr(pipe, name, denoiser.to(device))
+        setattr(pipe, name, DENOISERS[name].from_pretrained(folder, subfolder=subfolder,
+                                                            dtype=dtype).to(device))
     else:
         return folders
-    settings = sampling_settings(cfg, cfg.lora or cfg.unet)
-    folders["tuned"] = sample_folder(generate, jobs, "tuned", settings, cfg, rank, world)
+    folders["tuned"] = sample_folder(generate, jobs, "tuned", cfg, rank, world)
     return folders
 
 
@@ -366,8 +370,8 @@ def main(cfg):
     prepare_run_folder(cfg.out, cfg.resume)
     folders = sample_models(cfg, prompts, rank, world, device)
     if rank == 0:
-        grid = make_grid(folders, read_metadata(folders["base"]), cfg.grid_rows, cfg.grid_cell)
-        save_png(grid, os.path.join(cfg.out, "grid.png"))
+        save_png(make_grid(folders, read_metadata(folders["base"]), cfg.grid_rows, cfg.grid_cell),
+                 os.path.join(cfg.out, "grid.png"))
         print(f"wrote {', '.join(folders.values())} and {cfg.out}/grid.png", flush=True)
     close_distributed()
 
