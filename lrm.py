@@ -14,10 +14,9 @@ validation accuracy is measured at --eval_timesteps (default: the grid's t neare
     torchrun --nproc_per_node=8 lrm.py --model sd3 --keep runs/mpcf-sd15/keep.json  # SD3-Medium
     torchrun --nproc_per_node=8 lrm.py --model ./my-sd15 --data /data/pickapic_v1  # paper settings
 --out gets the final LRM (LatentRewardModel.from_pretrained reads it), best/, ckpt.pt and
-metrics.jsonl. docs/reference.md gives their contents, the --data layouts read and what
---resume keeps or refuses. Reading order: Config, the math (pair_loss, learning_rate, add_noise),
-the data (Pairs), train_step and pair_accuracy, then main: setup, the numbered loop,
-the final table.
+metrics.jsonl (docs/reference.md: their contents, the --data layouts, what --resume keeps).
+Reading order: Config, the math (pair_loss, learning_rate, add_noise), the data (Pairs),
+train_step and pair_accuracy, then main: setup, the numbered loop, the final table.
 
 Choices and deviations:
 1. deviation: all_gather gathers per-image *scores*, not features: the Bradley-Terry loss couples
@@ -33,9 +32,12 @@ Choices and deviations:
    the totals at each epoch's end (the whole data) and at the last step.
 7. deviation (tiny world only): lr 1e-3, weight decay 0.01, 400 steps x 32 pairs of MPCF's kept
    rows (tiny/pickapic/mpcf_keep.json, made by `python mpcf.py --model tiny`), one CPU thread.
-8. SD3: the LRM reads the first --lrm_blocks MMDiT blocks (paper: 18 of SD3-Medium's 24) and its
-   text encoders stay frozen (paper), so ckpt.pt (the trained parameters) leaves them out. The
-   paper gives no SD3 recipe: the sd3 / sd35 presets take SDXL's (the same 1024 px).
+8. SD3: the LRM reads the first --lrm_blocks MMDiT blocks (paper: 18 of SD3-Medium's 24), its
+   text encoders stay frozen (paper) and ckpt.pt leaves them out; it trains on the grid's levels
+   below sigma = 1 (pure noise: no signal). No SD3 recipe in the paper: the presets take SDXL's.
+9. Several processes shard what trains with FSDP2 (--shard; the official code: DeepSpeed ZeRO-2),
+   not ZeRO-1 (whole weights and gradients on every rank: 16.5 GB for SDXL); the parts never run
+   stay on the CPU. Checkpoints hold whole tensors: a run resumes on any world size.
 """
 import math
 import os
