@@ -158,12 +158,12 @@ def lrm_folder(path, hint):
     downloaded (a release holding several LRMs); one line if neither."""
     if os.path.isdir(path):
         return path
-    parts = path.rstrip("/").split("/")
+    parts = path.rstrip("/").split("/", 2)  # owner, repo, sub/folder
     if len(parts) < 3 or path.startswith((".", "/", "~")):
         fail(f"no LRM at {path}: train one ({hint}) and pass its --out as --lrm, or name a "
              "hub folder owner/repo/sub/folder")
     import huggingface_hub
-    repo, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
+    repo, subfolder = "/".join(parts[:2]), parts[2]
     try:
         local = huggingface_hub.snapshot_download(repo, allow_patterns=[f"{subfolder}/*"])
     except Exception as error:  # offline, no such repo, no access: the hub's many error types
@@ -270,9 +270,8 @@ def encode_for_cfg(pipe, prompts, resolution):
     """Denoiser kwargs of the CFG batch [uncond; cond] (2B), encoded as the family's pipeline does
     (encode_prompt): uncond = the empty prompt (SD1.5, SD3), or zeros with the real size
     conditions where the pipeline forces zeros for it (SDXL)."""
-    encoders, tokens = text_encoders(pipe), tokenizers(pipe)
-    cond = encode_prompt(encoders, tokens, prompts, resolution)
-    uncond = encode_prompt(encoders, tokens, [""], resolution)
+    cond, uncond = (encode_prompt(text_encoders(pipe), tokenizers(pipe), texts, resolution)
+                    for texts in (prompts, [""]))
     if pipe.config.get("force_zeros_for_empty_prompt", False):  # SDXL's
         added = cond["added_cond_kwargs"]
         uncond = dict(encoder_hidden_states=cond["encoder_hidden_states"] * 0,
