@@ -370,11 +370,10 @@ def merged_denoiser(base, denoiser, subfolder="unet"):
     mostly round away (a bf16 weight keeps 8 bits). The delta: (alpha / r) B A (Hu et al. 2021,
     Eq. (3))."""
     merged = type(denoiser).from_pretrained(base, subfolder=subfolder, torch_dtype=torch.float32)
-    targets = dict(merged.named_modules())
     for name, layer in denoiser.named_modules():
         if hasattr(layer, "lora_A"):
             delta = layer.lora_B["default"].weight.float() @ layer.lora_A["default"].weight.float()
-            targets[name].weight.data += (layer.scaling["default"] * delta).cpu()  # (out, in)
+            merged.get_submodule(name).weight.data += (layer.scaling["default"] * delta).cpu()
     return merged
 
 
