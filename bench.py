@@ -194,12 +194,11 @@ def load_lpo_stage(name, cfg, device):
     settings = preset(lpo, name, num_children=cfg.num_children, resolution=cfg.resolution,
                       sample_batch_size=cfg.sample_batch_size,
                       train_batch_size=cfg.train_batch_size)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    pipe = load_pipeline(name, device, dtype)
+    pipe = load_pipeline(name, device, torch.bfloat16 if cuda else torch.float32)
     pipe.vae.to("cpu")  # lpo.py does not load it
     settings.resolution = settings.resolution or default_resolution(pipe)
     reward = latent_reward_model(pipe, settings.resolution, copy_networks=True).for_scoring()
-    reward.to(device, torch.float16 if cuda else dtype)
+    reward.to(device, torch.float16 if cuda else torch.float32)
     latent_size = settings.resolution // pipe.vae_scale_factor
     lora, optimizer, schedule = lpo.add_policy(denoiser(pipe), pipe.scheduler.config, settings,
                                                device, latent_size)
@@ -340,9 +339,10 @@ def make_pairs(stage, pairs, seed):
     """A batch as lrm.Pairs collates it: random images, image 0 preferred, the VAE's noise."""
     generator = torch.Generator().manual_seed(seed)
     size = stage.settings.resolution
-    noise = (pairs, 2, 2, *lrm.latent_shape(stage.vae, size))  # (b, 2 images, VAE|noise, C, h, w)
     return dict(px=torch.rand(pairs, 2, 3, size, size, generator=generator) * 2 - 1,
-                eps=torch.randn(noise, generator=generator), caption=captions(pairs),
+                # (b, 2 images, VAE | noise, C, h, w)
+                eps=torch.randn(pairs, 2, 2, *lrm.latent_shape(stage.vae, size),
+                                generator=generator), caption=captions(pairs),
                 label=torch.tensor([[1.0, 0.0]]).repeat(pairs, 1), weight=torch.ones(pairs),
                 t=torch.full((pairs,), T))
 
@@ -373,8 +373,8 @@ def measure(run, key, fn, per=1):
             torch.cuda.synchronize(run.device)  # kernels are asynchronous: wait for them
         split["total"] = time.perf_counter() - start
         splits.append(split)
-    row = {f"{key}_{part}_s": statistics.median(s[part] for s in splits) / per for part in split}
-    row[key + "_s"] = row.pop(f"{key}_total_s")
+    row = {f"{key}_{part}_s" if part != "total" else f"{key}_s":
+           statistics.median(s[part] for s in splits) / per for part in split}
     if cuda:
         row[key + "_peak_gb"] = torch.cuda.max_memory_allocated(run.device) / 1e9
         row[key + "_reserved_gb"] = torch.cuda.max_memory_reserved(run.device) / 1e9
@@ -392,8 +392,8 @@ def free_memory():
 
 def bench_lpo(run):
     """LPO's phases on lpo.py's resident set; lpo_iteration first, with nothing else resident."""
-    cfg, results = run.cfg, run.results
-    stage = load_lpo_stage(run.name, cfg, run.device)
+    results = run.results
+    stage = load_lpo_stage(run.name, run.cfg, run.device)
     settings = stage.settings
     results["resolution"] = settings.resolution
     sample_batch = make_batch(stage, settings.sample_batch_size, seed=0)
@@ -403,11 +403,11 @@ def bench_lpo(run):
         sampling_pass(stage, sample_batch, stage.lrm)
         lpo_update(stage, train_batch)
     measure(run, "lpo_iteration", iteration)
-    batch = make_batch(stage, cfg.batch_size, seed=2)
+    batch = make_batch(stage, run.cfg.batch_size, seed=2)
     steps = len(stage.schedule.timesteps)
     measure(run, "lpo_step", lambda: sampling_pass(stage, batch, stage.lrm), per=steps)
     measure(run, "lpo_update", lambda: lpo_update(stage, batch))
-    if not cfg.baselines:
+    if not run.cfg.baselines:
         return
     pixel = PixelReward(stage)
     measure(run, "pixel_step", lambda: sampling_pass(stage, batch, pixel), per=steps)
@@ -434,10 +434,10 @@ def bench_lrm(run):
 def table(results, env):
     """Markdown: a column a model, a row a number of bench.json (bench.md says what each is)."""
     lines = ["{device}, torch {torch}, diffusers {diffusers}, {date}".format(**env), "",
-             "| phase | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
+             f"| phase | {' | '.join(results)} |", "|---" * (len(results) + 1) + "|"]
     for key in dict.fromkeys(key for row in results.values() for key in row):
         cells = [format(row[key], ".4g") if key in row else "n/a" for row in results.values()]
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+        lines.append(f"| {key} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -468,8 +468,8 @@ def main(cfg):
             free_memory()  # one stage at a time
             bench_lrm(run)
             results[model] = run.results
-            report = dict(environment=env, results=results, table=table(results, env))
-            write_text(path, json.dumps(report, indent=2))
+            write_text(path, json.dumps(dict(environment=env, results=results,
+                                             table=table(results, env)), indent=2))
     print(table(results, env))
     return results
 

@@ -26,7 +26,6 @@ BASES = {"tiny": "tiny/sd15", "tiny-xl": "tiny/sdxl", "tiny-sd3": "tiny/sd3",
          "sd35": "stabilityai/stable-diffusion-3.5-medium"}
 # the denoiser's subfolder in a pipeline (and an LRM folder) -> its class
 DENOISERS = {"unet": UNet2DConditionModel, "transformer": SD3Transformer2DModel}
-T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
 
 
 # ----------------------------------------------------------------------------- which family
@@ -39,9 +38,9 @@ def resolve_model(name):
     try:
         DiffusionPipeline.load_config(path)
     except Exception as error:
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:150]}"
         raise ValueError(f"model {name!r}: no local folder {os.path.abspath(local)}, and hub id "
-                         f"{path!r} failed ({reason})") from None
+                         f"{path!r} failed ({type(error).__name__}: {first_line(error)[:150]})"
+                         ) from None
     return path
 
 
@@ -49,8 +48,7 @@ def denoiser_subfolder(path):
     """"unet" (SD1.5, SDXL) or "transformer" (SD3): the denoiser of a pipeline or LRM folder, or
     of a hub id (read from its model_index.json)."""
     if os.path.isdir(path):
-        has_transformer = os.path.isdir(os.path.join(path, "transformer"))
-        return "transformer" if has_transformer else "unet"
+        return "transformer" if os.path.isdir(os.path.join(path, "transformer")) else "unet"
     return "transformer" if "transformer" in DiffusionPipeline.load_config(path) else "unet"
 
 
@@ -99,17 +97,13 @@ def geometry(base, resolution=0, vae=None):
              "--model) naming a diffusers pipeline folder or hub id with vae/ and unet/ (or "
              "transformer/)")
     vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    if subfolder == "transformer":
-        downsampling = denoiser["patch_size"]
-        name = "transformer patch size"
-    else:
-        downsampling = 2 ** (len(denoiser["down_block_types"]) - 1)
-        name = "U-Net downsampling"
+    downsampling = denoiser.get("patch_size") or 2 ** (len(denoiser["down_block_types"]) - 1)
     multiple = vae_factor * downsampling
     resolution = resolution or denoiser["sample_size"] * vae_factor
     if resolution % multiple:
-        fail(f"--resolution {resolution}: {base} needs a positive multiple of {multiple} "
-             f"(VAE factor {vae_factor} x {name} {downsampling}); 0 takes its own size")
+        fail(f"--resolution {resolution}: {base} needs a positive multiple of {multiple} (VAE "
+             f"factor {vae_factor} x {downsampling}, the {subfolder}'s downsampling); 0 takes its "
+             "own size")
     largest = multiple * denoiser.get("pos_embed_max_size", math.inf)  # an MMDiT's positions
     if resolution > largest:
         fail(f"--resolution {resolution}: {base}'s position embedding covers at most {largest} px")
@@ -127,17 +121,16 @@ def check_scheduler(base, num_inference_steps):
     except (OSError, ValueError) as error:
         fail(f"cannot read the scheduler of {base} ({first_line(error)}): pass --base (or --model) "
              "naming a diffusers pipeline with scheduler/")
+    timesteps = scheduler.get("num_train_timesteps", 1000)
     if is_flow_matching(scheduler):
         if scheduler.get("use_dynamic_shifting") or scheduler.get("invert_sigmas"):
             fail(f"{base}: need a flow-matching scheduler without use_dynamic_shifting and "
                  "invert_sigmas (SD3's)")
-        return
-    epsilon = scheduler.get("prediction_type", "epsilon") == "epsilon"
-    if not epsilon or scheduler.get("set_alpha_to_one"):
+    elif (scheduler.get("prediction_type", "epsilon") != "epsilon"
+          or scheduler.get("set_alpha_to_one")):
         fail(f"{base}: need an epsilon-prediction base with set_alpha_to_one=False "
              "(SD1.5, SDXL) or a flow-matching one (SD3)")
-    timesteps = scheduler.get("num_train_timesteps", 1000)
-    if num_inference_steps > timesteps:
+    elif num_inference_steps > timesteps:
         fail(f"--num_inference_steps {num_inference_steps}: {base} has {timesteps} "
              "training timesteps, the most DDIM can take")
 
@@ -168,14 +161,14 @@ def load_pipeline(base, device, dtype, vae=True, lrm=None):
 def lrm_folder(path, hint):
     """--lrm: a local folder, or hub "owner/repo/sub/folder", of which only sub/folder/ is
     downloaded (a release holding several LRMs); one line if neither."""
-    parts = path.rstrip("/").split("/")
-    if os.path.isdir(path) or len(parts) < 3 or path.startswith((".", "/", "~")):
-        if not os.path.isdir(path):
-            fail(f"no LRM at {path}: train one ({hint}) and pass its --out as --lrm, or name a "
-                 "hub folder owner/repo/sub/folder")
+    if os.path.isdir(path):
         return path
+    parts = path.rstrip("/").split("/", 2)  # owner, repo, sub/folder
+    if len(parts) < 3 or path.startswith((".", "/", "~")):
+        fail(f"no LRM at {path}: train one ({hint}) and pass its --out as --lrm, or name a "
+             "hub folder owner/repo/sub/folder")
     import huggingface_hub
-    repo, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
+    repo, subfolder = "/".join(parts[:2]), parts[2]
     try:
         local = huggingface_hub.snapshot_download(repo, allow_patterns=[f"{subfolder}/*"])
     except Exception as error:  # offline, no such repo, no access: the hub's many error types
@@ -229,7 +222,7 @@ def t5_length(tokenizer):
     """SD3's T5 token count: the pipeline's default 256, or the tokenizer's own limit where that
     is shorter (the tiny world's T5: 16); every SD3 encoding here and every SD3 pipeline call uses
     it, so they give the same embeddings."""
-    return min(T5_TOKENS, tokenizer.model_max_length)
+    return min(256, tokenizer.model_max_length)  # StableDiffusion3Pipeline's max_sequence_length
 
 
 #------------------------------------------------------------------------ prompt encoding, guidance
@@ -241,29 +234,29 @@ def encode_prompt(encoders, tokenizers, prompts, resolution):
     T5's states along the sequence (77 + 256 tokens), pooled = both projected text_embeds
     (768 + 1280). The CLIPs tokenize to the first tokenizer's length, as the pipelines."""
     xl = len(encoders) > 1
-    states = []
-    pooled = []
-    for encoder, tokenizer in zip(encoders[:2], tokenizers[:2]):
-        tokens = tokenizer(prompts, padding="max_length", max_length=tokenizers[0].model_max_length,
-                           truncation=True, return_tensors="pt")
-        output = encoder(tokens.input_ids.to(encoder.device), output_hidden_states=xl)
-        states.append(output.hidden_states[-2] if xl else output.last_hidden_state)  # (B, L, D_i)
-        pooled.append(getattr(output, "text_embeds", None) if xl else output.pooler_output)
+    outputs = []
+    for index, (encoder, tokenizer) in enumerate(zip(encoders, tokenizers)):
+        length = t5_length(tokenizer) if index == 2 else tokenizers[0].model_max_length
+        tokens = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                           return_tensors="pt")
+        outputs.append(encoder(tokens.input_ids.to(encoder.device),
+                               output_hidden_states=xl and index < 2))
+    clips = outputs[:2]
+    states = [output.hidden_states[-2] if xl else output.last_hidden_state for output in clips]
     context = torch.cat(states, -1)  # (B, L, sum D_i)
     if len(encoders) == 3:
-        tokens = tokenizers[2](prompts, padding="max_length", truncation=True, return_tensors="pt",
-                               max_length=t5_length(tokenizers[2]))
-        t5_states = encoders[2](tokens.input_ids.to(encoders[2].device)).last_hidden_state
+        t5_states = outputs[2].last_hidden_state
         context = F.pad(context, (0, t5_states.shape[-1] - context.shape[-1]))
         context = torch.cat([context, t5_states], -2)  # (B, 77 + L_T5, D_T5)
-        pooled = torch.cat(pooled, -1)  # (B, P_1 + P_2)
+        pooled = torch.cat([output.text_embeds for output in clips], -1)  # (B, P_1 + P_2)
         return {"encoder_hidden_states": context, "pooled_projections": pooled, "pooled": pooled}
+    pooled = clips[-1].text_embeds if xl else clips[0].pooler_output
     added = None
     if xl:
         size = [resolution, resolution, 0, 0, resolution, resolution]
-        time_ids = torch.tensor([size], device=pooled[-1].device).to(pooled[-1].dtype)  # (1, 6)
-        added = dict(text_embeds=pooled[-1], time_ids=time_ids.expand(len(prompts), 6))
-    return {"encoder_hidden_states": context, "added_cond_kwargs": added, "pooled": pooled[-1]}
+        time_ids = torch.tensor([size], device=pooled.device).to(pooled.dtype)  # (1, 6)
+        added = dict(text_embeds=pooled, time_ids=time_ids.expand(len(prompts), 6))
+    return {"encoder_hidden_states": context, "added_cond_kwargs": added, "pooled": pooled}
 
 
 def uncond_then_cond(uncond, cond):
@@ -282,17 +275,14 @@ def encode_for_cfg(pipe, prompts, resolution):
     """Denoiser kwargs of the CFG batch [uncond; cond] (2B), encoded as the family's pipeline does
     (encode_prompt): uncond = the empty prompt (SD1.5, SD3), or zeros with the real size
     conditions where the pipeline forces zeros for it (SDXL)."""
-    encoders, tokens = text_encoders(pipe), tokenizers(pipe)
-    cond = encode_prompt(encoders, tokens, prompts, resolution)
-    uncond = encode_prompt(encoders, tokens, [""], resolution)
-    if pipe.config.get("force_zeros_for_empty_prompt", False):
+    cond, uncond = (encode_prompt(text_encoders(pipe), tokenizers(pipe), texts, resolution)
+                    for texts in (prompts, [""]))
+    if pipe.config.get("force_zeros_for_empty_prompt", False):  # SDXL's
         added = cond["added_cond_kwargs"]
-        if added:
-            added = dict(added, text_embeds=added["text_embeds"] * 0)
         uncond = dict(encoder_hidden_states=cond["encoder_hidden_states"] * 0,
-                      added_cond_kwargs=added)
-    names = [name for name, value in cond.items() if name != "pooled" and value is not None]
-    return {name: uncond_then_cond(uncond[name], cond[name]) for name in names}
+                      added_cond_kwargs=dict(added, text_embeds=added["text_embeds"] * 0))
+    return {name: uncond_then_cond(uncond[name], value) for name, value in cond.items()
+            if name != "pooled" and value is not None}
 
 
 def guided_prediction(denoiser, x, t, cond, guidance_scale):
@@ -320,11 +310,9 @@ def add_lora(denoiser, lora_rank, seed, grad_ckpt):
     attends to the prompt. Flow-GRPO and diffusers' SD3 LoRA script adapt the text stream too."""
     from peft import LoraConfig
     torch.manual_seed(seed)  # the same LoRA init on every rank
-    targets = ["to_q", "to_k", "to_v", "to_out.0"]
-    lora = LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                      target_modules=targets)
     denoiser.requires_grad_(False)
-    denoiser.add_adapter(lora)
+    denoiser.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     params = [param for param in denoiser.parameters() if param.requires_grad]
     for param in params:
         param.data = param.data.float()
@@ -339,16 +327,13 @@ def save_lora(pipe, denoiser, out):
     from peft.utils import get_peft_model_state_dict
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
     kill_point("before lora")
+    path = os.path.join(out, LORA_FILE)
     # unet_lora_layers= (SD1.5, SDXL) or transformer_lora_layers= (SD3)
-    named_layers = {f"{denoiser_name(pipe)}_lora_layers": layers}
-    write_or_fail(os.path.join(out, LORA_FILE), type(pipe).save_lora_weights, out,
-                  weight_name=LORA_FILE + ".tmp", save_function=write_safetensors, **named_layers)
+    write_or_fail(path, type(pipe).save_lora_weights, out, weight_name=LORA_FILE + ".tmp",
+                  save_function=write_safetensors, **{f"{denoiser_name(pipe)}_lora_layers": layers})
     kill_point("mid " + LORA_FILE)
-    os.replace(os.path.join(out, LORA_FILE + ".tmp"), os.path.join(out, LORA_FILE))
+    os.replace(path + ".tmp", path)
     kill_point("after lora")
-
-
-LORA_SIDES = {"lora.down": "in", "lora_A": "in", "lora.up": "out", "lora_B": "out"}
 
 
 def check_lora(path, base):
@@ -357,9 +342,7 @@ def check_lora(path, base):
     its width (one of another family would load nothing: "tuned" images equal to the base's), and
     every weight is finite (a diverged run's LoRA samples black images)."""
     from safetensors.torch import load_file
-    files = [path]
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    files = glob.glob(os.path.join(path, "*.safetensors")) if os.path.isdir(path) else [path]
     preferred = os.path.join(path, LORA_FILE)
     files = [preferred] if preferred in files else files
     try:
@@ -371,37 +354,31 @@ def check_lora(path, base):
              "as lpo.py saves it)")
     subfolder, config = load_denoiser_config(base)
     with torch.device("meta"):  # the layers' shapes, no weights
-        layers = dict(DENOISERS[subfolder].from_config(config).named_modules())
+        denoiser = DENOISERS[subfolder].from_config(config)
+    layers = {f"{subfolder}.{name}": layer for name, layer in denoiser.named_modules()}
     for key, weight in weights.items():
-        match = re.fullmatch(r"(\w+)\.(.+)\.(lora\.down|lora\.up|lora_A|lora_B)\.weight", key)
+        match = re.fullmatch(r"(\w+\..+)\.lora(\.down|_A|\.up|_B)\.weight", key)
         if not match:  # another format: pipe.load_lora_weights judges it
             continue
-        layer = layers.get(match[2]) if match[1] == subfolder else None
-        side = LORA_SIDES[match[3]]
-        width = getattr(layer, f"{side}_features", None)
-        if weight.ndim != 2 or width != weight.shape[side == "in"]:
+        down = match[2] in (".down", "_A")  # down / A: (rank, in); up / B: (out, rank)
+        width = getattr(layers.get(match[1]), "in_features" if down else "out_features", None)
+        if weight.ndim != 2 or width != weight.shape[down]:
             fail(f"--lora {path} does not fit {base}: {key} {tuple(weight.shape)} has no layer of "
                  f"its {subfolder} to go to (a LoRA of another model family?)")
         if not torch.isfinite(weight).all():
             fail(f"--lora {path}: non-finite weights in {key} (a diverged run's LoRA)")
 
 
-def lora_delta(layer, adapter="default"):
-    """LoRA's weight update (alpha / r) B A (Hu et al. 2021, Eq. (3)), in fp32. (out, in)"""
-    up = layer.lora_B[adapter].weight.float()  # (out, r)
-    down = layer.lora_A[adapter].weight.float()  # (r, in)
-    return layer.scaling[adapter] * (up @ down)
-
-
 def merged_denoiser(base, denoiser, subfolder="unet"):
     """The base's denoiser (U-Net; SD3: subfolder "transformer") read again in fp32 with every
     LoRA delta of `denoiser` added in fp32: fused into a bf16 training copy, a small delta would
-    mostly round away (a bf16 weight keeps 8 bits)."""
+    mostly round away (a bf16 weight keeps 8 bits). The delta: (alpha / r) B A (Hu et al. 2021,
+    Eq. (3))."""
     merged = type(denoiser).from_pretrained(base, subfolder=subfolder, torch_dtype=torch.float32)
-    targets = dict(merged.named_modules())
     for name, layer in denoiser.named_modules():
         if hasattr(layer, "lora_A"):
-            targets[name].weight.data += lora_delta(layer).cpu()
+            delta = layer.lora_B["default"].weight.float() @ layer.lora_A["default"].weight.float()
+            merged.get_submodule(name).weight.data += (layer.scaling["default"] * delta).cpu()
     return merged
 
 
@@ -411,7 +388,6 @@ def save_merged_denoiser(base, denoiser, out, subfolder="unet"):
     merged = merged_denoiser(base, denoiser, subfolder)
     write_or_fail(folder, merged.save_pretrained, folder + ".tmp")
     kill_point("mid " + subfolder)
-    if os.path.isdir(folder):
-        shutil.rmtree(folder)
+    shutil.rmtree(folder, ignore_errors=True)
     os.replace(folder + ".tmp", folder)
 
