@@ -4469,15 +4469,17 @@ def test_images_are_encoded_shifted_then_scaled():
 
 # ----------------------------------------------------------------------------- lrm.py
 def test_shipped_tiny_sd3_lrm_is_small_and_noise_aware():
-    """tiny/lrm-sd3 (python lrm.py --model tiny-sd3): no text encoders copied, and its validation
-    accuracy falls from ~0.72 at the lowest noise level of the grid to chance at pure noise."""
+    """tiny/lrm-sd3 (python lrm.py --model tiny-sd3, trained on the levels below 1): no text
+    encoders copied, and its validation accuracy falls from ~0.67-0.70 at the two lowest noise
+    levels of the grid to chance at pure noise."""
     assert sorted(os.listdir("tiny/lrm-sd3")) == ["lrm_config.json", "state_dict.pt",
                                                  "transformer"]
     lrm = M.LatentRewardModel.from_pretrained("tiny/lrm-sd3", base="tiny-sd3")  # same VAE
     assert lrm.config["base"] == "tiny/sd3" and lrm.blocks == 3 and lrm.g == 7.5
     pairs = L.load_pairs("tiny/pickapic", "validation_unique")
-    accuracy = L.pair_accuracy(lrm, pairs, [8.928571701049805, 1000])["decisive"]
-    assert accuracy[8.928571701049805] > 0.68 and accuracy[1000] < 0.56   # 191 decisive pairs
+    accuracy = L.pair_accuracy(lrm, pairs, [8.928571701049805, 266.3297119140625, 1000])["decisive"]
+    assert min(accuracy[8.928571701049805], accuracy[266.3297119140625]) > 0.65   # 191 decisive pairs
+    assert accuracy[1000] < 0.56
 
 
 def _sd3_lrm_args(out, *extra):
