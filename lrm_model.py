@@ -30,6 +30,7 @@ import transformers
 from diffusers import (AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel,
                        UNet2DConditionModel)
 from torch.utils.checkpoint import checkpoint
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from models import (BASES, DENOISERS, denoiser_subfolder, encode_prompt, resolve_model,
                     uncond_then_cond)
@@ -356,14 +357,14 @@ class LatentRewardModel(torch.nn.Module):
             units = [part for inner in parts for part in inner] + blocks
             units += [model.time_embedding, getattr(model, "add_embedding", None), model.conv_in]
         encoders = list(self.text_encoders) if self.text_trained else []
-        layers = [layer for encoder in encoders for layer in encoder.encoder.layers]
+        layers = [part for encoder in encoders for part in encoder.modules()
+                  if isinstance(part, CLIPEncoderLayer)]
         return [unit for unit in units + layers + encoders + list(self.heads().values())
                 if unit is not None]
 
     def encode_text(self, prompts):
-        """Everything score() needs about the prompts (and "" for VFE): computed once, cacheable.
-        Each distinct prompt is encoded once (callers repeat them: 2 images a pair, K children a
-        parent)."""
+        """Everything score() needs about the prompts (and "" for VFE), each distinct prompt
+        encoded once (callers repeat them: 2 images a pair, K children a parent)."""
         encoders = list(self.text_encoders)
         position = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}
         rows = torch.tensor([position[prompt] for prompt in prompts])  # (B,) row of each prompt

@@ -570,6 +570,16 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert not torch.equal(a["visual_projection.weight"], fresh["visual_projection.weight"])  # it trained
 
 
+@pytest.mark.parametrize("model", ["tiny", "tiny-xl", "tiny-sd3"])
+def test_shard_units_hold_what_trains_and_nothing_frozen(model):
+    """lrm.py shards the LRM's shard_units: together every trained weight but logit_scale (kept
+    whole on every rank), none frozen (up blocks, SD3's text encoders and blocks N..)."""
+    lrm = M.LatentRewardModel.from_base(model)
+    covered = {p for unit in lrm.shard_units() for p in unit.parameters()}
+    trained = {p for p in lrm.parameters() if p.requires_grad}
+    assert trained - covered == {lrm.logit_scale} and all(p.requires_grad for p in covered)
+
+
 def test_two_processes_equal_one_process_with_double_batch(tmp_path, capsys):
     """2 ranks sharding the LRM (FSDP2) train as 1 process with the whole batch, each holding half
     the trained state; killed and resumed on 2 ranks bitwise; resumed on 1 process it reshards."""
