@@ -513,11 +513,11 @@ def main(cfg):
     first_step = step
     start = time.perf_counter()
 
-    def publish(name, folder, staging):  # a collective (whole_state: every rank gathers)
+    def publish(name, folder, staging):  # in the run folder (''); a collective: whole_state
+        folder, staging = os.path.join(cfg.out, folder), os.path.join(cfg.out, staging)
         state = whole_state(lrm)
         if master:  # rank 0 writes
             write_or_fail(folder, publish_lrm, lrm, folder, staging, name, state)
-    final = ("final LRM", cfg.out, os.path.join(cfg.out, "final.tmp"))
     for batch in tqdm(loader, "lrm", cfg.max_train_steps, initial=step, disable=not master):
         # 1. one optimizer step on the global batch (micro-batches accumulate in train_step)
         lr = learning_rate(step, cfg)
@@ -559,9 +559,9 @@ def main(cfg):
             at_first_t = val_acc["decisive"][timesteps[0]]
             if at_first_t > best:
                 best = at_first_t
-                publish("best/", os.path.join(cfg.out, "best"), os.path.join(cfg.out, "best.tmp"))
+                publish("best/", "best", "best.tmp")
         if last_step:
-            publish(*final)
+            publish("final LRM", "", "final.tmp")
 
         # 4. checkpoint, written last: one that exists means best/ and the final LRM are on disk
         if validate or step % cfg.save_every == 0:
@@ -572,7 +572,7 @@ def main(cfg):
         barrier()  # every rank waits for the checkpoint
 
     if first_step == cfg.max_train_steps:  # a finished run resumed (no step ran): its final LRM
-        publish(*final)
+        publish("final LRM", "", "final.tmp")
         val_acc = accuracy(val)
     kill_point("final table")
     table = {"validation_unique": val_acc, "test_unique": accuracy(test)}
