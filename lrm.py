@@ -46,6 +46,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -108,26 +109,30 @@ class Config:
     seed: int = 0  # initial heads and every pair's noise, in [0, inf)
 
 
-PRESETS = {
-    "sd15": {},
-    "sdxl": dict(max_train_steps=8000, train_batch_size=32, warmup=1000, grad_ckpt=True,
-                 vae_batch_size=2),
-    # the tiny world's (1,600 pairs, 1M-parameter U-Net: SD's lr would barely move it; one
-    # thread, as two only spend the tiny ops' time synchronising): the shipped tiny/lrm's recipe
-    "tiny": dict(data="tiny/pickapic", keep="tiny/pickapic/mpcf_keep.json", max_train_steps=400,
-                 train_batch_size=32, lr=1e-3, weight_decay=0.01, warmup=20, eval_every=100,
-                 save_every=100, workers=0, threads=1),
-}
+SDXL = dict(max_train_steps=8000, train_batch_size=32, warmup=1000, grad_ckpt=True,
+            vae_batch_size=2)
+# the tiny world's (1,600 pairs, 1M-parameter U-Net: SD's lr would barely move it; one thread,
+# as two only spend the tiny ops' time synchronising): the shipped tiny/lrm's recipe
+TINY = dict(data="tiny/pickapic", keep="tiny/pickapic/mpcf_keep.json", max_train_steps=400,
+            train_batch_size=32, lr=1e-3, weight_decay=0.01, warmup=20, eval_every=100,
+            save_every=100, workers=0, threads=1)
 # the paper gives no SD3 LRM recipe: SDXL's (the same 1024 px)
-PRESETS.update({"tiny-xl": PRESETS["tiny"], "tiny-sd3": PRESETS["tiny"], "sd3": PRESETS["sdxl"],
-                "sd35": PRESETS["sdxl"]})
+PRESETS = {"sd15": {}, "sdxl": SDXL, "sd3": SDXL, "sd35": SDXL, "tiny": TINY, "tiny-xl": TINY,
+           "tiny-sd3": TINY}
 
 
-def parse_timesteps(text):
+def parse_timesteps(text, ddpm=False):
     """'1,251' -> [1, 251]; '8.93,1000' -> [8.93, 1000]: whole numbers as int (a DDPM t indexes
-    its schedule), others float (SD3's 1000 sigma); '' -> []. Raises ValueError."""
-    numbers = [float(part) for part in text.split(",")] if text.strip() else []
-    return [int(t) if t.is_integer() else t for t in numbers]
+    its schedule), others float (SD3's 1000 sigma), in 0..1000 (ddpm: ints in 0..999); '' -> [].
+    Raises a one-line ValueError."""
+    try:
+        numbers = [float(part) for part in text.split(",")] if text.strip() else []
+        if all(t in range(1000) if ddpm else 0 <= t <= 1000 for t in numbers):
+            return [int(t) if t.is_integer() else t for t in numbers]
+    except ValueError:
+        pass
+    raise ValueError(f"--eval_timesteps {text!r}: comma-separated t's in 0..1000 (a DDPM model's: "
+                     "integers in 0..999), e.g. 1,501,951")
 
 
 def get_config(argv=None):
@@ -137,18 +142,17 @@ def get_config(argv=None):
     argv = command_line(__file__, argv)
     preset = PRESETS.get(peek(argv, "model", Config.model), {})
     cfg = parse_config(Config, {**asdict(Config()), **preset}, __doc__, argv)
-    given = {arg.split("=")[0] for arg in argv}  # the options on the command line
     if cfg.model not in PRESETS and not os.path.isdir(cfg.model) and cfg.model.count("/") != 1:
         fail(f"--model {cfg.model!r}: expected one of {list(PRESETS)}, a pipeline folder, or a hub "
              "id like owner/name")
-    own_base = cfg.base in ("", cfg.model, BASES.get(cfg.model))
-    if not own_base and cfg.data.startswith("tiny/") and "--data" not in given:
+    if "data" in preset and cfg.base not in ("", cfg.model, BASES.get(cfg.model)) \
+            and not peek(argv, "data", None):
         fail(f"--base {cfg.base}: pass --data too (the {cfg.model} preset's pairs were drawn "
              "for its own base)")
-    if cfg.data != preset.get("data", Config.data) and cfg.keep and "--keep" not in given:
+    if cfg.data != preset.get("data") and cfg.keep and not peek(argv, "keep", None):
         if os.environ.get("RANK", "0") == "0":
-            warn(f"the {cfg.model} preset's --keep {cfg.keep} lists rows of its own data, not of "
-                 f"{cfg.data}: training on all of {cfg.data}")
+            warn(f"the preset's --keep {cfg.keep} lists rows of its own data, not of --data "
+                 f"{cfg.data}: training on all of it")
         cfg.keep = ""
     cfg.out = cfg.out or run_folder("lrm", cfg.model)
     return cfg
@@ -204,35 +208,26 @@ def add_noise(noise_scheduler, latents, noise, timesteps):
 
 
 def noise_schedule(base):
-    """The base's noising and its grid of training t's, the noise levels of its 20-step sampling
-    schedule (paper: the 20-step DDIM grid): DDPM (SD1.5, SDXL: t in {1, 51, ..., 951}), or
-    flow matching (SD3: t = 1000 sigma, the levels below 1 of FlowMatchEulerDiscreteScheduler's
-    20 steps, those LPO's children take: at sigma = 1, x_t is pure noise and a pair no signal)."""
+    """The base's scheduler at its 20-step sampling schedule (paper: the 20-step DDIM grid), for
+    add_noise (DDIM's is DDPM's), and its grid of training t's, those noise levels: DDPM (SD1.5,
+    SDXL: t in {1, 51, ..., 951}), or flow matching (SD3: t = 1000 sigma, the levels below 1 of
+    FlowMatchEulerDiscreteScheduler's 20 steps, those LPO's children take: at sigma = 1, x_t is
+    pure noise and a pair no signal)."""
     config = DDPMScheduler.load_config(base, subfolder="scheduler")
     flow = is_flow_matching(config)
-    noising = FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler
-    sampler = (FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler).from_config(config)
-    sampler.set_timesteps(20)
-    grid = sorted(sampler.timesteps.tolist())
-    return noising.from_config(config), grid[:-1] if flow else grid
+    scheduler = (FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler).from_config(config)
+    scheduler.set_timesteps(20)
+    grid = sorted(scheduler.timesteps.tolist())
+    return scheduler, grid[:-1] if flow else grid
 
 
 def default_eval_timesteps(grid):
     """The grid's t nearest 0, 250, 500, 750 and 1000: low to high noise."""
-    nearest = [min(grid, key=lambda t: abs(t - target)) for target in (0, 250, 500, 750, 1000)]
-    return list(dict.fromkeys(nearest))
+    return list(dict.fromkeys(min(grid, key=lambda t: abs(t - target))
+                              for target in (0, 250, 500, 750, 1000)))
 
 
 # ----------------------------------------------------------------------------- data
-def decode_pair(example, resolution):
-    """Both images of a row -> uint8 (2, H, W, 3); raises on an undecodable image."""
-    images = [decode_image(example[column]) for column in ("jpg_0", "jpg_1")]
-    if None in images:
-        raise ValueError("an undecodable image")
-    arrays = [np.array(image.resize((resolution, resolution), Image.BICUBIC)) for image in images]
-    return torch.from_numpy(np.stack(arrays))
-
-
 @dataclass
 class Pairs(Dataset):
     """(epoch, row) -> {px: both images (2, 3, H, W) in [-1, 1], caption, label (2,), weight (the
@@ -249,14 +244,14 @@ class Pairs(Dataset):
         epoch, row = key
         example = self.pairs[row]
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + row)
-        bad = False
-        try:
-            pixels = decode_pair(example, self.resolution)  # (2, H, W, 3)
-        except Exception:
-            pixels = torch.zeros(2, self.resolution, self.resolution, 3, dtype=torch.uint8)
-            bad = True
+        images = [decode_image(example[column]) for column in ("jpg_0", "jpg_1")]
+        bad = None in images
+        if bad:  # a blank pair (black: the batch's shapes must match)
+            images = [Image.new("RGB", (1, 1))] * 2
+        side = (self.resolution, self.resolution)
+        pixels = np.stack([np.array(image.resize(side, Image.BICUBIC)) for image in images])
         return dict(  # (t drawn before eps)
-            px=pixels.permute(0, 3, 1, 2).float() / 127.5 - 1,
+            px=torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1,  # (2, 3, H, W)
             caption=example["caption"],
             bad=bad,
             label=torch.tensor([example["label_0"], example["label_1"]], dtype=torch.float32),
@@ -270,14 +265,12 @@ def steps_sampler(n, global_batch, rank, world, seed, start, steps):
     """(epoch, row) keys of steps start..steps-1: global batch k = rows perm_e[k*G:(k+1)*G] of
     epoch e's shuffle (seeded by seed + e), each rank its contiguous share: the same rows on 1
     process or 8, fresh or resumed."""
-    per_epoch = n // global_batch
     share = global_batch // world
     for step in range(start, steps):
-        epoch, k = divmod(step, per_epoch)
+        epoch, k = divmod(step, n // global_batch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        first = k * global_batch + rank * share
-        for row in order[first:first + share]:
-            yield epoch, int(row)
+        for row in order[k * global_batch + rank * share:][:share].tolist():
+            yield epoch, row
 
 
 def latent_shape(vae, resolution):
@@ -336,13 +329,12 @@ def train_step(lrm, vae, noise_scheduler, batch, micro_batch_size, device, vae_b
         with mixed_precision(device):
             scores = gather(lrm.score(noisy, t, prompts=prompts).view(-1, 2))  # (world * m, 2)
         labels, weights = [gather(micro[key].to(device)) for key in ("label", "weight")]
-        part_loss = pair_loss(scores[:, 0], scores[:, 1], labels[:, 0], labels[:, 1], weights,
-                              total_weight)  # (not scores.T: its gradient would not be contiguous)
+        # (unbind, not scores.T: that one's gradient would not be contiguous)
+        part_loss = pair_loss(*scores.unbind(1), *labels.T, weights, total_weight)
         part_loss.backward()
         loss += part_loss.item()
         seen.append((scores.detach().float(), labels, weights))
-    scores, labels, weights = [torch.cat(parts) for parts in zip(*seen)]
-    return loss, scores, labels, weights
+    return loss, *[torch.cat(parts) for parts in zip(*seen)]
 
 
 def make_optimizer(lrm, cfg):
@@ -392,9 +384,8 @@ def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pa
     lrm.eval()
     # every rank runs as many batches (sharded, each pass gathers weights from all): a rank out
     # of rows scores a stand-in that casts no vote
-    for start in range(rank * batch_size, math.ceil(len(rows) / world / batch_size) * world
-                       * batch_size, world * batch_size):
-        mine = rows[start:start + batch_size]
+    for start in range(0, len(rows), world * batch_size):
+        mine = rows[start + rank * batch_size:][:batch_size]
         batch = default_collate([data[(0, row)] for row in mine or rows[:1]])
         latents, noise = pair_latents(vae, batch, device, vae_batch_size)  # (2b, C, h, w)
         text = lrm.encode_text([caption for caption in batch["caption"] for _ in range(2)])
@@ -431,9 +422,7 @@ def publish_lrm(lrm, folder, staging, name, state=None):
     kill_point(f"before {name}")
     lrm.save_pretrained(staging, state)  # (prepare_run_folder drops a killed publish's *.tmp)
     os.makedirs(folder, exist_ok=True)
-    config = os.path.join(folder, "lrm_config.json")
-    if os.path.exists(config):
-        os.remove(config)  # the folder is incomplete until the new config lands
+    Path(folder, "lrm_config.json").unlink(missing_ok=True)  # incomplete until the new one lands
     for entry in sorted(os.listdir(staging), key=lambda entry: (entry == "lrm_config.json", entry)):
         target = os.path.join(folder, entry)
         if os.path.isdir(target):
@@ -451,11 +440,6 @@ def main(cfg):
     rank, world, device = setup_distributed(cfg.dist_timeout)
     master = rank == 0
     per_rank = cfg.train_batch_size // world
-    if cfg.train_batch_size % world:
-        fail(f"--train_batch_size {cfg.train_batch_size} is not divisible by {world} processes")
-    if cfg.micro_batch_size and per_rank % cfg.micro_batch_size:
-        fail(f"--micro_batch_size {cfg.micro_batch_size} does not divide the {per_rank} pairs "
-             "of each process")
     checkpoint, changes, _ = open_run(cfg, world, MAY_CHANGE)
     if checkpoint and checkpoint["step"] > cfg.max_train_steps:
         fail(f"--resume: {cfg.out} is at step {checkpoint['step']}, past --max_train_steps "
@@ -466,29 +450,24 @@ def main(cfg):
         resolution = geometry(base, cfg.resolution)[0]
         mmdit_blocks(*load_denoiser_config(base), cfg.lrm_blocks)
         noise_scheduler, grid = noise_schedule(base)
+        ddpm = not is_flow_matching(noise_scheduler.config)  # a DDPM t indexes its levels
+        timesteps = parse_timesteps(cfg.eval_timesteps, ddpm) or default_eval_timesteps(grid)
         train = load_pairs(cfg.data, "train", cfg.keep)
         val = load_pairs(cfg.data, "validation_unique")
         test = load_pairs(cfg.data, "test_unique")
     except (ValueError, OSError) as error:
         fail(first_line(error))
+    if (len(train) < cfg.train_batch_size or cfg.train_batch_size % world
+            or per_rank % (cfg.micro_batch_size or per_rank)):
+        fail(f"--train_batch_size {cfg.train_batch_size}: at most the {len(train)} usable train "
+             f"pairs, split evenly over {world} process(es), each share into micro-batches of "
+             f"--micro_batch_size {cfg.micro_batch_size} (0: auto)")
     try:
         if cfg.text_projection_init:
             transformers.AutoConfig.from_pretrained(cfg.text_projection_init)
     except (ValueError, OSError) as error:
         fail(f"--text_projection_init {cfg.text_projection_init}: {first_line(error)} (a CLIP "
              "model folder or hub id, or '' for a random init)")
-    if len(train) < cfg.train_batch_size:
-        fail(f"{cfg.data}: {len(train)} usable train pairs < --train_batch_size "
-             f"{cfg.train_batch_size}")
-    try:
-        timesteps = parse_timesteps(cfg.eval_timesteps) or default_eval_timesteps(grid)
-    except ValueError:
-        fail(f"--eval_timesteps {cfg.eval_timesteps!r}: comma-separated numbers, e.g. 1,501,951")
-    # a DDPM t indexes its levels, an int in 0..999 (parse_timesteps: whole numbers are ints)
-    flow = is_flow_matching(noise_scheduler.config)
-    if not all(0 <= t <= 1000 if flow else t in range(1000) for t in timesteps):
-        fail(f"--eval_timesteps {cfg.eval_timesteps!r}: {base}'s t's are in 0..1000 (a DDPM "
-             "model's: integers in 0..999)")
 
     transformers.utils.logging.disable_progress_bar()
     threads_before = torch.get_num_threads()  # restored at the end: main() may run in a program
@@ -509,37 +488,35 @@ def main(cfg):
     vae.to(device).requires_grad_(False)
     if cfg.grad_ckpt:
         lrm.denoiser.enable_gradient_checkpointing()
-    sharded = cfg.shard and world > 1
-    if sharded:  # each rank holds 1 / world of what trains (see the module docstring)
+    if cfg.shard:  # each rank holds 1 / world of what trains (see the module docstring)
         shard(lrm.shard_units(), world, device)
     params, optimizer = make_optimizer(lrm, cfg)
-    step, (best, n_bad, n_seen) = 0, (-1.0, 0, 0)
     if checkpoint:  # saved whole at any world size: each rank takes its shards
         scatter_training(lrm, optimizer, checkpoint)
-        step, (best, n_bad, n_seen) = checkpoint["step"], checkpoint["counters"]
+    step, (best, n_bad, n_seen) = ((checkpoint["step"], checkpoint["counters"]) if checkpoint
+                                   else (0, (-1.0, 0, 0)))
     del checkpoint  # restored: not kept while training (SDXL's is ~30 GB)
     log_path = os.path.join(cfg.out, "metrics.jsonl")
+    micro_batch = choose_micro_batch(cfg, per_rank, lrm, device)
     if master:
         restart_log(log_path, step + 1, step, changes, key="step")
-    micro_batch = choose_micro_batch(cfg, per_rank, lrm, device)
-    if master:  # trained state: fp32 weights, gradients and AdamW's two moments
-        print(f"{world} process(es){', sharded' if sharded else ''}, {per_rank} pairs each a step, "
-              f"micro-batches of {micro_batch}, trained state "
+        # trained state: fp32 weights, gradients and AdamW's two moments
+        print(f"{world} process(es){', sharded' if cfg.shard and world > 1 else ''}, {per_rank} "
+              f"pairs each a step, micro-batches of {micro_batch}, trained state "
               f"{16 * local_numel(params) / 2**20:.1f} MiB a process")
-    dataset = Pairs(train, resolution, latent_shape(vae, resolution), grid, cfg.seed)
-    sampler = steps_sampler(len(train), cfg.train_batch_size, rank, world, cfg.seed, step,
-                            cfg.max_train_steps)
-    loader = DataLoader(dataset, per_rank, sampler=sampler, num_workers=cfg.workers)
+    loader = DataLoader(Pairs(train, resolution, latent_shape(vae, resolution), grid, cfg.seed),
+                        per_rank, num_workers=cfg.workers, sampler=steps_sampler(
+                            len(train), cfg.train_batch_size, rank, world, cfg.seed, step,
+                            cfg.max_train_steps))
     accuracy = partial(pair_accuracy, lrm, timesteps=timesteps, vae=vae, seed=cfg.seed,
                        max_pairs=cfg.eval_max_pairs, vae_batch_size=cfg.vae_batch_size)
     first_step = step
-    last_val = None
-    best_folder = os.path.join(cfg.out, "best")
-    final_staging = os.path.join(cfg.out, "final.tmp")
     start = time.perf_counter()
 
-    def publish(folder, staging, name, state):  # rank 0 writes
-        if master:
+    def publish(name, folder, staging):  # in the run folder (''); a collective: whole_state
+        folder, staging = os.path.join(cfg.out, folder), os.path.join(cfg.out, staging)
+        state = whole_state(lrm)
+        if master:  # rank 0 writes
             write_or_fail(folder, publish_lrm, lrm, folder, staging, name, state)
     for batch in tqdm(loader, "lrm", cfg.max_train_steps, initial=step, disable=not master):
         # 1. one optimizer step on the global batch (micro-batches accumulate in train_step)
@@ -562,29 +539,29 @@ def main(cfg):
 
         # 2. log (rank 0); pairs_per_s over this run's wall time, validations and checkpoints in
         if master:
-            pairs = (step - first_step) * cfg.train_batch_size
-            row = dict(step=step, loss=loss, acc=batch_accuracy(scores, labels, weights), lr=lr,
-                       grad_norm=grad_norm, logit_scale=lrm.logit_scale.item(),
-                       pairs_per_s=pairs / (time.perf_counter() - start), bad_pairs=n_bad)
-            log_jsonl(log_path, row)
+            log_jsonl(log_path, dict(
+                step=step, loss=loss, acc=batch_accuracy(scores, labels, weights), lr=lr,
+                grad_norm=grad_norm, logit_scale=lrm.logit_scale.item(),
+                pairs_per_s=(step - first_step) * cfg.train_batch_size / (
+                    time.perf_counter() - start), bad_pairs=n_bad))
 
-        # 3. validate (each rank its shard); rank 0 publishes best/ when the accuracy at the first
-        # t beats it (paper: validation accuracy at t = 1), and the final LRM at the last step
+        # 3. validate (each rank its shard); best/ when the accuracy at the first t beats it
+        # (paper: validation accuracy at t = 1), and the final LRM at the last step
         validate = step % cfg.eval_every == 0 or last_step
         if validate:
-            last_val = accuracy(val)
-            at_first_t = last_val["decisive"][timesteps[0]]
+            val_acc = accuracy(val)
             if master:
-                row = {"step": step}
-                for key, name in (("decisive", "val_acc"), ("ties_half", "val_acc_ties_half")):
-                    row.update({f"{name}@{t:g}": a for t, a in last_val[key].items()})
+                row = {"step": step} | {f"{name}@{t:g}": acc for way, name in (
+                    ("decisive", "val_acc"), ("ties_half", "val_acc_ties_half"))
+                    for t, acc in val_acc[way].items()}
                 log_jsonl(log_path, row)
                 tqdm.write(f"validation: {row}")
-            if at_first_t > best:  # (whole_state: a collective, every rank gathers)
-                publish(best_folder, best_folder + ".tmp", "best/", whole_state(lrm))
-            best = max(best, at_first_t)
+            at_first_t = val_acc["decisive"][timesteps[0]]
+            if at_first_t > best:
+                best = at_first_t
+                publish("best/", "best", "best.tmp")
         if last_step:
-            publish(cfg.out, final_staging, "final LRM", whole_state(lrm))
+            publish("final LRM", "", "final.tmp")
 
         # 4. checkpoint, written last: one that exists means best/ and the final LRM are on disk
         if validate or step % cfg.save_every == 0:
@@ -594,10 +571,11 @@ def main(cfg):
                                  counters=(best, n_bad, n_seen), config=asdict(cfg))
         barrier()  # every rank waits for the checkpoint
 
-    if first_step == cfg.max_train_steps:  # a finished run resumed: its final LRM again
-        publish(cfg.out, final_staging, "final LRM", whole_state(lrm))
+    if first_step == cfg.max_train_steps:  # a finished run resumed (no step ran): its final LRM
+        publish("final LRM", "", "final.tmp")
+        val_acc = accuracy(val)
     kill_point("final table")
-    table = {"validation_unique": last_val or accuracy(val), "test_unique": accuracy(test)}
+    table = {"validation_unique": val_acc, "test_unique": accuracy(test)}
     if master:
         log_jsonl(log_path, {"step": step, "final": by_label(table)})
         print("\naccuracy at t: decisive pairs / official (every pair, a tie scoring 0.5)")
