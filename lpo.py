@@ -106,12 +106,12 @@ MAY_CHANGE = ("threads", "dist_timeout", "epochs", "max_rounds", "lr", "grad_ckp
 def tiny_preset(world, lrm, epochs=1, **more):
     """A tiny world's preset: its pipeline and its LRM (folders under tiny/), the tiny settings,
     and more."""
-    folder = os.path.join(ROOT, "tiny")
     # deviation: tiny thresholds, rank, lr and batches (a tiny LRM's scores spread less)
-    return dict(prompts=os.path.join(folder, "pickapic"), base=os.path.join(folder, world),
-                lrm=os.path.join(folder, lrm), th_min=0.1, th_max=0.2, lora_rank=8, lr=1e-3,
-                sample_batch_size=32, train_batch_size=64, num_prompts=320, unique_prompts=False,
-                epochs=epochs, eval_samples=300, ckpt_every=10, threads=1, **more)
+    return dict(prompts=os.path.join(ROOT, "tiny", "pickapic"),
+                base=os.path.join(ROOT, "tiny", world), lrm=os.path.join(ROOT, "tiny", lrm),
+                th_min=0.1, th_max=0.2, lora_rank=8, lr=1e-3, sample_batch_size=32,
+                train_batch_size=64, num_prompts=320, unique_prompts=False, epochs=epochs,
+                eval_samples=300, ckpt_every=10, threads=1, **more)
 
 
 SDXL = dict(th_min=0.45, th_max=0.6, lora_rank=64, lr=1e-5, sample_batch_size=4,
@@ -142,6 +142,11 @@ def preset_of(model):
 
 
 # ----------------------------------------------------------------------------- math
+def per_sample(values, x):
+    """(B,) values as (B, 1, ..., 1), to broadcast over x (B, C, H, W). (B, 1, 1, 1)"""
+    return values.view((-1,) + (1,) * (x.ndim - 1))
+
+
 def alpha_bar(alphas_cumprod, t):
     """a_t of a timestep or of a tensor of them; t < 0 reads a_0. (B,) fp32
 
@@ -165,10 +170,9 @@ def ddim_step(eps, x_t, t, t_prev, alphas_cumprod, eta):
     on x_t's device. fp32"""
     eps = eps.float()
     x_t = x_t.float()
-    shape = (-1, 1, 1, 1)  # (B,) coefficients over (B, C, H, W) latents
-    a_t = alpha_bar(alphas_cumprod, t).view(shape)  # (B, 1, 1, 1)
-    a_prev = alpha_bar(alphas_cumprod, t_prev).view(shape)  # (B, 1, 1, 1)
-    std = ddim_sigma(t, t_prev, alphas_cumprod, eta).view(shape)  # (B, 1, 1, 1)
+    a_t = per_sample(alpha_bar(alphas_cumprod, t), x_t)  # (B, 1, 1, 1)
+    a_prev = per_sample(alpha_bar(alphas_cumprod, t_prev), x_t)  # (B, 1, 1, 1)
+    std = per_sample(ddim_sigma(t, t_prev, alphas_cumprod, eta), x_t)  # (B, 1, 1, 1)
     x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # (B, C, H, W)
     direction = (1 - a_prev - std**2).sqrt() * eps  # "direction pointing to x_t", (B, C, H, W)
     return a_prev.sqrt() * x0 + direction, std
@@ -208,15 +212,14 @@ def flow_step(v, x_t, s, s_prev, eta):
     (flow_sigma) is the std of the posterior q(x_{s'} | x_s, x_0) of the Markov chain with these
     marginals: the DDPM posterior analogue, i.e. the DDIM eta = 1 step that the SD1.5 / SDXL path
     runs, so that LPO's thresholds come from the same kind of sigma (docs/reference.md: why not
-    Flow-GRPO's SDE). The last step, to s' = 0, has std 0 (it lands on x_0): its K children are
-    identical, so sample_tuples keeps no pair there and no log-prob is ever taken there. fp32
+    Flow-GRPO's SDE). The last step, to s' = 0, has std 0 (it lands on x_0): its K children would
+    be identical, so sample_tuples does not run it and no log-prob is ever taken there. fp32
     """
     v = v.float()
     x_t = x_t.float()
-    shape = (-1, 1, 1, 1)  # (B,) coefficients over (B, C, H, W) latents
-    level = noise_levels(s, x_t.device).view(shape)  # (B, 1, 1, 1) fp64
-    level_prev = noise_levels(s_prev, x_t.device).view(shape)  # (B, 1, 1, 1) fp64
-    std = flow_sigma(level, level_prev, eta).view(shape)  # (B, 1, 1, 1) fp64
+    level = per_sample(noise_levels(s, x_t.device), x_t)  # (B, 1, 1, 1) fp64
+    level_prev = per_sample(noise_levels(s_prev, x_t.device), x_t)  # (B, 1, 1, 1) fp64
+    std = per_sample(flow_sigma(level, level_prev, eta), x_t)  # (B, 1, 1, 1) fp64
     keep = (level_prev**2 - std**2).clamp(min=0).sqrt()  # sqrt(s'^2 - sig^2), (B, 1, 1, 1)
     x0 = x_t - level.float() * v  # predicted clean latent, (B, C, H, W)
     noise = x_t + (1 - level).float() * v  # predicted noise e, (B, C, H, W)
@@ -292,8 +295,8 @@ class FlowSchedule(Schedule):
     def step(self, velocity, x_t, t, t_prev, eta):
         """The sampler's step from the transformer's velocity: DDIM in flow form. (mean, std)"""
         # deviation: the paper's flow SDE is not published; flow_step's docstring says why this
-        scale = self.train_timesteps
-        return flow_step(velocity, x_t, noise_levels(t) / scale, noise_levels(t_prev) / scale, eta)
+        return flow_step(velocity, x_t, noise_levels(t) / self.train_timesteps,
+                         noise_levels(t_prev) / self.train_timesteps, eta)
 
 
 def make_schedule(scheduler_config, num_inference_steps, th_min, th_max, device, latent_size=0):
