@@ -104,8 +104,7 @@ MAY_CHANGE = ("threads", "dist_timeout", "epochs", "max_rounds", "lr", "grad_ckp
 
 
 def tiny_preset(world, lrm, epochs=1, **more):
-    """A tiny world's preset: its pipeline and its LRM (folders under tiny/), the tiny settings,
-    and more."""
+    """A tiny world's preset: its pipeline and LRM (folders under tiny/), tiny settings, more."""
     # deviation: tiny thresholds, rank, lr and batches (a tiny LRM's scores spread less)
     return dict(prompts=os.path.join(ROOT, "tiny", "pickapic"),
                 base=os.path.join(ROOT, "tiny", world), lrm=os.path.join(ROOT, "tiny", lrm),
@@ -120,8 +119,7 @@ PRESETS = {
     "sd15": dict(base="stable-diffusion-v1-5/stable-diffusion-v1-5", lrm="runs/lrm-sd15"),
     "sdxl": dict(SDXL, base="stabilityai/stable-diffusion-xl-base-1.0", lrm="runs/lrm-sdxl"),
     # SD3-Medium: the paper gives no SD3 setting; each is a choice: its pipeline's steps and
-    # guidance (28, 7.0); SDXL's thresholds, LoRA rank, lr, batches, checkpointing (the paper's
-    # ~1024 px model)
+    # guidance (28, 7.0); SDXL's thresholds, LoRA rank, lr, batches, checkpointing (~1024 px)
     "sd3": dict(SDXL, num_inference_steps=28, guidance_scale=7.0,
                 base="stabilityai/stable-diffusion-3-medium-diffusers", lrm="runs/lrm-sd3"),
     # SD3.5-Medium: its model card's 40 steps and CFG 4.5, the rest as SD3 (choices as above)
@@ -618,8 +616,7 @@ def main(cfg):
             log_jsonl(log_path, row)
             bar.set_postfix(loss=row["loss"], acc=row["acc"], kept=row["kept_frac"])
             warn_if_stuck(history, cfg)
-        # deviation: checkpoints at round ends only (a round's tuples are never saved): where
-        # this round crossed a multiple of ckpt_every updates, at an epoch's end, at the last
+        # deviation: checkpoints at round ends only (a round's tuples are never saved)
         if (step // cfg.ckpt_every > (step - sums["updates"]) // cfg.ckpt_every
                 or position == rounds_per_epoch - 1 or round_index == rounds - 1):
             if master:  # the LoRA first, the checkpoint last: a ckpt.pt means its LoRA is on disk
