@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributions import Normal
 from tqdm import tqdm
 
 from data import load_prompts
@@ -52,8 +53,8 @@ from distributed import (NonFiniteUpdate, all_gather_cat, all_reduce_sums, apply
                          close_distributed, mixed_precision, peak_memory_mb, setup_distributed,
                          stop_non_finite, timing, weights_fingerprint)
 from runs import (command_line, fail, inform, inputs_sha1, kill_point, log_jsonl, open_run,
-                  parse_config, peek, restart_log, restore_training, run_folder, warn,
-                  write_checkpoint)
+                  parse_config, peek, restart_log, restore_training, run_folder, trained,
+                  warn, write_checkpoint)
 from tiny.world import judge_lora, win_rate_line
 
 
@@ -100,16 +101,16 @@ class Config:
 # fields a --resume may change (they are applied and logged); any other change is refused
 MAY_CHANGE = ("threads", "dist_timeout", "epochs", "max_rounds", "lr", "grad_ckpt", "ckpt_every",
               "save_merged", "eval_samples")
-TINY_DIR = os.path.join(ROOT, "tiny")
-# deviation: tiny thresholds, rank, lr and batches (a tiny LRM's scores spread less)
-TINY = dict(prompts=os.path.join(TINY_DIR, "pickapic"), th_min=0.1, th_max=0.2, lora_rank=8,
-            lr=1e-3, sample_batch_size=32, train_batch_size=64, num_prompts=320,
-            unique_prompts=False, epochs=1, eval_samples=300, ckpt_every=10, threads=1)
 
 
-def tiny_preset(world, lrm, **more):
-    """A tiny world's preset: TINY, its pipeline and its LRM (folders under tiny/), and more."""
-    return dict(TINY, base=os.path.join(TINY_DIR, world), lrm=os.path.join(TINY_DIR, lrm), **more)
+def tiny_preset(world, lrm, epochs=1, **more):
+    """A tiny world's preset: its pipeline and LRM (folders under tiny/), tiny settings, more."""
+    # deviation: tiny thresholds, rank, lr and batches (a tiny LRM's scores spread less)
+    return dict(prompts=os.path.join(ROOT, "tiny", "pickapic"),
+                base=os.path.join(ROOT, "tiny", world), lrm=os.path.join(ROOT, "tiny", lrm),
+                th_min=0.1, th_max=0.2, lora_rank=8, lr=1e-3, sample_batch_size=32,
+                train_batch_size=64, num_prompts=320, unique_prompts=False, epochs=epochs,
+                eval_samples=300, ckpt_every=10, threads=1, **more)
 
 
 SDXL = dict(th_min=0.45, th_max=0.6, lora_rank=64, lr=1e-5, sample_batch_size=4,
@@ -118,8 +119,7 @@ PRESETS = {
     "sd15": dict(base="stable-diffusion-v1-5/stable-diffusion-v1-5", lrm="runs/lrm-sd15"),
     "sdxl": dict(SDXL, base="stabilityai/stable-diffusion-xl-base-1.0", lrm="runs/lrm-sdxl"),
     # SD3-Medium: the paper gives no SD3 setting; each is a choice: its pipeline's steps and
-    # guidance (28, 7.0); SDXL's thresholds, LoRA rank, lr, batches, checkpointing (the paper's
-    # ~1024 px model)
+    # guidance (28, 7.0); SDXL's thresholds, LoRA rank, lr, batches, checkpointing (~1024 px)
     "sd3": dict(SDXL, num_inference_steps=28, guidance_scale=7.0,
                 base="stabilityai/stable-diffusion-3-medium-diffusers", lrm="runs/lrm-sd3"),
     # SD3.5-Medium: its model card's 40 steps and CFG 4.5, the rest as SD3 (choices as above)
@@ -140,6 +140,11 @@ def preset_of(model):
 
 
 # ----------------------------------------------------------------------------- math
+def per_sample(values, x):
+    """(B,) values as (B, 1, ..., 1), to broadcast over x (B, C, H, W). (B, 1, 1, 1)"""
+    return values.view((-1,) + (1,) * (x.ndim - 1))
+
+
 def alpha_bar(alphas_cumprod, t):
     """a_t of a timestep or of a tensor of them; t < 0 reads a_0. (B,) fp32
 
@@ -163,10 +168,9 @@ def ddim_step(eps, x_t, t, t_prev, alphas_cumprod, eta):
     on x_t's device. fp32"""
     eps = eps.float()
     x_t = x_t.float()
-    shape = (-1,) + (1,) * (x_t.ndim - 1)
-    a_t = alpha_bar(alphas_cumprod, t).view(shape)  # (B, 1, 1, 1)
-    a_prev = alpha_bar(alphas_cumprod, t_prev).view(shape)  # (B, 1, 1, 1)
-    std = ddim_sigma(t, t_prev, alphas_cumprod, eta).view(shape)  # (B, 1, 1, 1)
+    a_t = per_sample(alpha_bar(alphas_cumprod, t), x_t)  # (B, 1, 1, 1)
+    a_prev = per_sample(alpha_bar(alphas_cumprod, t_prev), x_t)  # (B, 1, 1, 1)
+    std = per_sample(ddim_sigma(t, t_prev, alphas_cumprod, eta), x_t)  # (B, 1, 1, 1)
     x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # (B, C, H, W)
     direction = (1 - a_prev - std**2).sqrt() * eps  # "direction pointing to x_t", (B, C, H, W)
     return a_prev.sqrt() * x0 + direction, std
@@ -206,15 +210,14 @@ def flow_step(v, x_t, s, s_prev, eta):
     (flow_sigma) is the std of the posterior q(x_{s'} | x_s, x_0) of the Markov chain with these
     marginals: the DDPM posterior analogue, i.e. the DDIM eta = 1 step that the SD1.5 / SDXL path
     runs, so that LPO's thresholds come from the same kind of sigma (docs/reference.md: why not
-    Flow-GRPO's SDE). The last step, to s' = 0, has std 0 (it lands on x_0): its K children are
-    identical, so sample_tuples keeps no pair there and no log-prob is ever taken there. fp32
+    Flow-GRPO's SDE). The last step, to s' = 0, has std 0 (it lands on x_0): its K children would
+    be identical, so sample_tuples does not run it and no log-prob is ever taken there. fp32
     """
     v = v.float()
     x_t = x_t.float()
-    shape = (-1,) + (1,) * (x_t.ndim - 1)
-    level = noise_levels(s, x_t.device).view(shape)  # (B, 1, 1, 1) fp64
-    level_prev = noise_levels(s_prev, x_t.device).view(shape)  # (B, 1, 1, 1) fp64
-    std = flow_sigma(level, level_prev, eta).view(shape)  # (B, 1, 1, 1) fp64
+    level = per_sample(noise_levels(s, x_t.device), x_t)  # (B, 1, 1, 1) fp64
+    level_prev = per_sample(noise_levels(s_prev, x_t.device), x_t)  # (B, 1, 1, 1) fp64
+    std = per_sample(flow_sigma(level, level_prev, eta), x_t)  # (B, 1, 1, 1) fp64
     keep = (level_prev**2 - std**2).clamp(min=0).sqrt()  # sqrt(s'^2 - sig^2), (B, 1, 1, 1)
     x0 = x_t - level.float() * v  # predicted clean latent, (B, C, H, W)
     noise = x_t + (1 - level).float() * v  # predicted noise e, (B, C, H, W)
@@ -223,12 +226,10 @@ def flow_step(v, x_t, s, s_prev, eta):
 
 def step_logprob(x_prev, mean, std):
     """log N(x_prev; mean, std^2), mean (not sum) over C x H x W as in the official code (beta's
-    scale depends on it). (B,) fp32"""
-    x_prev = x_prev.float()
-    mean = mean.float()
-    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
-    density = -((x_prev - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
-    return density.flatten(1).mean(1)
+    scale depends on it); unchecked: a non-finite input gives a non-finite loss, which
+    apply_update stops on. (B,) fp32"""
+    normal = Normal(mean.float(), std, validate_args=False)
+    return normal.log_prob(x_prev.float()).flatten(1).mean(1)
 
 
 def pair_thresholds(sigmas, th_min, th_max):
@@ -292,8 +293,8 @@ class FlowSchedule(Schedule):
     def step(self, velocity, x_t, t, t_prev, eta):
         """The sampler's step from the transformer's velocity: DDIM in flow form. (mean, std)"""
         # deviation: the paper's flow SDE is not published; flow_step's docstring says why this
-        scale = self.train_timesteps
-        return flow_step(velocity, x_t, noise_levels(t) / scale, noise_levels(t_prev) / scale, eta)
+        return flow_step(velocity, x_t, noise_levels(t) / self.train_timesteps,
+                         noise_levels(t_prev) / self.train_timesteps, eta)
 
 
 def make_schedule(scheduler_config, num_inference_steps, th_min, th_max, device, latent_size=0):
@@ -306,7 +307,7 @@ def make_schedule(scheduler_config, num_inference_steps, th_min, th_max, device,
     scheduler = (FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler).from_config(
         scheduler_config)
     scheduler.set_timesteps(num_inference_steps)
-    timesteps = scheduler.timesteps.float().cpu() if flow else scheduler.timesteps.long()  # (T,)
+    timesteps = scheduler.timesteps  # (T,) on the CPU: long (DDIM) or fp32 (flow)
     # (T,) the next one each, in timesteps' dtype: the chain ends at x_0 (flow: 0), a_0 (DDIM: -1)
     prev_timesteps = torch.cat([timesteps[1:], timesteps.new_tensor([0 if flow else -1])])
     if flow:
@@ -339,34 +340,32 @@ def sample_tuples(denoiser, lrm, cond, lrm_text, prompt_ids, schedule, cfg, gene
     children = cfg.num_children  # K
     device = denoiser.device
     size = schedule.latent_size or denoiser.config.sample_size
-    # the LRM's text, B x K rows
-    lrm_text = dict(lrm_text, cond=take_rows(lrm_text["cond"],
-                                             torch.arange(batch).repeat_interleave(children)))
-    shape = (batch, denoiser.config.in_channels, size, size)
-    x = torch.randn(shape, generator=generator, device=device)  # (B, C, h, w)
+    x = torch.randn(batch, denoiser.config.in_channels, size, size, generator=generator,
+                    device=device)  # (B, C, h, w)
     rows = torch.arange(batch, device=device)
+    # the LRM's text, B x K rows
+    lrm_text = dict(lrm_text, cond=take_rows(lrm_text["cond"], rows.repeat_interleave(children)))
     kept = []  # each step's tuples
     scores = []
     seconds = {}
-    for t, t_prev, threshold in zip(schedule.timesteps.tolist(), schedule.prev_timesteps.tolist(),
-                                    schedule.thresholds.tolist()):
+    for t, t_prev, sigma, threshold in zip(schedule.timesteps.tolist(),
+                                           schedule.prev_timesteps.tolist(),
+                                           schedule.sigmas.tolist(), schedule.thresholds.tolist()):
+        if not sigma:  # a deterministic step (SD3's last, to x_0): no pair, and the chain ends
+            continue
         with timing(seconds, "sample"), mixed_precision(device):
             prediction = guided_prediction(denoiser, x, t, cond, cfg.guidance_scale)  # eps or v
             mean, std = schedule.step(prediction, x, t, t_prev, cfg.eta)  # (B, C, h, w), (1, ...)
-        if not std.any():  # a deterministic step (SD3's last, to x_0): K equal children, no pair
-            x = mean
-            continue
-        with timing(seconds, "sample"), mixed_precision(device):
-            noise = torch.randn(batch, children, *shape[1:], generator=generator, device=device)
+            noise = torch.randn(batch, children, *x.shape[1:], generator=generator, device=device)
             kids = mean[:, None] + std[:, None] * noise  # (B, K, C, h, w)
         with timing(seconds, "score"):  # the B x K children, cond + uncond (VFE), one LRM call
             # deviation: the children sit at noise level t_prev; the official code tells the LRM t
             t_lrm = torch.full((batch * children,), max(t_prev, 0) if cfg.lrm_t == "child" else t,
                                device=device)
-            lrm_scores = lrm.score(kids.flatten(0, 1), t_lrm, text=lrm_text)  # (B K,)
-            scores.append(lrm_scores.float().view(batch, children))  # (B, K)
-            reward = -scores[-1] if cfg.negate_reward else scores[-1]
-            win, lose, ok = select_pairs(reward, threshold)  # (B,) each
+            step_scores = lrm.score(kids.flatten(0, 1), t_lrm, text=lrm_text)  # (B K,)
+            scores.append(step_scores.float().view(batch, children))  # (B, K)
+            win, lose, ok = select_pairs(-scores[-1] if cfg.negate_reward else scores[-1],
+                                         threshold)  # (B,) each
         found = dict(x_t=x, x_w=kids[rows, win], x_l=kids[rows, lose],
                      t=torch.full((batch,), t, device=device),
                      t_prev=torch.full((batch,), t_prev, device=device),
@@ -412,32 +411,32 @@ def pair_logprobs(denoiser, minibatch, cond, schedule, cfg):
             for key in ("x_w", "x_l")]
 
 
+def chunks(batch, size):
+    """A dict of (N, ...) tensors as dicts of `size` rows each (the last one may be shorter)."""
+    return [{key: value[start:start + size] for key, value in batch.items()}
+            for start in range(0, len(batch["t"]), size)]
+
+
 def train_on_pairs(denoiser, pipe, optimizer, share, prompts, schedule, cfg, world):
     """Step 3: the step DPO loss on this rank's share of the pairs, train_batch_size a forward,
     grad_accum forwards an update of the optimizer's parameters (the LoRA). An update's gradient
     is that of the mean loss over its pairs: each forward's mean loss weighted by its share of the
     update's pairs (a last, shorter group too). -> this rank's sums over its pairs, for the log"""
-    sums = dict(pairs=0.0, loss=0.0, acc=0.0, clipfrac=0.0, grad_norm=0.0, updates=0)
-    share_pairs = len(share["t"])
-    per_update = cfg.train_batch_size * cfg.grad_accum
-    for start in range(0, share_pairs, cfg.train_batch_size):
-        end = start + cfg.train_batch_size
-        minibatch = {key: value[start:end] for key, value in share.items()}
-        captions = [prompts[i] for i in minibatch["prompt_ids"].tolist()]
-        cond = encode_for_cfg(pipe, captions, cfg.resolution)
-        loss, stats = lpo_loss(*pair_logprobs(denoiser, minibatch, cond, schedule, cfg), cfg.beta,
-                               cfg.clip_eps)
-        pairs = len(minibatch["t"])
-        pairs_in_update = min(per_update, share_pairs - start // per_update * per_update)
-        (loss * (pairs / pairs_in_update)).backward()  # weight 1 with one forward an update
-        sums["pairs"] += pairs
-        for key, value in stats.items():  # loss, acc, clipfrac
-            sums[key] += value * pairs
-        if end % per_update == 0 or end >= share_pairs:  # grad_accum forwards, or the last
-            # deviation: gradients really clipped (official: a no-op on a consumed iterator)
-            sums["grad_norm"] += apply_update(optimizer.param_groups[0]["params"], optimizer,
-                                              loss, world)
-            sums["updates"] += 1
+    sums = dict.fromkeys(["pairs", "loss", "acc", "clipfrac", "grad_norm", "updates"], 0)
+    for update in chunks(share, cfg.train_batch_size * cfg.grad_accum):
+        for minibatch in chunks(update, cfg.train_batch_size):
+            cond = encode_for_cfg(pipe, [prompts[i] for i in minibatch["prompt_ids"].tolist()],
+                                  cfg.resolution)
+            loss, stats = lpo_loss(*pair_logprobs(denoiser, minibatch, cond, schedule, cfg),
+                                   cfg.beta, cfg.clip_eps)
+            pairs = len(minibatch["t"])
+            (loss * (pairs / len(update["t"]))).backward()  # weight 1 with one forward an update
+            sums["pairs"] += pairs
+            for key, value in stats.items():  # loss, acc, clipfrac
+                sums[key] += value * pairs
+        # deviation: gradients really clipped (official: a no-op on a consumed iterator)
+        sums["grad_norm"] += apply_update(trained(optimizer), optimizer, loss, world)
+        sums["updates"] += 1
     return sums
 
 
@@ -449,10 +448,11 @@ def round_figures(kept_t, scores, sums, world):
     # (ranks T B, K) fp64: a row holds the children of one step of one prompt
     scores = all_gather_cat(scores.double(), world)
     gaps = scores.amax(-1) - scores.amin(-1)  # best minus worst
-    buckets = torch.bincount((kept_t * 4 // 1000).long().clamp(0, 3), minlength=4)  # (4,)
+    buckets = (kept_t * 4 // 1000).long().clamp(0, 3)  # the kept t in 4 equal ranges
     figures = dict(tuples=len(kept_t), kept_frac=len(kept_t) / len(gaps),
-                   valid_per_bucket=buckets.tolist(), lrm_mean=scores.mean().item(),
-                   lrm_std=scores.std(correction=0).item(), lrm_gap=gaps.mean().item())
+                   valid_per_bucket=buckets.bincount(minlength=4).tolist(),
+                   lrm_mean=scores.mean().item(), lrm_std=scores.std(correction=0).item(),
+                   lrm_gap=gaps.mean().item())
     summed = all_reduce_sums(sums, world, scores.device)  # grad_norm, updates: each rank's alike
     for key in ("loss", "acc", "clipfrac", "grad_norm"):  # means over the pairs, or the updates
         count = summed["updates" if key == "grad_norm" else "pairs"]
@@ -467,9 +467,8 @@ def gap_shortfall(history, cfg):
     """The LRM's mean score gap so far against the gaps s_w - s_l = 2 atanh(th) that the
     thresholds ask for."""
     gap = sum(row["lrm_gap"] for row in history) / len(history)
-    return (f"the LRM's best-minus-worst score gap averaged {gap:.3g} while --th_min "
-            f"{cfg.th_min} / --th_max {cfg.th_max} need {2 * math.atanh(cfg.th_min):.3f} to "
-            f"{2 * math.atanh(cfg.th_max):.3f}")
+    return (f"the LRM's best-minus-worst score gap averaged {gap:.3g} while --th_min / --th_max "
+            f"need {2 * math.atanh(cfg.th_min):.3f} to {2 * math.atanh(cfg.th_max):.3f}")
 
 
 def warn_if_stuck(history, cfg):
@@ -516,7 +515,7 @@ def get_config(argv=None):
     if cfg.th_min > cfg.th_max:
         fail(f"--th_min {cfg.th_min} / --th_max {cfg.th_max}: need th_min <= th_max")
     cfg.out = cfg.out or run_folder("lpo", model)
-    if cfg.eval_samples > 0 and model not in ("tiny", "tiny-xl", "tiny-sd3"):
+    if cfg.eval_samples and model not in ("tiny", "tiny-xl", "tiny-sd3"):
         fail(f"--eval_samples {cfg.eval_samples}: the built-in evaluation is the tiny world's "
              f"shape judge; pass --eval_samples 0 and evaluate the LoRA with sample.py / eval.py "
              f"(e.g. python eval.py --model sd15 --lora {cfg.out})")
@@ -615,11 +614,11 @@ def main(cfg):
         history.append(row)
         if master:
             log_jsonl(log_path, row)
-            bar.set_postfix(loss=row["loss"], acc=row["acc"], kept=f"{row['kept_frac']:.2f}")
+            bar.set_postfix(loss=row["loss"], acc=row["acc"], kept=row["kept_frac"])
             warn_if_stuck(history, cfg)
         # deviation: checkpoints at round ends only (a round's tuples are never saved)
-        crossed = step // cfg.ckpt_every > (step - sums["updates"]) // cfg.ckpt_every
-        if crossed or position == rounds_per_epoch - 1 or round_index == rounds - 1:
+        if (step // cfg.ckpt_every > (step - sums["updates"]) // cfg.ckpt_every
+                or position == rounds_per_epoch - 1 or round_index == rounds - 1):
             if master:  # the LoRA first, the checkpoint last: a ckpt.pt means its LoRA is on disk
                 save_lora(pipe, denoiser, cfg.out)
                 # the next round is the whole RNG state: each round reseeds from (seed, rank, round)
@@ -628,21 +627,20 @@ def main(cfg):
             barrier()  # nobody goes on while a checkpoint is being written
         kill_point(f"round {round_index}")
 
-    # finish: the final files (a finished run resumed: again from its checkpoint, so they agree)
-    if master and start >= rounds:
-        save_lora(pipe, denoiser, cfg.out)
-    # lora_fingerprint: (world, 2), equal rows for equal LoRAs
+    # finish; lora_fingerprint: (world, 2), equal rows for equal LoRAs
     result = dict(step=step, out=cfg.out,
                   lora_fingerprint=weights_fingerprint(params, world).tolist())
-    if master and step:  # the judge's figures and the merged denoiser: no collectives inside
-        if cfg.eval_samples > 0:
-            with mixed_precision(device):
-                result.update(judge_lora(pipe, cfg))
-            print(win_rate_line(result), flush=True)
-        if cfg.save_merged:
-            save_merged_denoiser(cfg.base, denoiser, cfg.out, denoiser_name(pipe))
-        inform(f"{step} updates; LoRA in {cfg.out} ({LORA_FILE}), log in {log_path}")
-    if master:
+    if master:  # no collectives inside
+        if start >= rounds:  # a finished run resumed: its LoRA again, from its checkpoint
+            save_lora(pipe, denoiser, cfg.out)
+        if step:  # the judge's figures and the merged denoiser
+            if cfg.eval_samples:
+                with mixed_precision(device):
+                    result.update(judge_lora(pipe, cfg))
+                print(win_rate_line(result), flush=True)
+            if cfg.save_merged:
+                save_merged_denoiser(cfg.base, denoiser, cfg.out, denoiser_name(pipe))
+            inform(f"{step} updates; LoRA in {cfg.out} ({LORA_FILE}), log in {log_path}")
         log_jsonl(log_path, dict(final=result))
     if not step:
         fail(no_update_message(history, cfg))
