@@ -41,7 +41,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.distributions import Normal
 from tqdm import tqdm
 
 from data import load_prompts
@@ -226,10 +225,12 @@ def flow_step(v, x_t, s, s_prev, eta):
 
 def step_logprob(x_prev, mean, std):
     """log N(x_prev; mean, std^2), mean (not sum) over C x H x W as in the official code (beta's
-    scale depends on it); unchecked: a non-finite input gives a non-finite loss, which
-    apply_update stops on. (B,) fp32"""
-    normal = Normal(mean.float(), std, validate_args=False)
-    return normal.log_prob(x_prev.float()).flatten(1).mean(1)
+    scale depends on it). (B,) fp32"""
+    x_prev = x_prev.float()
+    mean = mean.float()
+    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+    density = -((x_prev - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
+    return density.flatten(1).mean(1)
 
 
 def pair_thresholds(sigmas, th_min, th_max):
