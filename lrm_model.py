@@ -155,8 +155,8 @@ def down_mid_features(unet, x, t, context, added_cond_kwargs):
                                   **cross_attention_kwargs(block, context))
         # the stage's last output, before its downsampler
         features.append(residuals[len(block.resnets) - 1].mean((2, 3)))  # (B, C_i)
-    mid_kwargs = cross_attention_kwargs(unet.mid_block, context)
-    mid = unet.mid_block(hidden, time_embedding, **mid_kwargs)  # (B, C_mid, h', w')
+    # (B, C_mid, h', w')
+    mid = unet.mid_block(hidden, time_embedding, **cross_attention_kwargs(unet.mid_block, context))
     return features + [mid.mean((2, 3))]  # + (B, C_mid)
 
 
@@ -221,12 +221,11 @@ class LatentRewardModel(torch.nn.Module):
         self.logit_scale = torch.nn.Parameter(torch.tensor(2.6592))  # ln(1/0.07), as CLIP
         for module in self.unused_parts():
             module.requires_grad_(False)  # never run: out of training
-        self.text_trained = not sd3  # paper: SD3's text encoders frozen
-        if sd3:
-            self.text_encoders.requires_grad_(False)
+        self.text_trained = not sd3
         self.config = dict(config, feature_width=width, text_dim=dim)
         self.config.pop("lrm_blocks", None)  # a U-Net LRM has none; SD3's: its count, last
         if sd3:
+            self.text_encoders.requires_grad_(False)  # paper: SD3's text encoders frozen
             self.config["lrm_blocks"] = self.blocks
         self.g = config["g"]
         self.resolution = config["resolution"]
@@ -238,8 +237,8 @@ class LatentRewardModel(torch.nn.Module):
         return getattr(self, self.denoiser_name)
 
     def unused_parts(self):
-        """The denoiser's modules that score() never runs (U-Net: up blocks, output convs; MMDiT:
-        blocks N.., norm_out, proj_out)."""
+        """The denoiser's modules that score() never runs (TAILS): U-Net: up blocks, output convs;
+        MMDiT: blocks N.., norm_out, proj_out."""
         blocks, *outputs = (getattr(self.denoiser, name) for name in TAILS[self.denoiser_name])
         return [part for part in (blocks[self.blocks:], *outputs) if part is not None]
 
