@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import urllib.parse
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -110,16 +110,16 @@ def option_helps(config_class):
 
 
 def build_parser(config_class, defaults, doc):
-    """One option per Config field; its trailing comment is the --help line, with the default."""
+    """One option per Config field (defaults: {field: default}); its trailing comment is the
+    --help line, with the default."""
     helps = option_helps(config_class)
     parser = argparse.ArgumentParser(
         prog=PROG, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in fields(config_class):
-        default = defaults[field.name]
+    for name, default in defaults.items():
         kind = (dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool)
                 else dict(type=type(default)))
-        parser.add_argument(f"--{field.name}", default=default, **kind,
-                            help=f"{helps.get(field.name, '')} (default: {default!r})")
+        parser.add_argument(f"--{name}", default=default, **kind,
+                            help=f"{helps.get(name, '')} (default: {default!r})")
     return parser
 
 
@@ -169,8 +169,7 @@ def run_folder(stage, model):
 
 def parse_config(config_class, defaults, doc, argv):
     """The Config of a command line, over the given defaults, its ranges checked."""
-    parser = build_parser(config_class, defaults, doc)
-    cfg = config_class(**vars(parser.parse_args(argv)))
+    cfg = config_class(**vars(build_parser(config_class, defaults, doc).parse_args(argv)))
     check_ranges(cfg)
     return cfg
 
