@@ -17,15 +17,14 @@ from runs import fail, release_run_folders
 
 def setup_distributed(timeout_minutes):
     """torchrun sets RANK and LOCAL_RANK; a plain `python` run is rank 0 of 1."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
     if "RANK" in os.environ and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(device)
         # explicit: NCCL's default (10 min) is shorter than a rank-0 save of an SDXL checkpoint
-        timeout = datetime.timedelta(minutes=timeout_minutes)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, device
@@ -41,9 +40,7 @@ def all_gather_cat(x, world):
     """Concatenate the (N_r, ...) tensors of all ranks; their lengths first, as they differ."""
     if world == 1:
         return x
-    lengths = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
-    dist.all_gather(lengths, torch.tensor([len(x)], device=x.device))
-    lengths = [int(length) for length in lengths]
+    lengths = gather_objects(len(x))
     longest = max(lengths)
     if longest == 0:  # nobody has anything: every rank returns here, together
         return x
@@ -73,11 +70,10 @@ def stop_non_finite(out, what, where, lower="--lr", checkpoint="ckpt.pt"):
     anything of it is saved, with a way on that works: a lower `lower`, from the intact checkpoint
     or from the start."""
     path = os.path.join(out, checkpoint)
-    if os.path.exists(path):
-        fail(f"{where}: {what}; the last good checkpoint {path} is kept: continue it with --resume "
-             f"and a lower {lower}, or pass another --out")
-    fail(f"{where}: {what}; nothing is kept (it came before any checkpoint): run again with a "
-         f"lower {lower} and --resume (it starts over), or another --out")
+    way = (f"the last good checkpoint {path} is kept: continue it with --resume" if
+           os.path.exists(path) else "nothing is kept (it came before any checkpoint): run again "
+           "with --resume (it starts over)")
+    fail(f"{where}: {what}; {way} and a lower {lower}, or pass another --out")
 
 
 class NonFiniteUpdate(Exception):
@@ -105,12 +101,11 @@ def apply_update(params, optimizer, loss, world, max_norm=1.0):
         raise NonFiniteUpdate("non-finite loss or gradient, stopped before its optimizer step")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    # a finite gradient can still take a weight to inf (a huge lr): stop before it is saved
+    # a finite gradient can still take a weight to inf (a huge lr): stop before it is saved; each
+    # rank checks its shards
     local = [param.to_local() if isinstance(param, DTensor) else param for param in params]
-    broken = flat.new_tensor([sum(float(not torch.isfinite(param).all()) for param in local)])
-    if world > 1:
-        dist.all_reduce(broken)  # each rank checked its shards
-    if broken.item():
+    broken = sum(not torch.isfinite(param).all() for param in local)
+    if all_reduce_sums({"broken": broken}, world, flat.device)["broken"]:
         raise NonFiniteUpdate("non-finite weights after an update")
     return norm.item()
 
@@ -125,10 +120,10 @@ def shard(units, world, device):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (world,))
     # a GPU gathers bf16 copies and reduces fp32 gradients (the autocast of the unsharded step)
-    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if device.type == "cuda" else MixedPrecisionPolicy())
     for unit in units:  # each unit is called as a module: it gathers and frees its own weights
-        fully_shard(unit, mesh=mesh, reshard_after_forward=True,
-                    mp_policy=bf16 if device.type == "cuda" else MixedPrecisionPolicy())
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
 
 
 def trained_names(model, optimizer):

@@ -22,7 +22,6 @@ Choices:
 """
 import json
 import os
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +29,10 @@ import transformers
 from diffusers import (AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel,
                        UNet2DConditionModel)
 from torch.utils.checkpoint import checkpoint
-from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from models import (BASES, DENOISERS, denoiser_subfolder, encode_prompt, resolve_model,
                     uncond_then_cond)
-from runs import write_safetensors
+from runs import non_finite, write_safetensors
 
 
 # ----------------------------------------------------------------------------- math
@@ -157,8 +155,8 @@ def down_mid_features(unet, x, t, context, added_cond_kwargs):
                                   **cross_attention_kwargs(block, context))
         # the stage's last output, before its downsampler
         features.append(residuals[len(block.resnets) - 1].mean((2, 3)))  # (B, C_i)
-    mid_kwargs = cross_attention_kwargs(unet.mid_block, context)
-    mid = unet.mid_block(hidden, time_embedding, **mid_kwargs)  # (B, C_mid, h', w')
+    # (B, C_mid, h', w')
+    mid = unet.mid_block(hidden, time_embedding, **cross_attention_kwargs(unet.mid_block, context))
     return features + [mid.mean((2, 3))]  # + (B, C_mid)
 
 
@@ -182,10 +180,10 @@ def mmdit_features(transformer, x, timestep, context, pooled, blocks):
 def mmdit_blocks(subfolder, denoiser_config, lrm_blocks):
     """The MMDiT blocks an LRM runs: lrm_blocks, or for 0 round(0.75 x its blocks) (paper: 18 of
     SD3-Medium's 24); 0 for a U-Net LRM (subfolder "unet": it reads its down and mid blocks)."""
-    if subfolder == "unet" and lrm_blocks:
-        raise ValueError(f"lrm_blocks {lrm_blocks}: only an MMDiT (SD3) LRM has blocks to choose; "
-                         "a U-Net LRM reads its down and mid blocks")
     if subfolder == "unet":
+        if lrm_blocks:
+            raise ValueError(f"lrm_blocks {lrm_blocks}: only an MMDiT (SD3) LRM has blocks to "
+                             "choose; a U-Net LRM reads its down and mid blocks")
         return 0
     layers = denoiser_config["num_layers"]
     default = round(0.75 * layers)
@@ -196,6 +194,10 @@ def mmdit_blocks(subfolder, denoiser_config, lrm_blocks):
 
 
 HEADS = ("visual_projection", "text_projection")
+# the denoiser's parts that score() never runs: its blocks from the LRM's N on (a U-Net's N is 0:
+# all its up blocks), and its output layers
+TAILS = {"unet": ("up_blocks", "conv_norm_out", "conv_act", "conv_out"),
+         "transformer": ("transformer_blocks", "norm_out", "proj_out")}
 
 
 class LatentRewardModel(torch.nn.Module):
@@ -203,8 +205,8 @@ class LatentRewardModel(torch.nn.Module):
         super().__init__()
         sd3 = isinstance(denoiser, SD3Transformer2DModel)
         self.denoiser_name = "transformer" if sd3 else "unet"
-        self.unet = None if sd3 else denoiser
-        self.transformer = denoiser if sd3 else None
+        self.unet = self.transformer = None
+        setattr(self, self.denoiser_name, denoiser)
         self.text_encoders = torch.nn.ModuleList(text_encoders)
         self.tokenizers = tokenizers
         self.blocks = mmdit_blocks(self.denoiser_name, denoiser.config, config.get("lrm_blocks", 0))
@@ -219,12 +221,11 @@ class LatentRewardModel(torch.nn.Module):
         self.logit_scale = torch.nn.Parameter(torch.tensor(2.6592))  # ln(1/0.07), as CLIP
         for module in self.unused_parts():
             module.requires_grad_(False)  # never run: out of training
-        self.text_trained = not sd3  # paper: SD3's text encoders frozen
-        if not self.text_trained:
-            self.text_encoders.requires_grad_(False)
+        self.text_trained = not sd3
         self.config = dict(config, feature_width=width, text_dim=dim)
         self.config.pop("lrm_blocks", None)  # a U-Net LRM has none; SD3's: its count, last
         if sd3:
+            self.text_encoders.requires_grad_(False)  # paper: SD3's text encoders frozen
             self.config["lrm_blocks"] = self.blocks
         self.g = config["g"]
         self.resolution = config["resolution"]
@@ -236,13 +237,10 @@ class LatentRewardModel(torch.nn.Module):
         return getattr(self, self.denoiser_name)
 
     def unused_parts(self):
-        """The denoiser's modules that score() never runs (U-Net: up blocks, output convs; MMDiT:
-        blocks N.., norm_out, proj_out)."""
-        if self.transformer is not None:
-            model = self.transformer
-            return [model.transformer_blocks[self.blocks:], model.norm_out, model.proj_out]
-        parts = [self.unet.up_blocks, self.unet.conv_norm_out, self.unet.conv_out]
-        return [module for module in parts if module is not None]
+        """The denoiser's modules that score() never runs (TAILS): U-Net: up blocks, output convs;
+        MMDiT: blocks N.., norm_out, proj_out."""
+        blocks, *outputs = (getattr(self.denoiser, name) for name in TAILS[self.denoiser_name])
+        return [part for part in (blocks[self.blocks:], *outputs) if part is not None]
 
     def train(self, mode=True):
         """nn.Module.train, but frozen text encoders stay in eval mode: T5's dropout (0.1 in SD3's
@@ -260,13 +258,10 @@ class LatentRewardModel(torch.nn.Module):
         """Frozen, in eval mode, without unused_parts(): the same scores in about half the memory,
         but no longer savable or trainable."""
         self.scoring_only = True
-        if self.transformer is not None:
-            model = self.transformer
-            model.transformer_blocks = model.transformer_blocks[:self.blocks]
-            model.norm_out = model.proj_out = None
-        else:
-            self.unet.up_blocks = torch.nn.ModuleList()
-            self.unet.conv_norm_out = self.unet.conv_act = self.unet.conv_out = None
+        blocks, *outputs = TAILS[self.denoiser_name]
+        setattr(self.denoiser, blocks, getattr(self.denoiser, blocks)[:self.blocks])
+        for name in outputs:
+            setattr(self.denoiser, name, None)
         return self.requires_grad_(False).eval()
 
     @classmethod
@@ -293,13 +288,12 @@ class LatentRewardModel(torch.nn.Module):
                              "model instead")
         state = self.state_dict() if state is None else state
         save_model(self.denoiser, state, self.denoiser_name, out_dir)
-        parts = enumerate(zip(self.config["text_encoders"], self.text_encoders, self.tokenizers))
-        for i, (name, encoder, tokenizer) in parts if self.text_trained else []:  # SD3: the base's
-            save_model(encoder, state, f"text_encoders.{i}", out_dir, name)
-            tokenizer.save_pretrained(os.path.join(out_dir, tokenizer_folder(name)))
+        for i, name in enumerate(self.config["text_encoders"] if self.text_trained else []):
+            save_model(self.text_encoders[i], state, f"text_encoders.{i}", out_dir, name)
+            self.tokenizers[i].save_pretrained(os.path.join(out_dir, tokenizer_folder(name)))
         heads = {name: {"weight": state[f"{name}.weight"].cpu()} for name in self.heads()}
-        heads["logit_scale"] = state["logit_scale"].detach().cpu()
-        torch.save(heads, os.path.join(out_dir, "state_dict.pt"))
+        torch.save(dict(heads, logit_scale=state["logit_scale"].cpu()),
+                   os.path.join(out_dir, "state_dict.pt"))
         with open(os.path.join(out_dir, "lrm_config.json"), "w") as config_file:
             json.dump({**self.config, "g": self.g}, config_file, indent=2)
 
@@ -316,99 +310,95 @@ class LatentRewardModel(torch.nn.Module):
         else:
             with open(config_path) as config_file:
                 config = json.load(config_file)
-        if base is not None:  # (an official LRM's latent space is its base's: nothing to check)
-            check_latent_space(lrm_dir, config, base, force)
+        if base is not None and not force:  # (an official LRM's latent space is its base's)
+            theirs = latent_space(AutoencoderKL.load_config(resolve_model(base), subfolder="vae"))
+            if theirs != config["latent_space"]:
+                raise ValueError(
+                    f"LRM {lrm_dir} was trained in the latent space of {config['base']} (latent "
+                    f"channels, scaling, shift = {config['latent_space']}) but base {base!r} has "
+                    f"{theirs}: an LRM does not transfer across VAEs (the paper's SD1.5 LRM fails "
+                    "on SDXL). force=True loads it anyway.")
         denoiser = load_denoiser(lrm_dir)
         # the release's tokenizers and frozen encoders, and all of SD3's, are the base's
         from_base = official or isinstance(denoiser, SD3Transformer2DModel)
         fallback = resolve_model(config["base"]) if from_base else None
-        encoders = load_text_encoders(lrm_dir, config["text_encoders"], fallback)
-        lrm = cls(denoiser, *encoders, config)
+        lrm = cls(denoiser, *load_text_encoders(lrm_dir, config["text_encoders"], fallback), config)
         heads = torch.load(os.path.join(lrm_dir, "state_dict.pt"), map_location="cpu",
                            weights_only=True)
-        want = {name: head.weight.shape for name, head in lrm.heads().items()}
-        have = {name: value["weight"].shape for name, value in heads.items() if name in HEADS}
-        if want != have:
+        shapes = {name: value["weight"].shape for name, value in heads.items() if name in HEADS}
+        if shapes != {name: head.weight.shape for name, head in lrm.heads().items()}:
             raise ValueError(f"{lrm_dir}: its state_dict.pt heads do not fit an LRM over "
                              f"{config['base']} (another model family?)")
         for name, head in lrm.heads().items():
             head.load_state_dict(heads[name])
         lrm.logit_scale.data.fill_(float(heads["logit_scale"]))
-        broken = [name for name, p in lrm.named_parameters() if not torch.isfinite(p).all()]
+        broken = non_finite(dict(lrm.named_parameters()), "weights")
         if broken:
-            raise ValueError(f"{lrm_dir}: non-finite weights in {len(broken)} tensors (e.g. "
-                             f"{broken[0]}): a diverged training run; train it again or use "
-                             "another LRM")
+            raise ValueError(f"{lrm_dir}: non-finite weights in {broken}: a diverged training run; "
+                             "train it again or use another LRM")
         return lrm
 
     def shard_units(self):
         """The trained modules lrm.py shards (FSDP2), inner ones first, each called as a module:
         the U-Net's down / mid resnets, attentions, blocks and embeddings (MMDiT: the first N
         blocks, the embedders), trained text encoders' layers, then each; the heads."""
+        model = self.denoiser
         if self.transformer is not None:
-            model = self.transformer
             units = [*model.transformer_blocks[:self.blocks], model.pos_embed,
                      model.time_text_embed, model.context_embedder]
         else:
-            model = self.unet
             blocks = [*model.down_blocks, model.mid_block]
-            parts = [[*block.resnets, *(getattr(block, "attentions", None) or [])]
-                     for block in blocks]
-            units = [part for inner in parts for part in inner] + blocks
-            units += [model.time_embedding, getattr(model, "add_embedding", None), model.conv_in]
-        encoders = list(self.text_encoders) if self.text_trained else []
-        layers = [part for encoder in encoders for part in encoder.modules()
-                  if isinstance(part, CLIPEncoderLayer)]
+            units = [unit for block in blocks
+                     for unit in [*block.resnets, *getattr(block, "attentions", [])]]
+            units += blocks + [model.time_embedding, getattr(model, "add_embedding", None),
+                               model.conv_in]
+        encoders = [*self.text_encoders] if self.text_trained else []
+        layers = [layer for encoder in encoders for layer in encoder.get_encoder().layers]
         return [unit for unit in units + layers + encoders + list(self.heads().values())
                 if unit is not None]
 
     def encode_text(self, prompts):
         """Everything score() needs about the prompts (and "" for VFE), each distinct prompt
-        encoded once (callers repeat them: 2 images a pair, K children a parent)."""
-        encoders = list(self.text_encoders)
-        position = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}
-        rows = torch.tensor([position[prompt] for prompt in prompts])  # (B,) row of each prompt
-        # in the denoiser's dtype: text encoders shared with a pipeline may be in another
-        as_denoiser = partial(tree_map, lambda tensor: tensor.to(self.denoiser.dtype))
-        distinct = as_denoiser(encode_prompt(encoders, self.tokenizers, list(position),
-                                             self.resolution))
-        uncond = None
-        if self.g != 1:
-            uncond = as_denoiser(encode_prompt(encoders, self.tokenizers, [""], self.resolution))
-        return {"cond": take_rows(distinct, rows), "uncond": uncond}
+        encoded once (callers repeat them: 2 images a pair, K children a parent), in the
+        denoiser's dtype (a pipeline sharing the text encoders may cast them)."""
+        def encode(texts):
+            encoded = encode_prompt(self.text_encoders, self.tokenizers, texts, self.resolution)
+            return tree_map(lambda tensor: tensor.to(self.denoiser.dtype), encoded)
+        distinct = list(dict.fromkeys(prompts))
+        rows = torch.tensor([distinct.index(prompt) for prompt in prompts])  # (B,)
+        return {"cond": take_rows(encode(distinct), rows),
+                "uncond": encode([""]) if self.g != 1 else None}
 
     def features(self, x, t, cond):
         """The denoiser's pooled features [(B, C_i)] at x, t, the last one VFE's."""
         context = cond["encoder_hidden_states"]  # (B, L, D)
         if self.transformer is None:
             return down_mid_features(self.unet, x, t.long(), context, cond["added_cond_kwargs"])
-        # SD3's t is sigma x 1000, a float: not rounded
-        pooled = cond["pooled_projections"]  # (B, D_pooled)
-        return [mmdit_features(self.transformer, x, t.float(), context, pooled, self.blocks)]
+        # SD3's t is sigma x 1000, a float: not rounded; pooled (B, D_pooled)
+        return [mmdit_features(self.transformer, x, t.float(), context,
+                               cond["pooled_projections"], self.blocks)]
 
     def score(self, latents, timesteps, prompts=None, text=None):
         """latents (B, C, h, w) as the pipeline's (scaled, SD3 also shifted), timesteps a number
         or (B,) in the denoiser's unit -> scores (B,)."""
         text = self.encode_text(prompts) if text is None else text
         cond = text["cond"]
-        uncond = text["uncond"]
-        batch_size = latents.shape[0]
-        t = torch.as_tensor(timesteps, device=latents.device).expand(batch_size)  # (B,)
+        batch = len(latents)
+        t = torch.as_tensor(timesteps, device=latents.device).expand(batch)  # (B,)
         x = latents.to(self.denoiser.dtype)
-        if uncond is None:  # g = 1: V = V_c, no unconditional pass
+        if text["uncond"] is None:  # g = 1: V = V_c, no unconditional pass
             features = self.features(x, t, cond)
         else:  # VFE: one batched pass, the B rows with "" first, then the B conditional ones
-            inputs = uncond_then_cond(uncond, cond)
+            inputs = uncond_then_cond(text["uncond"], cond)
             *earlier, last = self.features(torch.cat([x, x]), torch.cat([t, t]), inputs)
             # [(2B, C_i)]: the earlier ones from the conditional pass only, VFE on the last
-            features = [feature[batch_size:] for feature in earlier]
-            features.append(vfe(last[batch_size:], last[:batch_size], self.g))  # (B, C_last)
+            features = [feature[batch:] for feature in earlier]
+            features.append(vfe(last[batch:], last[:batch], self.g))  # (B, C_last)
         pooled = torch.cat(features, -1).to(self.visual_projection.weight.dtype)  # (B, sum C_i)
-        visual = self.visual_projection(pooled)  # (B, D)
         text_feature = cond["pooled"]  # (B, D)
         if self.text_projection is not None:
             text_feature = self.text_projection(text_feature.to(self.text_projection.weight.dtype))
-        return lrm_score(visual, text_feature, self.logit_scale)
+        return lrm_score(self.visual_projection(pooled), text_feature, self.logit_scale)
 
 
 def save_model(model, state, prefix, out_dir, subfolder=None):
@@ -438,13 +428,3 @@ def official_config(lrm_dir, base):
                          "layout, unet/ and state_dict.pt, also needs base=)")
     return base_config(base, UNet2DConditionModel.load_config(lrm_dir, subfolder="unet"))
 
-
-def check_latent_space(lrm_dir, config, base, force):
-    """Refuse an LRM trained in another VAE's latent space than base's, unless force."""
-    theirs = latent_space(AutoencoderKL.load_config(resolve_model(base), subfolder="vae"))
-    if theirs != config["latent_space"] and not force:
-        raise ValueError(
-            f"LRM {lrm_dir} was trained in the latent space of {config['base']} (latent "
-            f"channels, scaling, shift = {config['latent_space']}) but base {base!r} has "
-            f"{theirs}: an LRM does not transfer across VAEs (the paper's SD1.5 LRM fails on "
-            "SDXL). force=True loads it anyway.")

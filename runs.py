@@ -17,7 +17,9 @@ import signal
 import socket
 import sys
 import urllib.parse
-from dataclasses import asdict, fields
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -62,7 +64,8 @@ def command_line(stage_file, argv=None):
     if argv is None:  # a command, not a call from Python: Ctrl-C and SIGTERM end in one line
         signal.signal(signal.SIGINT, stop_on_signal)
         signal.signal(signal.SIGTERM, stop_on_signal)
-    argv = snake_case_options(sys.argv[1:] if argv is None else argv)
+        argv = sys.argv[1:]
+    argv = snake_case_options(argv)
     # a hub --model is probed before its family's preset is looked up (the rest: check_ranges)
     offline_unless_hub_answers({"model": peek(argv, "model", "")})
     return argv
@@ -107,32 +110,33 @@ def option_helps(config_class):
 
 
 def build_parser(config_class, defaults, doc):
-    """One option per Config field; its trailing comment is the --help line, with the default."""
+    """One option per Config field (defaults: {field: default}); its trailing comment is the
+    --help line, with the default."""
     helps = option_helps(config_class)
     parser = argparse.ArgumentParser(
         prog=PROG, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in fields(config_class):
-        default = defaults[field.name]
+    for name, default in defaults.items():
         kind = (dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool)
                 else dict(type=type(default)))
-        parser.add_argument(f"--{field.name}", default=default, **kind,
-                            help=f"{helps.get(field.name, '')} (default: {default!r})")
+        parser.add_argument(f"--{name}", default=default, **kind,
+                            help=f"{helps.get(name, '')} (default: {default!r})")
     return parser
 
 
 def check_ranges(cfg):
     """Every number option finite and in the interval its Config comment declares (`in (0, 1]`)."""
     helps = option_helps(type(cfg))
-    for name, value in asdict(cfg).items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+    options = asdict(cfg)
+    for name, value in options.items():
+        if type(value) not in (int, float):  # (bool is not a number option)
             continue
         match = INTERVAL.search(helps.get(name, ""))
         opening, low, high, closing = match.groups() if match else ("(", "-inf", "inf", ")")
-        above = value > float(low) or opening == "[" and value == float(low)
-        below = value < float(high) or closing == "]" and value == float(high)
+        above = value >= float(low) if opening == "[" else value > float(low)
+        below = value <= float(high) if closing == "]" else value < float(high)
         if not (math.isfinite(value) and above and below):
             fail(f"--{name} {value}: need a finite number in {opening}{low}, {high}{closing}")
-    offline_unless_hub_answers(asdict(cfg))
+    offline_unless_hub_answers(options)
 
 
 def offline_unless_hub_answers(options, seconds=5):
@@ -165,8 +169,7 @@ def run_folder(stage, model):
 
 def parse_config(config_class, defaults, doc, argv):
     """The Config of a command line, over the given defaults, its ranges checked."""
-    parser = build_parser(config_class, defaults, doc)
-    cfg = config_class(**vars(parser.parse_args(argv)))
+    cfg = config_class(**vars(build_parser(config_class, defaults, doc).parse_args(argv)))
     check_ranges(cfg)
     return cfg
 
@@ -197,21 +200,18 @@ def prepare_run_folder(out, resume, claim=True):
     if holds and claim and stage != PROG and not {stage, PROG} <= KIN:
         what = f"a {stage} run" if stage else "no run of this project"
         fail(f"--resume: {out} holds {what}, not a {PROG} one: pass another --out")
-    if dist.is_initialized():  # every rank has looked before rank 0 writes anything
-        dist.barrier()
     if claim:
         RUN_FOLDER = out
-    if dist.is_initialized() and dist.get_rank() > 0:
-        return
+    if dist.is_initialized():  # every rank has looked before rank 0 writes anything
+        dist.barrier()
+        if dist.get_rank() > 0:
+            return
     try:
         os.makedirs(out, exist_ok=True)
         if claim:
             lock_run_folder(out)
         for leftover in glob.glob(os.path.join(out, "*.tmp")):
-            if os.path.isdir(leftover):
-                shutil.rmtree(leftover)
-            else:
-                os.remove(leftover)
+            (shutil.rmtree if os.path.isdir(leftover) else os.remove)(leftover)
     except OSError as error:
         fail(f"cannot write to {out} ({error.strerror}): pass another --out")
 
@@ -232,8 +232,7 @@ def lock_run_folder(out):
     except OSError as error:  # a file system without locks (some NFS or Lustre mounts)
         warn(f"{out} cannot be locked ({error.strerror}): a second run into it is not refused")
     marker.truncate(0)
-    marker.write(json.dumps({"stage": PROG}) + "\n")
-    marker.flush()
+    print(json.dumps({"stage": PROG}), file=marker, flush=True)
     HELD[path] = marker
 
 
@@ -261,21 +260,20 @@ def write_or_fail(path, write, *args, **kwargs):
              "then continue the run with --resume")
 
 
-def atomic_torch_save(obj, path):
-    """torch.save to path.tmp, then rename: a file that exists at path is always complete."""
-    torch.save(obj, path + ".tmp")
+def atomic_write(path, write):
+    """write(path.tmp), then rename: a file that exists at path is always complete."""
+    write(path + ".tmp")
     kill_point("mid " + os.path.basename(path))
     os.replace(path + ".tmp", path)
 
 
+def atomic_torch_save(obj, path):
+    atomic_write(path, partial(torch.save, obj))
+
+
 def write_text(path, text):
-    """Write path.tmp, then rename (a file that exists at path is always complete), guarded."""
-    def write():
-        with open(path + ".tmp", "w") as file:
-            file.write(text)
-        kill_point("mid " + os.path.basename(path))
-        os.replace(path + ".tmp", path)
-    write_or_fail(path, write)
+    """atomic_write of a text file, guarded."""
+    write_or_fail(path, atomic_write, path, lambda temporary: Path(temporary).write_text(text))
 
 
 def write_safetensors(tensors, path):
@@ -307,9 +305,8 @@ def non_finite(tree, name="checkpoint"):
     if isinstance(tree, dict):
         found = (non_finite(value, f"{name}[{key!r}]") for key, value in tree.items())
         return next(filter(None, found), None)
-    if isinstance(tree, torch.Tensor) and tree.is_floating_point():
-        return None if torch.isfinite(tree).all() else name
-    return None
+    if isinstance(tree, torch.Tensor) and tree.is_floating_point() and not tree.isfinite().all():
+        return name
 
 
 # ----------------------------------------------------------------------------- resume
@@ -350,8 +347,7 @@ def open_run(cfg, world, may_change, read_inputs=list, source=""):
     sha1 = checkpoint and checkpoint.get("prompts_sha1")
     if sha1 and sha1 != inputs_sha1(inputs):
         fail(f"--resume of {cfg.out}: {source} now gives other prompts than the run was trained "
-             f"on ({len(inputs)} now; sha1 {sha1[:10]} -> {inputs_sha1(inputs)[:10]}): restore "
-             "them, or pass another --out")
+             f"on ({len(inputs)} now): restore them, or pass another --out")
     if cfg.resume:  # after every refusal: a refused --resume leaves the run folder as it was
         prepare_run_folder(cfg.out, resume=True)
     return checkpoint, changes, inputs
@@ -418,11 +414,3 @@ def restart_log(path, start, step, changes, key="round"):
     write_or_fail(path, truncate_log, path, start - 1, key=key)
     if changes is not None:
         log_jsonl(path, {"resume": {f"next_{key}": start, "changed": changes}, "step": step})
-
-
-
-
-
-
-
-
