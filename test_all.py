@@ -3946,7 +3946,7 @@ def test_stage_files_read_like_the_anchors(path):
 # 34,000 AST nodes; until it is met, this ceiling is what the files hold now, so that size cannot
 # grow silently while the rest is cut
 LINE_BUDGETS = {"lpo.py": 700, "lrm.py": 650, "bench.py": 500}
-TOTAL_LINES, TOTAL_NODES = 4640, 36285
+TOTAL_LINES, TOTAL_NODES = 4520, 34460
 
 
 def test_root_files_keep_their_size_budgets():
