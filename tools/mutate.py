@@ -92,25 +92,25 @@ TARGETS = {
 # occurrence of old in the function replaced; known plausible bugs first
 HAND = [
     ("lpo", "pair_logprobs", "cfg.guidance_scale)", "1.0)"),  # no CFG in the loss
-    ("lpo", "make_schedule", "from_config(scheduler_config)",
+    ("lpo", "make_schedule", "from_config(\n        scheduler_config)",
      "from_config(scheduler_config, steps_offset=0)"),  # the DDIM grid shifted by one
     ("lpo", "select_pairs", "2 * torch.atanh(threshold)", "torch.atanh(threshold)"),
     ("lpo", "sample_tuples", "x = kids[rows, pick]", "x = kids[rows, win]"),  # go on from the best
     ("eval", "win_rate", "[2.5, 97.5]", "[5, 95]"),  # a 90% interval
     ("tiny.world", "bootstrap_win_rate", "[2.5, 97.5]", "[5, 95]"),
     ("lpo", "sample_tuples", 'max(t_prev, 0) if cfg.lrm_t == "child" else t', "t"),  # official t
-    ("lpo", "sample_tuples", "ok = ok & (std.flatten() > 0)", "ok = ok"),  # pairs of equal children
+    ("lpo", "sample_tuples", "if not sigma:", "if False:"),  # scoring SD3's deterministic last step
     ("lpo", "pair_logprobs", "denoiser.disable_adapters()", "pass"),  # reference = policy
     ("models", "guided_prediction", "uncond, conditional =", "conditional, uncond ="),
     ("lpo", "lpo_loss", "log_ratio_w.clamp(low, high) - log_ratio_l.clamp(low, high)",
      "log_ratio_w - log_ratio_l"),  # no ratio clip
     ("lpo", "pool_tuples", "order[rank * per_rank:(rank + 1) * per_rank]", "order[:per_rank]"),
-    ("runs", "apply_update", "flat /= world", "pass"),  # summed, not averaged, over ranks
+    ("distributed", "apply_update", "flat /= world", "pass"),  # summed, not averaged, over ranks
     ("lrm_model", "down_mid_features", "residuals[len(block.resnets) - 1]", "residuals[-1]"),
     ("lrm_model", "mmdit_features", "blocks[:blocks]", "blocks[:blocks + 1]"),
-    ("lrm_model", "LatentRewardModel.score", "vfe(last[batch_size:], last[:batch_size], self.g)",
-     "vfe(last[:batch_size], last[batch_size:], self.g)"),  # VFE with cond and uncond swapped
-    ("lrm_model", "LatentRewardModel.score", "feature[batch_size:]", "feature[:batch_size]"),
+    ("lrm_model", "LatentRewardModel.score", "vfe(last[batch:], last[:batch], self.g)",
+     "vfe(last[:batch], last[batch:], self.g)"),  # VFE with cond and uncond swapped
+    ("lrm_model", "LatentRewardModel.score", "feature[batch:]", "feature[:batch]"),
     ("lrm", "train_step", "repeat_interleave(2)", "repeat(2)"),  # the pair's two images, one t
     ("lrm", "pair_loss", "label_0 * logp[:, 0] + label_1 * logp[:, 1]",
      "label_0 * logp[:, 1] + label_1 * logp[:, 0]"),
