@@ -1,7 +1,8 @@
 """What a run on several processes needs (torchrun; NCCL on GPUs, gloo on CPUs): the process
 group with its timeout, the collectives the stages share, the update every rank takes the same way
-(gradients averaged in one all_reduce, one verdict on non-finite values), and the device's mixed
-precision, timings and peak memory. A plain `python` run is rank 0 of 1: all of it works there."""
+(gradients averaged, one verdict on non-finite values), FSDP2 sharding and whole-tensor checkpoints
+of what it shards, and the device's mixed precision, timings and peak memory. A plain `python` run
+is rank 0 of 1: all of it works there."""
 import datetime
 import os
 import resource
