@@ -422,10 +422,10 @@ def bench_lpo(run):
 
 
 def bench_lrm(run):
-    """lrm_step on lrm.py's resident set, in the micro-batches lrm.choose_micro_batch picks."""
+    """lrm_step on lrm.py's resident set, in its preset's micro-batches (0: all the pairs)."""
     stage = load_lrm_stage(run.name, run.cfg, run.device)
     pairs = run.cfg.lrm_batch_size or LRM_PAIRS_PER_GPU[run.name]
-    micro_batch = lrm.choose_micro_batch(stage.settings, pairs, stage.lrm, run.device)
+    micro_batch = stage.settings.micro_batch_size or pairs
     run.results.update(lrm_pairs=pairs, lrm_micro_batch=micro_batch)
     batch = make_pairs(stage, pairs, seed=0)
     measure(run, "lrm_step", lambda: lrm_train_step(stage, batch, micro_batch))

@@ -22,8 +22,9 @@ sampling, the same options; --resume reuses the images on disk); with --base_dir
 it scores those folders (OUT defaults to eval/ beside them). Scorers (--scorers; each must load,
 or the run stops naming the path it tried): pickscore, clip (MPCF's G_C), aesthetic (MPCF's G_A),
 lrm (the Latent Reward Model on each PNG's clean latent at the sampler grid's last level), judge
-(the tiny world's rater); --extra_scorers (hpsv2 = HPSv2.1 x 100, imagereward) are skipped with a
-one-line notice where their packages or weights are missing.
+(the tiny world's rater). HPSv2.1 and ImageReward are not built in (their packages are not
+dependencies, pin older libraries and cannot be tested here): OUT/base and OUT/tuned are image
+folders with metadata.jsonl that their own scripts read.
 """
 import json
 import os
@@ -55,7 +56,6 @@ class Config(sample.Config):  # sample.py's options, then the scorers'
     base_dir: str = ""  # score these folders (sample.py layout) instead of sampling
     tuned_dir: str = ""  # ... the tuned model's folder
     scorers: str = "pickscore,clip,aesthetic,lrm"  # comma-separated: the table's rows
-    extra_scorers: str = "hpsv2,imagereward"  # optional: skipped with a notice where missing
     pickscore: str = "yuvalkirstain/PickScore_v1"  # PickScore model
     pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # as PickScore's authors
     clip: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # CLIP score model and processor
@@ -67,10 +67,10 @@ class Config(sample.Config):  # sample.py's options, then the scorers'
 
 
 # sample.py's presets, each with lpo.py's LRM; the tiny worlds are scored by their judge and LRM
-TINY = dict(scorers="judge,lrm", extra_scorers="")
+TINY = dict(scorers="judge,lrm")
 PRESETS = {name: dict(preset, lrm=LPO_PRESETS[name]["lrm"], **(TINY if "tiny" in name else {}))
            for name, preset in sample.PRESETS.items()}
-KNOWN = ("pickscore", "clip", "aesthetic", "lrm", "judge", "hpsv2", "imagereward")
+KNOWN = ("pickscore", "clip", "aesthetic", "lrm", "judge")
 
 
 def get_config(argv=None):
@@ -79,9 +79,8 @@ def get_config(argv=None):
     if bool(cfg.base_dir) != bool(cfg.tuned_dir) or not (cfg.base_dir or cfg.lora or cfg.unet):
         fail("nothing to compare: give --lora or --unet (sampled here), or both --base_dir and "
              "--tuned_dir")
-    every = names(f"{cfg.scorers},{cfg.extra_scorers}")
-    unknown = sorted(set(every).difference(KNOWN))
-    if unknown or not every:
+    unknown = sorted(set(names(cfg.scorers)).difference(KNOWN))
+    if unknown or not names(cfg.scorers):
         fail(f"--scorers: unknown {unknown or 'none given'}; known: {', '.join(KNOWN)}")
     return cfg
 
@@ -112,26 +111,20 @@ def win_rate(scores_tuned, scores_base, n_boot=10_000, seed=0, groups=None):
 
 
 # ----------------------------------------------------------------------------- scorers
-def load_or_fail(name, path, load, **kwargs):
-    """load(path, **kwargs), or one line naming the scorer and the path it tried."""
-    try:
-        return load(path, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as error:
-        fail(f"scorer {name}: cannot load weights from {path!r} ({error_line(error)})")
-
-
 def load_clip_scorer(name, cfg, device, dtype):
     """pickscore: exp(logit_scale) * cos of PickScore_v1 (CLIP-H, with the CLIP-H processor),
     ~18-23; clip: the cosine of CLIP-H/14 laion2B (~0.2-0.4), MPCF's G_C; aesthetic: the LAION
     aesthetic predictor on the CLIP-L/14 image embedding, MPCF's G_A (mpcf.clip_scorer, all
-    three). -> fn(images, prompts) -> {name: (B,) values}"""
+    three). -> fn(images, prompts) -> {name: (B,) values}; what fails to load: one line"""
     from transformers import CLIPModel, CLIPProcessor
     path = cfg.aesthetic_clip if name == "aesthetic" else getattr(cfg, name)
-    model = load_or_fail(name, path, CLIPModel.from_pretrained, dtype=dtype).to(device)
-    processor = load_or_fail(name, cfg.pickscore_processor if name == "pickscore" else path,
-                             CLIPProcessor.from_pretrained)
-    head = (load_or_fail(name, cfg.aesthetic_mlp, load_aesthetic_head).to(device)
-            if name == "aesthetic" else None)
+    try:
+        model = CLIPModel.from_pretrained(path, dtype=dtype).to(device)
+        processor = CLIPProcessor.from_pretrained(
+            cfg.pickscore_processor if name == "pickscore" else path)
+        head = load_aesthetic_head(cfg.aesthetic_mlp).to(device) if name == "aesthetic" else None
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as error:
+        fail(f"scorer {name}: cannot load its weights ({error_line(error)})")
     score = clip_scorer(model, processor, head, model.logit_scale if name == "pickscore" else None)
     return lambda images, prompts: {name: score(images, prompts).tolist()}
 
@@ -172,54 +165,13 @@ def judge_scorer(images, prompts):
     return {f"judge:{key}": scores[key] for key in ("human", "match", "aesthetic", "clip", "vqa")}
 
 
-def hpsv2_scorer():
-    """HPSv2.1, x 100 as the paper reports it (27.86)."""
-    import hpsv2
-
-    def score(images, prompts):
-        return {"hpsv2.1": [
-            100 * float(np.ravel(hpsv2.score([image], prompt, hps_version="v2.1"))[0])
-            for image, prompt in zip(images, prompts)]}
-    score([Image.new("RGB", (64, 64))], ["probe"])  # the package fetches its weights on first use
-    return score
-
-
-def imagereward_scorer(device):
-    """ImageReward-v1.0, image by image."""
-    import ImageReward
-    model = ImageReward.load("ImageReward-v1.0", device=str(device))
-
-    def score(images, prompts):
-        return {"imagereward": [float(np.ravel(model.score(prompt, [image]))[0])
-                                for image, prompt in zip(images, prompts)]}
-    return score
-
-
 def load_scorer(name, cfg, device, dtype):
     """name (one of KNOWN) -> fn(images: list of PIL, prompts: list of str) -> {metric: (B,)}"""
     if name == "judge":
         return judge_scorer
-    if name == "hpsv2":
-        return hpsv2_scorer()
-    if name == "imagereward":
-        return imagereward_scorer(device)
     if name == "lrm":
         return lrm_scorer(cfg, device, dtype)
     return load_clip_scorer(name, cfg, device, dtype)
-
-
-def load_scorers(cfg, device, dtype, rank):
-    """--scorers (each must load) and the --extra_scorers that load on every rank (one that
-    loaded on some ranks only is dropped on all: equal rows)."""
-    scorers = {name: load_scorer(name, cfg, device, dtype) for name in names(cfg.scorers)}
-    for name in names(cfg.extra_scorers):
-        try:
-            scorers[name] = load_scorer(name, cfg, device, dtype)
-        except Exception as error:  # optional: a missing package or download only costs its row
-            if rank == 0:
-                inform(f"skipping {name}: {error_line(error)}")
-    common = set.intersection(*map(set, gather_objects(sorted(scorers))))
-    return {name: scorer for name, scorer in scorers.items() if name in common}
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -348,7 +300,8 @@ def main(cfg):
         prompts = check_sampling_inputs(cfg)
     rank, world, device = setup_distributed(cfg.dist_timeout)
     prepare_run_folder(cfg.out, cfg.resume)
-    scorers = load_scorers(cfg, device, torch_dtype(cfg.dtype, device), rank)
+    dtype = torch_dtype(cfg.dtype, device)
+    scorers = {name: load_scorer(name, cfg, device, dtype) for name in names(cfg.scorers)}
     if cfg.base_dir:
         folders = {"base": cfg.base_dir, "tuned": cfg.tuned_dir}
     else:

@@ -66,7 +66,6 @@ from distributed import (NonFiniteUpdate, apply_update, barrier, close_distribut
 from runs import (command_line, fail, first_line, kill_point, log_jsonl, open_run, parse_config,
                   peek, restart_log, run_folder, warn, write_checkpoint, write_or_fail)
 
-ACTIVATION_GB_PER_PAIR = 2.6  # see choose_micro_batch
 # what a resume may change: the schedule, and how the run executes (on as many processes as it
 # likes: the checkpoint holds whole tensors, the global batches are the same rows)
 MAY_CHANGE = ("lr", "max_train_steps", "warmup", "eval_every", "save_every", "micro_batch_size",
@@ -87,7 +86,7 @@ class Config:
     resume: bool = False  # continue the run in --out from its ckpt.pt
     max_train_steps: int = 4000  # optimizer steps in [1, inf); paper: 4,000 (SD1.5), 8,000 (SDXL)
     train_batch_size: int = 128  # global pairs per step in [1, inf); paper: 128 (SD1.5), 32 (SDXL)
-    micro_batch_size: int = 0  # pairs per rank a pass, in [0, inf); 0 = auto (CPU: all; CUDA: fit)
+    micro_batch_size: int = 0  # pairs per rank a pass, in [0, inf); 0 = all (tools/memory.py)
     lr: float = 1e-5  # peak AdamW learning rate in (0, inf); paper: 1e-5
     weight_decay: float = 0.3  # AdamW weight decay of matrices, in [0, inf); paper: 0.3
     warmup: int = 500  # log warm-up steps in [0, inf), then linear decay to 0; paper: 500 / 1000
@@ -345,24 +344,6 @@ def make_optimizer(lrm, cfg):
     return params, torch.optim.AdamW([matrices, vectors], lr=cfg.lr)
 
 
-def choose_micro_batch(cfg, per_rank, lrm, device):
-    """--micro_batch_size, or auto: on CPU the whole per-rank share; on CUDA the largest divisor
-    of it that the GPU holds after 16 bytes per trained parameter (fp32 weight, gradient, Adam's
-    moments), taking ACTIVATION_GB_PER_PAIR at 512 px in bf16 (an estimate: 4 U-Net down+mid
-    passes, 2 images x VFE's 2 prompts, ~0.65 GB each, SD1.5), scaled by pixel area, 1/4 of it
-    with --grad_ckpt. With several processes, the smallest rank's: each pass has collectives."""
-    if cfg.micro_batch_size:
-        return cfg.micro_batch_size
-    if device.type != "cuda":
-        return per_rank
-    total_gb = torch.cuda.get_device_properties(device).total_memory / 2**30
-    fixed_gb = 16 * sum(p.numel() for p in lrm.parameters() if p.requires_grad) / 2**30
-    pair_gb = ACTIVATION_GB_PER_PAIR * (lrm.resolution / 512) ** 2 * (0.25 if cfg.grad_ckpt else 1)
-    fits = max(1, int((0.85 * total_gb - fixed_gb) / pair_gb))
-    mine = max(d for d in range(1, min(fits, per_rank) + 1) if per_rank % d == 0)
-    return min(gather_objects(mine))
-
-
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def pair_accuracy(lrm, pairs, timesteps, vae=None, batch_size=32, seed=0, max_pairs=0,
@@ -461,7 +442,7 @@ def main(cfg):
             or per_rank % (cfg.micro_batch_size or per_rank)):
         fail(f"--train_batch_size {cfg.train_batch_size}: at most the {len(train)} usable train "
              f"pairs, split evenly over {world} process(es), each share into micro-batches of "
-             f"--micro_batch_size {cfg.micro_batch_size} (0: auto)")
+             f"--micro_batch_size {cfg.micro_batch_size} (0: all)")
     try:
         if cfg.text_projection_init:
             transformers.AutoConfig.from_pretrained(cfg.text_projection_init)
@@ -497,7 +478,7 @@ def main(cfg):
                                    else (0, (-1.0, 0, 0)))
     del checkpoint  # restored: not kept while training (SDXL's is ~30 GB)
     log_path = os.path.join(cfg.out, "metrics.jsonl")
-    micro_batch = choose_micro_batch(cfg, per_rank, lrm, device)
+    micro_batch = cfg.micro_batch_size or per_rank
     if master:
         restart_log(log_path, step + 1, step, changes, key="step")
         # trained state: fp32 weights, gradients and AdamW's two moments
