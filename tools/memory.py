@@ -20,7 +20,7 @@ trained parameter + its bf16 autocast copy. lpo.py's SD3 LRM shares the pipeline
 encoders (counted once); SD1.5's and SDXL's keep their own (trained) ones.
 Computed, not measured: bench.py measures.
 
-    python tools/memory.py                 # sd15, sdxl and sd3 (W = 8): the README's memory table
+    python tools/memory.py                 # sd15, sdxl and sd3 (W = 8): docs/reference.md's memory table
     python tools/memory.py --model sdxl --world 1
 """
 import os
@@ -322,7 +322,7 @@ def estimate(models, world=8):
 
 
 def markdown(rows, world=8):
-    """The table of the rows, as the README shows it."""
+    """The table of the rows, as docs/reference.md shows it."""
     sharding = f"lrm.py's step sharded over {world} ranks (FSDP2)" if world > 1 else "unsharded"
     lines = [f"Computed, not measured (python tools/memory.py --world {world}): per GPU, "
              f"{sharding}; see its docstring.", "",
