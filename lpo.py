@@ -84,6 +84,7 @@ class Config:
     th_max: float = 0.5  # softmax-gap threshold in [0, 1) at the most noise (paper: 0.5 / 0.6)
     lrm_t: str = "child"  # noise level the LRM is told: child (t_prev) | parent (official's t)
     negate_reward: bool = False  # control: a reward pointing the wrong way must not help
+    continuation: str = "random"  # child a trajectory goes on from: random (paper) | best (greedy)
     beta: float = 500.0  # DPO beta in (0, inf) (paper: 500; SPO: 10)
     clip_eps: float = 0.1  # likelihood-ratio clip in (0, 1) (paper: 0.1)
     lora_rank: int = 4  # LoRA rank in [1, inf), alpha = rank (paper: 4 SD1.5, 64 SDXL)
@@ -374,6 +375,8 @@ def sample_tuples(denoiser, lrm, cond, lrm_text, prompt_ids, schedule, cfg, gene
         kept.append({key: value[ok] for key, value in found.items()})
         # the trajectory goes on from a uniformly random child, not from the best one
         pick = torch.randint(children, (batch,), generator=generator, device=device)  # (B,)
+        if cfg.continuation == "best":  # the greedy ablation (tiny/ablations.py)
+            pick = win
         x = kids[rows, pick]  # (B, C, h, w)
     tuples = {key: torch.cat([step[key] for step in kept]) for key in kept[0]}
     return tuples, torch.cat(scores), seconds
@@ -513,6 +516,8 @@ def get_config(argv=None):
     cfg = parse_config(Config, {**asdict(Config()), **preset_of(model)}, __doc__, argv)
     if cfg.lrm_t not in ("child", "parent"):
         fail(f"--lrm_t {cfg.lrm_t}: choose child or parent")
+    if cfg.continuation not in ("random", "best"):
+        fail(f"--continuation {cfg.continuation}: choose random or best")
     if cfg.th_min > cfg.th_max:
         fail(f"--th_min {cfg.th_min} / --th_max {cfg.th_max}: need th_min <= th_max")
     cfg.out = cfg.out or run_folder("lpo", model)

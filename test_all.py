@@ -1894,7 +1894,8 @@ class FakeLRM:
 def _sample_with_fake_lrm(pipe, latent, prompts, steps, eta, seed=0, lrm_t="child", thresholds=0.0,
                           negate=False):
     from types import SimpleNamespace
-    cfg = SimpleNamespace(num_children=4, guidance_scale=5.0, eta=eta, lrm_t=lrm_t, negate_reward=negate)
+    cfg = SimpleNamespace(num_children=4, guidance_scale=5.0, eta=eta, lrm_t=lrm_t, negate_reward=negate,
+                          continuation="random")
     schedule = lpo.make_schedule(pipe.scheduler.config, steps, 0.1, 0.2, "cpu", latent)
     schedule.thresholds = torch.full_like(schedule.thresholds, thresholds)   # keep every pair
     cond = models.encode_for_cfg(pipe, prompts, 32)
