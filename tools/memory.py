@@ -20,7 +20,7 @@ trained parameter + its bf16 autocast copy. lpo.py's SD3 LRM shares the pipeline
 encoders (counted once); SD1.5's and SDXL's keep their own (trained) ones.
 Computed, not measured: bench.py measures.
 
-    python tools/memory.py                 # sd15, sdxl and sd3 (W = 8): docs/reference.md's memory table
+    python tools/memory.py                 # sd15, sdxl, sd3 (W = 8): docs/reference.md's table
     python tools/memory.py --model sdxl --world 1
 """
 import os
