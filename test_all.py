@@ -5088,3 +5088,87 @@ def test_two_gloo_ranks_end_with_one_sd3_lora(sd3_lrm_folder, tmp_path):
     fingerprint = rows[-1]["final"]["lora_fingerprint"]
     assert rows[0]["tuples"] == 2 * 4 * 5 and rows[-1]["final"]["step"] >= 1  # 5 of 6 steps
     assert len(fingerprint) == 2 and fingerprint[0] == fingerprint[1]
+
+
+# ============================================================================ FLUX: the tiny world (tiny/flux)
+FLUX = os.path.join(ROOT, "tiny", "flux")
+
+
+@pytest.fixture(scope="module")
+def flux():
+    from diffusers import FluxPipeline
+    pipe = FluxPipeline.from_pretrained(FLUX)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_tiny_flux_loads_as_flux_pipeline_and_samples_its_recorded_caption_match(flux):
+    cfg = flux.transformer.config
+    assert cfg.patch_size == 1 and cfg.in_channels == 4 * flux.vae.config.latent_channels  # 2x2 packed
+    assert cfg.guidance_embeds and sum(cfg.axes_dims_rope) == cfg.attention_head_dim
+    assert cfg.joint_attention_dim == flux.text_encoder_2.config.d_model
+    assert cfg.pooled_projection_dim == flux.text_encoder.config.hidden_size  # CLIP's pooled output
+    assert flux.transformer.dtype == torch.float32  # stored fp16, loaded fp32
+    assert flux.tokenizer_2.model_max_length == T5_LEN
+    assert RES % (2 * flux.vae_scale_factor) == 0  # 32 px: an 8x8 latent, 4x4 = 16 tokens
+    sd3_vae = AutoencoderKL.from_pretrained(os.path.join(SD3, "vae"))  # the sd3 world's VAE
+    assert (flux.vae.config.shift_factor, flux.vae.config.scaling_factor) == (
+        sd3_vae.config.shift_factor, sd3_vae.config.scaling_factor)
+    for (name, p), q in zip(flux.vae.state_dict().items(), sd3_vae.state_dict().values()):
+        assert torch.equal(p, q), name
+    world = json.load(open(os.path.join(ROOT, "tiny", "world.json")))
+    # recomputed as the build did (same seeds, same count): the same number on this torch build
+    match = make_world.caption_match(flux, n=300, cfg=world["flux_guidance_scale"])
+    assert round(match, 4) == world["flux_caption_match"] and 0.55 <= match <= 0.85  # room for LPO
+    # the pipeline sampled with the shift the training sigmas were drawn with (FLUX's dynamic mu)
+    u = torch.linspace(1, 1 / 20, 20, dtype=torch.float64)
+    shifted = make_world.shifted_sigma(u, world["flux_shift"])
+    torch.testing.assert_close(flux.scheduler.sigmas[:-1].double(), shifted, atol=1e-4, rtol=0)
+    assert world["flux_shift"] != 1.0 and flux.scheduler.config.use_dynamic_shifting
+
+
+def test_make_world_flux_only_quick_build(tmp_path):
+    from diffusers import FluxPipeline
+    os.makedirs(tmp_path / "sd3")
+    shutil.copytree(os.path.join(SD3, "vae"), tmp_path / "sd3" / "vae")
+    json.dump({"kept": 1}, open(tmp_path / "world.json", "w"))
+    make_world.main(make_world.get_args(["--flux-only", "--quick", "--out", str(tmp_path)]))
+    info = json.load(open(tmp_path / "world.json"))
+    assert info["kept"] == 1 and info["flux_steps"] == 10  # earlier keys kept
+    assert set(os.listdir(tmp_path)) == {"sd3", "flux", "world.json"}  # nothing else rebuilt
+    pipe = FluxPipeline.from_pretrained(str(tmp_path / "flux"))
+    # the quick build's caption match, recomputed on the saved folder (fp16 on disk)
+    pipe.set_progress_bar_config(disable=True)
+    match = make_world.caption_match(pipe, n=30, cfg=info["flux_guidance_scale"])
+    assert round(match, 4) == info["flux_caption_match"]
+
+
+def test_tiny_flux_transformer_predicts_the_velocity_of_held_out_drawings(flux):
+    """The rectified-flow loss on fresh drawings: far below a freshly initialised transformer of
+    the same config (the control), and below the shipped one given the wrong captions."""
+    from diffusers import FluxTransformer2DModel
+    rng = np.random.default_rng(321)  # fresh drawings, not the training ones
+    drawn = [random_drawing(rng) for _ in range(256)]
+    z = make_world.encode_means(flux.vae, [image for image, _ in drawn])  # (256, 4, 8, 8)
+    x0 = (z - flux.vae.config.shift_factor) * flux.vae.config.scaling_factor
+    captions = torch.tensor([CAPTIONS.index(caption) for _, caption in drawn])
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(x0.shape, generator=g)
+    sigma = make_world.shifted_sigma(torch.sigmoid(torch.randn(len(x0), generator=g)),
+                                     make_world.flux_shift(flux)[1])
+    xs = make_world.rectified_flow_sample(x0, noise, sigma)
+    target = make_world.rectified_flow_target(x0, noise)
+    velocity = make_world.flux_velocity(flux)
+    torch.manual_seed(0)
+    fresh = FluxTransformer2DModel.from_config(flux.transformer.config).eval()
+    wrong = (captions + torch.randint(1, len(CAPTIONS), captions.shape, generator=g)) % len(CAPTIONS)
+    losses = {}
+    with torch.no_grad():
+        for name, model, caption_index in [("trained", flux.transformer, captions),
+                                           ("fresh", fresh, captions),
+                                           ("wrong captions", flux.transformer, wrong)]:
+            pred = velocity(model, xs, sigma, caption_index, torch.Generator().manual_seed(1))
+            losses[name] = torch.nn.functional.mse_loss(pred, target).item()
+    print(losses)
+    assert losses["trained"] < 0.25 * losses["fresh"], losses
+    assert losses["trained"] < 0.6 * losses["wrong captions"], losses

@@ -1,8 +1,9 @@
 """Build the embedded tiny world that every stage runs on without downloads.
 
-    python tiny/make_world.py                 # full world into tiny/ (~40 min on 2 CPU cores)
+    python tiny/make_world.py                 # full world into tiny/ (~47 min on 2 CPU cores)
     python tiny/make_world.py --quick --out /tmp/w   # seconds; untrained-ish, for the tests
     python tiny/make_world.py --sd3-only      # only sd3/ on the sd15/vae in --out (~8-13 min)
+    python tiny/make_world.py --flux-only     # only flux/ on the sd3/vae in --out (~5-7 min)
 
 Writes, all in Hugging Face formats, loaded by the stages through the same calls as the
 real checkpoints:
@@ -12,6 +13,9 @@ real checkpoints:
     sd3/        StableDiffusion3Pipeline folder (two CLIP encoders with projection, a T5 encoder
                 with a T5 tokenizer written here, the sd15 VAE with a measured shift and scale,
                 an MMDiT trained here with the rectified-flow loss, FlowMatchEulerDiscreteScheduler)
+    flux/       FluxPipeline folder (a CLIP encoder for the pooled vector, a T5 encoder, the sd3
+                VAE, a FLUX.1-dev-shaped transformer with a guidance input trained here with the
+                rectified-flow loss, FlowMatchEulerDiscreteScheduler with FLUX's dynamic shift)
     pickapic/   Pick-a-Pic v1 schema parquet dataset (train / validation_unique / test_unique),
                 image pairs sampled from sd15/ and labelled by the judge in world.py
     world.json  what was built, the base model's caption-match rate, the times
@@ -21,6 +25,7 @@ Deterministic for a given machine and torch build (fixed seeds, fixed thread cou
 import argparse
 import functools
 import json
+import math
 import os
 import shutil
 import string
@@ -35,12 +40,15 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     CLIPTextConfig,
@@ -58,6 +66,8 @@ from tiny.world import CAPTIONS, RES, WORDS, human_labels, judge_scores, random_
 MAX_LEN = 16  # tokenizer/text-encoder context (SD: 77; T5: 256 in SD3); every tiny caption fits
 SD3_SHIFT = 3.0  # FlowMatchEulerDiscreteScheduler shift of SD3-Medium's scheduler config
 SD3_CFG = 5.0  # the tiny SD3 base's guidance scale (SD3: 7.0; see make_sd3)
+FLUX_GUIDANCE = 3.5  # the tiny FLUX samples at FluxPipeline's default guidance (FLUX.1-dev's)
+FLUX_GUIDANCE_RANGE = (1.0, 5.0)  # the guidance input's training draw (see make_flux)
 
 
 # ----------------------------------------------------------------------------- text side
@@ -262,21 +272,16 @@ def rectified_flow_target(x0, noise):
     return noise - x0
 
 
-def train_transformer(pipe, latents, captions, steps, bs, seed, log_every=200, eval_fn=None):
-    """SD3's rectified-flow loss: sigma logit-normal(0, 1) (the SD3 paper's rf/lognorm(0, 1))
-    then shifted as the scheduler (diffusers' SD3 training scripts draw sigmas from the shifted
-    table), 10% caption dropout to the empty prompt (SD3's CFG uncond)."""
+def train_transformer(
+    pipe, velocity, shift, latents, captions, steps, bs, seed, log_every=200, eval_fn=None
+):
+    """The rectified-flow loss of SD3 and FLUX: sigma logit-normal(0, 1) (the SD3 paper's
+    rf/lognorm(0, 1)) then shifted as the pipeline samples (diffusers' SD3 training scripts draw
+    sigmas from the shifted table). `velocity(model, x_s, sigma, caption_index, generator)` is
+    the family's denoiser call (sd3_velocity, flux_velocity): its conditioning and units."""
     torch.manual_seed(seed)
     model = pipe.transformer
-    with torch.no_grad():  # every caption and the empty one, encoded once as the pipeline does
-        emb, _, pooled, _ = pipe.encode_prompt(
-            CAPTIONS, None, None, do_classifier_free_guidance=False, max_sequence_length=MAX_LEN
-        )  # (15, 2 * MAX_LEN, 64), (15, 64)
-        null, _, null_pooled, _ = pipe.encode_prompt(
-            [""], None, None, do_classifier_free_guidance=False, max_sequence_length=MAX_LEN
-        )
     cap_idx = torch.tensor([CAPTIONS.index(c) for c in captions])
-    shift = pipe.scheduler.config.shift
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
     lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
     g = torch.Generator().manual_seed(seed)
@@ -286,13 +291,8 @@ def train_transformer(pipe, latents, captions, steps, bs, seed, log_every=200, e
         x0, c = latents[i], cap_idx[i]  # (B, 4, 8, 8), (B,)
         noise = torch.randn(x0.shape, generator=g)
         sigma = shifted_sigma(torch.sigmoid(torch.randn(bs, generator=g)), shift)  # (B,)
-        drop = torch.rand(bs, generator=g) < 0.1
-        cond = dict(
-            encoder_hidden_states=torch.where(drop.view(-1, 1, 1), null, emb[c]),
-            pooled_projections=torch.where(drop.view(-1, 1), null_pooled, pooled[c]),
-        )
         xs = rectified_flow_sample(x0, noise, sigma)
-        pred = model(xs, timestep=sigma * 1000, **cond).sample  # the model's unit: sigma * 1000
+        pred = velocity(model, xs, sigma, c, g)  # (B, 4, 8, 8)
         loss = F.mse_loss(pred, rectified_flow_target(x0, noise))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -309,6 +309,50 @@ def train_transformer(pipe, latents, captions, steps, bs, seed, log_every=200, e
     model.eval()
 
 
+def sd3_velocity(pipe):
+    """SD3's denoiser call for train_transformer: the captions and the empty one encoded once as
+    the pipeline does, 10% caption dropout to the empty prompt (SD3's CFG uncond)."""
+    with torch.no_grad():
+        emb, _, pooled, _ = pipe.encode_prompt(
+            CAPTIONS, None, None, do_classifier_free_guidance=False, max_sequence_length=MAX_LEN
+        )  # (15, 2 * MAX_LEN, 64), (15, 64)
+        null, _, null_pooled, _ = pipe.encode_prompt(
+            [""], None, None, do_classifier_free_guidance=False, max_sequence_length=MAX_LEN
+        )
+
+    def velocity(model, xs, sigma, c, g):
+        drop = torch.rand(len(c), generator=g) < 0.1
+        cond = dict(
+            encoder_hidden_states=torch.where(drop.view(-1, 1, 1), null, emb[c]),
+            pooled_projections=torch.where(drop.view(-1, 1), null_pooled, pooled[c]),
+        )
+        return model(xs, timestep=sigma * 1000, **cond).sample  # the model's unit: sigma * 1000
+
+    return velocity
+
+
+def flux_velocity(pipe):
+    """FLUX's denoiser call for train_transformer: T5 states and the CLIP pooled vector encoded
+    once as the pipeline does, the latents packed 2x2 into tokens with their position ids (as
+    FluxPipeline samples), timestep sigma itself (the model scales it by 1000), and a guidance
+    input drawn from FLUX_GUIDANCE_RANGE. No caption dropout: FluxPipeline samples without CFG."""
+    with torch.no_grad():
+        emb, pooled, txt_ids = pipe.encode_prompt(CAPTIONS, None, max_sequence_length=MAX_LEN)
+    side = RES // pipe.vae_scale_factor  # the latent's side, 8
+    img_ids = pipe._prepare_latent_image_ids(1, side // 2, side // 2, "cpu", torch.float32)
+    low, high = FLUX_GUIDANCE_RANGE
+
+    def velocity(model, xs, sigma, c, g):
+        b, channels = xs.shape[:2]
+        guidance = low + (high - low) * torch.rand(b, generator=g)  # (B,)
+        tokens = pipe._pack_latents(xs, b, channels, side, side)  # (B, 16, 4 * 4)
+        cond = dict(encoder_hidden_states=emb[c], pooled_projections=pooled[c], txt_ids=txt_ids)
+        pred = model(tokens, timestep=sigma, guidance=guidance, img_ids=img_ids, **cond).sample
+        return pipe._unpack_latents(pred, RES, RES, pipe.vae_scale_factor)  # (B, 4, 8, 8)
+
+    return velocity
+
+
 def save_pipeline(pipe, path):
     shutil.rmtree(path, ignore_errors=True)
     pipe.save_pretrained(path)
@@ -323,8 +367,10 @@ def generate(pipe, captions, seed, cfg=5.0, bs=150):
     """PIL images, one per caption, 20 steps (DDIM eta 0 / flow Euler), the per-image seed =
     seed + index."""
     out = []
-    # SD3: the T5 length every stage uses, min(256, tokenizer_3.model_max_length)
-    kw = dict(max_sequence_length=MAX_LEN) if isinstance(pipe, StableDiffusion3Pipeline) else {}
+    # SD3 and FLUX: the T5 length every stage uses, the T5 tokenizer's model_max_length (FLUX
+    # would pad T5 to 512 tokens, 496 of them pads that the transformer never saw)
+    flow = isinstance(pipe, (StableDiffusion3Pipeline, FluxPipeline))
+    kw = dict(max_sequence_length=MAX_LEN) if flow else {}
     for i in range(0, len(captions), bs):
         gens = [
             torch.Generator().manual_seed(seed + j) for j in range(i, min(i + bs, len(captions)))
@@ -358,14 +404,19 @@ def caption_match(pipe, n=150, seed=10_000, cfg=5.0):
 
 
 # ----------------------------------------------------------------------------- SD3
+def encode_means(vae, images):
+    """The VAE's posterior means of the drawings, 512 at a time: (N, 4, 8, 8)."""
+    x_all = images_to_tensor(images)
+    with torch.no_grad():
+        return torch.cat(
+            [vae.encode(x_all[i : i + 512]).latent_dist.mean for i in range(0, len(x_all), 512)]
+        )
+
+
 def measure_latent_stats(vae, images):
     """SD3's VAE normalisation, latents = (z - shift) * scale: shift the mean and scale 1 / std
     of the encoded drawings (SD3's own VAE: 0.0609 and 1.5305). Returns the normalised latents."""
-    x_all = images_to_tensor(images)
-    with torch.no_grad():
-        z = torch.cat(
-            [vae.encode(x_all[i : i + 512]).latent_dist.mean for i in range(0, len(x_all), 512)]
-        )  # (N, 4, 8, 8)
+    z = encode_means(vae, images)  # (N, 4, 8, 8)
     shift = round(z.mean().item(), 4)
     vae.register_to_config(shift_factor=shift, scaling_factor=round(1 / z.std().item(), 4))
     return (z - shift) * vae.config.scaling_factor
@@ -416,7 +467,15 @@ def make_sd3(out, images, captions, quick, steps, info):
     t_train = time.time()
     bs = 32 if quick else 128  # quick: seconds in the tests, not a model
     train_transformer(
-        sd3, latents, captions, steps=steps, bs=bs, seed=9, eval_fn=None if quick else eval_fn
+        sd3,
+        sd3_velocity(sd3),
+        sd3.scheduler.config.shift,
+        latents,
+        captions,
+        steps=steps,
+        bs=bs,
+        seed=9,
+        eval_fn=None if quick else eval_fn,
     )
     fp16_round_trip(transformer)
     info["sd3_seconds_train"] = round(time.time() - t_train, 1)  # with the evaluations in it
@@ -432,6 +491,110 @@ def make_sd3(out, images, captions, quick, steps, info):
     print(f"  sd3 base caption match {info['sd3_caption_match']:.3f}", flush=True)
     save_pipeline(sd3, os.path.join(out, "sd3"))
     info["sd3_seconds"] = round(time.time() - t0, 1)
+
+
+# ----------------------------------------------------------------------------- FLUX
+def flux_shift(pipe):
+    """FLUX's resolution-dependent shift: mu linear in the image's token count (FluxPipeline's
+    calculate_shift; FLUX.1's 256 tokens -> 0.5, 4096 -> 1.15), applied by the scheduler as the
+    exponential time shift exp(mu) / (exp(mu) + 1 / sigma - 1), which is shifted_sigma with
+    shift exp(mu). Returns (mu, exp(mu)) at the tiny world's RES px."""
+    tokens = (RES // pipe.vae_scale_factor // 2) ** 2  # 2x2 latent patches: 16 at 32 px
+    c = pipe.scheduler.config
+    mu = calculate_shift(
+        tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift
+    )
+    return mu, math.exp(mu)
+
+
+def make_flux(out, images, captions, quick, steps, info):
+    """The FLUX.1-dev-architecture pipeline (double- and single-stream blocks, RoPE, a guidance
+    input; a CLIP pooled vector and T5 states; flow matching) into out/flux, on the VAE saved in
+    out/sd3/vae (its measured shift and scale), so it can be rebuilt alone (--flux-only).
+
+    Guidance (deviation): FLUX.1-dev is guidance-distilled, it regresses a CFG teacher's
+    velocity at a guidance value g given as an input. There is no teacher here: the guidance
+    input is drawn uniformly from FLUX_GUIDANCE_RANGE and the target is the plain conditional
+    velocity for every g (a teacher at guidance 1), so the model learns to (nearly) ignore g
+    (world.json: the caption match at g = 1, 3.5, 5); it samples at FluxPipeline's default 3.5
+    without CFG (true_cfg_scale 1), one forward a step. Sampling passes max_sequence_length =
+    tokenizer_2's 16: FluxPipeline's default 512 pads T5 with 496 states never seen in training
+    (150 samples: caption match 0.00 against 0.66, and ~30x slower).
+    Shift: FLUX.1's scheduler settings, extrapolated by calculate_shift below its 256 tokens to
+    the tiny world's 16 (mu 0.459, shift 1.58, near FLUX.1's 1.65 at 256); the training sigmas
+    are drawn with that shift."""
+    t0 = time.time()
+    vae = AutoencoderKL.from_pretrained(os.path.join(out, "sd3", "vae"))
+    latents = (encode_means(vae, images) - vae.config.shift_factor) * vae.config.scaling_factor
+    tmp = os.path.join(out, "_tok_flux")
+    tok = write_tokenizer(os.path.join(tmp, "tokenizer"), pad_token="<|endoftext|>")
+    tok2 = write_t5_tokenizer(os.path.join(tmp, "tokenizer_2"))
+    shutil.rmtree(tmp)
+    torch.manual_seed(11)
+    te = CLIPTextModel(text_config(tok)).eval()
+    te2 = T5EncoderModel(t5_config(tok2)).eval()
+    torch.manual_seed(12)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * vae.config.latent_channels,  # 2x2 latent patches packed in one token
+        num_layers=2,  # double-stream blocks (FLUX.1: 19)
+        num_single_layers=2,  # single-stream blocks (FLUX.1: 38)
+        attention_head_dim=16,
+        num_attention_heads=4,  # inner width 64, as the tiny SD3's
+        joint_attention_dim=te2.config.d_model,
+        pooled_projection_dim=te.config.hidden_size,  # CLIPTextModel's pooled output
+        guidance_embeds=True,  # FLUX.1-dev (schnell: False)
+        axes_dims_rope=(4, 6, 6),  # FLUX.1's (16, 56, 56) of 128 scaled to 16, each axis even
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )  # FLUX.1's
+    flux = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tok,
+        text_encoder_2=te2,
+        tokenizer_2=tok2,
+        transformer=transformer,
+    )
+    flux.set_progress_bar_config(disable=True)
+    mu, shift = flux_shift(flux)
+    eval_fn = functools.partial(caption_match, cfg=FLUX_GUIDANCE)
+    t_train = time.time()
+    train_transformer(
+        flux,
+        flux_velocity(flux),
+        shift,
+        latents,
+        captions,
+        steps=steps,
+        bs=32 if quick else 128,  # quick: seconds in the tests, not a model
+        seed=13,
+        eval_fn=None if quick else eval_fn,
+    )
+    fp16_round_trip(transformer)
+    info["flux_seconds_train"] = round(time.time() - t_train, 1)  # with the evaluations in it
+    info["flux_steps"] = steps
+    info["flux_image_seq_len"] = (RES // flux.vae_scale_factor // 2) ** 2
+    info["flux_mu"] = round(mu, 4)
+    info["flux_shift"] = round(shift, 4)
+    info["flux_guidance_scale"] = FLUX_GUIDANCE
+    low, high = FLUX_GUIDANCE_RANGE
+    target = "plain rectified-flow target (no CFG teacher)"
+    info["flux_guidance_train"] = f"uniform [{low:g}, {high:g}], {target}"
+    for guidance in (1.0, 5.0) if not quick else ():  # the guidance input does (almost) nothing
+        match = caption_match(flux, n=300, cfg=guidance)
+        info[f"flux_caption_match_guidance{guidance:g}"] = round(match, 4)
+    match = caption_match(flux, n=30 if quick else 300, cfg=FLUX_GUIDANCE)
+    info["flux_caption_match"] = round(match, 4)
+    print(f"  flux base caption match {info['flux_caption_match']:.3f}", flush=True)
+    save_pipeline(flux, os.path.join(out, "flux"))
+    info["flux_seconds"] = round(time.time() - t0, 1)
 
 
 # ----------------------------------------------------------------------------- preference data
@@ -504,7 +667,8 @@ Generated by `tiny/make_world.py`.
 def main(args):
     torch.set_num_threads(1)  # one thread: the same numbers on any machine, and no OMP thrashing
     q = args.quick
-    t0, info = time.time(), ({} if args.data_only or args.sd3_only else {"quick": q})
+    one_part = args.data_only or args.sd3_only or args.flux_only
+    t0, info = time.time(), ({} if one_part else {"quick": q})
     out = args.out
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -518,6 +682,10 @@ def main(args):
     if args.sd3_only:  # rebuild sd3/ alone, on the same drawings and the saved sd15 VAE
         print("== SD3-architecture transformer", flush=True)
         make_sd3(out, images, captions, q, 10 if q else args.sd3_steps, info)
+        return update_world_json(out, info)
+    if args.flux_only:  # rebuild flux/ alone, on the same drawings and the saved sd3 VAE
+        print("== FLUX-architecture transformer", flush=True)
+        make_flux(out, images, captions, q, 10 if q else args.flux_steps, info)
         return update_world_json(out, info)
     print("== VAE", flush=True)
     vae, latents = train_vae(images, steps=20 if q else 800, bs=64, seed=1)
@@ -620,6 +788,9 @@ def main(args):
     print("== SD3-architecture transformer", flush=True)
     make_sd3(out, images, captions, q, 10 if q else args.sd3_steps, info)
 
+    print("== FLUX-architecture transformer", flush=True)
+    make_flux(out, images, captions, q, 10 if q else args.flux_steps, info)
+
     make_data(sd, out, q, info, t0)
 
 
@@ -669,6 +840,15 @@ def get_args(argv=None):
     )
     p.add_argument(
         "--sd3-only", action="store_true", help="only rebuild sd3/ on the sd15/vae in --out"
+    )
+    p.add_argument(
+        "--flux-steps",
+        type=int,
+        default=1100,
+        help="FLUX transformer steps (1100: caption match ~0.7 without CFG)",
+    )
+    p.add_argument(
+        "--flux-only", action="store_true", help="only rebuild flux/ on the sd3/vae in --out"
     )
     return p.parse_args(argv)
 
