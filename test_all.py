@@ -5172,3 +5172,112 @@ def test_tiny_flux_transformer_predicts_the_velocity_of_held_out_drawings(flux):
     print(losses)
     assert losses["trained"] < 0.25 * losses["fresh"], losses
     assert losses["trained"] < 0.6 * losses["wrong captions"], losses
+
+
+# ----------------------------------------------------------------------------- tiny/ablations.py
+def test_ablations_curve_agrees_with_independent_paths(tmp_path):
+    """tiny/ablations.py --quick --rows curve (64 test pairs, t = 1, 501, 951): its LRM accuracies are
+    lrm.pair_accuracy's on the same pairs (the same noise: the curve's latents are that function's);
+    the pixel reward at t = 1 agrees with the judge on the VAE-decoded clean latents (the x0 it
+    predicts there is that latent, nearly), and at t = 951 it is nearer chance than at t = 1."""
+    from tiny import ablations
+    results = ablations.main(["--quick", "--docs", str(tmp_path), "--runs", str(tmp_path),
+                              "--rows", "curve"])
+    curve = results["curve"]
+    shipped = M.LatentRewardModel.from_pretrained(ablations.SHIPPED_LRM, base=ablations.BASE)
+    pairs = L.load_pairs(ablations.DATA, "test_unique")
+    oracle = L.pair_accuracy(shipped.for_scoring(), pairs, ablations.QUICK_LEVELS, max_pairs=64)
+    for t in ablations.QUICK_LEVELS:
+        assert curve["lrm"][str(t)] == pytest.approx(oracle["decisive"][t], abs=1e-9), t
+    decoded = curve["clean"]["judge, VAE-decoded clean latents"]
+    assert abs(curve["pixel"]["1"] - decoded) <= 2 / curve["decisive"]  # a pair or two at most
+    assert abs(curve["pixel"]["951"] - 0.5) < abs(curve["pixel"]["1"] - 0.5)
+    assert curve["cost"]["pixel_over_lrm"] > 1  # a decode and a CFG pass cost more than half a U-Net
+    assert os.path.exists(tmp_path / "ablations.png") and "| t | 1 | 501 | 951 |" in open(
+        tmp_path / "ablations.md").read()
+
+
+def test_ablations_judge_reward_runs_inside_lpo_sampling():
+    """The pixel reward through lpo.sample_tuples (K children a prompt, its text rows repeated by
+    take_rows): every score is scale x the judge's human score of the decoded x0-prediction of that
+    child under its own caption (scored again with the prompts spelled out), and the x0-prediction
+    is diffusers' DDIMScheduler.step's pred_original_sample (an independent oracle)."""
+    from types import SimpleNamespace
+
+    from diffusers import DDIMScheduler
+    from tiny import ablations
+    reward = ablations.JudgeReward(scale=2.0)
+    pipe = reward.pipe
+    prompts = ["a red circle", "a blue square", "a red circle"]
+    calls = []
+    score = reward.score
+
+    def recorded(latents, t, text):
+        calls.append((latents.clone(), t.clone(), score(latents, t, text=text)))
+        return calls[-1][2]
+    reward.score = recorded
+    cfg = SimpleNamespace(num_children=4, guidance_scale=5.0, eta=1.0, lrm_t="child", negate_reward=False,
+                          continuation="random")
+    schedule = lpo.make_schedule(pipe.scheduler.config, 3, 0.1, 0.2, "cpu", 8)
+    cond = models.encode_for_cfg(pipe, prompts, 32)
+    text = reward.encode_text(prompts)
+    _, scores, _ = lpo.sample_tuples(pipe.unet, reward, cond, text, torch.arange(3), schedule, cfg,
+                                     torch.Generator().manual_seed(0))
+    assert len(calls) == 3 and scores.shape == (9, 4)
+    children = [prompt for prompt in prompts for _ in range(4)]
+    for latents, t, scored in calls:
+        again = score(latents, t, prompts=children)
+        assert torch.equal(scored, again)
+        assert len(set(scored.tolist())) > 1  # the children differ
+    latents, t, _ = calls[1]
+    context = models.uncond_then_cond(text["uncond"], text["cond"]["encoder_hidden_states"])
+    eps = models.guided_prediction(pipe.unet, latents[:3], t[:3], dict(encoder_hidden_states=context),
+                                   5.0)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(3)
+    oracle = scheduler.step(eps, int(t[0]), latents[:3]).pred_original_sample
+    torch.testing.assert_close(ablations.predicted_x0(eps, latents[:3], t[:3], reward.alphas_cumprod),
+                               oracle, rtol=1e-5, atol=1e-5)
+
+
+def test_ablations_rows_are_cached_and_plug_in_their_changes(tmp_path, monkeypatch):
+    """A row's result is read back from the json, not run again (lpo.main is called once for two
+    runs of the script), --redo runs it again; the pixel row runs lpo.py with the judge in the
+    LRM's place and the t750 row with no pair below t = 750, both restored afterwards."""
+    from tiny import ablations
+    seen = []
+
+    def fake_main(cfg):
+        os.makedirs(cfg.out)
+        config = DiffusionPipeline.load_config(cfg.base, subfolder="scheduler")
+        schedule = lpo.make_schedule(config, 20, cfg.th_min, cfg.th_max, "cpu")  # as lpo.add_policy
+        reward = lpo.load_lrm(cfg.lrm, cfg.base, "cpu", torch.float32, "")
+        seen.append((os.path.basename(cfg.out), schedule, reward))
+        with open(os.path.join(cfg.out, "log.jsonl"), "w") as log:
+            log.write(json.dumps(dict(round=0, tuples=3, kept_frac=0.5, lrm_gap=1.0, sec_score=1,
+                                      sec_sample=1)) + "\n")
+        return dict(win_rate=0.6, win_low=0.5, win_high=0.7, n=20, match_base=0.7, match_tuned=0.8,
+                    step=1)
+    monkeypatch.setattr(lpo, "main", fake_main)
+    load_lrm, make_schedule = lpo.load_lrm, lpo.make_schedule
+    with open(tmp_path / "ablations.json", "w") as done:  # a curve row done: the pixel row's scale
+        cost = dict(seconds_per_image=dict(lrm=1.0), pixel_over_lrm=2.0, batch=1, t=1, repeats=1, threads=1)
+        curve = dict(levels=[1], pairs=1, decisive=1, lrm={"1": 1.0}, pixel={"1": 1.0}, cost=cost,
+                     clean={"judge, clean images": 1.0}, judge_scale=1.5)
+        json.dump(dict(rows=dict(curve=curve)), done)
+    argv = ["--quick", "--docs", str(tmp_path), "--runs", str(tmp_path)]
+    results = ablations.main(argv + ["--rows", "full-s0,pixel-s0,t750-s0"])
+    assert [name for name, *_ in seen] == ["full-s0", "pixel-s0", "t750-s0"]
+    assert results["full-s0"]["win_rate"] == 0.6 and results["full-s0"]["kept_frac"] == 0.5
+    rewards = {name: reward for name, _, reward in seen}
+    assert isinstance(rewards["pixel-s0"], ablations.JudgeReward) and rewards["pixel-s0"].scale == 1.5
+    assert isinstance(rewards["full-s0"], M.LatentRewardModel)
+    thresholds = {name: schedule.thresholds for name, schedule, _ in seen}
+    window = seen[2][1].timesteps >= 750
+    assert torch.equal(thresholds["t750-s0"][window], thresholds["full-s0"][window])
+    assert (thresholds["t750-s0"][~window] == 1).all() and (thresholds["full-s0"] < 1).all()
+    assert (lpo.load_lrm, lpo.make_schedule) == (load_lrm, make_schedule)
+    ablations.main(argv + ["--rows", "full-s0,pixel-s0,t750-s0"])
+    assert len(seen) == 3  # all three read back
+    ablations.main(argv + ["--rows", "full-s0", "--redo", "full-s0"])
+    assert [name for name, *_ in seen] == ["full-s0", "pixel-s0", "t750-s0", "full-s0"]

@@ -222,7 +222,8 @@ def curve_row(args, runs):
     same noisy latents (lrm.pair_accuracy's: its Pairs, noise and batches, seed 0), the judge on the
     clean images and on the VAE-decoded clean latents, the step cost, and the judge's scale."""
     levels = QUICK_LEVELS if args.quick else LEVELS
-    scale, scale_loss = fit_scale(lrm.load_pairs(DATA, "train"))
+    train = lrm.load_pairs(DATA, "train")
+    scale, scale_loss = fit_scale(train.select(range(400)) if args.quick else train)
     reward = JudgeReward(scale)
     shipped = LatentRewardModel.from_pretrained(SHIPPED_LRM, base=BASE).for_scoring()
     vae = reward.pipe.vae
