@@ -12,7 +12,7 @@ a rerun skips the rows found there: a killed run goes on where it stopped):
              noisy latents and (b) the SPO-style pixel reward, the tiny judge on the VAE-decoded
              x0-prediction of the base U-Net (CFG 5, the sampler's), from the same noisy latents;
              the cost of one scoring step of each (same batch, one CPU thread); the judge's scale
-  <variant>-s<seed>   lpo.py --model tiny with one change (VARIANTS), seeds 0 and 1: the judge's
+  <variant>-s<seed>   lpo.py --model tiny with one change (VARIANTS), --seeds 0,1: the judge's
              win-rate of tuned over base, 300 held-out samples, bootstrap 95% interval
   lrm-novfe, lrm-nompcf   the LRMs that the no-vfe and no-mpcf rows need (lrm.py --model tiny)
 Run folders: runs/ablations/<row>. The pixel reward (JudgeReward) and the [750, 950] window are
@@ -53,7 +53,8 @@ SHIPPED_LRM = os.path.join(ROOT, "tiny", "lrm")
 LEVELS = [1, 101, 251, 401, 501, 651, 751, 851, 951]  # of the 20-step DDIM grid
 QUICK_LEVELS = [1, 501, 951]
 GUIDANCE = 5.0  # the sampler's CFG (lpo.py): the x0-prediction a step reward would see
-SEEDS = (0, 1)
+SEEDS = "0,1"  # --seeds: two a row (more: --seeds 0,1,2 adds rows to the json)
+COLORS = ("black", "purple", "darkorange", "teal")  # of the seeds in the picture
 
 # name -> (what changes, lpo.py options, the LRM row it needs, the paper's figure, what the tiny
 # world can and cannot say about full scale)
@@ -99,10 +100,10 @@ VARIANTS = {
 LRM_TRAININGS = {"lrm-novfe": ["--vfe_scale", "1"], "lrm-nompcf": ["--keep", ""]}
 
 
-def plan():
+def plan(seeds):
     """Every row in the order it runs: name -> (kind, the row it needs or None)."""
     rows = {"curve": ("curve", None)}
-    for seed in SEEDS:
+    for seed in seeds:
         for variant, (*_, needs, _paper, _note) in VARIANTS.items():
             if needs and needs not in rows:
                 rows[needs] = ("lrm", None)
@@ -340,27 +341,39 @@ def interval(row):
     return f"{row['win_rate']:.3f} [{row['win_low']:.3f}, {row['win_high']:.3f}]"
 
 
-def verdict(variant, results):
+def verdict(variant, results, seeds):
     """Against the full recipe, seed by seed: a difference counts where the 95% intervals are
     disjoint; else the direction of the point estimates."""
-    pairs = [(results[f"{variant}-s{seed}"], results[f"full-s{seed}"]) for seed in SEEDS
+    pairs = [(results[f"{variant}-s{seed}"], results[f"full-s{seed}"]) for seed in seeds
              if f"{variant}-s{seed}" in results and f"full-s{seed}" in results]
     if not pairs:
         return "not run yet"
     below = sum(row["win_high"] < full["win_low"] for row, full in pairs)
     above = sum(row["win_low"] > full["win_high"] for row, full in pairs)
     lower = sum(row["win_rate"] < full["win_rate"] for row, full in pairs)
-    seeds = len(pairs)
-    if below == seeds or above == seeds:
-        return f"{'below' if below else 'above'} full in {seeds}/{seeds} seeds (intervals disjoint)"
+    count = len(pairs)
+    if below == count or above == count:
+        return f"{'below' if below else 'above'} full in {count}/{count} seeds (intervals disjoint)"
     if below or above:
-        return (f"disjoint from full in {below + above}/{seeds} seeds ({below} below, {above} "
+        return (f"disjoint from full in {below + above}/{count} seeds ({below} below, {above} "
                 f"above), overlapping otherwise")
-    return f"no difference shown (intervals overlap; point estimate lower in {lower}/{seeds})"
+    return f"no difference shown (intervals overlap; point estimate lower in {lower}/{count})"
 
 
-def markdown(results):
-    """The tables of the json's results, in markdown."""
+def mean_over_seeds(variant, results, seeds):
+    """The mean win-rate over the seeds run, and its difference to the full recipe's mean over
+    the same seeds."""
+    both = [seed for seed in seeds
+            if f"{variant}-s{seed}" in results and f"full-s{seed}" in results]
+    if not both:
+        return "-"
+    rate, full = (statistics.mean(results[f"{name}-s{seed}"]["win_rate"] for seed in both)
+                  for name in (variant, "full"))
+    return f"{rate:.3f}" if variant == "full" else f"{rate:.3f} ({rate - full:+.3f})"
+
+
+def markdown(results, seeds):
+    """The tables of the json's results (the LPO rows of `seeds`), in markdown."""
     lines = []
     curve = results.get("curve")
     if curve:
@@ -382,18 +395,18 @@ def markdown(results):
                   f"thread, median of {cost['repeats']}): {parts}; pixel / LRM = "
                   f"{cost['pixel_over_lrm']:.1f}x (paper, A100: (0.019 + 0.031 + 0.006) / 0.005 "
                   f"= 11.2x). Judge scale for the pixel reward: {curve['judge_scale']:.3g}.", ""]
-    lines += ["| row | lpo.py change | " + " | ".join(f"seed {seed}" for seed in SEEDS) +
-              " | kept | vs full | paper (SD1.5, PickScore) | tiny vs full scale |",
-              "|---|---|" + "---|" * len(SEEDS) + "---|---|---|---|"]
+    lines += ["| row | lpo.py change | " + " | ".join(f"seed {seed}" for seed in seeds) +
+              " | mean (- full) | kept | vs full | paper (SD1.5, PickScore) | tiny vs full scale |",
+              "|---|---|" + "---|" * len(seeds) + "---|---|---|---|---|"]
     for variant, (what, options, _needs, paper, note) in VARIANTS.items():
-        runs = [results.get(f"{variant}-s{seed}") for seed in SEEDS]
+        runs = [results.get(f"{variant}-s{seed}") for seed in seeds]
         cells = [interval(row) if row else "-" for row in runs]
         kept = [f"{row['kept_frac']:.2f}" for row in runs if row]
         shown = " ".join(options).replace("{runs}", "runs/ablations") or "-"
         lines.append(f"| {variant}: {what} | `{shown}` | " + " | ".join(cells) +
-                     f" | {' / '.join(kept) or '-'} | "
-                     f"{'-' if variant == 'full' else verdict(variant, results)} | {paper} | "
-                     f"{note} |")
+                     f" | {mean_over_seeds(variant, results, seeds)} | {' / '.join(kept) or '-'} | "
+                     f"{'-' if variant == 'full' else verdict(variant, results, seeds)} | "
+                     f"{paper} | {note} |")
     lines.append("")
     for name in LRM_TRAININGS:
         if name in results:
@@ -408,7 +421,7 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
-def picture(results, path):
+def picture(results, path, seeds):
     """Left: accuracy against t (LRM, pixel reward, the clean judge); right: each row's win-rate
     with its 95% interval, one mark a seed. PIL only (matplotlib is not a requirement)."""
     image = Image.new("RGB", (1200, 440), "white")
@@ -450,8 +463,9 @@ def picture(results, path):
 
     def right_x(rate):  # win-rate in [0, 1]
         return right[0] + rate * (right[2] - right[0])
-    draw.text((560, 12), "judge win-rate of tuned over base, 95% interval (seed 0 black, "
-              "seed 1 purple)", "black", font)
+    marks = ", ".join(f"{seed} {color}" for seed, color in zip(seeds, COLORS))
+    draw.text((520, 12), f"judge win-rate of tuned over base, 95% interval (seeds: {marks})",
+              "black", font)
     for rate in (0.25, 0.5, 0.75):
         draw.line([(right_x(rate), right[1]), (right_x(rate), right[3])],
                   "gray" if rate == 0.5 else "#dddddd", 2 if rate == 0.5 else 1)
@@ -459,10 +473,10 @@ def picture(results, path):
     for index, (variant, (what, *_)) in enumerate(VARIANTS.items()):
         middle = right[1] + (index + 0.5) * step
         draw.text((520, middle - 7), f"{variant}: {what}"[:42], "black", font)
-        for seed, color in zip(SEEDS, ("black", "purple")):
+        for seed, color in zip(seeds, COLORS):
             row = results.get(f"{variant}-s{seed}")
             if row:
-                y = middle + (seed - 0.5) * 8
+                y = middle + (seeds.index(seed) - (len(seeds) - 1) / 2) * 7
                 draw.line([(right_x(row["win_low"]), y), (right_x(row["win_high"]), y)], color, 2)
                 x = right_x(row["win_rate"])
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], color)
@@ -483,7 +497,7 @@ def record(path, results, name, result, args):
     -> the results as the json holds them (keys as strings), which markdown() and picture() read"""
     results = dict(results, **{name: result})
     body = dict(command="python tiny/ablations.py" + (" --quick" if args.quick else ""),
-                quick=args.quick, seeds=list(SEEDS), rows=results)
+                quick=args.quick, rows=results)
     with open(path + ".tmp", "w") as results_file:
         json.dump(body, results_file, indent=1)
     os.replace(path + ".tmp", path)
@@ -502,6 +516,7 @@ def parse_args(argv=None):
                         "need); default all")
     parser.add_argument("--redo", default="", help="comma list of rows to run again")
     parser.add_argument("--jobs", type=int, default=1, help="rows at a time (processes)")
+    parser.add_argument("--seeds", default=SEEDS, help="comma list of the LPO rows' seeds")
     parser.add_argument("--max_pairs", type=int, default=0, help="curve: test pairs used "
                         "(0: all; --quick: 64)")
     args = parser.parse_args(argv)
@@ -510,6 +525,7 @@ def parse_args(argv=None):
     args.runs = args.runs or (quick_folder if args.quick else os.path.join(ROOT, "runs",
                                                                            "ablations"))
     args.max_pairs = args.max_pairs or (64 if args.quick else 0)
+    args.seeds = [int(seed) for seed in args.seeds.split(",")]
     return args
 
 
@@ -519,7 +535,7 @@ def main(argv=None):
     os.makedirs(args.runs, exist_ok=True)
     path = os.path.join(args.docs, "ablations.json")
     results = read_results(path)
-    rows = plan()
+    rows = plan(args.seeds)
     unknown = {name for name in (args.rows + "," + args.redo).split(",") if name} - set(rows)
     if unknown:
         sys.exit(f"ablations.py: error: unknown rows {sorted(unknown)}; rows: {list(rows)}")
@@ -552,10 +568,13 @@ def main(argv=None):
                 results = record(path, results, name, future.result(), args)
     if pool is not None:
         pool.shutdown()
-    table = markdown(results)
+    # the table and the picture: every seed the json holds LPO rows of
+    lpo_rows = [name.rsplit("-s", 1) for name in results if name.rsplit("-s", 1)[0] in VARIANTS]
+    seeds = sorted({*args.seeds, *(int(seed) for _, seed in lpo_rows)})
+    table = markdown(results, seeds)
     with open(os.path.join(args.docs, "ablations.md"), "w") as table_file:
         table_file.write(table)
-    picture(results, os.path.join(args.docs, "ablations.png"))
+    picture(results, os.path.join(args.docs, "ablations.png"), seeds)
     print(table, flush=True)
     return results
 
