@@ -5193,6 +5193,10 @@ def test_ablations_curve_agrees_with_independent_paths(tmp_path):
     assert abs(curve["pixel"]["1"] - decoded) <= 2 / curve["decisive"]  # a pair or two at most
     assert abs(curve["pixel"]["951"] - 0.5) < abs(curve["pixel"]["1"] - 0.5)
     assert curve["cost"]["pixel_over_lrm"] > 1  # a decode and a CFG pass cost more than half a U-Net
+    # equal scores earn half a pair (blank x0-predictions at high t); ties in the labels count none
+    scores = torch.tensor([1.0, 1.0, 2.0, 1.0, 0.0, 3.0])
+    right, decisive = ablations.credit(scores, torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.5, 0.5]]))
+    assert (right.item(), decisive.item()) == (1.5, 2)
     assert os.path.exists(tmp_path / "ablations.png") and "| t | 1 | 501 | 951 |" in open(
         tmp_path / "ablations.md").read()
 

@@ -1,8 +1,9 @@
 """The paper's core claim and its ablations, on the tiny world (arXiv 2502.01051v3, Sec. 5: the
 LRM's accuracy against t, the cost of a step reward, MPCF, VFE, the optimisation timesteps, beta).
 
-    python tiny/ablations.py               # ~1 h on 2 CPU cores -> docs/ablations.{json,md,png}
-    python tiny/ablations.py --jobs 2      # two rows at a time (each row runs on one thread)
+    python tiny/ablations.py --jobs 2      # 2 CPU cores: ~35 min -> docs/ablations.{json,md,png}
+    python tiny/ablations.py               # one row at a time, one thread: ~65 min
+    python tiny/ablations.py --seeds 0,1,2 # a third seed of every LPO row (~20 min with --jobs 2)
     python tiny/ablations.py --redo pixel-s0,pixel-s1      # run those rows again
     python tiny/ablations.py --quick       # a minute or two: every part, with short settings
 
@@ -61,41 +62,46 @@ COLORS = ("black", "purple", "darkorange", "teal")  # of the seeds in the pictur
 VARIANTS = {
     "full": ("the full recipe", [], None,
              "SD1.5 LPO: PickScore 21.69 (base 20.56)",
-             "the reference of every row; its seed 0 is the README's quickstart"),
-    "pixel": ("judge on the x0-prediction as reward (SPO)", [], None,
+             "the reference; seed 0 is the README's quickstart. The intervals hold the "
+             "evaluation's noise only: the spread over training seeds comes on top"),
+    "pixel": ("judge on the x0-prediction (SPO)", [], None,
               "SPO (pixel reward): PickScore 21.22",
-              "the judge is the rater itself, a perfect clean-image scorer no real pixel reward "
-              "model is, so this row favours the pixel path more than full scale would"),
+              "the judge is the rater itself (the labels' source): a pixel reward no real model "
+              "matches, reading a 32 px picture, so the tiny row favours the pixel path"),
     "no-threshold": ("no threshold", ["--th_min", "0", "--th_max", "0"], None,
                      "- (dynamic threshold 0.35 -> 0.5)",
-                     "every step group gives a pair; a tiny LRM's gaps are small, so most pairs "
-                     "it adds are near-ties: the same mechanism as at full scale, not the size"),
+                     "every step group gives a pair, near-ties the LRM cannot rank included: a "
+                     "scale-free mechanism, but its size depends on the LRM's score spread "
+                     "(tiny thresholds 0.1 -> 0.2)"),
     "greedy": ("continue from the best child", ["--continuation", "best"], None,
                "- (random child)",
-               "greedy trajectories see fewer bad states; 10 rounds on 15 captions cannot show "
-               "the diversity loss that a real prompt set would"),
+               "greedy trajectories visit fewer bad states; 15 captions and 10 rounds cannot show "
+               "what it costs in diversity on a real prompt set"),
     "t750": ("pairs from t in [750, 950] only", [], None,
              "[750, 950]: 21.54 vs [0, 950]: 21.69",
-             "in the tiny world colour and shape are decided early, so the high-noise steps "
-             "carry much of the signal; at full scale detail is decided late"),
-    "lrm-t-parent": ("LRM told the parent's t (official)", ["--lrm_t", "parent"], None,
+             "the window keeps 5 of the 20 steps' pairs (kept column), so it also trains on ~3x "
+             "fewer pairs, as the paper's run did; here the caption is read best at low noise "
+             "(the curve), the steps the window drops"),
+    "lrm-t-parent": ("LRM told the parent's t", ["--lrm_t", "parent"], None,
                      "- (the official code's choice)",
-                     "one step of 50 in t is a small shift for an LRM; the same holds at full "
-                     "scale, where the LRM is as smooth in t"),
+                     "a 50-step shift of the t the LRM is told, small for an LRM whose accuracy "
+                     "is smooth in t, here as in the paper"),
     "beta50": ("beta 50", ["--beta", "50"], None, "- (beta 500; SPO's 10)",
-               "beta's scale depends on the mean log-prob over C x H x W, the same here as at "
-               "full scale, but the tiny LoRA lr is 20x the paper's"),
+               "beta scales a log-ratio that is a mean over C x H x W (size-free), but the tiny "
+               "lr is 20x the paper's, so the best beta need not transfer"),
     "beta5000": ("beta 5000", ["--beta", "5000"], None, "- (beta 500)",
-                 "as beta 50: the clip of the ratio (0.1) bounds how far a larger beta moves"),
+                 "as beta 50; a large beta saturates the loss on few pairs while the ratio clip "
+                 "(0.1) bounds each move: the same mechanism at full scale"),
     "no-vfe": ("LRM without VFE (g = 1)", ["--lrm", "{runs}/lrm-novfe"], "lrm-novfe",
-               "- (VFE g = 7.5 ablated in the paper)",
-               "the tiny U-Net's mid feature is 64-wide and its prompts are 15: what VFE "
-               "sharpens is far simpler than SD1.5's text conditioning"),
-    "no-mpcf": ("LRM trained on all pairs (no MPCF)", ["--lrm", "{runs}/lrm-nompcf"],
+               "- (VFE g = 7.5; no figure quoted here)",
+               "the tiny U-Net's mid feature is 64 wide and its prompts 15 short captions: "
+               "what VFE amplifies (cond - uncond) is far simpler than SD1.5's, so this says "
+               "little about VFE at full scale"),
+    "no-mpcf": ("LRM trained on all pairs", ["--lrm", "{runs}/lrm-nompcf"],
                 "lrm-nompcf", "no MPCF 21.49 vs strategy 2 21.69",
-                "the tiny labels are the judge's with 10% flipped at random and MPCF's scorers "
-                "are the judge's own parts, so MPCF here removes mostly flipped labels: a "
-                "cleaner filter than at full scale"),
+                "acts through the LRM: less accurate, smaller score gaps, fewer pairs kept; the "
+                "tiny labels are the judge's with 10% flipped and MPCF's scorers the judge's "
+                "parts, a cleaner filter than at full scale"),
 }
 LRM_TRAININGS = {"lrm-novfe": ["--vfe_scale", "1"], "lrm-nompcf": ["--keep", ""]}
 
@@ -271,7 +277,8 @@ def lrm_row(name, args, runs):
              "--eval_max_pairs", "32"] if args.quick else []
     table = lrm.main(lrm.get_config(["--model", "tiny", "--out", out, *LRM_TRAININGS[name],
                                      *quick]))
-    return dict(out=out, options=LRM_TRAININGS[name], accuracy=lrm.by_label(table))
+    return dict(out=os.path.relpath(out, ROOT), options=LRM_TRAININGS[name],
+                accuracy=lrm.by_label(table))
 
 
 def with_window(make_schedule):
@@ -461,15 +468,19 @@ def picture(results, path, seeds):
     right = (820, 40, 1180, 350)
     step = (right[3] - right[1]) / len(VARIANTS)
 
-    def right_x(rate):  # win-rate in [0, 1]
-        return right[0] + rate * (right[2] - right[0])
+    def right_x(rate):  # win-rate in [0.4, 1]
+        return right[0] + (rate - 0.4) / 0.6 * (right[2] - right[0])
     marks = ", ".join(f"{seed} {color}" for seed, color in zip(seeds, COLORS))
-    draw.text((520, 12), f"judge win-rate of tuned over base, 95% interval (seeds: {marks})",
-              "black", font)
-    for rate in (0.25, 0.5, 0.75):
+    draw.text((520, 12), f"judge win-rate of tuned over base, 95% interval (seeds: {marks}; "
+              "blue: full's mean)", "black", font)
+    for rate in (0.5, 0.6, 0.7, 0.8, 0.9):  # 0.5: no better than the base
         draw.line([(right_x(rate), right[1]), (right_x(rate), right[3])],
                   "gray" if rate == 0.5 else "#dddddd", 2 if rate == 0.5 else 1)
-        draw.text((right_x(rate) - 12, right[3] + 4), f"{rate:.2f}", "black", font)
+        draw.text((right_x(rate) - 10, right[3] + 4), f"{rate:.1f}", "black", font)
+    full = [results[f"full-s{seed}"]["win_rate"] for seed in seeds if f"full-s{seed}" in results]
+    if full:  # the full recipe's mean over the seeds
+        x = right_x(statistics.mean(full))
+        draw.line([(x, right[1]), (x, right[3])], "lightskyblue", 2)
     for index, (variant, (what, *_)) in enumerate(VARIANTS.items()):
         middle = right[1] + (index + 0.5) * step
         draw.text((520, middle - 7), f"{variant}: {what}"[:42], "black", font)
@@ -496,8 +507,9 @@ def record(path, results, name, result, args):
     """A row's result into the json, replaced whole (a kill leaves the last complete one).
     -> the results as the json holds them (keys as strings), which markdown() and picture() read"""
     results = dict(results, **{name: result})
-    body = dict(command="python tiny/ablations.py" + (" --quick" if args.quick else ""),
-                quick=args.quick, rows=results)
+    seeds = ",".join(str(seed) for seed in args.seeds)
+    body = dict(command=f"python tiny/ablations.py --jobs 2 --seeds {seeds}"
+                + (" --quick" if args.quick else ""), quick=args.quick, rows=results)
     with open(path + ".tmp", "w") as results_file:
         json.dump(body, results_file, indent=1)
     os.replace(path + ".tmp", path)
@@ -509,9 +521,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short settings (the test's)")
     parser.add_argument("--docs", default="", help="folder of ablations.{json,md,png} "
-                        "(default docs/; --quick: runs/ablations-quick)")
+                        "(default docs/; --quick: runs/ablations-quick/)")
     parser.add_argument("--runs", default="", help="folder of the rows' run folders (default "
-                        "runs/ablations; --quick: runs/ablations-quick)")
+                        "runs/ablations, {docs}/runs with --docs; --quick: runs/ablations-quick)")
     parser.add_argument("--rows", default="", help="comma list: only these rows (and what they "
                         "need); default all")
     parser.add_argument("--redo", default="", help="comma list of rows to run again")
@@ -520,10 +532,11 @@ def parse_args(argv=None):
     parser.add_argument("--max_pairs", type=int, default=0, help="curve: test pairs used "
                         "(0: all; --quick: 64)")
     args = parser.parse_args(argv)
-    quick_folder = os.path.join(ROOT, "runs", "ablations-quick")
-    args.docs = args.docs or (quick_folder if args.quick else os.path.join(ROOT, "docs"))
-    args.runs = args.runs or (quick_folder if args.quick else os.path.join(ROOT, "runs",
-                                                                           "ablations"))
+    default = os.path.join(ROOT, "runs", "ablations-quick" if args.quick else "ablations")
+    # another --docs is another set of rows: its run folders are its own (a row's folder is
+    # emptied before it runs)
+    args.runs = args.runs or (os.path.join(args.docs, "runs") if args.docs else default)
+    args.docs = args.docs or (default if args.quick else os.path.join(ROOT, "docs"))
     args.max_pairs = args.max_pairs or (64 if args.quick else 0)
     args.seeds = [int(seed) for seed in args.seeds.split(",")]
     return args
