@@ -1,4 +1,4 @@
-"""The paper's core claim and its ablations, on the tiny world (arXiv 2502.01051v3, Sec. 5: the
+"""The paper's core claim and its ablations on the tiny world (arXiv 2502.01051v3, analysis: the
 LRM's accuracy against t, the cost of a step reward, MPCF, VFE, the optimisation timesteps, beta).
 
     python tiny/ablations.py --jobs 2      # 2 CPU cores: ~35 min -> docs/ablations.{json,md,png}
