@@ -1,5 +1,6 @@
 """The paper's core claim and its ablations on the tiny world (arXiv 2502.01051v3, analysis: the
-LRM's accuracy against t, the cost of a step reward, MPCF, VFE, the optimisation timesteps, beta).
+LRM's accuracy against t, the cost of a step reward, MPCF, VFE, the optimisation timesteps, beta;
+table numbers as in the paper's NeurIPS 2025 version).
 
     python tiny/ablations.py --jobs 2      # 2 CPU cores: ~35 min -> docs/ablations.{json,md,png}
     python tiny/ablations.py               # one row at a time, one thread: ~65 min
@@ -61,44 +62,44 @@ COLORS = ("black", "purple", "darkorange", "teal")  # of the seeds in the pictur
 # world can and cannot say about full scale)
 VARIANTS = {
     "full": ("the full recipe", [], None,
-             "SD1.5 LPO: PickScore 21.69 (base 20.56)",
+             "Tab. 2: LPO 21.69, base 20.56",
              "the reference; seed 0 is the README's quickstart. The intervals hold the "
              "evaluation's noise only: the spread over training seeds comes on top"),
     "pixel": ("judge on the x0-prediction (SPO)", [], None,
-              "SPO (pixel reward): PickScore 21.22",
+              "Tab. 2: SPO (a pixel step reward) 21.22",
               "the judge is the rater itself (the labels' source): a pixel reward no real model "
               "matches, reading a 32 px picture, so the tiny row favours the pixel path"),
     "no-threshold": ("no threshold", ["--th_min", "0", "--th_max", "0"], None,
-                     "- (dynamic threshold 0.35 -> 0.5)",
+                     "Tab. 10: constant 0.3 21.22, 0.5 21.57; dynamic [0.35, 0.5] 21.69",
                      "every step group gives a pair, near-ties the LRM cannot rank included: a "
                      "scale-free mechanism, but its size depends on the LRM's score spread "
                      "(tiny thresholds 0.1 -> 0.2)"),
     "greedy": ("continue from the best child", ["--continuation", "best"], None,
-               "- (random child)",
+               "none (random child)",
                "greedy trajectories visit fewer bad states; 15 captions and 10 rounds cannot show "
                "what it costs in diversity on a real prompt set"),
     "t750": ("pairs from t in [750, 950] only", [], None,
-             "[750, 950]: 21.54 vs [0, 950]: 21.69",
+             "Tab. 9: [750, 950] 21.54, [0, 950] 21.69",
              "the window keeps 5 of the 20 steps' pairs (kept column), so it also trains on ~3x "
              "fewer pairs, as the paper's run did; here the caption is read best at low noise "
              "(the curve), the steps the window drops"),
     "lrm-t-parent": ("LRM told the parent's t", ["--lrm_t", "parent"], None,
-                     "- (the official code's choice)",
+                     "none (Tab. 22: a fixed t = 0 gives 19.64)",
                      "a 50-step shift of the t the LRM is told, small for an LRM whose accuracy "
                      "is smooth in t, here as in the paper"),
-    "beta50": ("beta 50", ["--beta", "50"], None, "- (beta 500; SPO's 10)",
+    "beta50": ("beta 50", ["--beta", "50"], None, "Tab. 23: beta 20 21.53, 100 21.68, 500 21.69",
                "beta scales a log-ratio that is a mean over C x H x W (size-free), but the tiny "
                "lr is 20x the paper's, so the best beta need not transfer"),
-    "beta5000": ("beta 5000", ["--beta", "5000"], None, "- (beta 500)",
+    "beta5000": ("beta 5000", ["--beta", "5000"], None, "Tab. 23: beta 1000 21.39, 5000 20.95",
                  "as beta 50; a large beta saturates the loss on few pairs while the ratio clip "
                  "(0.1) bounds each move: the same mechanism at full scale"),
     "no-vfe": ("LRM without VFE (g = 1)", ["--lrm", "{runs}/lrm-novfe"], "lrm-novfe",
-               "- (VFE g = 7.5; no figure quoted here)",
+               "Tab. 8: g = 1 21.51, g = 7.5 21.69",
                "the tiny U-Net's mid feature is 64 wide and its prompts 15 short captions: "
                "what VFE amplifies (cond - uncond) is far simpler than SD1.5's, so this says "
                "little about VFE at full scale"),
     "no-mpcf": ("LRM trained on all pairs", ["--lrm", "{runs}/lrm-nompcf"],
-                "lrm-nompcf", "no MPCF 21.49 vs strategy 2 21.69",
+                "lrm-nompcf", "Tab. 7: no MPCF 21.49, strategy 2 21.69",
                 "acts through the LRM: less accurate, smaller score gaps, fewer pairs kept; the "
                 "tiny labels are the judge's with 10% flipped and MPCF's scorers the judge's "
                 "parts, a cleaner filter than at full scale"),
@@ -397,13 +398,15 @@ def markdown(results, seeds):
         parts = ", ".join(f"{name} {value * 1e3:.2f} ms" for name, value in
                           cost["seconds_per_image"].items())
         lines += ["", f"Reference: {clean}. Paper: LRM-1.5 65.5% at t=0, 67.2% at t=200 "
-                  "(val+test); the pixel reward fails at high noise.",
+                  "(val+test; Tab. 18); the pixel reward fails at high noise.",
                   f"Cost per image (batch {cost['batch']}, t={cost['t']}, {cost['threads']} CPU "
                   f"thread, median of {cost['repeats']}): {parts}; pixel / LRM = "
-                  f"{cost['pixel_over_lrm']:.1f}x (paper, A100: (0.019 + 0.031 + 0.006) / 0.005 "
-                  f"= 11.2x). Judge scale for the pixel reward: {curve['judge_scale']:.3g}.", ""]
+                  f"{cost['pixel_over_lrm']:.1f}x (paper Tab. 5, A100: (0.019 + 0.031 + 0.006) "
+                  f"/ 0.005 = 11.2x). Judge scale for the pixel reward: "
+                  f"{curve['judge_scale']:.3g}.", ""]
     lines += ["| row | lpo.py change | " + " | ".join(f"seed {seed}" for seed in seeds) +
-              " | mean (- full) | kept | vs full | paper (SD1.5, PickScore) | tiny vs full scale |",
+              " | mean (- full) | kept | vs full | paper: SD1.5 PickScore (Tab.) "
+              "| tiny vs full scale |",
               "|---|---|" + "---|" * len(seeds) + "---|---|---|---|---|"]
     for variant, (what, options, _needs, paper, note) in VARIANTS.items():
         runs = [results.get(f"{variant}-s{seed}") for seed in seeds]
