@@ -1892,10 +1892,10 @@ class FakeLRM:
 
 
 def _sample_with_fake_lrm(pipe, latent, prompts, steps, eta, seed=0, lrm_t="child", thresholds=0.0,
-                          negate=False):
+                          negate=False, continuation="random"):
     from types import SimpleNamespace
     cfg = SimpleNamespace(num_children=4, guidance_scale=5.0, eta=eta, lrm_t=lrm_t, negate_reward=negate,
-                          continuation="random")
+                          continuation=continuation)
     schedule = lpo.make_schedule(pipe.scheduler.config, steps, 0.1, 0.2, "cpu", latent)
     schedule.thresholds = torch.full_like(schedule.thresholds, thresholds)   # keep every pair
     cond = models.encode_for_cfg(pipe, prompts, 32)
@@ -1966,6 +1966,9 @@ def test_trajectory_continues_from_a_uniformly_random_child():
     assert [call["t"].unique().tolist() for call in lrm.calls] == [[t] for t in t_prev]
     _, _, parent_lrm, _ = _sample_with_fake_lrm(pipe, 8, prompts[:2], 10, eta=1.0, lrm_t="parent")
     assert [call["t"].unique().tolist() for call in parent_lrm.calls] == [[t] for t in schedule.timesteps.tolist()]
+    # --continuation best (the ablation's greedy chain): the next parent is always the winner
+    greedy, _, _, _ = _sample_with_fake_lrm(pipe, 8, prompts[:4], 10, eta=1.0, continuation="best")
+    torch.testing.assert_close(greedy["x_t"].view(10, 4, -1)[1:], greedy["x_w"].view(10, 4, -1)[:-1])
 
 
 def _free_port():
